@@ -1,0 +1,154 @@
+"""Input validation shared by every public function.
+
+Every check raises ``ValueError`` (bad value or shape) or ``TypeError`` (bad type) whose
+message names the argument, what was expected and what was given. Nothing here uses
+``assert``: checks must survive ``python -O``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+DIVERGENCE_KINDS = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
+
+
+def check_tensor(name: str, value: Any, *, ndim: int | tuple[int, ...] | None = None) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if value.ndim not in allowed:
+            raise ValueError(
+                f"{name} must have {' or '.join(map(str, allowed))} dimensions, "
+                f"got shape {tuple(value.shape)}"
+            )
+    return value
+
+
+def check_float(name: str, value: Tensor) -> None:
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+
+
+def check_bool(name: str, value: Tensor) -> None:
+    if value.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got dtype {value.dtype}")
+
+
+def check_integer(name: str, value: Tensor) -> None:
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {value.dtype}")
+
+
+def check_finite(name: str, value: Tensor) -> None:
+    bad = (~torch.isfinite(value.detach())).sum()
+    n_bad = int(bad)
+    if n_bad:
+        raise ValueError(
+            f"{name} has {n_bad} non-finite value(s) (NaN or inf) out of {value.numel()}; "
+            "losses refuse non-finite logits instead of returning NaN"
+        )
+
+
+def check_positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_nonnegative(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_unit_interval(name: str, value: float, *, open_low: bool, open_high: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    low_ok = value > 0 if open_low else value >= 0
+    high_ok = value < 1 if open_high else value <= 1
+    if not (math.isfinite(value) and low_ok and high_ok):
+        interval = ("(" if open_low else "[") + "0, 1" + (")" if open_high else "]")
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+
+
+def check_int(name: str, value: Any, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_leading_shape(
+    name: str, value: Tensor, ref_name: str, ref: Tensor, ndim: int
+) -> None:
+    """``value.shape[:ndim]`` must equal ``ref.shape[:ndim]``."""
+    if tuple(value.shape[:ndim]) != tuple(ref.shape[:ndim]):
+        raise ValueError(
+            f"{name} must match {ref_name} in its first {ndim} dimension(s) "
+            f"{tuple(ref.shape[:ndim])}, got shape {tuple(value.shape)}"
+        )
+
+
+def resolve_vocab(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    vocab_size: int | None,
+    *,
+    student_name: str = "student_logits",
+    teacher_name: str = "teacher_logits",
+) -> tuple[Tensor, Tensor]:
+    """Apply the vocabulary policy: equal sizes, or an explicit shared prefix ``vocab_size``.
+
+    Qwen2.5-7B has 152,064 logits and Qwen2.5-0.5B 151,936; both only pad beyond the real
+    tokenizer vocabulary, so comparing the first ``vocab_size`` entries is the usual policy.
+    """
+    vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
+    if vocab_size is None:
+        if vs != vt:
+            raise ValueError(
+                f"{student_name} has vocabulary size {vs} but {teacher_name} has {vt}; "
+                "pass vocab_size=N to compare only the shared first N entries"
+            )
+        return student_logits, teacher_logits
+    check_int("vocab_size", vocab_size, minimum=1)
+    if vocab_size > min(vs, vt):
+        raise ValueError(
+            f"vocab_size={vocab_size} exceeds the smaller vocabulary "
+            f"({student_name}: {vs}, {teacher_name}: {vt})"
+        )
+    return student_logits[..., :vocab_size], teacher_logits[..., :vocab_size]
+
+
+def check_logit_pair(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    lead: int,
+    vocab_size: int | None,
+    check_values: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Validate a student/teacher logits pair with ``lead`` leading dims before the vocab."""
+    check_tensor("student_logits", student_logits, ndim=lead + 1)
+    check_tensor("teacher_logits", teacher_logits, ndim=lead + 1)
+    check_float("student_logits", student_logits)
+    check_float("teacher_logits", teacher_logits)
+    check_leading_shape("teacher_logits", teacher_logits, "student_logits", student_logits, lead)
+    s, t = resolve_vocab(student_logits, teacher_logits, vocab_size)
+    if check_values:
+        check_finite("student_logits", s)
+        check_finite("teacher_logits", t)
+    return s, t

@@ -1,0 +1,196 @@
+"""Per-position divergences between a student and a teacher next-token distribution.
+
+Notation: ``S = softmax(student_logits / tau)``, ``T = softmax(teacher_logits / tau)``, both in
+fp32 whatever the input dtype. Every ``kind`` returns one value per position (shape
+``[batch, seq]``); reduction happens in :func:`tokinteract.reduction.masked_reduce`.
+
+============  =====================================================================
+``kind``      value at one position
+============  =====================================================================
+``"fkl"``     forward KL, ``KL(T || S) = sum_v T_v (log T_v - log S_v)`` (the paper's
+              ``D_KL``; mode-covering)
+``"rkl"``     reverse KL, ``KL(S || T)`` (MiniLLM; mode-seeking)
+``"jsd"``     generalized JSD, ``beta * KL(T || M) + (1 - beta) * KL(S || M)`` with
+              ``M = beta * T + (1 - beta) * S``. ``beta = 0.5`` is the symmetric JSD.
+              Endpoints (as in TRL's GKD): ``beta = 0`` returns exactly ``KL(T || S)``
+              and ``beta = 1`` exactly ``KL(S || T)``. Inside (0, 1) the endpoints are
+              limits after scaling: ``JSD_beta / beta -> KL(T || S)`` as ``beta -> 0``
+              and ``JSD_beta / (1 - beta) -> KL(S || T)`` as ``beta -> 1``.
+``"skew_fkl"`` DistiLLM skew forward KL, ``KL(T || alpha * T + (1 - alpha) * S)``;
+              ``alpha = 0`` is ``"fkl"``.
+``"skew_rkl"`` DistiLLM skew reverse KL, ``KL(S || alpha * S + (1 - alpha) * T)``;
+              ``alpha = 0`` is ``"rkl"``.
+``"tvd"``     total variation, ``0.5 * sum_v |T_v - S_v|``.
+============  =====================================================================
+
+Temperature: both distributions are ``softmax(logits / tau)``; the result is **not**
+multiplied by ``tau**2`` (multiply it yourself for Hinton-style gradient scaling).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from tokinteract._checks import (
+    DIVERGENCE_KINDS,
+    check_choice,
+    check_logit_pair,
+    check_positive,
+    check_unit_interval,
+)
+
+__all__ = ["DIVERGENCE_KINDS", "TokenDivergence", "divergence_from_logprobs", "token_divergence"]
+
+
+def _kl(logp: Tensor, logq: Tensor) -> Tensor:
+    """``KL(p || q) = sum p (log p - log q)`` over the last dim; exact 0 where p underflows."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), p.new_zeros(())).sum(-1)
+
+
+def _mix(logp: Tensor, logq: Tensor, w: float) -> Tensor:
+    """``log(w * p + (1 - w) * q)`` computed stably."""
+    if w <= 0.0:
+        return logq
+    if w >= 1.0:
+        return logp
+    return torch.logaddexp(logp + math.log(w), logq + math.log1p(-w))
+
+
+def divergence_from_logprobs(
+    student_logp: Float[Tensor, "*lead vocab"],
+    teacher_logp: Float[Tensor, "*lead vocab"],
+    *,
+    kind: str = "fkl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+) -> Float[Tensor, "*lead"]:
+    """The divergence of ``kind`` from fp32 log-probabilities (no validation; internal use)."""
+    s, t = student_logp, teacher_logp
+    if kind == "fkl":
+        return _kl(t, s)
+    if kind == "rkl":
+        return _kl(s, t)
+    if kind == "jsd":
+        if beta == 0.0:
+            return _kl(t, s)
+        if beta == 1.0:
+            return _kl(s, t)
+        m = _mix(t, s, beta)
+        return beta * _kl(t, m) + (1.0 - beta) * _kl(s, m)
+    if kind == "skew_fkl":
+        return _kl(t, _mix(t, s, alpha))
+    if kind == "skew_rkl":
+        return _kl(s, _mix(s, t, alpha))
+    if kind == "tvd":
+        return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
+    raise ValueError(f"kind must be one of {DIVERGENCE_KINDS}, got {kind!r}")
+
+
+def check_divergence_options(kind: str, temperature: float, beta: float, alpha: float) -> None:
+    check_choice("kind", kind, DIVERGENCE_KINDS)
+    check_positive("temperature", temperature)
+    check_unit_interval("beta", beta, open_low=False, open_high=False)
+    check_unit_interval("alpha", alpha, open_low=False, open_high=True)
+
+
+def log_probs(logits: Tensor, temperature: float) -> Tensor:
+    """fp32 ``log_softmax(logits / temperature)``."""
+    x = logits.float()
+    if temperature != 1.0:
+        x = x / temperature
+    return torch.log_softmax(x, dim=-1)
+
+
+def token_divergence(
+    student_logits: Float[Tensor, "batch seq vocab"],
+    teacher_logits: Float[Tensor, "batch seq tvocab"],
+    *,
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    vocab_size: int | None = None,
+) -> Float[Tensor, "batch seq"]:
+    """Per-position divergence between student and teacher next-token distributions.
+
+    See the module docstring for the exact formula of each ``kind`` and the direction of
+    each KL. Computed in fp32; returns fp32.
+
+    Args:
+        student_logits: the student's logits (student first, always).
+        teacher_logits: the teacher's logits; its vocabulary must equal the student's
+            unless ``vocab_size`` is given.
+        kind: ``"fkl"``, ``"rkl"``, ``"jsd"``, ``"skew_fkl"``, ``"skew_rkl"`` or ``"tvd"``.
+        temperature: ``tau > 0``; both sides use ``softmax(logits / tau)``; no ``tau**2``.
+        beta: JSD mixing weight of the teacher, in [0, 1].
+        alpha: skew weight, in [0, 1).
+        vocab_size: compare only the first ``vocab_size`` entries of both vocabularies.
+
+    Raises:
+        ValueError: mismatched shapes or vocabularies, bad options, non-finite logits.
+    """
+    check_divergence_options(kind, temperature, beta, alpha)
+    s, t = check_logit_pair(student_logits, teacher_logits, lead=2, vocab_size=vocab_size)
+    return divergence_from_logprobs(
+        log_probs(s, temperature), log_probs(t, temperature), kind=kind, beta=beta, alpha=alpha
+    )
+
+
+class TokenDivergence(nn.Module):
+    """Module twin of :func:`token_divergence` (per-position values, no reduction)."""
+
+    def __init__(
+        self,
+        *,
+        kind: str = "fkl",
+        temperature: float = 1.0,
+        beta: float = 0.5,
+        alpha: float = 0.1,
+        vocab_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_divergence_options(kind, temperature, beta, alpha)
+        self.kind, self.temperature, self.beta, self.alpha = kind, temperature, beta, alpha
+        self.vocab_size = vocab_size
+
+    def forward(
+        self,
+        student_logits: Float[Tensor, "batch seq vocab"],
+        teacher_logits: Float[Tensor, "batch seq tvocab"],
+    ) -> Float[Tensor, "batch seq"]:
+        return token_divergence(
+            student_logits,
+            teacher_logits,
+            kind=self.kind,
+            temperature=self.temperature,
+            beta=self.beta,
+            alpha=self.alpha,
+            vocab_size=self.vocab_size,
+        )
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, temperature={self.temperature}"
+
+
+def divergence_rows(
+    student_rows: Float[Tensor, "rows vocab"],
+    teacher_rows: Float[Tensor, "rows vocab"],
+    *,
+    kind: str,
+    temperature: float,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+) -> Float[Tensor, "rows"]:
+    """Divergence of already-validated, vocabulary-aligned rows (internal fast path)."""
+    return divergence_from_logprobs(
+        log_probs(student_rows, temperature),
+        log_probs(teacher_rows, temperature),
+        kind=kind,
+        beta=beta,
+        alpha=alpha,
+    )

@@ -1,0 +1,155 @@
+"""Supervised fine-tuning and Vanilla KD (Eq. 2) on response tokens.
+
+Indexing: ``logits[b, t]`` predicts token ``t + 1``; :func:`shift_labels` aligns labels to
+logits, so position ``t`` is supervised iff ``shift_labels(labels)[b, t] != ignore_index``.
+
+Vanilla KD (paper Eq. 2, averaged instead of summed over response tokens):
+
+    L_kd = sum_{b,t valid} D(S_{b,t}, T_{b,t}) / max(num_items or #valid, 1)
+
+with ``D`` the forward KL ``KL(T || S)`` by default (see :mod:`tokinteract.divergence`).
+The teacher is a fixed target: its logits are detached.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from tokinteract._checks import (
+    check_float,
+    check_finite,
+    check_integer,
+    check_leading_shape,
+    check_logit_pair,
+    check_tensor,
+)
+from tokinteract.divergence import check_divergence_options, divergence_rows
+from tokinteract.reduction import masked_reduce
+
+__all__ = ["KDLoss", "SFTLoss", "kd_loss", "shift_labels", "sft_loss"]
+
+
+def shift_labels(labels: Int[Tensor, "batch seq"], ignore_index: int = -100) -> Int[Tensor, "batch seq"]:
+    """Labels aligned to logits: ``labels[:, 1:]`` followed by one ``ignore_index``."""
+    check_tensor("labels", labels, ndim=2)
+    check_integer("labels", labels)
+    pad = labels.new_full((labels.shape[0], 1), ignore_index)
+    return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def _valid_positions(labels: Tensor, logits: Tensor, ignore_index: int) -> Tensor:
+    check_tensor("labels", labels, ndim=2)
+    check_integer("labels", labels)
+    check_leading_shape("labels", labels, "student_logits", logits, 2)
+    return shift_labels(labels, ignore_index) != ignore_index
+
+
+def sft_loss(
+    student_logits: Float[Tensor, "batch seq vocab"],
+    labels: Int[Tensor, "batch seq"],
+    *,
+    ignore_index: int = -100,
+    num_items: int | float | Tensor | None = None,
+) -> Float[Tensor, ""]:
+    """Next-token cross-entropy ``-log S_{b,t}(labels[b, t+1])``, mean over supervised positions."""
+    check_tensor("student_logits", student_logits, ndim=3)
+    check_float("student_logits", student_logits)
+    valid = _valid_positions(labels, student_logits, ignore_index)
+    target = shift_labels(labels, ignore_index)[valid]
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= student_logits.shape[-1]):
+        raise ValueError(
+            f"labels must lie in [0, {student_logits.shape[-1]}) or equal ignore_index={ignore_index}, "
+            f"got values in [{int(target.min())}, {int(target.max())}]"
+        )
+    rows = student_logits[valid]
+    check_finite("student_logits", rows)
+    nll = torch.nn.functional.cross_entropy(rows.float(), target, reduction="none")
+    return masked_reduce(nll, num_items=num_items)
+
+
+def kd_loss(
+    student_logits: Float[Tensor, "batch seq vocab"],
+    teacher_logits: Float[Tensor, "batch seq tvocab"],
+    labels: Int[Tensor, "batch seq"],
+    *,
+    ignore_index: int = -100,
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    vocab_size: int | None = None,
+    num_items: int | float | Tensor | None = None,
+) -> Float[Tensor, ""]:
+    """Vanilla KD (Eq. 2): mean of ``D(S, T)`` over positions whose aligned label is valid.
+
+    ``D`` defaults to the forward KL ``KL(T || S)``; see :func:`tokinteract.token_divergence`
+    for the other kinds and the temperature convention. Only supervised rows are converted
+    to fp32, so memory scales with the number of response tokens, not the sequence.
+    """
+    check_divergence_options(kind, temperature, beta, alpha)
+    s, t = check_logit_pair(student_logits, teacher_logits, lead=2, vocab_size=vocab_size, check_values=False)
+    valid = _valid_positions(labels, s, ignore_index)
+    s_rows, t_rows = s[valid], t[valid]
+    check_finite("student_logits", s_rows)
+    check_finite("teacher_logits", t_rows)
+    per_row = divergence_rows(s_rows, t_rows.detach(), kind=kind, temperature=temperature, beta=beta, alpha=alpha)
+    return masked_reduce(per_row, num_items=num_items)
+
+
+class SFTLoss(nn.Module):
+    """Module twin of :func:`sft_loss`."""
+
+    def __init__(self, *, ignore_index: int = -100) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(
+        self,
+        student_logits: Float[Tensor, "batch seq vocab"],
+        labels: Int[Tensor, "batch seq"],
+        *,
+        num_items: int | float | Tensor | None = None,
+    ) -> Float[Tensor, ""]:
+        return sft_loss(student_logits, labels, ignore_index=self.ignore_index, num_items=num_items)
+
+
+class KDLoss(nn.Module):
+    """Module twin of :func:`kd_loss`."""
+
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        kind: str = "fkl",
+        temperature: float = 1.0,
+        beta: float = 0.5,
+        alpha: float = 0.1,
+        vocab_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_divergence_options(kind, temperature, beta, alpha)
+        self.ignore_index, self.kind, self.temperature = ignore_index, kind, temperature
+        self.beta, self.alpha, self.vocab_size = beta, alpha, vocab_size
+
+    def forward(
+        self,
+        student_logits: Float[Tensor, "batch seq vocab"],
+        teacher_logits: Float[Tensor, "batch seq tvocab"],
+        labels: Int[Tensor, "batch seq"],
+        *,
+        num_items: int | float | Tensor | None = None,
+    ) -> Float[Tensor, ""]:
+        return kd_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            ignore_index=self.ignore_index,
+            kind=self.kind,
+            temperature=self.temperature,
+            beta=self.beta,
+            alpha=self.alpha,
+            vocab_size=self.vocab_size,
+            num_items=num_items,
+        )

@@ -1,0 +1,112 @@
+"""Transition Probability Alignment (paper Eq. 5 and 7, Algorithm 1).
+
+With ``C_{b,t}`` the ``d`` candidates for position ``t`` (alternatives to token ``t+1``
+sampled from the student) and ``S``/``T`` the student/teacher next-token distributions
+*after* the candidate (conditioned on the ground-truth prefix up to ``t`` and the
+candidate), computed in one packed forward over a :class:`TPAExpansion`:
+
+    L_tpa = sum_{(b,t) in candidate_mask} (1/d) sum_u D(S_{b,t,u}, T_{b,t,u})
+            / max(num_items or #candidate positions, 1)
+
+``D`` is the forward KL ``KL(T || S)`` by default. The teacher logits are detached.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from tokinteract._checks import check_finite, check_logit_pair
+from tokinteract.divergence import check_divergence_options, divergence_rows
+from tokinteract.expansion import TPAExpansion
+from tokinteract.reduction import masked_reduce
+
+__all__ = ["TPALoss", "tpa_loss", "tpa_position_values"]
+
+
+def tpa_position_values(
+    student_logits: Float[Tensor, "batch xseq vocab"],
+    teacher_logits: Float[Tensor, "batch xseq tvocab"],
+    expansion: TPAExpansion,
+    *,
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    vocab_size: int | None = None,
+) -> Float[Tensor, "batch seq"]:
+    """Per-position TPA values ``(1/d) sum_u D(S_{b,t,u}, T_{b,t,u})``; 0 without candidates."""
+    if not isinstance(expansion, TPAExpansion):
+        raise TypeError(f"expansion must be a TPAExpansion, got {type(expansion).__name__}")
+    check_divergence_options(kind, temperature, beta, alpha)
+    s, t = check_logit_pair(student_logits, teacher_logits, lead=2, vocab_size=vocab_size, check_values=False)
+    expansion._check_logits(s)
+    b, pos, _, slot = expansion.candidate_slots()
+    s_rows, t_rows = s[b, slot], t[b, slot]
+    check_finite("student_logits", s_rows)
+    check_finite("teacher_logits", t_rows)
+    per_cand = divergence_rows(s_rows, t_rows.detach(), kind=kind, temperature=temperature, beta=beta, alpha=alpha)
+    B, T = expansion.candidate_mask.shape
+    values = per_cand.new_zeros(B, T)
+    return values.index_put((b, pos), per_cand / expansion.num_candidates, accumulate=True)
+
+
+def tpa_loss(
+    student_logits: Float[Tensor, "batch xseq vocab"],
+    teacher_logits: Float[Tensor, "batch xseq tvocab"],
+    expansion: TPAExpansion,
+    *,
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    vocab_size: int | None = None,
+    num_items: int | float | Tensor | None = None,
+) -> Float[Tensor, ""]:
+    """TPA loss over the expanded forward's logits (Eq. 7): mean over ``d``, then positions.
+
+    Args:
+        student_logits: the student's logits over the expanded sequence ``[B, T2, V]``
+            (packed forward, or ground-truth logits concatenated with the cached candidate
+            pass: the layout is the same).
+        teacher_logits: the teacher's logits over the same expanded sequence.
+        expansion: the :class:`TPAExpansion` both forwards ran on.
+        num_items: global count of candidate positions (gradient accumulation).
+    """
+    values = tpa_position_values(
+        student_logits, teacher_logits, expansion, kind=kind, temperature=temperature,
+        beta=beta, alpha=alpha, vocab_size=vocab_size,
+    )
+    return masked_reduce(values, expansion.candidate_mask, num_items=num_items)
+
+
+class TPALoss(nn.Module):
+    """Module twin of :func:`tpa_loss`."""
+
+    def __init__(
+        self,
+        *,
+        kind: str = "fkl",
+        temperature: float = 1.0,
+        beta: float = 0.5,
+        alpha: float = 0.1,
+        vocab_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_divergence_options(kind, temperature, beta, alpha)
+        self.kind, self.temperature, self.beta, self.alpha = kind, temperature, beta, alpha
+        self.vocab_size = vocab_size
+
+    def forward(
+        self,
+        student_logits: Float[Tensor, "batch xseq vocab"],
+        teacher_logits: Float[Tensor, "batch xseq tvocab"],
+        expansion: TPAExpansion,
+        *,
+        num_items: int | float | Tensor | None = None,
+    ) -> Float[Tensor, ""]:
+        return tpa_loss(
+            student_logits, teacher_logits, expansion, kind=self.kind, temperature=self.temperature,
+            beta=self.beta, alpha=self.alpha, vocab_size=self.vocab_size, num_items=num_items,
+        )
