@@ -50,25 +50,25 @@ def check_finite(name: str, value: Tensor) -> None:
     if n_bad:
         raise ValueError(
             f"{name} has {n_bad} non-finite value(s) (NaN or inf) out of {value.numel()}; "
-            "losses refuse non-finite logits instead of returning NaN"
+            "tokinteract refuses non-finite inputs instead of returning NaN"
         )
 
 
-def check_positive(name: str, value: float) -> None:
+def check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def check_nonnegative(name: str, value: float) -> None:
+def check_nonnegative(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
-def check_unit_interval(name: str, value: float, *, open_low: bool, open_high: bool) -> None:
+def check_unit_interval(name: str, value: Any, *, open_low: bool, open_high: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     low_ok = value > 0 if open_low else value >= 0

@@ -32,21 +32,24 @@ class AlignTILoss(nn.Module):
         iva: weight of IVA (Eq. 4) on visual positions.
         tpa: weight of TPA (Eq. 7) on candidate slots.
         kind: divergence for kd, iva and tpa (default forward KL ``KL(T || S)``).
-        temperature, beta, alpha, vocab_size: see :func:`tokinteract.token_divergence`.
+        temperature: softmax temperature; see :func:`tokinteract.token_divergence`.
+        beta: JSD mixing weight; see :func:`tokinteract.token_divergence`.
+        alpha: skew weight; see :func:`tokinteract.token_divergence`.
+        vocab_size: compare only the first ``vocab_size`` vocabulary entries.
         ignore_index: label value that marks unsupervised positions.
     """
 
     def __init__(
         self,
         *,
-        sft: float = 1.0,
-        kd: float = 1.0,
-        iva: float = 1.0,
-        tpa: float = 1.0,
+        sft: int | float = 1.0,
+        kd: int | float = 1.0,
+        iva: int | float = 1.0,
+        tpa: int | float = 1.0,
         kind: str = "fkl",
-        temperature: float = 1.0,
-        beta: float = 0.5,
-        alpha: float = 0.1,
+        temperature: int | float = 1.0,
+        beta: int | float = 0.5,
+        alpha: int | float = 0.1,
         vocab_size: int | None = None,
         ignore_index: int = -100,
     ) -> None:

@@ -1,8 +1,8 @@
 """Per-position divergences between a student and a teacher next-token distribution.
 
 Notation: ``S = softmax(student_logits / tau)``, ``T = softmax(teacher_logits / tau)``, both in
-fp32 whatever the input dtype. Every ``kind`` returns one value per position (shape
-``[batch, seq]``); reduction happens in :func:`tokinteract.reduction.masked_reduce`.
+fp32 for fp32/bf16/fp16 inputs (fp64 inputs compute in fp64, so ``gradcheck`` works). Every
+``kind`` returns one value per position (shape ``[batch, seq]``); reduction happens in :func:`tokinteract.reduction.masked_reduce`.
 
 ============  =====================================================================
 ``kind``      value at one position
@@ -35,6 +35,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from tokinteract.reduction import compute_dtype
 from tokinteract._checks import (
     DIVERGENCE_KINDS,
     check_choice,
@@ -52,7 +53,7 @@ def _kl(logp: Tensor, logq: Tensor) -> Tensor:
     return torch.where(p > 0, p * (logp - logq), p.new_zeros(())).sum(-1)
 
 
-def _mix(logp: Tensor, logq: Tensor, w: float) -> Tensor:
+def _mix(logp: Tensor, logq: Tensor, w: int | float) -> Tensor:
     """``log(w * p + (1 - w) * q)`` computed stably."""
     if w <= 0.0:
         return logq
@@ -66,8 +67,8 @@ def divergence_from_logprobs(
     teacher_logp: Float[Tensor, "*lead vocab"],
     *,
     kind: str = "fkl",
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    beta: int | float = 0.5,
+    alpha: int | float = 0.1,
 ) -> Float[Tensor, "*lead"]:
     """The divergence of ``kind`` from fp32 log-probabilities (no validation; internal use)."""
     s, t = student_logp, teacher_logp
@@ -91,16 +92,16 @@ def divergence_from_logprobs(
     raise ValueError(f"kind must be one of {DIVERGENCE_KINDS}, got {kind!r}")
 
 
-def check_divergence_options(kind: str, temperature: float, beta: float, alpha: float) -> None:
+def check_divergence_options(kind: str, temperature: int | float, beta: int | float, alpha: int | float) -> None:
     check_choice("kind", kind, DIVERGENCE_KINDS)
     check_positive("temperature", temperature)
     check_unit_interval("beta", beta, open_low=False, open_high=False)
     check_unit_interval("alpha", alpha, open_low=False, open_high=True)
 
 
-def log_probs(logits: Tensor, temperature: float) -> Tensor:
-    """fp32 ``log_softmax(logits / temperature)``."""
-    x = logits.float()
+def log_probs(logits: Tensor, temperature: int | float) -> Tensor:
+    """``log_softmax(logits / temperature)`` in fp32 (fp64 when the logits are fp64)."""
+    x = logits.to(compute_dtype(logits))
     if temperature != 1.0:
         x = x / temperature
     return torch.log_softmax(x, dim=-1)
@@ -111,15 +112,15 @@ def token_divergence(
     teacher_logits: Float[Tensor, "batch seq tvocab"],
     *,
     kind: str = "fkl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    temperature: int | float = 1.0,
+    beta: int | float = 0.5,
+    alpha: int | float = 0.1,
     vocab_size: int | None = None,
 ) -> Float[Tensor, "batch seq"]:
     """Per-position divergence between student and teacher next-token distributions.
 
     See the module docstring for the exact formula of each ``kind`` and the direction of
-    each KL. Computed in fp32; returns fp32.
+    each KL. Computed in fp32 (fp64 for fp64 inputs); returns that dtype.
 
     Args:
         student_logits: the student's logits (student first, always).
@@ -148,9 +149,9 @@ class TokenDivergence(nn.Module):
         self,
         *,
         kind: str = "fkl",
-        temperature: float = 1.0,
-        beta: float = 0.5,
-        alpha: float = 0.1,
+        temperature: int | float = 1.0,
+        beta: int | float = 0.5,
+        alpha: int | float = 0.1,
         vocab_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -182,9 +183,9 @@ def divergence_rows(
     teacher_rows: Float[Tensor, "rows vocab"],
     *,
     kind: str,
-    temperature: float,
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    temperature: int | float,
+    beta: int | float = 0.5,
+    alpha: int | float = 0.1,
 ) -> Float[Tensor, "rows"]:
     """Divergence of already-validated, vocabulary-aligned rows (internal fast path)."""
     return divergence_from_logprobs(

@@ -251,8 +251,14 @@ def tpa_expand(
     check_tensor("candidates", candidates, ndim=3)
     check_integer("candidates", candidates)
     check_leading_shape("candidates", candidates, "input_ids", input_ids, 2)
+    check_tensor("candidate_mask", candidate_mask, ndim=2)
     check_leading_shape("candidate_mask", candidate_mask, "input_ids", input_ids, 2)
     d = candidates.shape[2]
+    if d < 1:
+        raise ValueError(
+            f"candidates must hold d >= 1 candidates per position (shape [batch, seq, d]), "
+            f"got shape {tuple(candidates.shape)}"
+        )
     am = _check_inputs(candidate_mask, d, attention_mask)
     lay = _layout(candidate_mask, d, am)
     B, T = input_ids.shape

@@ -24,11 +24,13 @@ def irs_score(
     alpha_a: Float[Tensor, "pairs feat"],
     alpha_b: Float[Tensor, "pairs feat"],
     *,
-    eps: float = 1e-12,
+    eps: int | float = 1e-12,
 ) -> Float[Tensor, ""]:
     """``1 - mean_n cos(alpha_a[n], alpha_b[n])`` in fp32.
 
-    A zero vector has cosine 0 with anything (so it counts as maximally unrelated).
+    The cosine is ``a.b / (max(|a|, eps) * max(|b|, eps))``: a zero vector has cosine 0 with
+    anything (so it counts as maximally unrelated), and the score does not depend on the
+    scale of a vector whose norm exceeds ``eps``.
     Identical pairs score exactly 0 (up to rounding).
     """
     check_tensor("alpha_a", alpha_a, ndim=2)
@@ -42,8 +44,11 @@ def irs_score(
     a, b = alpha_a.float(), alpha_b.float()
     check_finite("alpha_a", a)
     check_finite("alpha_b", b)
-    na, nb = a.norm(dim=1), b.norm(dim=1)
-    cos = (a * b).sum(1) / (na * nb).clamp(min=eps)
+    # normalise each vector first: clamping the *product* of the norms instead would shrink
+    # the cosine of small-but-valid vectors (two norms of 1e-7 gave IRS 0.99 for a == b)
+    a_hat = torch.nn.functional.normalize(a, dim=1, eps=eps)
+    b_hat = torch.nn.functional.normalize(b, dim=1, eps=eps)
+    cos = (a_hat * b_hat).sum(1)
     return 1.0 - cos.mean()
 
 

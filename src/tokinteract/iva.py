@@ -9,7 +9,9 @@ IVA loss (per sample a weighted sum over visual output positions, mean over the 
 
     L_iva = sum_b sum_t w[b, t] * D(S_{b,t}, T_{b,t}) / max(num_sequences or B, 1)
 
-``D`` is the forward KL ``KL(T || S)`` by default. Weights and teacher logits are treated
+``D`` is the forward KL ``KL(T || S)`` by default. ``D_t`` is taken at the visual token's
+own output position ``t`` (the "visual-token output positions" of the paper's Eq. 1-4: the
+decoder emits one output per input token), and its weight is the attention *to* key ``t``. Weights and teacher logits are treated
 as constants (detached). Uniform weights ``1/N_v`` give the LLaVA-KD baseline (Table 6).
 """
 
@@ -93,9 +95,9 @@ def iva_loss(
     weights: Float[Tensor, "batch seq"],
     *,
     kind: str = "fkl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    temperature: int | float = 1.0,
+    beta: int | float = 0.5,
+    alpha: int | float = 0.1,
     vocab_size: int | None = None,
     num_sequences: int | float | Tensor | None = None,
 ) -> Float[Tensor, ""]:
@@ -135,9 +137,9 @@ class IVALoss(nn.Module):
         self,
         *,
         kind: str = "fkl",
-        temperature: float = 1.0,
-        beta: float = 0.5,
-        alpha: float = 0.1,
+        temperature: int | float = 1.0,
+        beta: int | float = 0.5,
+        alpha: int | float = 0.1,
         vocab_size: int | None = None,
     ) -> None:
         super().__init__()

@@ -26,7 +26,7 @@ from tokinteract._checks import (
     check_tensor,
 )
 from tokinteract.divergence import check_divergence_options, divergence_rows
-from tokinteract.reduction import masked_reduce
+from tokinteract.reduction import compute_dtype, masked_reduce
 
 __all__ = ["KDLoss", "SFTLoss", "kd_loss", "shift_labels", "sft_loss"]
 
@@ -65,7 +65,7 @@ def sft_loss(
         )
     rows = student_logits[valid]
     check_finite("student_logits", rows)
-    nll = torch.nn.functional.cross_entropy(rows.float(), target, reduction="none")
+    nll = torch.nn.functional.cross_entropy(rows.to(compute_dtype(rows)), target, reduction="none")
     return masked_reduce(nll, num_items=num_items)
 
 
@@ -76,9 +76,9 @@ def kd_loss(
     *,
     ignore_index: int = -100,
     kind: str = "fkl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    temperature: int | float = 1.0,
+    beta: int | float = 0.5,
+    alpha: int | float = 0.1,
     vocab_size: int | None = None,
     num_items: int | float | Tensor | None = None,
 ) -> Float[Tensor, ""]:
@@ -123,9 +123,9 @@ class KDLoss(nn.Module):
         *,
         ignore_index: int = -100,
         kind: str = "fkl",
-        temperature: float = 1.0,
-        beta: float = 0.5,
-        alpha: float = 0.1,
+        temperature: int | float = 1.0,
+        beta: int | float = 0.5,
+        alpha: int | float = 0.1,
         vocab_size: int | None = None,
     ) -> None:
         super().__init__()

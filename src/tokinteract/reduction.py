@@ -18,7 +18,12 @@ from torch import Tensor
 
 from tokinteract._checks import check_bool, check_tensor
 
-__all__ = ["masked_reduce", "resolve_count"]
+__all__ = ["compute_dtype", "masked_reduce", "resolve_count"]
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype losses compute in: fp32 for half/bf16/fp32 inputs, fp64 for fp64 inputs."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def resolve_count(mask: Tensor, num_items: int | float | Tensor | None) -> Tensor:
@@ -45,13 +50,15 @@ def masked_reduce(
     weights: Float[Tensor, "*shape"] | None = None,
     num_items: int | float | Tensor | None = None,
 ) -> Float[Tensor, ""]:
-    """``sum(values * weights over mask) / max(num_items or mask.sum(), 1)`` in fp32.
+    """``sum(values * weights over mask) / max(num_items or mask.sum(), 1)``.
+
+    Computed in fp32 (fp64 when ``values`` are fp64).
 
     Masked-out entries contribute exactly nothing (``torch.where``, not multiplication, so a
     NaN or inf in a masked-out entry cannot leak into the result or its gradient).
     """
     check_tensor("values", values)
-    values = values.float()
+    values = values.to(compute_dtype(values))
     if mask is None:
         mask = torch.ones_like(values, dtype=torch.bool)
     check_bool("mask", mask)
@@ -62,6 +69,9 @@ def masked_reduce(
             raise ValueError(
                 f"weights must have the shape of values {tuple(values.shape)}, got {tuple(weights.shape)}"
             )
-        values = values * weights.float()
+        # mask both factors first: a NaN/inf in a masked-out value or weight must not reach
+        # the result or either gradient (0 * NaN = NaN in the backward of a product)
+        zero = values.new_zeros(())
+        values = torch.where(mask, values, zero) * torch.where(mask, weights.to(values.dtype), zero)
     total = torch.where(mask, values, values.new_zeros(())).sum()
     return total / resolve_count(mask, num_items)

@@ -38,7 +38,7 @@ __all__ = ["SAMPLING_STRATEGIES", "sample_candidates"]
 SAMPLING_STRATEGIES = ("nucleus", "multinomial", "greedy")
 
 
-def _nucleus_probs(probs: Tensor, top_p: float) -> Tensor:
+def _nucleus_probs(probs: Tensor, top_p: int | float) -> Tensor:
     """Zero every token outside the top-p set of each row (the argmax always stays)."""
     if top_p >= 1.0:
         return probs
@@ -55,8 +55,8 @@ def sample_candidates(
     num_candidates: int,
     *,
     strategy: str = "nucleus",
-    top_p: float = 0.95,
-    temperature: float = 1.0,
+    top_p: int | float = 0.95,
+    temperature: int | float = 1.0,
     generator: torch.Generator | None = None,
     mask: Bool[Tensor, "batch seq"] | None = None,
 ) -> Int[Tensor, "batch seq cand"]:

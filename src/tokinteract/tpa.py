@@ -31,9 +31,9 @@ def tpa_position_values(
     expansion: TPAExpansion,
     *,
     kind: str = "fkl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    temperature: int | float = 1.0,
+    beta: int | float = 0.5,
+    alpha: int | float = 0.1,
     vocab_size: int | None = None,
 ) -> Float[Tensor, "batch seq"]:
     """Per-position TPA values ``(1/d) sum_u D(S_{b,t,u}, T_{b,t,u})``; 0 without candidates."""
@@ -58,9 +58,9 @@ def tpa_loss(
     expansion: TPAExpansion,
     *,
     kind: str = "fkl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    temperature: int | float = 1.0,
+    beta: int | float = 0.5,
+    alpha: int | float = 0.1,
     vocab_size: int | None = None,
     num_items: int | float | Tensor | None = None,
 ) -> Float[Tensor, ""]:
@@ -88,9 +88,9 @@ class TPALoss(nn.Module):
         self,
         *,
         kind: str = "fkl",
-        temperature: float = 1.0,
-        beta: float = 0.5,
-        alpha: float = 0.1,
+        temperature: int | float = 1.0,
+        beta: int | float = 0.5,
+        alpha: int | float = 0.1,
         vocab_size: int | None = None,
     ) -> None:
         super().__init__()

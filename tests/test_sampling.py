@@ -1,0 +1,148 @@
+"""sample_candidates: determinism, greedy, nucleus support, multinomial frequencies, mask."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tokinteract as ti
+from reference import ref_softmax
+
+
+def _logits(shape, seed, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * scale
+
+
+def _ref_nucleus_set(logits_row, top_p, temperature=1.0):
+    """Smallest set of most likely tokens whose probability mass reaches top_p (float64 loop)."""
+    p = ref_softmax(logits_row, temperature).tolist()
+    order = sorted(range(len(p)), key=lambda i: -p[i])
+    kept, mass = set(), 0.0
+    for i in order:
+        kept.add(i)
+        mass += p[i]
+        if mass >= top_p:
+            break
+    return kept
+
+
+def _chi2(counts, probs, n):
+    return sum((c - n * q) ** 2 / (n * q) for c, q in zip(counts, probs) if q > 0)
+
+
+@pytest.mark.parametrize("strategy", ["nucleus", "multinomial"])
+def test_deterministic_with_generator(strategy):
+    s = _logits((2, 6, 30), 0)
+    a = ti.sample_candidates(s, 4, strategy=strategy, generator=torch.Generator().manual_seed(7))
+    b = ti.sample_candidates(s, 4, strategy=strategy, generator=torch.Generator().manual_seed(7))
+    c = ti.sample_candidates(s, 4, strategy=strategy, generator=torch.Generator().manual_seed(8))
+    assert a.dtype == torch.long and a.shape == (2, 6, 4)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_greedy_is_top_d_distinct():
+    s = _logits((3, 5, 20), 1)
+    out = ti.sample_candidates(s, 4, strategy="greedy")
+    for b in range(3):
+        for t in range(5):
+            got = out[b, t].tolist()
+            assert len(set(got)) == 4
+            expected = sorted(range(20), key=lambda v: -float(s[b, t, v]))[:4]
+            assert set(got) == set(expected)
+    with pytest.raises(ValueError, match="num_candidates"):
+        ti.sample_candidates(s, 21, strategy="greedy")
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.7, 0.9])
+def test_nucleus_draws_only_inside_top_p_set(top_p):
+    s = _logits((2, 4, 25), 2, scale=1.5)
+    out = ti.sample_candidates(s, 300, strategy="nucleus", top_p=top_p, generator=torch.Generator().manual_seed(3))
+    for b in range(2):
+        for t in range(4):
+            kept = _ref_nucleus_set(s[b, t], top_p)
+            drawn = set(out[b, t].tolist())
+            assert drawn <= kept, (top_p, drawn - kept)
+            # with 300 draws every kept token (mass >= ~1%) shows up: the set is really used
+            p = ref_softmax(s[b, t])
+            assert {i for i in kept if float(p[i]) > 0.02} <= drawn
+
+
+def test_nucleus_top_p_one_is_full_distribution_and_argmax_always_kept():
+    s = _logits((1, 1, 6), 4, scale=0.1)  # nearly uniform
+    out = ti.sample_candidates(s, 600, strategy="nucleus", top_p=1.0, generator=torch.Generator().manual_seed(5))
+    assert set(out[0, 0].tolist()) == set(range(6))
+    peaked = torch.tensor([[[10.0, 0.0, 0.0, 0.0]]])
+    out = ti.sample_candidates(peaked, 50, strategy="nucleus", top_p=1e-6, generator=torch.Generator().manual_seed(5))
+    assert set(out[0, 0].tolist()) == {0}
+
+
+def test_multinomial_frequencies_follow_distribution():
+    s = torch.tensor([[[1.0, 0.0, -1.0, 2.0, 0.5]]])
+    n = 20000
+    out = ti.sample_candidates(s, n, strategy="multinomial", generator=torch.Generator().manual_seed(11))
+    counts = torch.bincount(out.flatten(), minlength=5).tolist()
+    probs = ref_softmax(s[0, 0]).tolist()
+    # 4 degrees of freedom: P(chi2 > 25) ~ 5e-5; fixed seed, so deterministic
+    assert _chi2(counts, probs, n) < 25.0
+    # and a wrong distribution is rejected by the same bound
+    assert _chi2(counts, [0.2] * 5, n) > 25.0
+
+
+def test_nucleus_frequencies_follow_renormalised_truncation():
+    s = torch.tensor([[[2.0, 1.5, 1.0, -1.0, -2.0, -3.0]]])
+    top_p = 0.8
+    kept = _ref_nucleus_set(s[0, 0], top_p)
+    p = ref_softmax(s[0, 0]).tolist()
+    z = sum(p[i] for i in kept)
+    q = [p[i] / z if i in kept else 0.0 for i in range(6)]
+    n = 20000
+    out = ti.sample_candidates(s, n, strategy="nucleus", top_p=top_p, generator=torch.Generator().manual_seed(12))
+    counts = torch.bincount(out.flatten(), minlength=6).tolist()
+    assert all(counts[i] == 0 for i in range(6) if i not in kept)
+    assert _chi2(counts, q, n) < 4 * len(kept) + 10
+
+
+def test_temperature_sharpens():
+    s = _logits((2, 3, 10), 13)
+    out = ti.sample_candidates(s, 20, strategy="multinomial", temperature=1e-3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, s.argmax(-1, keepdim=True).expand(2, 3, 20))
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 2**31 - 1), strategy=st.sampled_from(["nucleus", "multinomial", "greedy"]))
+def test_mask_fills_zero_elsewhere(seed, strategy):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(3, 6, 9, generator=g) + 1.0
+    s[..., 0] = -30.0  # token 0 is (practically) never drawn, so a 0 means "not sampled"
+    mask = torch.rand(3, 6, generator=g) < 0.5
+    out = ti.sample_candidates(s, 3, strategy=strategy, mask=mask, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(out[~mask], torch.zeros_like(out[~mask]))
+    assert bool((out[mask] != 0).all())
+    # sampling at masked positions is the same as sampling those rows alone (no wasted draws)
+    if strategy == "greedy":
+        full = ti.sample_candidates(s, 3, strategy="greedy")
+        assert torch.equal(out[mask], full[mask])
+
+
+def test_empty_mask_and_no_grad():
+    s = _logits((2, 3, 9), 14).requires_grad_()
+    out = ti.sample_candidates(s, 2, mask=torch.zeros(2, 3, dtype=torch.bool))
+    assert torch.equal(out, torch.zeros(2, 3, 2, dtype=torch.long))
+    out = ti.sample_candidates(s, 2, generator=torch.Generator().manual_seed(0))
+    assert not out.requires_grad and out.grad_fn is None
+    # nothing in the graph: a loss built from the logits is unaffected
+    s.sum().backward()
+    assert torch.equal(s.grad, torch.ones_like(s))
+
+
+def test_bf16_logits():
+    s = _logits((2, 3, 9), 15).bfloat16()
+    out = ti.sample_candidates(s, 2, strategy="greedy")
+    assert torch.equal(out[..., 0], s.float().argmax(-1))
+    assert math.isfinite(float(out.sum()))
