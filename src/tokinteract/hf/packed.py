@@ -1,0 +1,413 @@
+"""Running a :class:`~tokinteract.TPAExpansion` through a Hugging Face model.
+
+Two exact ways to get the ``[B, T2, V]`` logits that :func:`tokinteract.tpa_loss` and
+:class:`tokinteract.AlignTILoss` take (``T`` ground-truth slots first, then the
+candidate block):
+
+* **packed** (:func:`packed_forward`, the paper's Algorithm 1 line 16): one forward over
+  all ``T2`` slots with the ribbon mask. The student then runs twice (a plain ground-truth
+  pass to sample candidates from, then the packed pass).
+* **cached** (:func:`ground_truth_forward` + :func:`cached_candidate_forward`): the
+  ground-truth pass runs once and keeps its KV cache; its logits give SFT, KD, IVA and the
+  distribution the candidates are sampled from. Then only the ``N = T2 - T`` candidate
+  slots run, as a query block over that cache plus themselves. Because the ribbon rule
+  lets a candidate see exactly the non-pad ground-truth prefix ``<= t`` and itself, and
+  the ground-truth rows of the ribbon mask are plain causal attention with padding, the
+  two paths compute the same function: equal logits and equal parameter gradients (the
+  cache is concatenated with ``torch.cat``, so gradients flow into the prefix keys and
+  values). Cost: one full pass plus a candidate pass instead of two full passes.
+
+Typical trainer step (student)::
+
+    gt = ground_truth_forward(student, input_ids, attention_mask, pixel_values=px)
+    cand = sample_candidates(gt.logits, d, mask=cmask)
+    exp = tpa_expand(input_ids, cand, cmask, attention_mask)
+    s_logits = torch.cat([gt.logits, cached_candidate_forward(student, gt, exp)], dim=1)
+    with torch.no_grad():
+        t_logits = tpa_forward(teacher, exp, pixel_values=px)        # [B, T2, V]
+    loss, parts = AlignTILoss()(s_logits, t_logits, labels, expansion=exp, ...)
+
+Gradient checkpointing: Hugging Face drops the cache in checkpointed layers
+(``GradientCheckpointingLayer`` sets ``cache=None`` while training with gradients), so the
+cached path cannot work there. :func:`ground_truth_forward` then returns no cache and
+:func:`cached_candidate_forward` falls back to the packed pass (``packed_forward(...)[:,
+T:]``, with the same model inputs, e.g. ``pixel_values``), logging a notice once. The
+result is the same function; only the saving is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+from tokinteract._checks import check_bool, check_choice, check_integer, check_tensor
+from tokinteract.expansion import TPAExpansion
+from tokinteract.hf import _attn
+
+__all__ = [
+    "GroundTruthOutput",
+    "cached_candidate_forward",
+    "ground_truth_attention_mask",
+    "ground_truth_forward",
+    "ground_truth_position_ids",
+    "packed_forward",
+    "tpa_forward",
+]
+
+logger = logging.getLogger("tokinteract.hf")
+
+_RESERVED = ("input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "inputs_embeds", "use_cache")
+_warned: set[str] = set()
+
+
+def _notice(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(msg)
+
+
+def _check_model_inputs(model_inputs: dict[str, Any]) -> None:
+    bad = sorted(k for k in model_inputs if k in _RESERVED)
+    if bad:
+        raise TypeError(
+            f"model_inputs must not contain {bad}: the adapter sets input ids, masks, position ids and "
+            "the cache itself (pass only extra inputs such as pixel_values)"
+        )
+
+
+def _padding_mask(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor:
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    check_tensor("attention_mask", attention_mask, ndim=2)
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+        )
+    if attention_mask.dtype != torch.bool:
+        check_integer("attention_mask", attention_mask)
+        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError("attention_mask must hold only 0/1 (or bool) values")
+        attention_mask = attention_mask.bool()
+    return attention_mask
+
+
+def ground_truth_attention_mask(
+    attention_mask: Bool[Tensor, "batch seq"],
+) -> Bool[Tensor, "batch 1 seq seq"]:
+    """The ground-truth block of the ribbon mask: causal attention with padding.
+
+    ``M[b, 0, q, k] = (k <= q and real[b, q] and real[b, k]) or q == k`` (True = attend),
+    so a pad row attends only to itself and no softmax row is empty. Equals
+    ``tpa_expand(...).attention_mask[:, :, :T, :T]`` for the same padding mask.
+    """
+    check_tensor("attention_mask", attention_mask, ndim=2)
+    check_bool("attention_mask", attention_mask)
+    T = attention_mask.shape[1]
+    ar = torch.arange(T, device=attention_mask.device)
+    causal = ar[None, :] <= ar[:, None]
+    eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+    real = attention_mask
+    m = causal[None] & real[:, :, None] & real[:, None, :]
+    return (m | eye)[:, None]
+
+
+def ground_truth_position_ids(attention_mask: Bool[Tensor, "batch seq"]) -> Int[Tensor, "batch seq"]:
+    """Hugging Face position ids: ``cumsum(mask) - 1`` on real tokens, 1 on pads."""
+    check_tensor("attention_mask", attention_mask, ndim=2)
+    check_bool("attention_mask", attention_mask)
+    pos = attention_mask.long().cumsum(1) - 1
+    return pos.masked_fill(~attention_mask, 1)
+
+
+def _check_image_tokens(model: nn.Module, ids: Tensor, where: str) -> None:
+    cfg = model.config
+    tok = getattr(cfg, "image_token_id", None)
+    if tok is None:
+        tok = getattr(cfg, "image_token_index", None)
+    if tok is not None and ids.numel() and bool((ids == tok).any()):
+        raise ValueError(
+            f"{where} contain the image token id {tok}; the model would try to put image features there. "
+            "Exclude it from candidate sampling (e.g. set that logit to -inf before sample_candidates) "
+            "and use a different pad_token_id in tpa_expand"
+        )
+
+
+def _run(
+    model: nn.Module,
+    input_ids: Tensor,
+    mask: Tensor,
+    position_ids: Tensor,
+    mask_mod: Any = None,
+    **kwargs: Any,
+) -> Any:
+    fmt = _attn.mask_format(model)
+    dev = _attn.model_device(model)
+    am = _attn.convert_mask(mask.to(dev), fmt, _attn.model_dtype(model), mask_mod)
+    return model(input_ids=input_ids.to(dev), attention_mask=am, position_ids=position_ids.to(dev), **kwargs)
+
+
+def packed_forward(
+    model: nn.Module,
+    expansion: TPAExpansion,
+    **model_inputs: Any,
+) -> Float[Tensor, "batch xseq vocab"]:
+    """One forward over the whole TPA expansion with the ribbon mask (Algorithm 1, line 16).
+
+    The boolean ribbon mask ``expansion.attention_mask`` (True = attend) is converted to what
+    the text model's attention implementation honours: an additive float mask with
+    ``finfo(dtype).min`` for ``eager``, the bool mask for ``sdpa``, a ``BlockMask`` built from
+    ``expansion.mask_mod()`` for ``flex_attention`` (GPU). ``expansion.position_ids`` are
+    passed explicitly (a candidate for ``t`` has the position of token ``t + 1``).
+
+    Args:
+        model: a Hugging Face causal LM or ``LlavaForConditionalGeneration``. For composite
+            models the text config's ``_attn_implementation`` decides the mask format.
+        expansion: from :func:`tokinteract.tpa_expand`.
+        **model_inputs: extra inputs passed through, e.g. ``pixel_values`` (the image
+            features land on the image-token slots, which are all in the ground-truth part).
+
+    Returns:
+        ``[B, T2, V]`` logits; ``[:, :T]`` are the ground-truth logits.
+
+    Raises:
+        ValueError: for attention implementations that cannot honour a custom mask
+            (``flash_attention_2/3``, unknown custom functions), or when a candidate or an
+            unused slot holds the image token id.
+    """
+    if not isinstance(expansion, TPAExpansion):
+        raise TypeError(f"expansion must be a TPAExpansion, got {type(expansion).__name__}")
+    _check_model_inputs(model_inputs)
+    _check_image_tokens(model, expansion.input_ids[:, expansion.seq_len :], "the candidate and unused slots of expansion.input_ids")
+    dev = _attn.model_device(model)
+    exp = expansion.to(dev)
+    out = _run(model, exp.input_ids, exp.attention_mask, exp.position_ids, exp.mask_mod(), use_cache=False, **model_inputs)
+    return out.logits
+
+
+@dataclass(eq=False)
+class GroundTruthOutput:
+    """What the ground-truth pass leaves for the candidate pass.
+
+    Attributes:
+        logits: ``[B, T, V]`` logits on the ground truth (they carry gradients).
+        cache: the KV cache of the pass (``None`` under gradient checkpointing).
+        input_ids: ``[B, T]`` the ground-truth tokens.
+        attention_mask: bool ``[B, T]`` padding mask (True = real token).
+        model_inputs: the extra inputs (e.g. ``pixel_values``), kept for the packed fallback.
+        outputs: the model's full output object (hidden states, attentions when asked).
+    """
+
+    logits: Float[Tensor, "batch seq vocab"]
+    cache: Any
+    input_ids: Int[Tensor, "batch seq"]
+    attention_mask: Bool[Tensor, "batch seq"]
+    model_inputs: dict[str, Any] = field(default_factory=dict)
+    outputs: Any = None
+
+
+def _checkpointing_active(model: nn.Module) -> bool:
+    if not (model.training and torch.is_grad_enabled()):
+        return False
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return any(
+        isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing and not m._can_checkpoint_with_cache
+        for m in model.modules()
+    )
+
+
+def ground_truth_forward(
+    model: nn.Module,
+    input_ids: Int[Tensor, "batch seq"],
+    attention_mask: Bool[Tensor, "batch seq"] | Int[Tensor, "batch seq"] | None = None,
+    *,
+    use_cache: bool = True,
+    **model_inputs: Any,
+) -> GroundTruthOutput:
+    """Step (a) of the cached path: the ground-truth forward, keeping its KV cache.
+
+    Uses the ground-truth block of the ribbon mask (:func:`ground_truth_attention_mask`)
+    and :func:`ground_truth_position_ids`, so the logits equal ``packed_forward(...)[:, :T]``
+    on every row, pad rows included (a pad attends only to itself).
+
+    Args:
+        model: a Hugging Face causal LM or ``LlavaForConditionalGeneration``.
+        input_ids: ``[B, T]`` ground-truth tokens (left or right padding).
+        attention_mask: padding mask, True/1 = real token.
+        use_cache: keep the KV cache for :func:`cached_candidate_forward`. Under gradient
+            checkpointing Hugging Face drops it; the result then has ``cache=None`` and the
+            candidate pass falls back to the packed path (logged once).
+        **model_inputs: e.g. ``pixel_values``; also ``output_hidden_states`` etc.
+
+    Returns:
+        a :class:`GroundTruthOutput`; feed ``.logits`` to
+        :func:`tokinteract.sample_candidates`.
+    """
+    check_tensor("input_ids", input_ids, ndim=2)
+    check_integer("input_ids", input_ids)
+    _check_model_inputs(model_inputs)
+    am = _padding_mask(attention_mask, input_ids).to(input_ids.device)
+    keep = use_cache
+    if use_cache and _checkpointing_active(model):
+        _notice(
+            "ckpt",
+            "tokinteract.hf: gradient checkpointing is on, and Hugging Face drops the KV cache in "
+            "checkpointed layers; the cached TPA path falls back to the packed forward (same result, "
+            "no saving).",
+        )
+        keep = False
+    out = _run(
+        model,
+        input_ids,
+        ground_truth_attention_mask(am),
+        ground_truth_position_ids(am),
+        _gt_mask_mod(am),
+        use_cache=keep,
+        **model_inputs,
+    )
+    cache = getattr(out, "cache", None) if keep else None
+    if cache is None:
+        cache = getattr(out, "past_key_values", None) if keep else None
+    return GroundTruthOutput(
+        logits=out.logits, cache=cache, input_ids=input_ids, attention_mask=am, model_inputs=dict(model_inputs), outputs=out
+    )
+
+
+def _gt_mask_mod(am: Tensor) -> Any:
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return ((k <= q) & am[b, q] & am[b, k]) | (q == k)
+
+    return mask_mod
+
+
+def _offset_mask_mod(mm: Any, q_offset: int) -> Any:
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return mm(b, h, q + q_offset, k)
+
+    return mask_mod
+
+
+CANDIDATE_ATTENTION = ("prefix_self", "dense")
+
+
+def cached_candidate_forward(
+    model: nn.Module,
+    ground_truth: GroundTruthOutput,
+    expansion: TPAExpansion,
+    *,
+    attention: str = "dense",
+) -> Float[Tensor, "batch len vocab"]:
+    """Step (c) of the cached path: run only the candidate block over the cached prefix.
+
+    The ``N = T2 - T`` candidate slots run as one query block with position ids
+    ``expansion.position_ids[:, T:]`` against the ground-truth pass's KV cache plus
+    themselves. With ``attention="dense"`` (default) the model's own implementation runs
+    with the dense ``[B, 1, N, T + N]`` slice of the ribbon mask. With
+    ``attention="prefix_self"`` a registered attention function
+    (:func:`tokinteract.hf.prefix_self_attention`) computes, per candidate query, one
+    softmax over the ``T`` cached keys (masked by the ribbon rule: non-pad and ``<= t``) and
+    its own key, GQA-aware, so the ``N x N`` candidate block is never formed (``N * T``
+    instead of ``N * (T + N)`` scores). Both equal :func:`packed_forward`'s ``[:, T:]``.
+
+    Which is faster depends on the kernels: on CPU (torch 2.13, 2 threads) fused SDPA with
+    the dense bool mask took 0.49 s against 1.37 s for ``prefix_self`` (forward + backward
+    of the attention alone, ``P = 1024`` cached keys, ``N = 2048`` candidates, 8 query /
+    2 kv heads, head dim 32), because ``prefix_self`` materialises its ``N x P`` scores
+    while SDPA's fused kernel does not, despite computing 3x more scores. Hence the default.
+
+    The cache is restored to its ``T`` ground-truth entries afterwards (``crop``), also on
+    exceptions, so it can be reused for another candidate block.
+
+    Args:
+        model: the model that produced ``ground_truth``.
+        ground_truth: from :func:`ground_truth_forward` on ``expansion.input_ids[:, :T]``.
+        expansion: from :func:`tokinteract.tpa_expand` on the same ground truth.
+        attention: ``"prefix_self"`` or ``"dense"``.
+
+    Returns:
+        ``[B, T2 - T, V]`` candidate-block logits; ``torch.cat([ground_truth.logits, it], 1)``
+        has the ``[B, T2, V]`` layout of :func:`packed_forward`.
+    """
+    if not isinstance(ground_truth, GroundTruthOutput):
+        raise TypeError(f"ground_truth must be a GroundTruthOutput, got {type(ground_truth).__name__}")
+    if not isinstance(expansion, TPAExpansion):
+        raise TypeError(f"expansion must be a TPAExpansion, got {type(expansion).__name__}")
+    check_choice("attention", attention, CANDIDATE_ATTENTION)
+    T = expansion.seq_len
+    gt_ids = ground_truth.input_ids
+    if tuple(gt_ids.shape) != (expansion.input_ids.shape[0], T) or not torch.equal(
+        gt_ids.to(expansion.input_ids.device), expansion.input_ids[:, :T]
+    ):
+        raise ValueError(
+            "expansion must be built from the ground truth of ground_truth: expansion.input_ids[:, :T] "
+            f"{tuple(expansion.input_ids[:, :T].shape)} differs from ground_truth.input_ids {tuple(gt_ids.shape)}"
+        )
+    if not torch.equal(expansion.slot_is_context[:, :T].to(gt_ids.device), ground_truth.attention_mask):
+        raise ValueError("expansion was built with a different padding mask than ground_truth.attention_mask")
+    _check_image_tokens(model, expansion.input_ids[:, T:], "the candidate and unused slots of expansion.input_ids")
+    dev = _attn.model_device(model)
+    exp = expansion.to(dev)
+    B, N = exp.input_ids.shape[0], exp.expanded_len - T
+    if N == 0:
+        return ground_truth.logits.new_zeros((B, 0, ground_truth.logits.shape[-1]))
+    cache = ground_truth.cache
+    if cache is None:
+        _notice(
+            "nocache",
+            "tokinteract.hf: the ground-truth pass has no KV cache (gradient checkpointing, or "
+            "use_cache=False); running the packed forward for the candidate block instead.",
+        )
+        return packed_forward(model, expansion, **ground_truth.model_inputs)[:, T:]
+    if cache.get_seq_length() != T:
+        raise ValueError(f"ground_truth.cache must hold exactly the T={T} ground-truth tokens, holds {cache.get_seq_length()}")
+    ids = exp.input_ids[:, T:]
+    pos = exp.position_ids[:, T:]
+    rows = exp.attention_mask[:, :, T:, :]  # [B, 1, N, T2]
+    try:
+        if attention == "prefix_self":
+            _attn.ensure_prefix_self_registered()
+            with _attn.use_attn_implementation(model, _attn.PREFIX_SELF):
+                out = model(input_ids=ids, attention_mask=rows[..., :T], position_ids=pos, cache=cache, use_cache=True)
+        else:
+            out = _run(model, ids, rows, pos, _offset_mask_mod(exp.mask_mod(), T), cache=cache, use_cache=True)
+    finally:
+        grown = cache.get_seq_length() - T
+        if grown > 0:
+            cache.crop(-grown)
+    return out.logits
+
+
+def tpa_forward(
+    model: nn.Module,
+    expansion: TPAExpansion,
+    *,
+    mode: str = "cached",
+    attention: str = "dense",
+    **model_inputs: Any,
+) -> Float[Tensor, "batch xseq vocab"]:
+    """Full ``[B, T2, V]`` logits over a TPA expansion, for teachers and students alike.
+
+    ``mode="cached"``: :func:`ground_truth_forward` on ``expansion.input_ids[:, :T]``, then
+    :func:`cached_candidate_forward`, concatenated. ``mode="packed"``:
+    :func:`packed_forward`. Both give the same logits and gradients; run a teacher under
+    ``torch.no_grad()``.
+
+    Args:
+        model: a Hugging Face causal LM or ``LlavaForConditionalGeneration``.
+        expansion: from :func:`tokinteract.tpa_expand`.
+        mode: ``"cached"`` or ``"packed"``.
+        attention: candidate-pass attention for ``mode="cached"`` (``"prefix_self"`` or ``"dense"``).
+        **model_inputs: e.g. ``pixel_values``.
+    """
+    check_choice("mode", mode, ("cached", "packed"))
+    if mode == "packed":
+        return packed_forward(model, expansion, **model_inputs)
+    T = expansion.seq_len
+    gt = ground_truth_forward(model, expansion.input_ids[:, :T], expansion.slot_is_context[:, :T], **model_inputs)
+    cand = cached_candidate_forward(model, gt, expansion, attention=attention)
+    return torch.cat([gt.logits, cand], dim=1)
