@@ -1,0 +1,49 @@
+"""Reference MLLM distillation trainer (install ``tokinteract[mllm]``).
+
+* :mod:`tokinteract.mllm.model`: LLaVA (SigLIP + GELU MLP + Qwen2/2.5/3) from pretrained
+  parts or tiny configs; freezing per stage; teacher/student compatibility checks; saving.
+* :mod:`tokinteract.mllm.data`: LLaVA-format JSON, chat-template tokenization, labels and
+  per-token visual / instruction / response masks, truncation, collation.
+* :mod:`tokinteract.mllm.trainer`: ``DistillationTrainer`` (a ``transformers.Trainer``
+  composing :class:`tokinteract.AlignTILoss`) and ``DistillationConfig``.
+* :mod:`tokinteract.mllm.cli`: the ``tokinteract-train`` console script.
+* :mod:`tokinteract.mllm.synthetic` and :mod:`tokinteract.mllm.tokenizer`: an offline
+  synthetic shapes task and its word-level tokenizer (tests, demo).
+"""
+
+from tokinteract.mllm.data import DataError, LlavaCollator, LlavaJsonDataset, encode_conversation, load_llava_json
+from tokinteract.mllm.model import (
+    build_llava_from_pretrained,
+    build_processor,
+    build_tiny_llava,
+    check_teacher_student,
+    num_image_tokens,
+    save_pretrained_student,
+    set_trainable,
+)
+from tokinteract.mllm.synthetic import SyntheticConfig, generate_dataset, vocabulary
+from tokinteract.mllm.tokenizer import build_word_tokenizer
+from tokinteract.mllm.trainer import METHODS, DistillationConfig, DistillationTrainer, run_through_wrapper
+
+__all__ = [
+    "METHODS",
+    "DataError",
+    "DistillationConfig",
+    "DistillationTrainer",
+    "LlavaCollator",
+    "LlavaJsonDataset",
+    "SyntheticConfig",
+    "build_llava_from_pretrained",
+    "build_processor",
+    "build_tiny_llava",
+    "build_word_tokenizer",
+    "check_teacher_student",
+    "encode_conversation",
+    "generate_dataset",
+    "load_llava_json",
+    "num_image_tokens",
+    "run_through_wrapper",
+    "save_pretrained_student",
+    "set_trainable",
+    "vocabulary",
+]

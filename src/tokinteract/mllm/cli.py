@@ -1,0 +1,229 @@
+"""``tokinteract-train``: the two-stage LLaVA distillation trainer from the command line.
+
+Usage::
+
+    tokinteract-train CONFIG.yaml [--key value ...]      # YAML or JSON config, CLI overrides
+    tokinteract-train --data_path ... --output_dir ...    # flags only
+    torchrun --nproc_per_node=8 -m tokinteract.mllm.cli CONFIG.yaml   # DDP, unchanged
+
+The config's keys are the fields of :class:`ModelArguments`, :class:`DataArguments`,
+:class:`tokinteract.mllm.trainer.DistillationConfig` and ``transformers.TrainingArguments``
+(``deepspeed: ds_zero2.json``, ``fsdp: true`` with an ``fsdp_config`` mapping, etc.: values
+keep their YAML types).
+Flags given after the config file override it. Progress bars, logging, checkpointing and
+``resume_from_checkpoint`` are the Trainer's.
+
+Stages (paper, Table 11): ``stage: pretrain`` trains the projector on captions with SFT
+(``method: sft``); ``stage: finetune`` trains projector and language model with
+distillation, starting from the stage-1 checkpoint (``student_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DataArguments", "ModelArguments", "build_everything", "main", "parse_args"]
+
+logger = logging.getLogger("tokinteract.mllm")
+
+
+@dataclass
+class ModelArguments:
+    """Which student and teacher to build.
+
+    Exactly one student source: ``student_checkpoint`` (a saved LLaVA, e.g. stage 1's
+    output), ``student_language_model`` + ``vision_tower`` (pretrained parts), or ``tiny``
+    (random tiny models and the offline word-level tokenizer of the synthetic task).
+    """
+
+    stage: str = field(default="finetune", metadata={"help": "pretrain (projector only) or finetune (projector + LLM)"})
+    student_checkpoint: str | None = field(default=None, metadata={"help": "saved LLaVA student (e.g. stage-1 output)"})
+    student_language_model: str | None = field(default=None, metadata={"help": "pretrained Qwen2/2.5/3 LM name or path"})
+    vision_tower: str | None = field(default=None, metadata={"help": "pretrained SigLIP name or path"})
+    projector_checkpoint: str | None = field(default=None, metadata={"help": "stage-1 LLaVA whose projector to load"})
+    teacher_checkpoint: str | None = field(default=None, metadata={"help": "trained LLaVA teacher (name or path)"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flex_attention (GPU)"})
+    model_dtype: str | None = field(default=None, metadata={"help": "bfloat16, float16 or float32 for loading"})
+    tiny: bool = field(default=False, metadata={"help": "random tiny models + synthetic-task tokenizer (tests, demo)"})
+    tiny_family: str = field(default="qwen2", metadata={"help": "qwen2 or qwen3"})
+    tiny_hidden_size: int = 64
+    tiny_layers: int = 2
+    tiny_teacher_hidden_size: int = 96
+    tiny_teacher_layers: int = 3
+    tiny_image_size: int = 32
+    tiny_patch_size: int = 8
+    tiny_grid: int = field(default=2, metadata={"help": "grid of the synthetic task (vocabulary)"})
+    tiny_seed: int = 0
+
+
+@dataclass
+class DataArguments:
+    """The LLaVA-format training data."""
+
+    data_path: str = field(default="", metadata={"help": "LLaVA JSON / JSON Lines file"})
+    image_folder: str | None = field(default=None, metadata={"help": "image paths are relative to it"})
+    eval_data_path: str | None = None
+    max_length: int = field(default=2048, metadata={"help": "truncation length (never through an image)"})
+    system_prompt: str | None = None
+    on_bad_image: str = field(default="error", metadata={"help": "error or skip (counted and reported)"})
+
+
+def _parser() -> Any:
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from tokinteract.mllm.trainer import DistillationConfig
+
+    return HfArgumentParser((ModelArguments, DataArguments, DistillationConfig, TrainingArguments))
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON config (a flat mapping of argument names to values)."""
+    p = Path(path)
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config {str(p)!r} must be a mapping of argument names to values, got {type(data).__name__}")
+    return data
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Any, Any, Any, Any]:
+    """``(model_args, data_args, distill_config, training_args)`` from a config file and flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        config = load_config(argv[0])
+        known = {f.name for dc in parser.dataclass_types for f in fields(dc)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"config {argv[0]!r} has unknown keys {unknown}")
+        # config values become the parser's defaults (typed values such as ``fsdp: true`` or a
+        # ``fsdp_config`` mapping stay as they are); flags after the file override them
+        parser.set_defaults(**config)
+        argv = argv[1:]
+    return tuple(parser.parse_args_into_dataclasses(args=argv))  # type: ignore[return-value]
+
+
+def _dtype(name: str | None) -> Any:
+    import torch
+
+    if name is None:
+        return None
+    table = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if name not in table:
+        raise ValueError(f"model_dtype must be one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+def build_everything(margs: Any, dargs: Any, dcfg: Any, targs: Any) -> Any:
+    """Build student, teacher, processor, datasets and the trainer from parsed arguments."""
+    from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+    from tokinteract.mllm import model as mm
+    from tokinteract.mllm.data import LlavaCollator, LlavaJsonDataset
+    from tokinteract.mllm.trainer import DistillationTrainer
+
+    sources = [bool(margs.student_checkpoint), bool(margs.student_language_model), bool(margs.tiny)]
+    if sum(sources) != 1:
+        raise ValueError(
+            "give exactly one student source: student_checkpoint, student_language_model (+ vision_tower), or tiny"
+        )
+    if not dargs.data_path:
+        raise ValueError("data_path is required")
+    dtype = _dtype(margs.model_dtype)
+    settings = dcfg.resolved()
+    if margs.student_checkpoint:
+        processor = AutoProcessor.from_pretrained(margs.student_checkpoint)
+        student = LlavaForConditionalGeneration.from_pretrained(
+            margs.student_checkpoint, dtype=dtype, attn_implementation=margs.attn_implementation
+        )
+    elif margs.tiny:
+        from tokinteract.mllm.synthetic import vocabulary
+        from tokinteract.mllm.tokenizer import build_word_tokenizer
+
+        tok = build_word_tokenizer(vocabulary(margs.tiny_grid), model_max_length=dargs.max_length)
+        student = mm.build_tiny_llava(
+            vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"), family=margs.tiny_family,
+            hidden_size=margs.tiny_hidden_size, num_layers=margs.tiny_layers, image_size=margs.tiny_image_size,
+            patch_size=margs.tiny_patch_size, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            attn_implementation=margs.attn_implementation, seed=margs.tiny_seed,
+        )
+        processor = mm.build_processor(tok, student)
+    else:
+        if not margs.vision_tower:
+            raise ValueError("student_language_model needs vision_tower (a SigLIP name or path)")
+        tok = AutoTokenizer.from_pretrained(margs.student_language_model)
+        student = mm.build_llava_from_pretrained(
+            margs.student_language_model, margs.vision_tower, tokenizer=tok, torch_dtype=dtype,
+            attn_implementation=margs.attn_implementation, projector=margs.projector_checkpoint,
+        )
+        processor = mm.build_processor(tok, student)
+    mm.set_trainable(student, margs.stage)
+    logger.info("student: %d trainable parameters (stage %s)", mm.count_trainable(student), margs.stage)
+    needs_teacher = any(settings[k] > 0 for k in ("kd", "iva", "tpa")) or settings["on_policy"]
+    teacher = None
+    if needs_teacher:
+        if margs.teacher_checkpoint:
+            teacher = LlavaForConditionalGeneration.from_pretrained(
+                margs.teacher_checkpoint, dtype=dtype, attn_implementation=margs.attn_implementation
+            )
+        elif margs.tiny:
+            logger.warning("tiny mode without teacher_checkpoint: distilling from a RANDOM tiny teacher (smoke test only)")
+            teacher = mm.build_tiny_llava(
+                vocab_size=student.config.text_config.vocab_size, image_token_id=student.config.image_token_id,
+                family=margs.tiny_family, hidden_size=margs.tiny_teacher_hidden_size,
+                num_layers=margs.tiny_teacher_layers, image_size=margs.tiny_image_size,
+                patch_size=margs.tiny_patch_size, attn_implementation=margs.attn_implementation,
+                seed=margs.tiny_seed + 1,
+            )
+        else:
+            raise ValueError(f"method {dcfg.method!r} needs teacher_checkpoint")
+    tok = processor.tokenizer
+    n_vis = mm.num_image_tokens(student)
+    common = dict(
+        num_image_tokens=n_vis, max_length=dargs.max_length, system_prompt=dargs.system_prompt,
+        on_bad_image=dargs.on_bad_image,
+    )
+    train = LlavaJsonDataset(dargs.data_path, dargs.image_folder, tok, processor.image_processor, **common)
+    evald = (
+        LlavaJsonDataset(dargs.eval_data_path, dargs.image_folder, tok, processor.image_processor, **common)
+        if dargs.eval_data_path else None
+    )
+    collator = LlavaCollator(tok.pad_token_id, int(student.config.image_token_id), n_vis)
+    return DistillationTrainer(
+        student, targs, teacher=teacher, distill=dcfg, train_dataset=train, eval_dataset=evald,
+        data_collator=collator, processing_class=processor,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``tokinteract-train``; returns the process exit code."""
+    margs, dargs, dcfg, targs = parse_args(argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if targs.process_index == 0 else logging.WARNING,
+    )
+    trainer = build_everything(margs, dargs, dcfg, targs)
+    resume: Any = targs.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = True  # the newest checkpoint-* under output_dir
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(targs.output_dir)
+    trainer.save_state()
+    skipped = getattr(trainer.train_dataset, "skipped", [])
+    if skipped and trainer.is_world_process_zero():
+        logger.warning("skipped %d sample(s) with bad images; first: %s", len(skipped), skipped[0])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

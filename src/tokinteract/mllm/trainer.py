@@ -1,0 +1,700 @@
+"""``DistillationTrainer``: a ``transformers.Trainer`` that distills a LLaVA teacher into a student.
+
+One training step (``compute_loss``), for a right-padded batch from
+:class:`tokinteract.mllm.data.LlavaCollator`:
+
+1. **Student** (with gradients, through the DDP/FSDP/DeepSpeed wrapper as *one* forward
+   call): the ground-truth pass. With TPA, ``d`` candidates per supervised position are
+   sampled from its detached logits (``tokinteract.sample_candidates``; the image token and
+   ids beyond a shared vocabulary prefix are never drawn), packed with
+   ``tokinteract.tpa_expand``, and the candidate block runs over the ground-truth KV cache
+   (``tpa_forward="cached"``, default) or the whole expansion runs once more with the
+   ribbon mask (``"packed"``, the paper's Algorithm 1).
+2. **Teacher** (frozen, ``eval()``, under ``torch.no_grad()``, never wrapped for
+   gradients): the same passes on the same expansion. With IVA, its instruction-to-vision
+   attention rows at layer ``l*`` are captured during the ground-truth pass
+   (``tokinteract.hf.capture_attention``); ``l*`` is ``iva_layer`` or, if unset, the
+   argmax of ``tokinteract.hf.irs_curve`` over pairs of training samples.
+3. ``tokinteract.AlignTILoss`` composes SFT, KD, IVA and TPA; each part is logged as
+   ``loss_sft``, ``loss_kd``, ``loss_iva``, ``loss_tpa``.
+
+Normalisation under gradient accumulation and data parallelism: the trainer counts the
+supervised positions (``labels[:, 1:] != -100``) and the sequences of the whole
+accumulation window, summed over ranks when ``average_tokens_across_devices`` (the
+default), and passes them as ``num_items`` / ``num_sequences``; so the loss of a window
+equals the loss of one big batch.
+
+Methods (``DistillationConfig.method``, each weight overridable):
+
+==============  ====================================================================
+``sft``          SFT only (no teacher)
+``kd``           Vanilla KD: SFT + forward-KL KD on responses (Eq. 2)
+``iva``          SFT + KD + IVA (teacher attention at ``l*``)
+``tpa``          SFT + KD + TPA
+``align_ti``     SFT + KD + IVA + TPA (Eq. 8)
+``uniform_va``   SFT + KD + visual alignment with uniform weights (Table 6, LLaVA-KD)
+``rkl``          SFT + reverse-KL KD (MiniLLM, Table 3)
+``jsd``          SFT + JSD KD (``jsd_beta``, Table 3)
+``skew_kl``      SFT + skew forward-KL KD (DistiLLM, ``skew_alpha``, Table 3)
+``gkd``          GKD (Table 3): with probability ``gkd_lambda`` a batch is replaced by the
+                 student's own sampled responses and only the divergence (JSD by default)
+                 is applied to them; otherwise SFT + KD on the data
+==============  ====================================================================
+
+``iva_weights="student"`` takes the IVA weights from the student's own (detached)
+attention at ``iva_student_layer`` (Table 8; default: ``l*`` scaled to the student's depth).
+
+Notes:
+    * GKD on-policy batches are normalised by their own generated-token count and divided
+      by the accumulation steps (the window's count cannot be known before generating);
+      off-policy batches use the window count, which then includes the on-policy batch's
+      labels. With ``gkd_lambda`` in {0, 1} this is exact.
+    * Resuming restores the weights through ``from_pretrained`` (see
+      :meth:`DistillationTrainer._load_from_checkpoint`); TPA candidates are reseeded from
+      ``(sampling_seed, step, micro-batch, rank)``, so a resumed run redraws the same ones.
+    * Distributed: DDP is tested (2 CPU processes, gloo). DeepSpeed ZeRO-2 and FSDP2 go
+      through the same single wrapper forward per step but were not run here; the teacher is
+      a plain module on every device (ZeRO-3 / sharding the teacher is not supported).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import Trainer
+
+from tokinteract import (
+    AlignTILoss,
+    sample_candidates,
+    shift_labels,
+    tpa_expand,
+    uniform_visual_weights,
+)
+from tokinteract.mllm.model import check_teacher_student, num_image_tokens
+
+__all__ = ["METHODS", "DistillationConfig", "DistillationTrainer", "run_through_wrapper"]
+
+logger = logging.getLogger(__name__)
+
+METHODS: dict[str, dict[str, Any]] = {
+    "sft": dict(sft=1.0, kd=0.0, iva=0.0, tpa=0.0),
+    "kd": dict(sft=1.0, kd=1.0, iva=0.0, tpa=0.0),
+    "iva": dict(sft=1.0, kd=1.0, iva=1.0, tpa=0.0),
+    "tpa": dict(sft=1.0, kd=1.0, iva=0.0, tpa=1.0),
+    "align_ti": dict(sft=1.0, kd=1.0, iva=1.0, tpa=1.0),
+    "uniform_va": dict(sft=1.0, kd=1.0, iva=1.0, tpa=0.0, iva_weights="uniform"),
+    "rkl": dict(sft=1.0, kd=1.0, iva=0.0, tpa=0.0, divergence="rkl"),
+    "jsd": dict(sft=1.0, kd=1.0, iva=0.0, tpa=0.0, divergence="jsd"),
+    "skew_kl": dict(sft=1.0, kd=1.0, iva=0.0, tpa=0.0, divergence="skew_fkl"),
+    "gkd": dict(sft=1.0, kd=1.0, iva=0.0, tpa=0.0, divergence="jsd", on_policy=True),
+}
+
+
+@dataclass
+class DistillationConfig:
+    """What to distill and how (also a ``HfArgumentParser`` dataclass for the CLI).
+
+    ``None`` fields take the value of the ``method`` preset (see the module docstring).
+    """
+
+    method: str = field(default="align_ti", metadata={"help": f"preset: one of {sorted(METHODS)}"})
+    sft_weight: float | None = field(default=None, metadata={"help": "weight of SFT (None: preset)"})
+    kd_weight: float | None = field(default=None, metadata={"help": "weight of Vanilla KD (None: preset)"})
+    iva_weight: float | None = field(default=None, metadata={"help": "weight of IVA (None: preset)"})
+    tpa_weight: float | None = field(default=None, metadata={"help": "weight of TPA (None: preset)"})
+    divergence: str | None = field(default=None, metadata={"help": "fkl, rkl, jsd, skew_fkl, skew_rkl, tvd (None: preset, fkl)"})
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the divergences"})
+    jsd_beta: float = field(default=0.5, metadata={"help": "beta of the generalized JSD"})
+    skew_alpha: float = field(default=0.1, metadata={"help": "alpha of the skew KLs"})
+    iva_layer: int | None = field(default=None, metadata={"help": "teacher layer l* for IVA (None: argmax IRS)"})
+    iva_weights: str | None = field(default=None, metadata={"help": "teacher, student or uniform (None: preset, teacher)"})
+    iva_student_layer: int | None = field(default=None, metadata={"help": "student layer for iva_weights=student (None: l* scaled by depth)"})
+    irs_num_pairs: int = field(default=16, metadata={"help": "sample pairs used to compute IRS when iva_layer is None"})
+    tpa_num_candidates: int = field(default=4, metadata={"help": "d, candidates per position"})
+    tpa_sampling: str = field(default="nucleus", metadata={"help": "nucleus, multinomial or greedy"})
+    tpa_top_p: float = field(default=0.95, metadata={"help": "nucleus mass"})
+    tpa_temperature: float = field(default=1.0, metadata={"help": "candidate sampling temperature"})
+    tpa_forward: str = field(default="cached", metadata={"help": "cached (KV cache reuse) or packed (Algorithm 1)"})
+    on_policy: bool | None = field(default=None, metadata={"help": "GKD on-policy batches (None: preset)"})
+    gkd_lambda: float = field(default=0.5, metadata={"help": "probability of an on-policy batch (GKD)"})
+    gkd_max_new_tokens: int = field(default=32, metadata={"help": "length of student-generated responses (GKD)"})
+    gkd_temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the responses (GKD)"})
+    vocab_policy: str = field(default="error", metadata={"help": "error or shared_prefix (different vocab sizes)"})
+    image_token_policy: str = field(default="error", metadata={"help": "error or remap (different image-token ids)"})
+    sampling_seed: int = field(default=0, metadata={"help": "seed of candidate sampling and GKD coin flips"})
+
+    def resolved(self) -> dict[str, Any]:
+        """The effective settings after applying the preset."""
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        p = METHODS[self.method]
+        out = {
+            "sft": p["sft"] if self.sft_weight is None else self.sft_weight,
+            "kd": p["kd"] if self.kd_weight is None else self.kd_weight,
+            "iva": p["iva"] if self.iva_weight is None else self.iva_weight,
+            "tpa": p["tpa"] if self.tpa_weight is None else self.tpa_weight,
+            "divergence": self.divergence or p.get("divergence", "fkl"),
+            "iva_weights": self.iva_weights or p.get("iva_weights", "teacher"),
+            "on_policy": p.get("on_policy", False) if self.on_policy is None else self.on_policy,
+        }
+        for k in ("sft", "kd", "iva", "tpa"):
+            if not (isinstance(out[k], (int, float)) and math.isfinite(out[k]) and out[k] >= 0):
+                raise ValueError(f"{k}_weight must be a finite number >= 0, got {out[k]!r}")
+        if out["iva_weights"] not in ("teacher", "student", "uniform"):
+            raise ValueError(f"iva_weights must be teacher, student or uniform, got {out['iva_weights']!r}")
+        if self.tpa_forward not in ("cached", "packed"):
+            raise ValueError(f"tpa_forward must be 'cached' or 'packed', got {self.tpa_forward!r}")
+        from tokinteract import SAMPLING_STRATEGIES
+
+        if self.tpa_sampling not in SAMPLING_STRATEGIES:
+            raise ValueError(f"tpa_sampling must be one of {SAMPLING_STRATEGIES}, got {self.tpa_sampling!r}")
+        if isinstance(self.tpa_num_candidates, bool) or not isinstance(self.tpa_num_candidates, int) or self.tpa_num_candidates < 1:
+            raise ValueError(f"tpa_num_candidates must be an int >= 1, got {self.tpa_num_candidates!r}")
+        if not 0.0 < self.tpa_top_p <= 1.0:
+            raise ValueError(f"tpa_top_p must lie in (0, 1], got {self.tpa_top_p!r}")
+        if self.iva_layer is not None and self.iva_layer < 0:
+            raise ValueError(f"iva_layer must be >= 0, got {self.iva_layer!r}")
+        if self.gkd_max_new_tokens < 1:
+            raise ValueError(f"gkd_max_new_tokens must be >= 1, got {self.gkd_max_new_tokens!r}")
+        if not 0.0 <= self.gkd_lambda <= 1.0:
+            raise ValueError(f"gkd_lambda must lie in [0, 1], got {self.gkd_lambda!r}")
+        if out["on_policy"] and out["kd"] <= 0:
+            raise ValueError("on_policy (GKD) needs kd_weight > 0: the on-policy loss is the KD divergence")
+        if out["on_policy"] and out["tpa"] > 0:
+            raise ValueError("on_policy (GKD) cannot be combined with TPA in this trainer; set tpa_weight=0")
+        if not any(out[k] > 0 for k in ("sft", "kd", "iva", "tpa")):
+            raise ValueError("every loss weight is 0; enable at least one of sft, kd, iva, tpa")
+        return out
+
+
+def run_through_wrapper(wrapped: nn.Module, unwrapped: nn.Module, fn: Any) -> Any:
+    """Run ``fn()`` (which calls ``unwrapped`` any number of times) inside *one* forward
+    call of ``wrapped`` (DDP, FSDP, DeepSpeed engine, or ``unwrapped`` itself).
+
+    Distributed wrappers prepare gradient synchronisation in their ``forward``; calling the
+    inner module directly would silently skip it (DDP then never all-reduces). The inner
+    module's ``forward`` is swapped for a shim for the duration of the call and restored
+    (also on errors), including an instance-level ``forward`` set by Accelerate's autocast.
+    """
+    if wrapped is unwrapped:
+        return fn()
+    had = "forward" in unwrapped.__dict__
+    saved = unwrapped.__dict__.get("forward")
+
+    def shim(*args: Any, **kwargs: Any) -> Any:
+        if had:
+            unwrapped.forward = saved
+        else:
+            del unwrapped.forward
+        return fn()
+
+    unwrapped.forward = shim
+    try:
+        return wrapped()
+    finally:
+        if had:
+            unwrapped.forward = saved
+        else:
+            unwrapped.__dict__.pop("forward", None)
+
+
+def _position_ids(attention_mask: Tensor) -> Tensor:
+    pos = attention_mask.long().cumsum(1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+def _hf():
+    """The ``tokinteract.hf`` adapter (imported lazily: it needs transformers)."""
+    import tokinteract.hf as hf
+
+    return hf
+
+
+class DistillationTrainer(Trainer):
+    """A ``Trainer`` whose ``compute_loss`` is tokinteract's ``AlignTILoss`` against a frozen teacher.
+
+    Args:
+        model: the student ``LlavaForConditionalGeneration`` (vision tower frozen by
+            :func:`tokinteract.mllm.model.set_trainable`).
+        args: ``transformers.TrainingArguments`` (``remove_unused_columns`` is forced
+            to False: the collator's masks must reach ``compute_loss``).
+        teacher: the teacher LLaVA; required when KD, IVA (teacher weights), TPA or
+            GKD are on. Frozen, put in ``eval()`` mode and moved to the training device
+            here; it is never handed to the optimizer or a distributed wrapper.
+        distill: a :class:`DistillationConfig`.
+        irs_dataset: samples for IRS pairs when ``iva_layer`` is None (default: the
+            training dataset).
+        **kwargs: passed to ``transformers.Trainer`` (``train_dataset``,
+            ``data_collator``, ``processing_class``, ...).
+
+    Raises:
+        ValueError: before training, for a missing teacher, mismatched vocabularies or
+            image-token ids (unless a policy is set), different visual-token counts, or a
+            dataset whose ``num_image_tokens`` differs from the student's vision tower.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: Any,
+        *,
+        teacher: nn.Module | None = None,
+        distill: DistillationConfig | None = None,
+        irs_dataset: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        self.distill = distill or DistillationConfig()
+        self.settings = self.distill.resolved()
+        s = self.settings
+        # IVA with student weights still aligns the student's logits with the teacher's
+        needs_teacher = any(s[k] > 0 for k in ("kd", "iva", "tpa")) or s["on_policy"]
+        if needs_teacher and teacher is None:
+            raise ValueError(
+                f"method {self.distill.method!r} with weights {({k: s[k] for k in ('sft', 'kd', 'iva', 'tpa')})} "
+                "needs a teacher model, got teacher=None"
+            )
+        self.vocab_size: int | None = None
+        if teacher is not None:
+            self.vocab_size = check_teacher_student(
+                model, teacher, vocab_policy=self.distill.vocab_policy,
+                image_token_policy=self.distill.image_token_policy,
+            )
+        n_vis = num_image_tokens(model)
+        for name in ("train_dataset", "eval_dataset"):
+            ds = kwargs.get(name)
+            got = getattr(ds, "num_image_tokens", None)
+            if got is not None and got != n_vis:
+                raise ValueError(
+                    f"{name} expands each image to {got} image tokens but the student's vision tower "
+                    f"yields {n_vis} visual tokens per image; build the dataset with num_image_tokens={n_vis}"
+                )
+            skipped = getattr(ds, "skipped", None)
+            if skipped:
+                logger.warning("%s: %d sample(s) skipped for bad images", name, len(skipped))
+        if getattr(args, "remove_unused_columns", False):
+            args.remove_unused_columns = False
+        super().__init__(model=model, args=args, **kwargs)
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+            dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+            teacher.to(device=self.args.device, **({"dtype": dtype} if dtype is not None else {}))
+        self.loss_fn = AlignTILoss(
+            sft=s["sft"], kd=s["kd"], iva=s["iva"], tpa=s["tpa"], kind=s["divergence"],
+            temperature=self.distill.temperature, beta=self.distill.jsd_beta, alpha=self.distill.skew_alpha,
+            vocab_size=self.vocab_size,
+        )
+        self.image_token_id = int(model.config.image_token_id)
+        self.teacher_image_token_id = int(teacher.config.image_token_id) if teacher is not None else None
+        self.pad_token_id = self._pad_id(model, kwargs.get("processing_class"))
+        self._counts: tuple[Tensor, Tensor] | None = None
+        self._part_sums: dict[str, Tensor] = {}
+        self._last_part_log_step = 0
+        self._micro = 0
+        self._micro_step = -1
+        self._on_policy_batches = 0
+        self.iva_layer: int | None = self.distill.iva_layer
+        student_layer_given = s["iva_weights"] == "student" and self.distill.iva_student_layer is not None
+        if s["iva"] > 0 and s["iva_weights"] != "uniform" and self.iva_layer is None and not student_layer_given:
+            self.iva_layer = self._select_layer(irs_dataset if irs_dataset is not None else self.train_dataset)
+        if s["iva"] > 0 and s["iva_weights"] != "uniform":
+            src = teacher if s["iva_weights"] == "teacher" else model
+            n_layers = src.config.text_config.num_hidden_layers
+            layer = self._weights_layer()
+            if not 0 <= layer < n_layers:
+                raise ValueError(f"IVA layer must lie in [0, {n_layers}) for the {s['iva_weights']}, got {layer}")
+
+    # ---------------------------------------------------------------- helpers
+    @staticmethod
+    def _pad_id(model: nn.Module, processing_class: Any) -> int:
+        tok = getattr(processing_class, "tokenizer", processing_class)
+        pid = getattr(tok, "pad_token_id", None)
+        if pid is None:
+            pid = model.generation_config.pad_token_id if model.generation_config is not None else None
+        if pid is None:
+            pid = 0
+        if pid == int(model.config.image_token_id):
+            raise ValueError("the pad token id equals the image token id; use a different pad token")
+        return int(pid)
+
+    def _weights_layer(self) -> int:
+        """The layer whose attention gives the IVA weights (teacher's l*, or the student's layer)."""
+        if self.settings["iva_weights"] == "student" and self.distill.iva_student_layer is not None:
+            return self.distill.iva_student_layer
+        if self.iva_layer is None:
+            raise ValueError("iva_layer is None: set it, or let the trainer compute it from IRS pairs")
+        if self.settings["iva_weights"] == "teacher":
+            return self.iva_layer
+        nt = self.teacher.config.text_config.num_hidden_layers
+        ns = self.model.config.text_config.num_hidden_layers
+        return min(ns - 1, round(self.iva_layer * (ns - 1) / max(nt - 1, 1)))
+
+    def _select_layer(self, dataset: Any) -> int:
+        """``l* = argmax IRS`` of the teacher over pairs (same image, two instructions)."""
+        hf = _hf()
+        if not hasattr(hf, "irs_curve"):
+            raise ValueError("iva_layer is None and tokinteract.hf.irs_curve is unavailable; set iva_layer")
+        pairs = _irs_pairs(dataset, self.distill.irs_num_pairs)
+        if not pairs:
+            raise ValueError(
+                "iva_layer is None but the dataset holds no two samples with the same image and different "
+                "instructions to compute IRS from; set iva_layer explicitly"
+            )
+        dev = self.args.device
+
+        def model_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
+            batch = self.data_collator(items)
+            batch.pop("labels", None)
+            batch.pop("response_mask", None)
+            batch["position_ids"] = _position_ids(batch["attention_mask"])
+            return {k: v.to(dev) for k, v in batch.items()}
+
+        bs = max(1, self.args.per_device_train_batch_size)
+        batches = [
+            (model_batch([p[0] for p in pairs[i : i + bs]]), model_batch([p[1] for p in pairs[i : i + bs]]))
+            for i in range(0, len(pairs), bs)
+        ]
+        if self.teacher.training:
+            self.teacher.eval()
+        curve = hf.irs_curve(self.teacher, batches)
+        logger.info("IRS over %d pairs: %s -> l* = %d", curve.num_pairs,
+                    [round(float(x), 4) for x in curve.scores], curve.best_layer)
+        self.irs_scores = curve.scores.detach().cpu()
+        return int(curve.best_layer)
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batch_samples)
+        seqs = sum(int(b["labels"].shape[0]) for b in batch_samples)
+        t = torch.tensor([[float(items), float(seqs)]], device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            t = self.accelerator.gather(t).sum(0, keepdim=True)
+        self._counts = (t[0, 0], t[0, 1])
+        return batch_samples, num_items
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        # reseeded per micro-batch from (seed, step, micro-batch, rank): exact on resume
+        step = self.state.global_step
+        if step != self._micro_step:
+            self._micro_step, self._micro = step, 0
+        self._micro += 1
+        g = torch.Generator(device=device)
+        g.manual_seed(
+            (self.distill.sampling_seed * 1_000_003 + step * 4099 + self._micro * 131 + self.args.process_index)
+            % (2**63 - 1)
+        )
+        return g
+
+    def _sampling_logits(self, logits: Tensor) -> Tensor:
+        lg = logits.detach()
+        if self.vocab_size is not None:
+            lg = lg[..., : self.vocab_size]
+        lg = lg.clone()
+        ids = {self.image_token_id}
+        if self.teacher_image_token_id is not None:
+            ids.add(self.teacher_image_token_id)
+        for i in ids:
+            if i < lg.shape[-1]:
+                lg[..., i] = torch.finfo(lg.dtype).min
+        return lg
+
+    def _teacher_ids(self, ids: Tensor) -> Tensor:
+        t_img = self.teacher_image_token_id
+        if t_img is None or t_img == self.image_token_id:
+            return ids
+        return torch.where(ids == self.image_token_id, torch.full_like(ids, t_img), ids)
+
+    # ---------------------------------------------------------------- the loss
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        visual = inputs.pop("visual_mask").bool()
+        instr = inputs.pop("instruction_mask").bool()
+        inputs.pop("response_mask", None)
+        ids, att = inputs["input_ids"], inputs["attention_mask"]
+        px = inputs.get("pixel_values")
+        s = self.settings
+        training = self.model.training
+        gen = self._generator(ids.device) if training else torch.Generator(device=ids.device).manual_seed(0)
+        if training and s["on_policy"]:
+            coin = float(torch.rand((), generator=gen, device=ids.device))
+            if coin < self.distill.gkd_lambda:
+                return self._on_policy_loss(model, ids, att, labels, visual, px, return_outputs)
+        counts = self._counts if training else None
+        num_items = counts[0] if counts is not None else None
+        num_seqs = counts[1] if counts is not None else None
+        unwrapped = self.accelerator.unwrap_model(model)
+        hf = _hf()
+        use_tpa = s["tpa"] > 0
+        cmask = shift_labels(labels) != -100
+        w_src = s["iva_weights"] if s["iva"] > 0 else None
+        layer = self._weights_layer() if w_src in ("teacher", "student") else None
+        model_inputs = {"pixel_values": px} if px is not None else {}
+
+        def student_pass() -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            capture = w_src == "student"
+            if use_tpa:
+                packed = self.distill.tpa_forward == "packed"
+                with _maybe_capture(unwrapped, layer if capture else None, instr) as cap:
+                    with torch.no_grad() if packed else _null():
+                        gt = hf.ground_truth_forward(unwrapped, ids, att, use_cache=not packed, **model_inputs)
+                cand = sample_candidates(
+                    self._sampling_logits(gt.logits), self.distill.tpa_num_candidates,
+                    strategy=self.distill.tpa_sampling, top_p=self.distill.tpa_top_p,
+                    temperature=self.distill.tpa_temperature, generator=gen, mask=cmask,
+                )
+                exp = tpa_expand(ids, cand, cmask, att.bool(), pad_token_id=self.pad_token_id)
+                if packed:
+                    out["logits"] = hf.packed_forward(unwrapped, exp, **model_inputs)
+                else:
+                    out["logits"] = torch.cat([gt.logits, hf.cached_candidate_forward(unwrapped, gt, exp)], 1)
+                out["expansion"] = exp
+            else:
+                with _maybe_capture(unwrapped, layer if capture else None, instr) as cap:
+                    o = unwrapped(input_ids=ids, attention_mask=att, position_ids=_position_ids(att), **model_inputs)
+                out["logits"] = o.logits
+            if capture:
+                out["weights"] = cap.visual_importance(visual)[:, : ids.shape[1]].detach()
+            return out
+
+        so = run_through_wrapper(model, unwrapped, student_pass)
+        s_logits, exp = so["logits"], so.get("expansion")
+        t_logits = None
+        t_weights = None
+        if self.teacher is not None and (s["kd"] > 0 or s["iva"] > 0 or use_tpa):
+            t_logits, t_weights = self._teacher_pass(
+                ids, att, instr, visual, exp, px, layer if w_src == "teacher" else None
+            )
+        weights = None
+        if s["iva"] > 0:
+            if w_src == "uniform":
+                weights = uniform_visual_weights(visual)
+            else:
+                weights = t_weights if w_src == "teacher" else so["weights"]
+        loss, parts = self.loss_fn(
+            s_logits, t_logits, labels, expansion=exp, visual_weights=weights,
+            num_items=num_items, num_sequences=num_seqs,
+        )
+        scale = 1.0
+        if counts is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            scale = float(self.accelerator.num_processes)
+        self.loss_is_scaled_for_ga = counts is not None
+        loss = loss * scale
+        if training:
+            share = scale if counts is not None else scale / max(self.current_gradient_accumulation_steps, 1)
+            self._add_parts(parts, share)
+        if return_outputs:
+            gt_logits = exp.gather_gt(s_logits) if exp is not None else s_logits
+            return loss, {"logits": gt_logits}
+        return loss
+
+    @torch.no_grad()
+    def _teacher_pass(
+        self, ids: Tensor, att: Tensor, instr: Tensor, visual: Tensor, exp: Any, px: Tensor | None,
+        layer: int | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Teacher logits (same layout as the student's) and, with ``layer``, IVA weights ``[B, T]``."""
+        hf = _hf()
+        teacher = self.teacher
+        if teacher.training:
+            teacher.eval()
+        t_ids = self._teacher_ids(ids)
+        mi = {"pixel_values": px.to(next(teacher.parameters()).dtype)} if px is not None else {}
+        with _maybe_capture(teacher, layer, instr) as cap:
+            # only the first forward at the captured layer is recorded: the ground-truth
+            # (cached) or packed pass, never the candidate block
+            if exp is not None:
+                t_exp = dataclasses.replace(exp, input_ids=self._teacher_ids(exp.input_ids))
+                if self.distill.tpa_forward == "packed":
+                    logits = hf.packed_forward(teacher, t_exp, **mi)
+                else:
+                    gt = hf.ground_truth_forward(teacher, t_ids, att, **mi)
+                    logits = torch.cat([gt.logits, hf.cached_candidate_forward(teacher, gt, t_exp)], 1)
+            else:
+                logits = teacher(input_ids=t_ids, attention_mask=att, position_ids=_position_ids(att), **mi).logits
+        weights = cap.visual_importance(visual)[:, : ids.shape[1]] if layer is not None else None
+        return logits, weights
+
+    def _on_policy_loss(
+        self, model: nn.Module, ids: Tensor, att: Tensor, labels: Tensor, visual: Tensor,
+        px: Tensor | None, return_outputs: bool,
+    ) -> Any:
+        """GKD: sample responses from the student for each sample's first prompt, then
+        apply the KD divergence (JSD by default) on the generated tokens."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        seq, gatt, glabels, gpx = self._generate(unwrapped, ids, att, labels, visual, px)
+        mi = {"pixel_values": gpx} if gpx is not None else {}
+
+        def student_pass() -> Tensor:
+            return unwrapped(input_ids=seq, attention_mask=gatt, position_ids=_position_ids(gatt), **mi).logits
+
+        s_logits = run_through_wrapper(model, unwrapped, student_pass)
+        with torch.no_grad():
+            tmi = {"pixel_values": gpx.to(next(self.teacher.parameters()).dtype)} if gpx is not None else {}
+            t_logits = self.teacher(
+                input_ids=self._teacher_ids(seq), attention_mask=gatt, position_ids=_position_ids(gatt), **tmi
+            ).logits
+        from tokinteract import kd_loss
+
+        kd = kd_loss(
+            s_logits, t_logits, glabels, kind=self.settings["divergence"], temperature=self.distill.temperature,
+            beta=self.distill.jsd_beta, alpha=self.distill.skew_alpha, vocab_size=self.vocab_size,
+        )
+        loss = self.settings["kd"] * kd
+        self.loss_is_scaled_for_ga = False  # local mean: the Trainer divides by the accumulation steps
+        self._on_policy_batches += 1
+        self._add_parts({"kd_on_policy": kd.detach()}, 1.0 / max(self.current_gradient_accumulation_steps, 1))
+        if return_outputs:
+            return loss, {"logits": s_logits}
+        return loss
+
+    @torch.no_grad()
+    def _generate(
+        self, unwrapped: nn.Module, ids: Tensor, att: Tensor, labels: Tensor, visual: Tensor, px: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        B = ids.shape[0]
+        n_vis = num_image_tokens(unwrapped)
+        first = []
+        for b in range(B):
+            sup = (labels[b] != -100).nonzero()
+            first.append(int(sup[0]) if len(sup) else int(att[b].sum()))
+        L = max(first)
+        prompt = torch.full((B, L), self.pad_token_id, dtype=ids.dtype, device=ids.device)
+        patt = torch.zeros((B, L), dtype=att.dtype, device=ids.device)
+        keep_imgs = []
+        img_offset = 0
+        for b in range(B):
+            n = first[b]
+            prompt[b, L - n :] = ids[b, :n]
+            patt[b, L - n :] = 1
+            n_img_total = int(visual[b].sum()) // n_vis
+            n_img_prompt = int(visual[b, :n].sum()) // n_vis
+            keep_imgs += list(range(img_offset, img_offset + n_img_prompt))
+            img_offset += n_img_total
+        gpx = px[keep_imgs] if (px is not None and keep_imgs) else None
+        was_training = unwrapped.training
+        unwrapped.eval()
+        try:
+            eos = unwrapped.generation_config.eos_token_id
+            out = unwrapped.generate(
+                input_ids=prompt, attention_mask=patt, **({"pixel_values": gpx} if gpx is not None else {}),
+                max_new_tokens=self.distill.gkd_max_new_tokens, do_sample=True,
+                temperature=self.distill.gkd_temperature, top_k=0, top_p=1.0,
+                pad_token_id=self.pad_token_id, eos_token_id=eos,
+                suppress_tokens=[self.image_token_id],  # a sampled image token would break the image-token count
+            )
+        finally:
+            unwrapped.train(was_training)
+        new = out[:, L:]
+        eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos] if eos is not None else [], device=ids.device)
+        is_eos = torch.isin(new, eos_ids) if eos_ids.numel() else torch.zeros_like(new, dtype=torch.bool)
+        after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+        gen_att = (~after_eos).long()
+        seq = torch.cat([prompt, new], 1)
+        gatt = torch.cat([patt, gen_att], 1)
+        glabels = torch.full_like(seq, -100)
+        glabels[:, L:] = torch.where(after_eos, torch.full_like(new, -100), new)
+        return seq, gatt, glabels, gpx
+
+    # ---------------------------------------------------------------- checkpoints
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Resume weights through ``from_pretrained`` (fixes a transformers 5.24 Trainer gap).
+
+        ``save_pretrained`` writes LLaVA checkpoints with the legacy key names
+        (``language_model.model.*``, ``vision_tower.*``); the stock Trainer resume loads that
+        file with ``load_state_dict(strict=False)`` under the current names, so *no* weight
+        is restored and only a warning is printed (measured). ``from_pretrained`` applies the
+        key conversion; its state dict is then loaded strictly. DeepSpeed, FSDP and PEFT
+        checkpoints keep the stock path (they store the runtime names).
+        """
+        from transformers import PreTrainedModel
+
+        target = self.model if model is None else model
+        plain = not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        has_weights = any(
+            os.path.isfile(os.path.join(resume_from_checkpoint, f))
+            for f in ("model.safetensors", "model.safetensors.index.json")
+        )
+        if plain and has_weights and isinstance(target, PreTrainedModel) and not hasattr(target, "peft_config"):
+            dtype = next(target.parameters()).dtype
+            fresh = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype)
+            target.load_state_dict(fresh.state_dict(), strict=True)
+            del fresh
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        ckpt = self.state.best_model_checkpoint
+        if ckpt is not None and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            logger.info("Loading best model from %s (score: %s).", ckpt, self.state.best_metric)
+            self._load_from_checkpoint(ckpt)
+            return
+        super()._load_best_model()
+
+    # ---------------------------------------------------------------- logging
+    def _add_parts(self, parts: dict[str, Tensor], share: float) -> None:
+        for k, v in parts.items():
+            v = v.detach().float() * share
+            self._part_sums[k] = self._part_sums.get(k, torch.zeros((), device=v.device)) + v
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:
+            steps = max(self.state.global_step - self._last_part_log_step, 1)
+            names = sorted(set(self._part_sums) | {f for f in ("sft", "kd", "iva", "tpa") if self.settings[f] > 0})
+            dev = self.args.device
+            vals = torch.stack([self._part_sums.get(k, torch.zeros((), device=dev)).to(dev) for k in names])
+            if self.args.world_size > 1:
+                vals = self.accelerator.gather(vals[None]).mean(0)
+            for k, v in zip(names, vals.tolist()):
+                logs[f"loss_{k}"] = round(v / steps, 6)
+            if self.settings["on_policy"]:
+                logs["on_policy_batches"] = self._on_policy_batches
+            self._part_sums = {}
+            self._last_part_log_step = self.state.global_step
+        super().log(logs, *args, **kwargs)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+class _NoCapture:
+    attention = None
+
+    def __enter__(self) -> "_NoCapture":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _maybe_capture(model: nn.Module, layer: int | None, query_mask: Tensor) -> Any:
+    """``tokinteract.hf.capture_attention`` at ``layer``, or a no-op when ``layer`` is None."""
+    if layer is None:
+        return _NoCapture()
+    return _hf().capture_attention(model, layer, query_mask, heads="mean")
+
+
+def _irs_pairs(dataset: Any, n: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Up to ``n`` (same image, different instruction) item pairs from ``dataset``."""
+    finder = getattr(dataset, "instruction_pairs", None)
+    return finder(n) if callable(finder) else []

@@ -1,0 +1,42 @@
+"""Fixtures for tests/mllm: tiny synthetic data, the offline tokenizer, tiny LLaVAs."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("PIL")
+
+from mllm_helpers import make_model  # noqa: E402
+
+from tokinteract.mllm import SyntheticConfig, build_processor, build_word_tokenizer, generate_dataset, vocabulary  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """12 two-turn training samples, 4 test samples, 4 captions, written once per session."""
+    root = tmp_path_factory.mktemp("synth")
+    paths = generate_dataset(root, n_train=12, n_test=4, n_captions=4, seed=3, config=SyntheticConfig(turns=2))
+    return SimpleNamespace(root=root, **paths)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return build_word_tokenizer(vocabulary())
+
+
+@pytest.fixture()
+def student(tok):
+    return make_model(tok, seed=1)
+
+
+@pytest.fixture()
+def teacher(tok):
+    return make_model(tok, seed=2, hidden=48, layers=3)
+
+
+@pytest.fixture(scope="session")
+def processor(tok):
+    return build_processor(tok, make_model(tok))

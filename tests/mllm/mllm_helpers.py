@@ -1,0 +1,32 @@
+"""Helpers shared by tests/mllm (a uniquely named module: tests are not a package)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tokinteract.mllm import build_tiny_llava
+
+IMAGE_SIZE, PATCH = 32, 8
+N_VIS = (IMAGE_SIZE // PATCH) ** 2  # 16 visual tokens per image
+
+
+def make_model(tok, *, seed: int = 0, hidden: int = 32, layers: int = 2, family: str = "qwen2", **kw):
+    """A tiny random LLaVA (SigLIP 32 px / patch 8, Qwen2 or Qwen3) for ``tok``."""
+    return build_tiny_llava(
+        vocab_size=kw.pop("vocab_size", len(tok)), image_token_id=kw.pop("image_token_id", tok.convert_tokens_to_ids("<image>")),
+        family=family, hidden_size=hidden, num_layers=layers, num_heads=4, num_kv_heads=2,
+        image_size=kw.pop("image_size", IMAGE_SIZE), patch_size=kw.pop("patch_size", PATCH), vision_hidden_size=32,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, seed=seed, **kw,
+    )
+
+
+def write_json(path: Path, samples) -> Path:
+    path.write_text(json.dumps(samples))
+    return path
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
