@@ -171,3 +171,22 @@ def test_gather_rejects_wrong_logits_shape():
     e = ti.tpa_expand(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, 2, dtype=torch.long), cm)
     with pytest.raises(ValueError, match="logits"):
         e.gather_candidates(torch.zeros(1, 3, 4))
+
+
+def test_mask_mod_is_traceable_by_flex_attention_under_the_type_checking_hook() -> None:
+    """FlexAttention inspects mask_mod's signature and traces it: it must stay a 4-arg callable."""
+    import inspect
+
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    cm = torch.tensor([[False, True, True, False, False]])
+    am = torch.tensor([[False, True, True, True, True]])
+    exp = ti.tpa_expand(torch.arange(5)[None], torch.zeros(1, 5, 2, dtype=torch.long), cm, am)
+    for mm in (exp.mask_mod(), ti.ribbon_mask_mod(cm, 2, am)):
+        assert len(inspect.signature(mm).parameters) == 4
+        block = flex.create_block_mask(mm, 1, None, exp.expanded_len, exp.expanded_len, device="cpu")
+        # one 128-block covers the whole tiny sequence, so the block mask's dense form is all-True there
+        # and the element rule is what mask_mod returns; check the rule itself through the block mask's mask_mod.
+        q = torch.arange(exp.expanded_len)[:, None]
+        k = torch.arange(exp.expanded_len)[None, :]
+        dense = block.mask_mod(torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long), q, k)
+        assert torch.equal(dense, exp.attention_mask[0, 0])

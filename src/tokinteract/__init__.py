@@ -9,7 +9,9 @@ second; losses compute in fp32; every divergence is per position and reduced by
 """
 
 from tokinteract.align_ti import AlignTILoss
+from tokinteract.chunked import ChunkedAlignTILoss
 from tokinteract.divergence import DIVERGENCE_KINDS, TokenDivergence, token_divergence
+from tokinteract.fused import FusedAlignTILoss
 from tokinteract.expansion import TPAExpansion, ribbon_mask, ribbon_mask_mod, tpa_expand
 from tokinteract.irs import irs_score, select_layer
 from tokinteract.iva import IVALoss, iva_loss, uniform_visual_weights, visual_importance
@@ -24,6 +26,8 @@ __all__ = [
     "DIVERGENCE_KINDS",
     "SAMPLING_STRATEGIES",
     "AlignTILoss",
+    "ChunkedAlignTILoss",
+    "FusedAlignTILoss",
     "IVALoss",
     "KDLoss",
     "SFTLoss",

@@ -120,11 +120,12 @@ class TPAExpansion:
 
 
 def _mask_mod(src: Tensor, is_query: Tensor, is_context: Tensor) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
-    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        seen = is_query[b, q_idx] & is_context[b, kv_idx] & (src[b, kv_idx] <= src[b, q_idx])
-        return seen | (q_idx == kv_idx)
-
-    return mask_mod
+    # A lambda, not a nested def: under a runtime type-checking import hook (jaxtyping's, in
+    # our tests) a nested def is wrapped into ``(*args, **kwargs)``, which FlexAttention's
+    # ``create_block_mask`` cannot inspect or trace. A lambda is never decorated.
+    return lambda b, h, q_idx, kv_idx: (  # noqa: E731
+        is_query[b, q_idx] & is_context[b, kv_idx] & (src[b, kv_idx] <= src[b, q_idx])
+    ) | (q_idx == kv_idx)
 
 
 def _check_inputs(

@@ -1,0 +1,240 @@
+"""Naive vs chunked vs fused Align-TI loss (and Vanilla KD): time and peak memory.
+
+Workload (one sample, batch 1), for ``P`` positions per model (the rows the Align-TI loss
+supervises, issue 5's "about 1,250 rows" for 729 visual tokens, 100 response tokens, d = 4):
+``r = round(P / (7.29 + 1 + d))`` response positions (KD + SFT, and TPA with ``d`` candidates
+each), ``v = P - (1 + d) r`` visual positions (IVA), so the expanded sequence has ``P + 1``
+slots and exactly ``P`` rows reach the loss. Hidden states ``[1, P + 1, H]`` and LM-head
+weights ``[V, H]`` (teacher ``[V, H_t]``) are the inputs; every variant includes the LM head:
+
+* ``naive``: logits of both models materialised over the expansion, core
+  :class:`tokinteract.AlignTILoss`;
+* ``chunked``: the same logits, :class:`tokinteract.chunked.ChunkedAlignTILoss`;
+* ``fused``: :class:`tokinteract.fused.FusedAlignTILoss` from the hidden states;
+* ``naive_kd`` / ``chunked_kd`` / ``fused_kd``: Vanilla KD (SFT + KD, paper Eq. 2) on the same
+  sample's ground truth (``r`` supervised rows), the same three implementations.
+
+Each measurement is forward + backward (gradients to the student's hidden states and LM-head
+weight), median of ``--repeats`` after one warm-up, each variant in a fresh process (see
+``_common.py`` for the memory method). Before timing, chunked and fused are checked against
+the naive loop references of ``tests/reference.py`` on a small problem.
+
+    .venv/bin/python benchmarks/bench_losses.py --quick           # CPU, ~minutes
+    .venv/bin/python benchmarks/bench_losses.py --device cuda --dtype bf16 \
+        --positions 1024 2048 4096 8192 --hidden 896 --teacher-hidden 3584
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    DTYPES,
+    machine_info,
+    measure,
+    memory_method,
+    print_table,
+    ratio,
+    run_worker,
+    write_results,
+)
+
+VISUAL_PER_RESPONSE = 7.29  # 729 visual tokens per 100 response tokens (issue 5)
+VARIANTS = ("naive", "chunked", "fused", "naive_kd", "chunked_kd", "fused_kd")
+
+
+def geometry(P: int, d: int) -> tuple[int, int, int]:
+    """(visual v, response r, ground-truth length T) with ``v + r + d r = P`` rows."""
+    r = max(1, round(P / (VISUAL_PER_RESPONSE + 1 + d)))
+    v = P - (1 + d) * r
+    if v < 0:
+        raise SystemExit(f"positions={P} too small for d={d}")
+    return v, r, v + r + 1
+
+
+def build(job: dict):
+    import tokinteract as ti
+
+    P, V, d, H, F = job["positions"], job["vocab"], job["d"], job["hidden"], job["teacher_hidden"]
+    dtype, device = DTYPES[job["dtype"]], torch.device(job["device"])
+    g = torch.Generator().manual_seed(job.get("seed", 0))
+    v, r, T = geometry(P, d)
+    labels = torch.full((1, T), -100, dtype=torch.long)
+    labels[0, v + 1 : v + r + 1] = torch.randint(0, V, (r,), generator=g)
+    cm = ti.shift_labels(labels) != -100
+    ids = torch.randint(0, V, (1, T), generator=g)
+    cands = torch.randint(0, V, (1, T, d), generator=g)
+    ex = ti.tpa_expand(ids, cands, cm).to(device)
+    T2 = ex.expanded_len
+    vis = torch.zeros(1, T, dtype=torch.bool)
+    vis[0, :v] = True
+    vw = (ti.uniform_visual_weights(vis) * 2 * torch.rand(1, T, generator=g)).to(device)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    hs = rnd(1, T2, H).requires_grad_()
+    W = rnd(V, H, scale=2.0 / H**0.5).requires_grad_()
+    ht = rnd(1, T2, F)
+    Wt = rnd(V, F, scale=2.0 / F**0.5)
+    return dict(hs=hs, W=W, ht=ht, Wt=Wt, labels=labels.to(device), ex=ex, vw=vw, T=T, T2=T2, v=v, r=r)
+
+
+def make_step(variant: str, x: dict, chunk_size: int | None):
+    import tokinteract as ti
+    from tokinteract.chunked import ChunkedAlignTILoss
+    from tokinteract.fused import FusedAlignTILoss
+
+    hs, W, ht, Wt, labels, ex, vw, T = x["hs"], x["W"], x["ht"], x["Wt"], x["labels"], x["ex"], x["vw"], x["T"]
+    kd_only = variant.endswith("_kd")
+    parts = dict(iva=0.0, tpa=0.0) if kd_only else {}
+    extra = {} if kd_only else dict(expansion=ex, visual_weights=vw)
+    out: dict[str, float] = {}
+
+    def step() -> None:
+        hs.grad = None
+        W.grad = None
+        h_s = hs[:, :T] if kd_only else hs
+        h_t = ht[:, :T] if kd_only else ht
+        if variant.startswith("fused"):
+            loss, _ = FusedAlignTILoss(chunk_size=chunk_size, **parts)(h_s, W, h_t, Wt, x["labels"], **extra)
+        else:
+            s_logits = h_s @ W.T
+            with torch.no_grad():
+                t_logits = h_t @ Wt.T
+            mod = ti.AlignTILoss(**parts) if variant.startswith("naive") else ChunkedAlignTILoss(chunk_size=chunk_size, **parts)
+            loss, _ = mod(s_logits, t_logits, labels, **extra)
+            del s_logits, t_logits
+        loss.backward()
+        out["loss"] = float(loss.detach())
+        del loss
+
+    return step, out
+
+
+def worker(job: dict) -> dict:
+    torch.manual_seed(0)
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    # warm the code paths on a tiny problem first, so lazily loaded kernels and library pages
+    # are not counted as the step's memory
+    tiny = dict(job, positions=64, vocab=512, hidden=16, teacher_hidden=16)
+    tiny_step, _ = make_step(job["variant"], build(tiny), job.get("chunk_size"))
+    tiny_step()
+    del tiny_step
+    x = build(job)
+    step, out = make_step(job["variant"], x, job.get("chunk_size"))
+    t, peak = measure(step, job["device"], repeats=job["repeats"])
+    gn = float(x["W"].grad.float().norm()) if x["W"].grad is not None else float("nan")
+    return {"time_s": t, "peak_mem_mb": peak, "loss": out["loss"], "grad_w_norm": gn, "rows": x["v"] + x["r"] * (1 + job["d"])}
+
+
+def reference_check() -> float:
+    """Chunked and fused vs the loop references (fp64) on a small problem; returns max |diff|."""
+    from reference import ref_iva_loss, ref_kd_loss, ref_sft_loss
+
+    from tokinteract.chunked import chunked_align_ti_terms
+    from tokinteract.fused import fused_align_ti_terms
+    import tokinteract as ti
+
+    g = torch.Generator().manual_seed(1)
+    B, T, V, H = 2, 12, 40, 8
+    hs, W, ht, Wt = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g), torch.randn(B, T, 6, generator=g), torch.randn(V, 6, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[:, :5] = -100
+    vis = torch.zeros(B, T, dtype=torch.bool)
+    vis[:, 1:5] = True
+    vw = ti.uniform_visual_weights(vis)
+    s, t = hs @ W.T, ht @ Wt.T
+    ref = ref_sft_loss(s, labels) + ref_kd_loss(s, t, labels) + ref_iva_loss(s, t, vw)
+    a, _ = chunked_align_ti_terms(s, t, labels, tpa=0.0, visual_weights=vw, chunk_size=5)
+    b, _ = fused_align_ti_terms(hs, W, ht, Wt, labels, tpa=0.0, visual_weights=vw, chunk_size=5)
+    return max(abs(float(a) - float(ref)), abs(float(b) - float(ref)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="CPU-sized run: positions 256 512 1024, H=256, teacher H=512")
+    ap.add_argument("--positions", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    ap.add_argument("--vocab", type=int, default=151_936)
+    ap.add_argument("--d", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=896, help="student hidden size (Qwen2.5-0.5B: 896)")
+    ap.add_argument("--teacher-hidden", type=int, default=3584, help="teacher hidden size (Qwen2.5-7B: 3584)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--chunk-size", type=int, default=None)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--name", default=None, help="results file stem (default bench_losses_<device>)")
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.quick:
+        args.positions, args.hidden, args.teacher_hidden, args.repeats = [256, 512, 1024], 256, 512, 2
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    diff = reference_check()
+    print(f"reference check (chunked and fused vs tests/reference.py, fp32 vs fp64): max |diff| = {diff:.2e}")
+    if diff > 1e-4:
+        raise SystemExit("reference check failed")
+    results: dict[tuple[str, int], dict] = {}
+    for P in args.positions:
+        for variant in args.variants:
+            job = dict(variant=variant, positions=P, vocab=args.vocab, d=args.d, hidden=args.hidden,
+                       teacher_hidden=args.teacher_hidden, dtype=args.dtype, device=args.device,
+                       repeats=args.repeats, chunk_size=args.chunk_size)
+            res = run_worker(Path(__file__), job)
+            if "error" in res:
+                print(f"{variant} P={P}: FAILED\n{res['error']}", file=sys.stderr)
+                continue
+            results[(variant, P)] = res
+            print(f"{variant:>11} P={P:>5}: {res['time_s']:.3f} s, peak {res['peak_mem_mb']:.0f} MiB, "
+                  f"loss {res['loss']:.6f}", flush=True)
+    rows = []
+    comparisons = [(v, "naive") for v in args.variants] + [
+        ("naive", "naive_kd"), ("chunked", "chunked_kd"), ("fused", "fused_kd"),
+    ]
+    for P in args.positions:
+        for variant, base in comparisons:
+            if (variant, P) not in results or (base, P) not in results:
+                continue
+            a, b = results[(variant, P)], results[(base, P)]
+            rows.append(dict(bench="losses", variant=variant, positions=P, vocab=args.vocab, d=args.d, dtype=args.dtype,
+                             device=args.device, time_s=a["time_s"], peak_mem_mb=a["peak_mem_mb"],
+                             time_ratio=ratio(a["time_s"], b["time_s"]), mem_ratio=ratio(a["peak_mem_mb"], b["peak_mem_mb"]),
+                             baseline=base))
+    print_table(rows)
+    notes = []
+    for P in args.positions:
+        if ("naive", P) in results:
+            base = results[("naive", P)]
+            for v in ("chunked", "fused"):
+                if (v, P) in results:
+                    notes.append(f"P={P}: |loss({v}) - loss(naive)| = {abs(results[(v, P)]['loss'] - base['loss']):.2e}, "
+                                 f"|grad_W| {results[(v, P)]['grad_w_norm']:.6g} vs {base['grad_w_norm']:.6g}")
+    v, r, T = geometry(args.positions[-1], args.d)
+    header = machine_info(args.device)
+    header.update({
+        "command": "benchmarks/bench_losses.py " + " ".join(sys.argv[1:]),
+        "memory method": memory_method(args.device),
+        "time": f"forward + backward, best (minimum) of {args.repeats} after 1 warm-up (the machine is shared; the minimum is the least disturbed run)",
+        "workload": f"batch 1, hidden {args.hidden}, teacher hidden {args.teacher_hidden}, d={args.d}; "
+                    f"e.g. P={args.positions[-1]}: {v} visual (IVA) + {r} response (SFT+KD) + {r * args.d} candidate (TPA) rows; "
+                    "*_kd variants: SFT + KD on the same sample's ground truth only",
+        "chunk_size": str(args.chunk_size or "auto (2**24 // V rows)"),
+        "reference check": f"max |diff| vs tests/reference.py = {diff:.2e}",
+    })
+    name = args.name or f"bench_losses_{args.device.split(':')[0]}"
+    csv_path, md_path = write_results(name, rows, header, notes)
+    print(f"wrote {csv_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""Fused LM head + divergence: logits never exist for more than one chunk of rows.
+
+The functions here take the hidden states that enter each model's LM head (after the final
+norm) and the head's ``weight [V, H]`` (and optional ``bias [V]``), and compute
+
+    logits_chunk = hidden[rows_chunk] @ weight.T + bias
+
+one chunk of rows at a time, exactly the chunked computation of :mod:`tokinteract.chunked`.
+Only the rows the loss needs ever reach the LM head (``logits_to_keep``-style selection), the
+teacher's chunk is computed without gradient, and the student's gradients are accumulated per
+chunk: ``d/dhidden = g @ W`` (hidden's dtype) and ``d/dW = g^T @ hidden``, ``d/db = sum g``
+(accumulated in fp32, returned in the parameter's dtype), with ``g`` the chunk's gradient with
+respect to its logits. No ``[rows, V]`` tensor is kept.
+
+Tied embeddings: pass the embedding matrix as ``student_weight`` (``lm_head.weight`` *is*
+``embed_tokens.weight`` when tied); autograd then accumulates this gradient into the same
+Parameter as the embedding lookup's gradient, with no special handling.
+
+Results equal the unfused losses on ``hidden @ weight.T + bias`` up to matmul rounding
+(fp32) or bf16 rounding of the logits (bf16; the unfused path rounds the full logits to bf16
+too, while the divergence itself is always computed in fp32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from tokinteract._checks import check_bool, check_float, check_int, check_integer, check_tensor
+from tokinteract.align_ti import AlignTILoss
+from tokinteract.chunked import (
+    _check_weights,
+    _normalizer,
+    _ordered,
+    parts_from_rows,
+    plan_align_ti,
+    resolve_chunk_size,
+    run_terms,
+)
+from tokinteract.divergence import check_divergence_options
+from tokinteract.expansion import TPAExpansion
+from tokinteract.reduction import compute_dtype, resolve_count
+from tokinteract.sampling import sample_candidates
+
+__all__ = [
+    "FusedAlignTILoss",
+    "fused_align_ti_terms",
+    "fused_linear_cross_entropy",
+    "fused_linear_divergence",
+    "fused_sample_candidates",
+]
+
+
+def _check_head(
+    hidden_name: str, hidden: Tensor, weight_name: str, weight: Tensor, bias_name: str, bias: Tensor | None
+) -> None:
+    check_tensor(weight_name, weight, ndim=2)
+    check_float(hidden_name, hidden)
+    check_float(weight_name, weight)
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{hidden_name} has hidden size {hidden.shape[-1]} but {weight_name} expects "
+            f"{weight.shape[1]} (weight is [vocab, hidden]), got {weight_name} shape {tuple(weight.shape)}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{hidden_name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have the same dtype")
+    if hidden.device != weight.device:
+        raise ValueError(f"{hidden_name} is on {hidden.device} but {weight_name} on {weight.device}")
+    if bias is not None:
+        check_tensor(bias_name, bias, ndim=1)
+        check_float(bias_name, bias)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{bias_name} must have {weight.shape[0]} entries (the vocabulary), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{bias_name} ({bias.dtype}) and {weight_name} ({weight.dtype}) must have the same dtype")
+
+
+def _shared_vocab(vs: int, vt: int, vocab_size: int | None) -> int:
+    if vocab_size is None:
+        if vs != vt:
+            raise ValueError(
+                f"student_weight has vocabulary size {vs} but teacher_weight has {vt}; "
+                "pass vocab_size=N to compare only the shared first N entries"
+            )
+        return vs
+    check_int("vocab_size", vocab_size, minimum=1)
+    if vocab_size > min(vs, vt):
+        raise ValueError(f"vocab_size={vocab_size} exceeds the smaller vocabulary (student_weight: {vs}, teacher_weight: {vt})")
+    return vocab_size
+
+
+def fused_linear_divergence(
+    student_hidden: Float[Tensor, "rows hidden"],
+    student_weight: Float[Tensor, "vocab hidden"],
+    teacher_hidden: Float[Tensor, "rows feat"],
+    teacher_weight: Float[Tensor, "tvocab feat"],
+    row_weights: Float[Tensor, "rows"] | None = None,
+    *,
+    student_bias: Float[Tensor, "vocab"] | None = None,
+    teacher_bias: Float[Tensor, "tvocab"] | None = None,
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    vocab_size: int | None = None,
+    normalizer: int | float | Tensor | None = None,
+    chunk_size: int | None = None,
+) -> Float[Tensor, ""]:
+    """Weighted mean divergence of ``hidden @ weight.T + bias`` rows, logits never materialised.
+
+        loss = sum_r w_r * D(S_r, T_r) / max(normalizer or rows, 1)
+        S_r = softmax((h_s[r] @ W_s.T + b_s) / tau),  T_r = softmax((h_t[r] @ W_t.T + b_t) / tau)
+
+    ``D`` as in :func:`tokinteract.token_divergence` (default forward KL ``KL(T || S)``,
+    no ``tau**2``). Equal to :func:`tokinteract.chunked.chunked_divergence` on the
+    materialised logits. Gradients flow to ``student_hidden``, ``student_weight`` and
+    ``student_bias``; the teacher side and ``row_weights`` are constants.
+
+    Args:
+        student_hidden: ``[rows, H]`` input of the student's LM head.
+        student_weight: ``[V, H]`` the student's LM head (the embedding when tied).
+        teacher_hidden: ``[rows, H_t]`` input of the teacher's LM head.
+        teacher_weight: ``[V_t, H_t]``.
+        row_weights: ``[rows]`` finite, >= 0 (default all 1).
+        student_bias: optional ``[V]`` bias of the student's LM head.
+        teacher_bias: optional ``[V_t]`` bias of the teacher's LM head.
+        kind: ``"fkl"`` (default), ``"rkl"``, ``"jsd"``, ``"skew_fkl"``, ``"skew_rkl"`` or ``"tvd"``.
+        temperature: ``tau > 0``; both sides use ``softmax(logits / tau)``; no ``tau**2``.
+        beta: JSD mixing weight of the teacher, in [0, 1].
+        alpha: skew weight, in [0, 1).
+        vocab_size: compare only the first ``vocab_size`` entries of both vocabularies.
+        normalizer: the denominator; default the number of rows.
+        chunk_size: rows per chunk; None = ``max(1, 2**24 // V)``.
+    """
+    check_divergence_options(kind, temperature, beta, alpha)
+    check_tensor("student_hidden", student_hidden, ndim=2)
+    check_tensor("teacher_hidden", teacher_hidden, ndim=2)
+    _check_head("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
+    _check_head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
+    R = student_hidden.shape[0]
+    if teacher_hidden.shape[0] != R:
+        raise ValueError(f"teacher_hidden must have {R} rows like student_hidden, got shape {tuple(teacher_hidden.shape)}")
+    vocab = _shared_vocab(student_weight.shape[0], teacher_weight.shape[0], vocab_size)
+    cdt = compute_dtype(student_weight)
+    if row_weights is None:
+        w = torch.ones(R, dtype=cdt, device=student_hidden.device)
+    else:
+        w = _check_weights("row_weights", row_weights, R).to(cdt)
+    resolve_chunk_size(chunk_size, student_weight.shape[0])
+    total, _, _ = run_terms(
+        (student_hidden, student_weight, student_bias), (teacher_hidden, teacher_weight, teacher_bias), None, R,
+        div_coef=w, ce_target=None, ce_coef=None, kind=kind, temperature=temperature, beta=beta, alpha=alpha,
+        vocab=vocab, chunk_size=chunk_size,
+        student_name="student logits (student_hidden @ student_weight.T)",
+        teacher_name="teacher logits (teacher_hidden @ teacher_weight.T)",
+    )
+    return total / _normalizer(R, normalizer, student_hidden.device)
+
+
+def fused_linear_cross_entropy(
+    hidden: Float[Tensor, "rows hidden"],
+    weight: Float[Tensor, "vocab hidden"],
+    targets: Int[Tensor, "rows"],
+    *,
+    bias: Float[Tensor, "vocab"] | None = None,
+    ignore_index: int = -100,
+    num_items: int | float | Tensor | None = None,
+    chunk_size: int | None = None,
+) -> Float[Tensor, ""]:
+    """``sum_{r: targets[r] != ignore_index} -log softmax(h[r] @ W.T + b)[targets[r]] / max(num_items or count, 1)``.
+
+    The fused twin of :func:`tokinteract.sft_loss` on already-aligned targets (use
+    :func:`tokinteract.shift_labels` first); temperature is always 1.
+    """
+    check_tensor("hidden", hidden, ndim=2)
+    _check_head("hidden", hidden, "weight", weight, "bias", bias)
+    check_tensor("targets", targets, ndim=1)
+    check_integer("targets", targets)
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"targets must have one entry per row ({hidden.shape[0]}), got shape {tuple(targets.shape)}")
+    V = weight.shape[0]
+    valid = targets != ignore_index
+    tv = targets[valid]
+    if tv.numel() and (int(tv.min()) < 0 or int(tv.max()) >= V):
+        raise ValueError(
+            f"targets must lie in [0, {V}) or equal ignore_index={ignore_index}, "
+            f"got values in [{int(tv.min())}, {int(tv.max())}]"
+        )
+    rows = valid.nonzero().reshape(-1)
+    coef = (1.0 / resolve_count(valid, num_items)).to(compute_dtype(weight)).expand(rows.shape[0]).contiguous()
+    resolve_chunk_size(chunk_size, V)
+    total, _, _ = run_terms(
+        (hidden, weight, bias), None, rows, int(rows.shape[0]), div_coef=None,
+        ce_target=targets[rows].long(), ce_coef=coef, kind="fkl", temperature=1.0, beta=0.5, alpha=0.1,
+        vocab=V, chunk_size=chunk_size, student_name="logits (hidden @ weight.T)",
+    )
+    return total
+
+
+def fused_align_ti_terms(
+    student_hidden: Float[Tensor, "batch len hidden"],
+    student_weight: Float[Tensor, "vocab hidden"],
+    teacher_hidden: Float[Tensor, "batch len feat"] | None,
+    teacher_weight: Float[Tensor, "tvocab feat"] | None,
+    labels: Int[Tensor, "batch seq"],
+    *,
+    student_bias: Float[Tensor, "vocab"] | None = None,
+    teacher_bias: Float[Tensor, "tvocab"] | None = None,
+    sft: float = 1.0,
+    kd: float = 1.0,
+    iva: float = 1.0,
+    tpa: float = 1.0,
+    expansion: TPAExpansion | None = None,
+    visual_weights: Float[Tensor, "batch seq"] | None = None,
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    vocab_size: int | None = None,
+    ignore_index: int = -100,
+    num_items: int | float | Tensor | None = None,
+    num_sequences: int | float | Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
+    """Align-TI (paper Eq. 8) from hidden states: ``w_sft SFT + w_kd KD + w_iva IVA + w_tpa TPA``.
+
+    Equal to :class:`tokinteract.AlignTILoss` applied to ``hidden @ weight.T + bias`` of both
+    models (same layouts: ``[B, T, H]`` on the ground truth or ``[B, T2, H]`` over the TPA
+    expansion), but only the rows some enabled part needs go through the LM heads, one chunk
+    at a time, each row once (see :func:`tokinteract.chunked.chunked_align_ti_terms`).
+
+    Args:
+        student_hidden: input of the student's LM head (after the final norm).
+        student_weight: the student's LM-head weight ``[V, H]`` (the embedding when tied).
+        teacher_hidden: input of the teacher's LM head; may be None for SFT only.
+        teacher_weight: the teacher's LM-head weight ``[V_t, H_t]``.
+        labels: ``[B, T]`` unshifted labels with ``ignore_index`` where unsupervised.
+
+    Returns:
+        ``(total, parts)``; ``parts`` maps each enabled part to its detached, unweighted value.
+    """
+    weights = {"sft": float(sft), "kd": float(kd), "iva": float(iva), "tpa": float(tpa)}
+    for name, w in weights.items():
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {w!r}")
+    if not any(w > 0 for w in weights.values()):
+        raise ValueError("every part has weight 0; enable at least one of sft, kd, iva, tpa")
+    check_divergence_options(kind, temperature, beta, alpha)
+    check_tensor("student_hidden", student_hidden, ndim=3)
+    _check_head("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
+    needs_teacher = [k for k in ("kd", "iva", "tpa") if weights[k] > 0]
+    if needs_teacher and (teacher_hidden is None or teacher_weight is None):
+        raise ValueError(
+            f"teacher_hidden and teacher_weight are required when {needs_teacher} have non-zero weight, got None"
+        )
+    if weights["tpa"] > 0 and expansion is None:
+        raise ValueError("expansion is required when tpa > 0 (the TPAExpansion both forwards ran on), got None")
+    if weights["iva"] > 0 and visual_weights is None:
+        raise ValueError("visual_weights is required when iva > 0, got None")
+    if expansion is not None and not isinstance(expansion, TPAExpansion):
+        raise TypeError(f"expansion must be a TPAExpansion, got {type(expansion).__name__}")
+    B, L, _ = student_hidden.shape
+    V = student_weight.shape[0]
+    vocab = V
+    teacher = None
+    if needs_teacher:
+        check_tensor("teacher_hidden", teacher_hidden, ndim=3)
+        _check_head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
+        if tuple(teacher_hidden.shape[:2]) != (B, L):
+            raise ValueError(
+                f"teacher_hidden must match student_hidden in its first 2 dimension(s) {(B, L)}, "
+                f"got shape {tuple(teacher_hidden.shape)}"
+            )
+        vocab = _shared_vocab(V, teacher_weight.shape[0], vocab_size)
+        teacher = (teacher_hidden.reshape(B * L, -1), teacher_weight, teacher_bias)
+    plan = plan_align_ti(
+        batch=B, length=L, labels=labels, student_vocab=V, weights=weights, ignore_index=ignore_index,
+        expansion=expansion, visual_weights=visual_weights, num_items=num_items,
+        num_sequences=num_sequences, device=student_hidden.device,
+    )
+    total, div_all, ce_all = run_terms(
+        (student_hidden.reshape(B * L, -1), student_weight, student_bias), teacher, plan.rows,
+        int(plan.rows.shape[0]), div_coef=plan.div_coef if needs_teacher else None,
+        ce_target=plan.ce_target, ce_coef=plan.ce_coef, kind=kind, temperature=temperature, beta=beta,
+        alpha=alpha, vocab=vocab, chunk_size=chunk_size,
+        student_name="student logits (student_hidden @ student_weight.T)",
+        teacher_name="teacher logits (teacher_hidden @ teacher_weight.T)",
+    )
+    return total, _ordered(parts_from_rows(plan, div_all, ce_all))
+
+
+@torch.no_grad()
+def fused_sample_candidates(
+    student_hidden: Float[Tensor, "batch seq hidden"],
+    student_weight: Float[Tensor, "vocab hidden"],
+    num_candidates: int,
+    *,
+    mask: Bool[Tensor, "batch seq"],
+    student_bias: Float[Tensor, "vocab"] | None = None,
+    strategy: str = "nucleus",
+    top_p: float = 0.95,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+) -> Int[Tensor, "batch seq cand"]:
+    """:func:`tokinteract.sample_candidates` from hidden states, one chunk of rows at a time.
+
+    Only the rows where ``mask`` is True go through the LM head (``hidden @ weight.T + bias``,
+    no gradient), ``chunk_size`` rows at a time, and each chunk is passed to
+    :func:`tokinteract.sample_candidates` (same strategies, ``top_p``, ``temperature``);
+    elsewhere the result is 0. ``"greedy"`` gives exactly the unfused result; the random
+    strategies draw from the same distributions, and with one chunk covering every masked row
+    they make exactly the unfused draws for the same generator (with several chunks the
+    generator's stream is consumed chunk by chunk; on CPU the draws still matched in our
+    checks, but that is not guaranteed).
+
+    Returns:
+        ``int64`` token ids ``[batch, seq, d]``.
+    """
+    check_tensor("student_hidden", student_hidden, ndim=3)
+    _check_head("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
+    d = check_int("num_candidates", num_candidates, minimum=1)
+    check_tensor("mask", mask, ndim=2)
+    check_bool("mask", mask)
+    B, T, _ = student_hidden.shape
+    if tuple(mask.shape) != (B, T):
+        raise ValueError(f"mask must have shape {(B, T)} (batch, seq of student_hidden), got {tuple(mask.shape)}")
+    V = student_weight.shape[0]
+    C = resolve_chunk_size(chunk_size, V)
+    out = torch.zeros(B, T, d, dtype=torch.long, device=student_hidden.device)
+    b_idx, t_idx = mask.nonzero(as_tuple=True)
+    for start in range(0, b_idx.shape[0], C):
+        b, t = b_idx[start : start + C], t_idx[start : start + C]
+        logits = torch.nn.functional.linear(student_hidden[b, t], student_weight, student_bias)
+        picked = sample_candidates(
+            logits[None], d, strategy=strategy, top_p=top_p, temperature=temperature, generator=generator
+        )
+        out[b, t] = picked[0]
+    return out
+
+
+class FusedAlignTILoss(AlignTILoss):
+    """:class:`tokinteract.AlignTILoss` from hidden states and LM heads (:func:`fused_align_ti_terms`).
+
+    Same constructor as :class:`tokinteract.AlignTILoss` plus ``chunk_size``.
+    """
+
+    def __init__(self, *, chunk_size: int | None = None, **kwargs: float | int | str | None) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        if chunk_size is not None:
+            check_int("chunk_size", chunk_size, minimum=1)
+        self.chunk_size = chunk_size
+
+    def forward(  # type: ignore[override]
+        self,
+        student_hidden: Float[Tensor, "batch len hidden"],
+        student_weight: Float[Tensor, "vocab hidden"],
+        teacher_hidden: Float[Tensor, "batch len feat"] | None,
+        teacher_weight: Float[Tensor, "tvocab feat"] | None,
+        labels: Int[Tensor, "batch seq"],
+        *,
+        student_bias: Float[Tensor, "vocab"] | None = None,
+        teacher_bias: Float[Tensor, "tvocab"] | None = None,
+        expansion: TPAExpansion | None = None,
+        visual_weights: Float[Tensor, "batch seq"] | None = None,
+        num_items: int | float | Tensor | None = None,
+        num_sequences: int | float | Tensor | None = None,
+    ) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
+        """Return ``(total, parts)`` like :meth:`tokinteract.AlignTILoss.forward`."""
+        return fused_align_ti_terms(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+            student_bias=student_bias, teacher_bias=teacher_bias, **self.weights, expansion=expansion,
+            visual_weights=visual_weights, kind=self.kind, temperature=self.temperature, beta=self.beta,
+            alpha=self.alpha, vocab_size=self.vocab_size, ignore_index=self.ignore_index,
+            num_items=num_items, num_sequences=num_sequences, chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"
