@@ -147,6 +147,8 @@ CASES: list[Case] = [
     ("temperature_str", lambda: ti.token_divergence(_l(2, 3, 5), _l(2, 3, 5), temperature="1"), TypeError,
      ["temperature", "number", "str"], True),
     ("expansion_type", lambda: ti.tpa_loss(_l(1, 8, 5), _l(1, 8, 5), None), TypeError, ["expansion", "TPAExpansion", "NoneType"], True),
+    ("align_ti_expansion_type", lambda: ti.AlignTILoss(iva=0)(_l(1, 8, 5), _l(1, 8, 5), _lab(1, 8), expansion="x"),
+     TypeError, ["expansion", "TPAExpansion", "str"], True),
     ("num_items_negative", lambda: ti.kd_loss(_l(2, 3, 5), _l(2, 3, 5), _lab(2, 3), num_items=-2), ValueError,
      ["num_items", ">= 0", "-2"], False),
     ("align_weight_negative", lambda: ti.AlignTILoss(tpa=-0.5), ValueError, ["tpa", ">= 0", "-0.5"], False),

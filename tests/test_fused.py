@@ -284,3 +284,13 @@ def test_fused_sample_candidates():
     assert torch.equal(got[~mask], torch.zeros_like(got[~mask]))
     with pytest.raises((TypeError, ValueError)):
         fused_sample_candidates(hs, W, 2, mask=mask[:, :-1])
+
+
+def test_fused_empty_batch_is_zero_not_a_reshape_error():
+    hs = torch.zeros(0, T, H, requires_grad=True)
+    W = _randn((V, H), 94).requires_grad_()
+    lab = torch.zeros(0, T, dtype=torch.long)
+    total, parts = fused_align_ti_terms(hs, W, torch.zeros(0, T, HT), _randn((V, HT), 95), lab, iva=0.0, tpa=0.0)
+    assert total.item() == 0.0 and set(parts) == {"sft", "kd"}
+    (gW,) = _grads(total, (W,))
+    assert torch.equal(gW, torch.zeros_like(gW))

@@ -14,6 +14,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from tokinteract._checks import check_nonnegative, check_tensor
+from tokinteract._plan import check_expansion, check_part_inputs
 from tokinteract.divergence import check_divergence_options
 from tokinteract.expansion import TPAExpansion
 from tokinteract.iva import iva_loss
@@ -90,16 +91,23 @@ class AlignTILoss(nn.Module):
             num_items: global count of supervised positions (sft, kd and tpa).
             num_sequences: global number of sequences (iva).
         """
+        return self._compute(
+            student_logits, teacher_logits, labels, expansion=expansion, visual_weights=visual_weights,
+            num_items=num_items, num_sequences=num_sequences,
+        )
+
+    def _compute(  # the arguments of forward, type-checked there
+        self, student_logits, teacher_logits, labels, *, expansion, visual_weights, num_items, num_sequences
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The computation behind :meth:`forward` (:class:`tokinteract.chunked.ChunkedAlignTILoss` replaces it)."""
         w = self.weights
-        needs_teacher = [k for k in ("kd", "iva", "tpa") if w[k] > 0]
-        if teacher_logits is None and needs_teacher:
-            raise ValueError(f"teacher_logits is required when {needs_teacher} have non-zero weight, got None")
-        if w["tpa"] > 0 and expansion is None:
-            raise ValueError("expansion is required when tpa > 0 (the TPAExpansion both forwards ran on), got None")
-        if w["iva"] > 0 and visual_weights is None:
-            raise ValueError("visual_weights is required when iva > 0, got None")
+        check_part_inputs(
+            w, teacher_missing=teacher_logits is None, teacher_is="teacher_logits is",
+            expansion=expansion, visual_weights=visual_weights,
+        )
         check_tensor("student_logits", student_logits, ndim=3)
         if expansion is not None:
+            expansion = check_expansion(expansion)
             s_gt = expansion.gather_gt(student_logits)
             t_gt = expansion.gather_gt(teacher_logits) if teacher_logits is not None else None
         else:

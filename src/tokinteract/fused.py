@@ -23,23 +23,14 @@ too, while the divergence itself is always computed in fp32).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tokinteract._checks import check_bool, check_float, check_int, check_integer, check_tensor
-from tokinteract.align_ti import AlignTILoss
-from tokinteract.chunked import (
-    _check_weights,
-    _normalizer,
-    _ordered,
-    parts_from_rows,
-    plan_align_ti,
-    resolve_chunk_size,
-    run_terms,
-)
+from tokinteract._engine import mean_row_divergence, resolve_chunk_size, run_terms
+from tokinteract._plan import check_expansion, check_options, check_part_inputs, check_target_range, run_align_ti
+from tokinteract.chunked import _ChunkedModule
 from tokinteract.divergence import check_divergence_options
 from tokinteract.expansion import TPAExpansion
 from tokinteract.reduction import compute_dtype, resolve_count
@@ -52,6 +43,12 @@ __all__ = [
     "fused_linear_divergence",
     "fused_sample_candidates",
 ]
+
+
+_NAMES = dict(
+    student_name="student logits (student_hidden @ student_weight.T)",
+    teacher_name="teacher logits (teacher_hidden @ teacher_weight.T)",
+)
 
 
 def _check_head(
@@ -143,21 +140,12 @@ def fused_linear_divergence(
     R = student_hidden.shape[0]
     if teacher_hidden.shape[0] != R:
         raise ValueError(f"teacher_hidden must have {R} rows like student_hidden, got shape {tuple(teacher_hidden.shape)}")
-    vocab = _shared_vocab(student_weight.shape[0], teacher_weight.shape[0], vocab_size)
-    cdt = compute_dtype(student_weight)
-    if row_weights is None:
-        w = torch.ones(R, dtype=cdt, device=student_hidden.device)
-    else:
-        w = _check_weights("row_weights", row_weights, R).to(cdt)
-    resolve_chunk_size(chunk_size, student_weight.shape[0])
-    total, _, _ = run_terms(
-        (student_hidden, student_weight, student_bias), (teacher_hidden, teacher_weight, teacher_bias), None, R,
-        div_coef=w, ce_target=None, ce_coef=None, kind=kind, temperature=temperature, beta=beta, alpha=alpha,
-        vocab=vocab, chunk_size=chunk_size,
-        student_name="student logits (student_hidden @ student_weight.T)",
-        teacher_name="teacher logits (teacher_hidden @ teacher_weight.T)",
+    return mean_row_divergence(
+        (student_hidden, student_weight, student_bias), (teacher_hidden, teacher_weight, teacher_bias),
+        row_weights, normalizer=normalizer,
+        vocab=_shared_vocab(student_weight.shape[0], teacher_weight.shape[0], vocab_size), chunk_size=chunk_size,
+        div_opts=dict(kind=kind, temperature=temperature, beta=beta, alpha=alpha), **_NAMES,
     )
-    return total / _normalizer(R, normalizer, student_hidden.device)
 
 
 def fused_linear_cross_entropy(
@@ -182,16 +170,9 @@ def fused_linear_cross_entropy(
     if targets.shape[0] != hidden.shape[0]:
         raise ValueError(f"targets must have one entry per row ({hidden.shape[0]}), got shape {tuple(targets.shape)}")
     V = weight.shape[0]
-    valid = targets != ignore_index
-    tv = targets[valid]
-    if tv.numel() and (int(tv.min()) < 0 or int(tv.max()) >= V):
-        raise ValueError(
-            f"targets must lie in [0, {V}) or equal ignore_index={ignore_index}, "
-            f"got values in [{int(tv.min())}, {int(tv.max())}]"
-        )
+    valid = check_target_range("targets", targets, V, ignore_index)
     rows = valid.nonzero().reshape(-1)
     coef = (1.0 / resolve_count(valid, num_items)).to(compute_dtype(weight)).expand(rows.shape[0]).contiguous()
-    resolve_chunk_size(chunk_size, V)
     total, _, _ = run_terms(
         (hidden, weight, bias), None, rows, int(rows.shape[0]), div_coef=None,
         ce_target=targets[rows].long(), ce_coef=coef, kind="fkl", temperature=1.0, beta=0.5, alpha=0.1,
@@ -242,30 +223,18 @@ def fused_align_ti_terms(
     Returns:
         ``(total, parts)``; ``parts`` maps each enabled part to its detached, unweighted value.
     """
-    weights = {"sft": float(sft), "kd": float(kd), "iva": float(iva), "tpa": float(tpa)}
-    for name, w in weights.items():
-        if not (math.isfinite(w) and w >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {w!r}")
-    if not any(w > 0 for w in weights.values()):
-        raise ValueError("every part has weight 0; enable at least one of sft, kd, iva, tpa")
-    check_divergence_options(kind, temperature, beta, alpha)
+    weights = check_options(sft, kd, iva, tpa, kind, temperature, beta, alpha)
     check_tensor("student_hidden", student_hidden, ndim=3)
     _check_head("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
-    needs_teacher = [k for k in ("kd", "iva", "tpa") if weights[k] > 0]
-    if needs_teacher and (teacher_hidden is None or teacher_weight is None):
-        raise ValueError(
-            f"teacher_hidden and teacher_weight are required when {needs_teacher} have non-zero weight, got None"
-        )
-    if weights["tpa"] > 0 and expansion is None:
-        raise ValueError("expansion is required when tpa > 0 (the TPAExpansion both forwards ran on), got None")
-    if weights["iva"] > 0 and visual_weights is None:
-        raise ValueError("visual_weights is required when iva > 0, got None")
-    if expansion is not None and not isinstance(expansion, TPAExpansion):
-        raise TypeError(f"expansion must be a TPAExpansion, got {type(expansion).__name__}")
+    needs_teacher = check_part_inputs(
+        weights, teacher_missing=teacher_hidden is None or teacher_weight is None,
+        teacher_is="teacher_hidden and teacher_weight are", expansion=expansion, visual_weights=visual_weights,
+    )
+    if expansion is not None:
+        check_expansion(expansion)
     B, L, _ = student_hidden.shape
     V = student_weight.shape[0]
-    vocab = V
-    teacher = None
+    vocab, teacher = V, None
     if needs_teacher:
         check_tensor("teacher_hidden", teacher_hidden, ndim=3)
         _check_head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
@@ -275,21 +244,14 @@ def fused_align_ti_terms(
                 f"got shape {tuple(teacher_hidden.shape)}"
             )
         vocab = _shared_vocab(V, teacher_weight.shape[0], vocab_size)
-        teacher = (teacher_hidden.reshape(B * L, -1), teacher_weight, teacher_bias)
-    plan = plan_align_ti(
-        batch=B, length=L, labels=labels, student_vocab=V, weights=weights, ignore_index=ignore_index,
-        expansion=expansion, visual_weights=visual_weights, num_items=num_items,
-        num_sequences=num_sequences, device=student_hidden.device,
+        teacher = (teacher_hidden.reshape(B * L, teacher_hidden.shape[-1]), teacher_weight, teacher_bias)
+    return run_align_ti(
+        (student_hidden.reshape(B * L, student_hidden.shape[-1]), student_weight, student_bias), teacher, batch=B, length=L,
+        vocab=vocab, student_vocab=V, labels=labels, weights=weights, ignore_index=ignore_index,
+        expansion=expansion, visual_weights=visual_weights, num_items=num_items, num_sequences=num_sequences,
+        chunk_size=chunk_size, div_opts=dict(kind=kind, temperature=temperature, beta=beta, alpha=alpha),
+        **_NAMES,
     )
-    total, div_all, ce_all = run_terms(
-        (student_hidden.reshape(B * L, -1), student_weight, student_bias), teacher, plan.rows,
-        int(plan.rows.shape[0]), div_coef=plan.div_coef if needs_teacher else None,
-        ce_target=plan.ce_target, ce_coef=plan.ce_coef, kind=kind, temperature=temperature, beta=beta,
-        alpha=alpha, vocab=vocab, chunk_size=chunk_size,
-        student_name="student logits (student_hidden @ student_weight.T)",
-        teacher_name="teacher logits (teacher_hidden @ teacher_weight.T)",
-    )
-    return total, _ordered(parts_from_rows(plan, div_all, ce_all))
 
 
 @torch.no_grad()
@@ -342,17 +304,11 @@ def fused_sample_candidates(
     return out
 
 
-class FusedAlignTILoss(AlignTILoss):
+class FusedAlignTILoss(_ChunkedModule):
     """:class:`tokinteract.AlignTILoss` from hidden states and LM heads (:func:`fused_align_ti_terms`).
 
     Same constructor as :class:`tokinteract.AlignTILoss` plus ``chunk_size``.
     """
-
-    def __init__(self, *, chunk_size: int | None = None, **kwargs: float | int | str | None) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        if chunk_size is not None:
-            check_int("chunk_size", chunk_size, minimum=1)
-        self.chunk_size = chunk_size
 
     def forward(  # type: ignore[override]
         self,
@@ -372,11 +328,6 @@ class FusedAlignTILoss(AlignTILoss):
         """Return ``(total, parts)`` like :meth:`tokinteract.AlignTILoss.forward`."""
         return fused_align_ti_terms(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-            student_bias=student_bias, teacher_bias=teacher_bias, **self.weights, expansion=expansion,
-            visual_weights=visual_weights, kind=self.kind, temperature=self.temperature, beta=self.beta,
-            alpha=self.alpha, vocab_size=self.vocab_size, ignore_index=self.ignore_index,
-            num_items=num_items, num_sequences=num_sequences, chunk_size=self.chunk_size,
+            student_bias=student_bias, teacher_bias=teacher_bias, expansion=expansion,
+            visual_weights=visual_weights, num_items=num_items, num_sequences=num_sequences, **self._options(),
         )
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"
