@@ -146,3 +146,29 @@ def test_bf16_logits():
     out = ti.sample_candidates(s, 2, strategy="greedy")
     assert torch.equal(out[..., 0], s.float().argmax(-1))
     assert math.isfinite(float(out.sum()))
+
+
+def test_nucleus_large_vocab_uses_both_the_top_k_and_the_full_sort_paths():
+    """Rows whose nucleus fits in the top-k shortcut and flat rows that need the full sort."""
+    from tokinteract import sampling
+
+    V = 4 * sampling._NUCLEUS_TOPK
+    peaked = _logits((1, 3, V), 21, scale=6.0)  # nucleus of a few tokens: top-k path
+    flat = _logits((1, 3, V), 22, scale=0.05)  # nucleus of most of the vocabulary: full sort
+    s = torch.cat([peaked, flat], dim=1)
+    top_p = 0.9
+    sets = [_ref_nucleus_set(s[0, t], top_p) for t in range(6)]
+    assert max(len(k) for k in sets[:3]) < sampling._NUCLEUS_TOPK < min(len(k) for k in sets[3:])
+    out = ti.sample_candidates(s, 4000, strategy="nucleus", top_p=top_p, generator=torch.Generator().manual_seed(4))
+    for t in range(6):
+        drawn = set(out[0, t].tolist())
+        assert drawn <= sets[t], (t, len(drawn - sets[t]))
+    # the peaked rows' frequencies follow the renormalised truncation
+    for t in range(3):
+        p = ref_softmax(s[0, t]).tolist()
+        z = sum(p[i] for i in sets[t])
+        q = [p[i] / z if i in sets[t] else 0.0 for i in range(V)]
+        counts = torch.bincount(out[0, t], minlength=V).tolist()
+        assert _chi2(counts, q, 4000) < 4 * len(sets[t]) + 10
+    # the flat rows reach far beyond the top-k shortcut
+    assert all(len(set(out[0, t].tolist())) > sampling._NUCLEUS_TOPK for t in range(3, 6))

@@ -38,16 +38,47 @@ __all__ = ["SAMPLING_STRATEGIES", "sample_candidates"]
 SAMPLING_STRATEGIES = ("nucleus", "multinomial", "greedy")
 
 
-def _nucleus_probs(probs: Tensor, top_p: int | float) -> Tensor:
-    """Zero every token outside the top-p set of each row (the argmax always stays)."""
+# Rows are first restricted to their top-k tokens; only a row whose top-k mass is below top_p
+# (a flat distribution) pays for a full-vocabulary sort. A full sort of [rows, 151936] costs
+# as much as a whole Vanilla KD step on small models; top-k is ~7x cheaper.
+_NUCLEUS_TOPK = 256
+
+
+def _nucleus_keep(sorted_p: Tensor, top_p: int | float) -> Tensor:
+    """Keep mask over a row sorted descending: tokens whose preceding mass is < top_p."""
+    keep = (sorted_p.cumsum(-1) - sorted_p) < top_p
+    keep[..., 0] = True
+    return keep
+
+
+def _nucleus_draw(probs: Tensor, top_p: int | float, d: int, generator: torch.Generator | None) -> Tensor:
+    """``d`` i.i.d. draws per row from the renormalised top-p set of ``probs`` ``[rows, V]``.
+
+    Exact: the top-p set is a prefix of the sorted row, so when the top-k tokens already
+    hold ``top_p`` of the mass the set lies inside them (ties at the boundary may resolve
+    to a different, equally likely token than a full sort would pick).
+    """
     if top_p >= 1.0:
-        return probs
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_p.cumsum(-1) - sorted_p
-    keep_sorted = mass_before < top_p
-    keep_sorted[..., 0] = True
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    return torch.where(keep, probs, probs.new_zeros(()))
+        return torch.multinomial(probs, d, replacement=True, generator=generator)
+    V = probs.shape[-1]
+    k = min(V, _NUCLEUS_TOPK)
+    top_p_vals, top_idx = probs.topk(k, dim=-1)
+    covered = top_p_vals.sum(-1) >= top_p
+    if k == V:
+        covered = torch.ones_like(covered)
+    out = torch.empty(probs.shape[0], d, dtype=torch.long, device=probs.device)
+    if bool(covered.any()):
+        vals = top_p_vals[covered]
+        p = torch.where(_nucleus_keep(vals, top_p), vals, vals.new_zeros(()))
+        draws = torch.multinomial(p, d, replacement=True, generator=generator)
+        out[covered] = top_idx[covered].gather(1, draws)
+    if not bool(covered.all()):
+        flat = probs[~covered]
+        sorted_p, order = flat.sort(dim=-1, descending=True)
+        p = torch.where(_nucleus_keep(sorted_p, top_p), sorted_p, sorted_p.new_zeros(()))
+        draws = torch.multinomial(p, d, replacement=True, generator=generator)
+        out[~covered] = order.gather(1, draws)
+    return out
 
 
 def sample_candidates(
@@ -100,7 +131,8 @@ def sample_candidates(
     else:
         probs = torch.softmax(logits, dim=-1)
         if strategy == "nucleus":
-            probs = _nucleus_probs(probs, top_p)
-        picked = torch.multinomial(probs, d, replacement=True, generator=generator)
+            picked = _nucleus_draw(probs, top_p, d, generator)
+        else:
+            picked = torch.multinomial(probs, d, replacement=True, generator=generator)
     out[mask] = picked
     return out

@@ -302,3 +302,61 @@ def test_bf16_eager_mask_stays_finite_and_matches_sdpa(tiny):
     sdpa = packed_forward(model, exp)
     real = exp.slot_is_query
     torch.testing.assert_close(eager[real].float(), sdpa[real].float(), atol=3e-2, rtol=0)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llava"])
+def test_hidden_output_times_the_lm_head_equals_the_logits(tiny, kind, padding):
+    """output="hidden" returns the LM head's input on every path (gt, cached candidates, packed,
+    tpa_forward), so ``hidden @ W.T + b`` gives the logits path's logits and its gradients."""
+    from tokinteract.hf.packed import lm_head_parameters
+
+    model, ids, am, cm, cands, px = _build(tiny, kind, "sdpa", padding)
+    exp = tpa_expand(ids, cands, cm, am)
+    T = exp.seq_len
+    weight, bias = lm_head_parameters(model)
+    assert weight is model.get_output_embeddings().weight and bias is None
+
+    def head(h):
+        return torch.nn.functional.linear(h, weight, bias)
+
+    gt_l = ground_truth_forward(model, ids, am, **px)
+    gt_h = ground_truth_forward(model, ids, am, output="hidden", **px)
+    assert gt_h.logits is None and gt_h.output == "hidden" and gt_l.hidden_states is None
+    assert gt_h.hidden_states.shape == (*ids.shape, weight.shape[1])
+    torch.testing.assert_close(head(gt_h.hidden_states), gt_l.logits, atol=ATOL, rtol=0)
+    cand_l = cached_candidate_forward(model, gt_l, exp)
+    cand_h = cached_candidate_forward(model, gt_h, exp)
+    assert cand_h.shape == (*cand_l.shape[:2], weight.shape[1])
+    torch.testing.assert_close(head(cand_h), cand_l, atol=ATOL, rtol=0)
+    ref = torch.cat([gt_l.logits, cand_l], 1)
+    for mode in ("cached", "packed"):
+        h = tpa_forward(model, exp, mode=mode, output="hidden", **px)
+        torch.testing.assert_close(head(h), ref, atol=ATOL, rtol=0)
+    h = packed_forward(model, exp, output="hidden", **px)
+    torch.testing.assert_close(head(h), ref, atol=ATOL, rtol=0)
+    # same parameter gradients through the hidden path (LM head applied by hand)
+    g = torch.Generator().manual_seed(3)
+    probe = torch.randn(ref.shape, generator=g)
+    model.zero_grad()
+    (ref * probe).sum().backward()
+    want = _grads(model)
+    model.zero_grad()
+    gt_h = ground_truth_forward(model, ids, am, output="hidden", **px)
+    hid = torch.cat([gt_h.hidden_states, cached_candidate_forward(model, gt_h, exp)], 1)
+    (head(hid) * probe).sum().backward()
+    got = _grads(model)
+    assert want.keys() == got.keys() and want
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_hidden_output_is_checked(tiny):
+    model, ids, am, cm, cands, px = _build(tiny, "qwen2", "sdpa", "right")
+    exp = tpa_expand(ids, cands, cm, am)
+    with pytest.raises(ValueError, match="output"):
+        packed_forward(model, exp, output="probs")
+    with pytest.raises(ValueError, match="output"):
+        ground_truth_forward(model, ids, am, output="probs")
+    with pytest.raises(ValueError, match="base module"):
+        packed_forward(model.model, exp, output="hidden")

@@ -239,3 +239,114 @@ def test_mixed_batch_text_only_and_two_image_samples(tmp_path, tok, processor, s
     tr.train()
     log = _log(tr)
     assert all(math.isfinite(log[f"loss_{k}"]) for k in ("sft", "kd", "iva", "tpa")) and log["loss_iva"] > 0
+
+
+# ---------------------------------------------------------------- loss_impl="fused" vs "logits"
+FUSED_CASES = [
+    ("align_ti", {}), ("align_ti", {"tpa_forward": "packed"}), ("tpa", {}), ("kd", {}), ("iva", {}),
+    ("rkl", {}), ("jsd", {}), ("skew_kl", {}), ("sft", {}), ("uniform_va", {}),
+    ("iva", {"iva_weights": "student"}), ("gkd", {"gkd_lambda": 0.0}),
+]
+
+
+def _one_step(tmp_path, synth, tok, processor, student, teacher, distill):
+    """One training-mode compute_loss + backward on a fixed batch: (loss, parts, grads, generator state)."""
+    tr = _trainer(tmp_path, synth, tok, processor, student, teacher, distill)
+    batch = tr.data_collator([tr.train_dataset[i] for i in range(4)])
+    tr.current_gradient_accumulation_steps = 1  # set by the training loop otherwise
+    student.train()
+    student.zero_grad(set_to_none=True)
+    loss = tr.compute_loss(student, dict(batch))
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in student.named_parameters() if p.grad is not None}
+    parts = {k: float(v) for k, v in tr._part_sums.items()}
+    student.zero_grad(set_to_none=True)
+    return float(loss.detach()), parts, grads
+
+
+def _assert_same_step(a, b) -> None:
+    (la, pa, ga), (lb, pb, gb) = a, b
+    assert lb == pytest.approx(la, rel=1e-5, abs=1e-6)
+    assert pa.keys() == pb.keys() and pa
+    for k in pa:
+        assert pb[k] == pytest.approx(pa[k], rel=1e-5, abs=1e-6), k
+    assert ga.keys() == gb.keys() and ga
+    for k in ga:
+        torch.testing.assert_close(gb[k], ga[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("method,extra", FUSED_CASES, ids=[f"{m}-{'-'.join(map(str, e.values())) or 'default'}" for m, e in FUSED_CASES])
+def test_fused_loss_impl_equals_the_logits_path(tmp_path, synth, tok, processor, family, method, extra) -> None:
+    """Same loss, every logged part and every parameter gradient (fp32) with loss_impl fused and logits."""
+    teacher = make_model(tok, seed=2, hidden=48, layers=3, family=family) if method != "sft" else None
+    student = make_model(tok, seed=1, family=family)
+    steps = []
+    for impl in ("logits", "fused"):
+        cfg = DistillationConfig(method=method, iva_layer=1, loss_impl=impl, **extra)
+        steps.append(_one_step(tmp_path / impl, synth, tok, processor, student, teacher, cfg))
+    _assert_same_step(*steps)
+    if method in ("align_ti", "tpa"):
+        assert steps[0][1]["tpa"] > 0
+
+
+def test_fused_loss_impl_with_tied_embeddings(tmp_path, synth, tok, processor) -> None:
+    """The LM head *is* the embedding: its gradient (lookup + head) matches the logits path."""
+    teacher = make_model(tok, seed=2, hidden=48, layers=3)
+    student = make_model(tok, seed=1)
+    student.lm_head.weight = student.get_input_embeddings().weight
+    student.config.text_config.tie_word_embeddings = True
+    steps = []
+    for impl in ("logits", "fused"):
+        cfg = DistillationConfig(method="align_ti", iva_layer=1, loss_impl=impl)
+        steps.append(_one_step(tmp_path / impl, synth, tok, processor, student, teacher, cfg))
+    assert student.lm_head.weight is student.get_input_embeddings().weight
+    _assert_same_step(*steps)
+    assert any("embed_tokens" in k for k in steps[1][2])
+
+
+def test_fused_loss_impl_shared_vocab_prefix_and_outputs(tmp_path, synth, tok, processor) -> None:
+    """A teacher with a larger vocabulary (shared prefix), and return_outputs gives ground-truth logits."""
+    big = make_model(tok, seed=2, vocab_size=len(tok) + 6)
+    student = make_model(tok, seed=1)
+    steps = []
+    for impl in ("logits", "fused"):
+        cfg = DistillationConfig(method="tpa", vocab_policy="shared_prefix", loss_impl=impl)
+        steps.append(_one_step(tmp_path / impl, synth, tok, processor, student, big, cfg))
+    _assert_same_step(*steps)
+    outs = []
+    for impl in ("logits", "fused"):
+        tr = _trainer(tmp_path / f"o{impl}", synth, tok, processor, student, big,
+                      DistillationConfig(method="align_ti", iva_layer=1, loss_impl=impl,
+                                         vocab_policy="shared_prefix"))
+        batch = tr.data_collator([tr.train_dataset[i] for i in range(2)])
+        student.eval()
+        with torch.no_grad():
+            outs.append(tr.compute_loss(student, dict(batch), return_outputs=True))
+    assert outs[0][1]["logits"].shape == outs[1][1]["logits"].shape == (*batch["input_ids"].shape, len(tok))
+    torch.testing.assert_close(outs[1][1]["logits"], outs[0][1]["logits"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)
+
+
+def test_loss_impl_is_checked() -> None:
+    for bad in (dict(loss_impl="chunked"), dict(loss_chunk_size=0), dict(loss_chunk_size=True)):
+        with pytest.raises(ValueError, match="loss_impl|loss_chunk_size"):
+            DistillationConfig(**bad).resolved()
+    assert DistillationConfig(loss_impl="logits", loss_chunk_size=8).resolved()["sft"] == 1.0
+
+
+def test_fused_loss_impl_under_gradient_checkpointing(tmp_path, synth, tok, processor) -> None:
+    """Checkpointed layers drop the KV cache: the fused cached TPA path falls back to the packed
+    forward of hidden states and still equals the logits path."""
+    teacher = make_model(tok, seed=2, hidden=48, layers=3)
+    student = make_model(tok, seed=1)
+    student.activation_checkpointing_enable()
+    student.train()
+    from tokinteract.hf.packed import _checkpointing_active
+
+    assert _checkpointing_active(student)
+    steps = []
+    for impl in ("logits", "fused"):
+        cfg = DistillationConfig(method="align_ti", iva_layer=1, loss_impl=impl)
+        steps.append(_one_step(tmp_path / impl, synth, tok, processor, student, teacher, cfg))
+    _assert_same_step(*steps)

@@ -32,6 +32,7 @@ from tokinteract.hf.packed import (
     ground_truth_attention_mask,
     ground_truth_forward,
     ground_truth_position_ids,
+    lm_head_parameters,
     packed_forward,
     tpa_forward,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "ground_truth_position_ids",
     "instruction_vision_alphas",
     "irs_curve",
+    "lm_head_parameters",
     "packed_forward",
     "plot_attention_grid",
     "plot_irs_curve",

@@ -50,11 +50,13 @@ from tokinteract.expansion import TPAExpansion
 from tokinteract.hf import _attn
 
 __all__ = [
+    "OUTPUTS",
     "GroundTruthOutput",
     "cached_candidate_forward",
     "ground_truth_attention_mask",
     "ground_truth_forward",
     "ground_truth_position_ids",
+    "lm_head_parameters",
     "packed_forward",
     "tpa_forward",
 ]
@@ -137,25 +139,63 @@ def _check_image_tokens(model: nn.Module, ids: Tensor, where: str) -> None:
         )
 
 
+OUTPUTS = ("logits", "hidden")
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The module that returns the LM head's input (``last_hidden_state``, after the final norm)."""
+    base = getattr(model, "model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(base, nn.Module) or head is None:
+        raise ValueError(
+            f"output='hidden' needs a model with a .model base module and an LM head "
+            f"(get_output_embeddings()), e.g. *ForCausalLM or LlavaForConditionalGeneration; got {type(model).__name__}"
+        )
+    return base
+
+
+def lm_head_parameters(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """``(weight [V, H], bias [V] or None)`` of ``model``'s LM head (``get_output_embeddings()``).
+
+    With tied embeddings the weight *is* the input embedding matrix (the same Parameter), so
+    gradients computed through it reach the embedding. Feed these, with hidden states from
+    ``output="hidden"``, to :class:`tokinteract.fused.FusedAlignTILoss`.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"model must have an LM head with a weight (get_output_embeddings()), got {type(model).__name__}")
+    bias = getattr(head, "bias", None)
+    return weight, bias if isinstance(bias, Tensor) else None
+
+
 def _run(
     model: nn.Module,
     input_ids: Tensor,
     mask: Tensor,
     position_ids: Tensor,
     mask_mod: Any = None,
+    output: str = "logits",
     **kwargs: Any,
 ) -> Any:
     fmt = _attn.mask_format(model)
     dev = _attn.model_device(model)
     am = _attn.convert_mask(mask.to(dev), fmt, _attn.model_dtype(model), mask_mod)
-    return model(input_ids=input_ids.to(dev), attention_mask=am, position_ids=position_ids.to(dev), **kwargs)
+    target = _base_model(model) if output == "hidden" else model
+    return target(input_ids=input_ids.to(dev), attention_mask=am, position_ids=position_ids.to(dev), **kwargs)
+
+
+def _result(out: Any, output: str) -> Tensor:
+    return out.last_hidden_state if output == "hidden" else out.logits
 
 
 def packed_forward(
     model: nn.Module,
     expansion: TPAExpansion,
+    *,
+    output: str = "logits",
     **model_inputs: Any,
-) -> Float[Tensor, "batch xseq vocab"]:
+) -> Float[Tensor, "batch xseq vocab"] | Float[Tensor, "batch xseq hidden"]:
     """One forward over the whole TPA expansion with the ribbon mask (Algorithm 1, line 16).
 
     The boolean ribbon mask ``expansion.attention_mask`` (True = attend) is converted to what
@@ -168,11 +208,14 @@ def packed_forward(
         model: a Hugging Face causal LM or ``LlavaForConditionalGeneration``. For composite
             models the text config's ``_attn_implementation`` decides the mask format.
         expansion: from :func:`tokinteract.tpa_expand`.
+        output: ``"logits"`` (default) or ``"hidden"``: the LM head's input (the base
+            model's ``last_hidden_state``, after the final norm; the LM head never runs),
+            for :class:`tokinteract.fused.FusedAlignTILoss` with :func:`lm_head_parameters`.
         **model_inputs: extra inputs passed through, e.g. ``pixel_values`` (the image
             features land on the image-token slots, which are all in the ground-truth part).
 
     Returns:
-        ``[B, T2, V]`` logits; ``[:, :T]`` are the ground-truth logits.
+        ``[B, T2, V]`` logits (or ``[B, T2, H]`` hidden states); ``[:, :T]`` are the ground-truth rows.
 
     Raises:
         ValueError: for attention implementations that cannot honour a custom mask
@@ -181,12 +224,15 @@ def packed_forward(
     """
     if not isinstance(expansion, TPAExpansion):
         raise TypeError(f"expansion must be a TPAExpansion, got {type(expansion).__name__}")
+    check_choice("output", output, OUTPUTS)
     _check_model_inputs(model_inputs)
     _check_image_tokens(model, expansion.input_ids[:, expansion.seq_len :], "the candidate and unused slots of expansion.input_ids")
     dev = _attn.model_device(model)
     exp = expansion.to(dev)
-    out = _run(model, exp.input_ids, exp.attention_mask, exp.position_ids, exp.mask_mod(), use_cache=False, **model_inputs)
-    return out.logits
+    out = _run(
+        model, exp.input_ids, exp.attention_mask, exp.position_ids, exp.mask_mod(), output, use_cache=False, **model_inputs
+    )
+    return _result(out, output)
 
 
 @dataclass(eq=False)
@@ -194,20 +240,29 @@ class GroundTruthOutput:
     """What the ground-truth pass leaves for the candidate pass.
 
     Attributes:
-        logits: ``[B, T, V]`` logits on the ground truth (they carry gradients).
+        logits: ``[B, T, V]`` logits on the ground truth (they carry gradients); None when the
+            pass ran with ``output="hidden"``.
         cache: the KV cache of the pass (``None`` under gradient checkpointing).
         input_ids: ``[B, T]`` the ground-truth tokens.
         attention_mask: bool ``[B, T]`` padding mask (True = real token).
         model_inputs: the extra inputs (e.g. ``pixel_values``), kept for the packed fallback.
         outputs: the model's full output object (hidden states, attentions when asked).
+        hidden_states: ``[B, T, H]`` input of the LM head (after the final norm) when the pass
+            ran with ``output="hidden"``, else None.
     """
 
-    logits: Float[Tensor, "batch seq vocab"]
+    logits: Float[Tensor, "batch seq vocab"] | None
     cache: Any
     input_ids: Int[Tensor, "batch seq"]
     attention_mask: Bool[Tensor, "batch seq"]
     model_inputs: dict[str, Any] = field(default_factory=dict)
     outputs: Any = None
+    hidden_states: Float[Tensor, "batch seq hidden"] | None = None
+
+    @property
+    def output(self) -> str:
+        """``"hidden"`` if the pass returned hidden states, else ``"logits"``."""
+        return "hidden" if self.logits is None else "logits"
 
 
 def _checkpointing_active(model: nn.Module) -> bool:
@@ -227,6 +282,7 @@ def ground_truth_forward(
     attention_mask: Bool[Tensor, "batch seq"] | Int[Tensor, "batch seq"] | None = None,
     *,
     use_cache: bool = True,
+    output: str = "logits",
     **model_inputs: Any,
 ) -> GroundTruthOutput:
     """Step (a) of the cached path: the ground-truth forward, keeping its KV cache.
@@ -242,12 +298,17 @@ def ground_truth_forward(
         use_cache: keep the KV cache for :func:`cached_candidate_forward`. Under gradient
             checkpointing Hugging Face drops it; the result then has ``cache=None`` and the
             candidate pass falls back to the packed path (logged once).
+        output: ``"logits"`` (default) fills ``.logits``; ``"hidden"`` runs the base model
+            only and fills ``.hidden_states`` (the LM head's input) instead, for
+            :func:`tokinteract.fused.fused_sample_candidates` and the fused losses. The
+            candidate pass then returns hidden states as well.
         **model_inputs: e.g. ``pixel_values``; also ``output_hidden_states`` etc.
 
     Returns:
         a :class:`GroundTruthOutput`; feed ``.logits`` to
         :func:`tokinteract.sample_candidates`.
     """
+    check_choice("output", output, OUTPUTS)
     check_tensor("input_ids", input_ids, ndim=2)
     check_integer("input_ids", input_ids)
     _check_model_inputs(model_inputs)
@@ -267,14 +328,17 @@ def ground_truth_forward(
         ground_truth_attention_mask(am),
         ground_truth_position_ids(am),
         _gt_mask_mod(am),
+        output,
         use_cache=keep,
         **model_inputs,
     )
     cache = getattr(out, "cache", None) if keep else None
     if cache is None:
         cache = getattr(out, "past_key_values", None) if keep else None
+    hidden = output == "hidden"
     return GroundTruthOutput(
-        logits=out.logits, cache=cache, input_ids=input_ids, attention_mask=am, model_inputs=dict(model_inputs), outputs=out
+        logits=None if hidden else out.logits, cache=cache, input_ids=input_ids, attention_mask=am,
+        model_inputs=dict(model_inputs), outputs=out, hidden_states=out.last_hidden_state if hidden else None,
     )
 
 
@@ -301,7 +365,7 @@ def cached_candidate_forward(
     expansion: TPAExpansion,
     *,
     attention: str = "dense",
-) -> Float[Tensor, "batch len vocab"]:
+) -> Float[Tensor, "batch len vocab"] | Float[Tensor, "batch len hidden"]:
     """Step (c) of the cached path: run only the candidate block over the cached prefix.
 
     The ``N = T2 - T`` candidate slots run as one query block with position ids
@@ -331,7 +395,9 @@ def cached_candidate_forward(
 
     Returns:
         ``[B, T2 - T, V]`` candidate-block logits; ``torch.cat([ground_truth.logits, it], 1)``
-        has the ``[B, T2, V]`` layout of :func:`packed_forward`.
+        has the ``[B, T2, V]`` layout of :func:`packed_forward`. If ``ground_truth`` was
+        computed with ``output="hidden"``, ``[B, T2 - T, H]`` hidden states instead (to
+        concatenate with ``ground_truth.hidden_states``).
     """
     if not isinstance(ground_truth, GroundTruthOutput):
         raise TypeError(f"ground_truth must be a GroundTruthOutput, got {type(ground_truth).__name__}")
@@ -353,8 +419,10 @@ def cached_candidate_forward(
     dev = _attn.model_device(model)
     exp = expansion.to(dev)
     B, N = exp.input_ids.shape[0], exp.expanded_len - T
+    output = ground_truth.output
+    first = ground_truth.hidden_states if output == "hidden" else ground_truth.logits
     if N == 0:
-        return ground_truth.logits.new_zeros((B, 0, ground_truth.logits.shape[-1]))
+        return first.new_zeros((B, 0, first.shape[-1]))
     cache = ground_truth.cache
     if cache is None:
         _notice(
@@ -362,7 +430,7 @@ def cached_candidate_forward(
             "tokinteract.hf: the ground-truth pass has no KV cache (gradient checkpointing, or "
             "use_cache=False); running the packed forward for the candidate block instead.",
         )
-        return packed_forward(model, expansion, **ground_truth.model_inputs)[:, T:]
+        return packed_forward(model, expansion, output=output, **ground_truth.model_inputs)[:, T:]
     if cache.get_seq_length() != T:
         raise ValueError(f"ground_truth.cache must hold exactly the T={T} ground-truth tokens, holds {cache.get_seq_length()}")
     ids = exp.input_ids[:, T:]
@@ -371,15 +439,16 @@ def cached_candidate_forward(
     try:
         if attention == "prefix_self":
             _attn.ensure_prefix_self_registered()
+            target = _base_model(model) if output == "hidden" else model
             with _attn.use_attn_implementation(model, _attn.PREFIX_SELF):
-                out = model(input_ids=ids, attention_mask=rows[..., :T], position_ids=pos, cache=cache, use_cache=True)
+                out = target(input_ids=ids, attention_mask=rows[..., :T], position_ids=pos, cache=cache, use_cache=True)
         else:
-            out = _run(model, ids, rows, pos, _offset_mask_mod(exp.mask_mod(), T), cache=cache, use_cache=True)
+            out = _run(model, ids, rows, pos, _offset_mask_mod(exp.mask_mod(), T), output, cache=cache, use_cache=True)
     finally:
         grown = cache.get_seq_length() - T
         if grown > 0:
             cache.crop(-grown)
-    return out.logits
+    return _result(out, output)
 
 
 def tpa_forward(
@@ -388,8 +457,9 @@ def tpa_forward(
     *,
     mode: str = "cached",
     attention: str = "dense",
+    output: str = "logits",
     **model_inputs: Any,
-) -> Float[Tensor, "batch xseq vocab"]:
+) -> Float[Tensor, "batch xseq vocab"] | Float[Tensor, "batch xseq hidden"]:
     """Full ``[B, T2, V]`` logits over a TPA expansion, for teachers and students alike.
 
     ``mode="cached"``: :func:`ground_truth_forward` on ``expansion.input_ids[:, :T]``, then
@@ -402,12 +472,18 @@ def tpa_forward(
         expansion: from :func:`tokinteract.tpa_expand`.
         mode: ``"cached"`` or ``"packed"``.
         attention: candidate-pass attention for ``mode="cached"`` (``"prefix_self"`` or ``"dense"``).
+        output: ``"logits"`` (default, ``[B, T2, V]``) or ``"hidden"`` (``[B, T2, H]``, the LM
+            head's input; see :func:`packed_forward`).
         **model_inputs: e.g. ``pixel_values``.
     """
     check_choice("mode", mode, ("cached", "packed"))
+    check_choice("output", output, OUTPUTS)
     if mode == "packed":
-        return packed_forward(model, expansion, **model_inputs)
+        return packed_forward(model, expansion, output=output, **model_inputs)
     T = expansion.seq_len
-    gt = ground_truth_forward(model, expansion.input_ids[:, :T], expansion.slot_is_context[:, :T], **model_inputs)
+    gt = ground_truth_forward(
+        model, expansion.input_ids[:, :T], expansion.slot_is_context[:, :T], output=output, **model_inputs
+    )
     cand = cached_candidate_forward(model, gt, expansion, attention=attention)
-    return torch.cat([gt.logits, cand], dim=1)
+    first = gt.hidden_states if output == "hidden" else gt.logits
+    return torch.cat([first, cand], dim=1)

@@ -18,6 +18,21 @@ One training step (``compute_loss``), for a right-padded batch from
 3. ``tokinteract.AlignTILoss`` composes SFT, KD, IVA and TPA; each part is logged as
    ``loss_sft``, ``loss_kd``, ``loss_iva``, ``loss_tpa``.
 
+``loss_impl`` (``DistillationConfig``) picks how the logits are handled:
+
+* ``"logits"``: both models return full ``[B, T(2), V]`` logits and
+  ``tokinteract.AlignTILoss`` runs on them (``tokinteract.sample_candidates`` on the
+  student's ground-truth logits).
+* ``"fused"``: both models return the hidden states entering their LM heads
+  (``tokinteract.hf`` forwards with ``output="hidden"``; the LM head never runs inside the
+  model), and ``tokinteract.fused.FusedAlignTILoss`` applies each LM head (student: with
+  gradients, tied embeddings included; teacher: under no grad) to only the rows some part
+  needs, one chunk at a time; TPA candidates come from
+  ``tokinteract.fused.fused_sample_candidates`` on the candidate positions only. Same loss,
+  parts and gradients as ``"logits"`` up to fp32 matmul rounding. The whole step (student,
+  teacher, loss) runs inside the one wrapper forward, so the LM head's parameters are used
+  inside it. GKD's on-policy batches (generation) keep using logits.
+
 Normalisation under gradient accumulation and data parallelism: the trainer counts the
 supervised positions (``labels[:, 1:] != -100``) and the sequences of the whole
 accumulation window, summed over ranks when ``average_tokens_across_devices`` (the
@@ -79,7 +94,9 @@ from tokinteract import (
 )
 from tokinteract.mllm.model import check_teacher_student, num_image_tokens
 
-__all__ = ["METHODS", "DistillationConfig", "DistillationTrainer", "run_through_wrapper"]
+__all__ = ["LOSS_IMPLS", "METHODS", "DistillationConfig", "DistillationTrainer", "run_through_wrapper"]
+
+LOSS_IMPLS = ("fused", "logits")
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +146,13 @@ class DistillationConfig:
     vocab_policy: str = field(default="error", metadata={"help": "error or shared_prefix (different vocab sizes)"})
     image_token_policy: str = field(default="error", metadata={"help": "error or remap (different image-token ids)"})
     sampling_seed: int = field(default=0, metadata={"help": "seed of candidate sampling and GKD coin flips"})
+    loss_impl: str = field(
+        default="fused",
+        metadata={"help": "fused (hidden states + LM head, logits only per chunk of supervised rows) or logits"},
+    )
+    loss_chunk_size: int | None = field(
+        default=None, metadata={"help": "rows per LM-head chunk with loss_impl=fused (None: 2**24 // vocab)"}
+    )
 
     def resolved(self) -> dict[str, Any]:
         """The effective settings after applying the preset."""
@@ -149,6 +173,12 @@ class DistillationConfig:
                 raise ValueError(f"{k}_weight must be a finite number >= 0, got {out[k]!r}")
         if out["iva_weights"] not in ("teacher", "student", "uniform"):
             raise ValueError(f"iva_weights must be teacher, student or uniform, got {out['iva_weights']!r}")
+        if self.loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
+        if self.loss_chunk_size is not None and (
+            isinstance(self.loss_chunk_size, bool) or not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1
+        ):
+            raise ValueError(f"loss_chunk_size must be None or an int >= 1, got {self.loss_chunk_size!r}")
         if self.tpa_forward not in ("cached", "packed"):
             raise ValueError(f"tpa_forward must be 'cached' or 'packed', got {self.tpa_forward!r}")
         from tokinteract import SAMPLING_STRATEGIES
@@ -287,11 +317,18 @@ class DistillationTrainer(Trainer):
             teacher.eval()
             dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
             teacher.to(device=self.args.device, **({"dtype": dtype} if dtype is not None else {}))
-        self.loss_fn = AlignTILoss(
+        loss_kwargs = dict(
             sft=s["sft"], kd=s["kd"], iva=s["iva"], tpa=s["tpa"], kind=s["divergence"],
             temperature=self.distill.temperature, beta=self.distill.jsd_beta, alpha=self.distill.skew_alpha,
             vocab_size=self.vocab_size,
         )
+        self.fused = self.distill.loss_impl == "fused"
+        if self.fused:
+            from tokinteract.fused import FusedAlignTILoss
+
+            self.loss_fn: AlignTILoss = FusedAlignTILoss(chunk_size=self.distill.loss_chunk_size, **loss_kwargs)
+        else:
+            self.loss_fn = AlignTILoss(**loss_kwargs)
         self.image_token_id = int(model.config.image_token_id)
         self.teacher_image_token_id = int(teacher.config.image_token_id) if teacher is not None else None
         self.pad_token_id = self._pad_id(model, kwargs.get("processing_class"))
@@ -406,6 +443,25 @@ class DistillationTrainer(Trainer):
                 lg[..., i] = torch.finfo(lg.dtype).min
         return lg
 
+    def _sampling_head(self, model: nn.Module) -> tuple[Tensor, Tensor]:
+        """The student's LM head for fused candidate sampling, detached: ``weight[:vocab]`` and a
+        bias that is ``finfo.min`` at the image-token id(s), as :meth:`_sampling_logits` does."""
+        from tokinteract.hf.packed import lm_head_parameters
+
+        w, b = lm_head_parameters(model)
+        w = w.detach()
+        b = b.detach() if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        if self.vocab_size is not None:
+            w, b = w[: self.vocab_size], b[: self.vocab_size]
+        b = b.clone()
+        ids = {self.image_token_id}
+        if self.teacher_image_token_id is not None:
+            ids.add(self.teacher_image_token_id)
+        for i in ids:
+            if i < b.shape[0]:
+                b[i] = torch.finfo(b.dtype).min
+        return w, b
+
     def _teacher_ids(self, ids: Tensor) -> Tensor:
         t_img = self.teacher_image_token_id
         if t_img is None or t_img == self.image_token_id:
@@ -444,6 +500,11 @@ class DistillationTrainer(Trainer):
         w_src = s["iva_weights"] if s["iva"] > 0 else None
         layer = self._weights_layer() if w_src in ("teacher", "student") else None
         model_inputs = {"pixel_values": px} if px is not None else {}
+        if self.fused:
+            return self._fused_loss(
+                model, unwrapped, ids, att, labels, visual, instr, px, cmask, gen, layer, w_src, counts,
+                return_outputs,
+            )
 
         def student_pass() -> dict[str, Any]:
             out: dict[str, Any] = {}
@@ -490,25 +551,110 @@ class DistillationTrainer(Trainer):
             s_logits, t_logits, labels, expansion=exp, visual_weights=weights,
             num_items=num_items, num_sequences=num_seqs,
         )
+        loss = self._finish(loss, parts, counts)
+        if return_outputs:
+            gt_logits = exp.gather_gt(s_logits) if exp is not None else s_logits
+            return loss, {"logits": gt_logits}
+        return loss
+
+    def _finish(self, loss: Tensor, parts: dict[str, Tensor], counts: Any) -> Tensor:
+        """Scale for data parallelism and log the parts (shared by both loss implementations)."""
         scale = 1.0
         if counts is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
             scale = float(self.accelerator.num_processes)
         self.loss_is_scaled_for_ga = counts is not None
         loss = loss * scale
-        if training:
+        if self.model.training:
             share = scale if counts is not None else scale / max(self.current_gradient_accumulation_steps, 1)
             self._add_parts(parts, share)
+        return loss
+
+    def _fused_loss(
+        self, model: nn.Module, unwrapped: nn.Module, ids: Tensor, att: Tensor, labels: Tensor, visual: Tensor,
+        instr: Tensor, px: Tensor | None, cmask: Tensor, gen: torch.Generator, layer: int | None,
+        w_src: str | None, counts: Any, return_outputs: bool,
+    ) -> Any:
+        """``loss_impl="fused"``: hidden states from both models, LM heads applied per chunk in the loss.
+
+        Runs the student pass, the teacher pass and the loss inside one forward call of the
+        wrapper (the LM head's parameters are used there, which sharded wrappers need).
+        """
+        from tokinteract.fused import fused_sample_candidates
+        from tokinteract.hf.packed import _base_model, lm_head_parameters
+
+        hf = _hf()
+        s = self.settings
+        d = self.distill
+        use_tpa = s["tpa"] > 0
+        model_inputs = {"pixel_values": px} if px is not None else {}
+        num_items = counts[0] if counts is not None else None
+        num_seqs = counts[1] if counts is not None else None
+
+        def step() -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor, Tensor | None, Any]:
+            capture = w_src == "student"
+            exp = None
+            with _maybe_capture(unwrapped, layer if capture else None, instr) as cap:
+                if use_tpa:
+                    packed = d.tpa_forward == "packed"
+                    with torch.no_grad() if packed else _null():
+                        gt = hf.ground_truth_forward(
+                            unwrapped, ids, att, use_cache=not packed, output="hidden", **model_inputs
+                        )
+                else:
+                    s_hidden = _base_model(unwrapped)(
+                        input_ids=ids, attention_mask=att, position_ids=_position_ids(att), **model_inputs
+                    ).last_hidden_state
+            s_weights = cap.visual_importance(visual)[:, : ids.shape[1]].detach() if capture else None
+            sw, sb = lm_head_parameters(unwrapped)
+            if use_tpa:
+                hw, hb = self._sampling_head(unwrapped)
+                cand = fused_sample_candidates(
+                    gt.hidden_states.detach().to(hw.dtype), hw, d.tpa_num_candidates, mask=cmask, student_bias=hb,
+                    strategy=d.tpa_sampling, top_p=d.tpa_top_p, temperature=d.tpa_temperature, generator=gen,
+                    chunk_size=d.loss_chunk_size,
+                )
+                exp = tpa_expand(ids, cand, cmask, att.bool(), pad_token_id=self.pad_token_id)
+                if d.tpa_forward == "packed":
+                    s_hidden = hf.packed_forward(unwrapped, exp, output="hidden", **model_inputs)
+                else:
+                    s_hidden = torch.cat([gt.hidden_states, hf.cached_candidate_forward(unwrapped, gt, exp)], 1)
+            t_hidden = tw = tb = None
+            t_weights = None
+            if self.teacher is not None and (s["kd"] > 0 or s["iva"] > 0 or use_tpa):
+                t_hidden, t_weights = self._teacher_pass(
+                    ids, att, instr, visual, exp, px, layer if w_src == "teacher" else None, output="hidden"
+                )
+                tw, tb = lm_head_parameters(self.teacher)
+                t_hidden = t_hidden.to(tw.dtype)
+            weights = None
+            if s["iva"] > 0:
+                if w_src == "uniform":
+                    weights = uniform_visual_weights(visual)
+                else:
+                    weights = t_weights if w_src == "teacher" else s_weights
+            s_hidden = s_hidden.to(sw.dtype)
+            loss, parts = self.loss_fn(
+                s_hidden, sw, t_hidden, tw, labels, student_bias=sb, teacher_bias=tb, expansion=exp,
+                visual_weights=weights, num_items=num_items, num_sequences=num_seqs,
+            )
+            return loss, parts, s_hidden, sw, sb, exp
+
+        loss, parts, s_hidden, sw, sb, exp = run_through_wrapper(model, unwrapped, step)
+        loss = self._finish(loss, parts, counts)
         if return_outputs:
-            gt_logits = exp.gather_gt(s_logits) if exp is not None else s_logits
+            gt_hidden = s_hidden[:, : exp.seq_len] if exp is not None else s_hidden
+            with torch.no_grad():
+                gt_logits = torch.nn.functional.linear(gt_hidden, sw, sb)
             return loss, {"logits": gt_logits}
         return loss
 
     @torch.no_grad()
     def _teacher_pass(
         self, ids: Tensor, att: Tensor, instr: Tensor, visual: Tensor, exp: Any, px: Tensor | None,
-        layer: int | None,
+        layer: int | None, output: str = "logits",
     ) -> tuple[Tensor, Tensor | None]:
-        """Teacher logits (same layout as the student's) and, with ``layer``, IVA weights ``[B, T]``."""
+        """Teacher logits (same layout as the student's; with ``output="hidden"`` the LM head's
+        input instead) and, with ``layer``, IVA weights ``[B, T]``."""
         hf = _hf()
         teacher = self.teacher
         if teacher.training:
@@ -521,10 +667,17 @@ class DistillationTrainer(Trainer):
             if exp is not None:
                 t_exp = dataclasses.replace(exp, input_ids=self._teacher_ids(exp.input_ids))
                 if self.distill.tpa_forward == "packed":
-                    logits = hf.packed_forward(teacher, t_exp, **mi)
+                    logits = hf.packed_forward(teacher, t_exp, output=output, **mi)
                 else:
-                    gt = hf.ground_truth_forward(teacher, t_ids, att, **mi)
-                    logits = torch.cat([gt.logits, hf.cached_candidate_forward(teacher, gt, t_exp)], 1)
+                    gt = hf.ground_truth_forward(teacher, t_ids, att, output=output, **mi)
+                    first = gt.hidden_states if output == "hidden" else gt.logits
+                    logits = torch.cat([first, hf.cached_candidate_forward(teacher, gt, t_exp)], 1)
+            elif output == "hidden":
+                from tokinteract.hf.packed import _base_model
+
+                logits = _base_model(teacher)(
+                    input_ids=t_ids, attention_mask=att, position_ids=_position_ids(att), **mi
+                ).last_hidden_state
             else:
                 logits = teacher(input_ids=t_ids, attention_mask=att, position_ids=_position_ids(att), **mi).logits
         weights = cap.visual_importance(visual)[:, : ids.shape[1]] if layer is not None else None

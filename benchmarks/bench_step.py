@@ -1,0 +1,456 @@
+"""One distillation training step: SFT, Vanilla KD, +IVA, +TPA, Align-TI (``DistillationTrainer``).
+
+Each measured step is ``DistillationTrainer.compute_loss`` (student pass with gradients,
+candidate sampling, teacher pass under no grad, loss) followed by ``loss.backward()`` and
+``zero_grad`` on a fixed LLaVA-style batch; no optimizer update (it is the same for every
+method). Models are random LLaVAs (SigLIP + projector + Qwen2) built from configs; the vision
+tower is frozen (``set_trainable(..., "finetune")``) as in training.
+
+Token mix per sample: ``1`` BOS + ``--visual`` image tokens + ~``--instruction`` instruction
+tokens + ~``--response`` response tokens (lengths vary by +-10% across the batch, right
+padding); only the response is supervised, TPA draws ``--d`` candidates at every response
+position.
+
+Variants (``DistillationConfig.method``; suffix ``_logits``: ``loss_impl="logits"``, i.e. full
+logits and the unfused loss; ``_packed``: ``tpa_forward="packed"``, the paper's Algorithm 1 with
+the student's second full pass; no suffix: the trainer defaults, ``loss_impl="fused"`` and
+``tpa_forward="cached"``):
+
+    sft, kd, iva, tpa, align_ti, kd_logits, iva_logits, tpa_logits, align_ti_logits, tpa_packed,
+    align_ti_packed
+
+Every time is also given as a ratio against the Vanilla KD step of the same ``loss_impl``
+measured in the same run (``kd`` = 1.0, or ``kd_logits`` for ``*_logits``). Variants are
+interleaved round by round (each round runs every variant once, after one warm-up round) and
+the best round is kept, so load from other processes hits all of them alike.
+
+``est_ratio`` (printed, and in the notes): a compute model of each step (see
+:func:`estimated_macs`: parameters x tokens, attention scores, and the LM-head rows each loss
+needs), to tell work the method adds from overhead.
+
+Token work: ``token_ratio = (T + N) / T`` with ``T`` the real ground-truth tokens of the batch
+and ``N`` the candidate slots (``d`` x supervised positions): what TPA adds to each model's
+forward in the cached path (the student's second full pass of Algorithm 1 removed). Targets
+(issue 5): ``align_ti / kd <= 1.05 x token_ratio`` and ``iva / kd <= 1.03``.
+
+    .venv/bin/python benchmarks/bench_step.py --quick                # CPU, tiny-but-not-trivial shapes
+    .venv/bin/python benchmarks/bench_step.py --quick --profile tpa  # where the TPA step's time goes
+    .venv/bin/python benchmarks/bench_step.py --quick --breakdown    # seconds per part of each step
+    .venv/bin/python benchmarks/bench_step.py --device cuda --teacher 7b --estimate  # compute model only
+    # GPU (not run here: no GPU on this machine): Qwen2-0.5B-shaped student, Qwen2-1.5B / 7B-shaped teacher
+    .venv/bin/python benchmarks/bench_step.py --device cuda --dtype bf16 --teacher 1.5b
+    .venv/bin/python benchmarks/bench_step.py --device cuda --dtype bf16 --teacher 7b
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DTYPES, machine_info, print_table, ratio, write_results  # noqa: E402
+
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sft": ("sft", {}),
+    "kd": ("kd", {}),
+    "iva": ("iva", {}),
+    "tpa": ("tpa", {}),
+    "align_ti": ("align_ti", {}),
+    "uniform_va": ("uniform_va", {}),
+    "kd_logits": ("kd", {"loss_impl": "logits"}),
+    "iva_logits": ("iva", {"loss_impl": "logits"}),
+    "tpa_logits": ("tpa", {"loss_impl": "logits"}),
+    "align_ti_logits": ("align_ti", {"loss_impl": "logits"}),
+    "tpa_packed": ("tpa", {"tpa_forward": "packed"}),
+    "align_ti_packed": ("align_ti", {"tpa_forward": "packed"}),
+}
+
+# Qwen2 / Qwen2.5 shapes (hidden, layers, heads, kv heads, intermediate); SigLIP-so400m/14 at 384 px
+SHAPES = {
+    "0.5b": (896, 24, 14, 2, 4864),
+    "1.5b": (1536, 28, 12, 2, 8960),
+    "7b": (3584, 28, 28, 4, 18944),
+}
+GPU_VISION = dict(vision_hidden_size=1152, vision_layers=27, vision_heads=16, image_size=378, patch_size=14)  # 729 tokens
+# CPU --quick: tiny but not trivial
+CPU_STUDENT = (128, 2, 4, 2, 256)
+CPU_TEACHER = (256, 4, 8, 2, 512)
+CPU_VISION = dict(vision_hidden_size=64, vision_layers=2, vision_heads=2, image_size=112, patch_size=8)  # 196 tokens
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+def build_model(vocab: int, image_token: int, shape: tuple[int, ...], vision: dict, seed: int, dtype, device):
+    from tokinteract.mllm import build_tiny_llava
+
+    h, n, heads, kv, inter = shape
+    m = build_tiny_llava(
+        vocab_size=vocab, image_token_id=image_token, hidden_size=h, num_layers=n, num_heads=heads,
+        num_kv_heads=kv, intermediate_size=inter, max_position_embeddings=8192, pad_token_id=PAD,
+        eos_token_id=EOS, seed=seed, **vision,
+    )
+    return m.to(device=device, dtype=dtype)
+
+
+def build_batch(B: int, n_vis: int, n_instr: int, n_resp: int, vocab: int, image_token: int, image_size: int,
+                seed: int, device, dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for b in range(B):
+        ni = max(1, round(n_instr * (0.9 + 0.2 * b / max(B - 1, 1))))
+        nr = max(1, round(n_resp * (1.1 - 0.2 * b / max(B - 1, 1))))
+        instr = torch.randint(3, image_token, (ni,), generator=g)
+        resp = torch.randint(3, image_token, (nr,), generator=g)
+        ids = torch.cat([torch.tensor([BOS]), torch.full((n_vis,), image_token), instr, resp])
+        kind = torch.cat([torch.zeros(1 + n_vis), torch.ones(ni), 2 * torch.ones(nr)]).long()
+        kind[1 : 1 + n_vis] = 3
+        seqs.append((ids, kind))
+    T = max(len(s[0]) for s in seqs)
+    out = {k: torch.zeros(B, T, dtype=torch.long) for k in ("input_ids", "attention_mask", "kind")}
+    for b, (ids, kind) in enumerate(seqs):
+        out["input_ids"][b, : len(ids)] = ids
+        out["attention_mask"][b, : len(ids)] = 1
+        out["kind"][b, : len(ids)] = kind + 1
+    kind = out.pop("kind")
+    batch = {
+        "input_ids": out["input_ids"],
+        "attention_mask": out["attention_mask"],
+        "labels": torch.where(kind == 3, out["input_ids"], torch.full_like(out["input_ids"], -100)),
+        "visual_mask": (kind == 4).long(),
+        "instruction_mask": (kind == 2).long(),
+        "response_mask": (kind == 3).long(),
+        "pixel_values": torch.randn(B, 3, image_size, image_size, generator=g),
+    }
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    return batch
+
+
+def make_trainer(student, teacher, method: str, extra: dict, args: Any, iva_layer: int, d: int):
+    from tokinteract.mllm import DistillationConfig, DistillationTrainer
+
+    cfg = DistillationConfig(method=method, iva_layer=iva_layer, tpa_num_candidates=d, **extra)
+    tr = DistillationTrainer(student, args, teacher=teacher if method != "sft" else None, distill=cfg)
+    tr.current_gradient_accumulation_steps = 1  # set by the training loop otherwise
+    return tr
+
+
+def token_work(batch: dict[str, torch.Tensor], d: int) -> tuple[int, int]:
+    """(real ground-truth tokens T, candidate slots N) of one step."""
+    from tokinteract import shift_labels
+
+    T = int(batch["attention_mask"].sum())
+    N = d * int((shift_labels(batch["labels"]) != -100).sum())
+    return T, N
+
+
+def _text_params(model) -> tuple[int, int, int]:
+    """(non-embedding language-model parameters, layers, hidden)."""
+    lm = model.model.language_model
+    n = sum(p.numel() for k, p in lm.named_parameters() if "embed_tokens" not in k)
+    cfg = model.config.text_config
+    return n, cfg.num_hidden_layers, cfg.hidden_size
+
+
+def estimated_macs(v: str, student, teacher, batch: dict[str, torch.Tensor], d: int, vocab: int) -> float:
+    """Rough multiply-accumulates of one step: 1 MAC per parameter per token (x3 with gradients),
+    attention scores ``2 L H ctx``, the LM heads on the rows the loss needs (fused: supervised rows,
+    + visual rows for IVA, + candidate rows for TPA; logits: every slot). Vision towers are left
+    out (frozen, identical in every variant)."""
+    from tokinteract import shift_labels
+
+    method, extra = VARIANTS[v]
+    fused = extra.get("loss_impl", "fused") == "fused"
+    packed = extra.get("tpa_forward") == "packed"
+    tpa = method in ("tpa", "align_ti")
+    iva = method in ("iva", "align_ti", "uniform_va")
+    att = batch["attention_mask"]
+    B, T = att.shape
+    lens = att.sum(1).double()
+    R = float((shift_labels(batch["labels"]) != -100).sum())
+    N = d * R if tpa else 0.0
+    vis = float(batch["visual_mask"].sum()) if iva else 0.0
+    T2 = T + (d * int((shift_labels(batch["labels"]) != -100).sum(1).max()) if tpa else 0)
+    rows = (R + N + vis) if fused else float(B * T2)
+
+    def model_macs(m, grad: bool) -> float:
+        n, L, H = _text_params(m)
+        gt = float(lens.sum()) * n + float((lens**2).sum()) * L * H  # 2 L H ctx, ctx ~ len / 2
+        cand = N * n + 2 * L * H * N * float(lens.mean())
+        f = gt + cand + rows * vocab * H
+        if grad and packed and tpa:
+            f += gt  # the no-grad ground-truth pass Algorithm 1 runs before the packed pass
+            return 3 * (f - gt) + gt
+        return 3 * f if grad else f
+
+    total = model_macs(student, True)
+    if method != "sft":
+        total += model_macs(teacher, False)
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CPU shapes: student H=128 x2, teacher H=256 x4, 196 visual")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp32 on CPU, bf16 on CUDA")
+    ap.add_argument("--teacher", choices=["1.5b", "7b"], default="1.5b", help="GPU teacher shape")
+    ap.add_argument("--batch", type=int, default=None, help="default 2 (CPU) / 4 (CUDA)")
+    ap.add_argument("--visual", type=int, default=None, help="image tokens (CPU 196, CUDA 729: fixed by the tower)")
+    ap.add_argument("--instruction", type=int, default=60)
+    ap.add_argument("--response", type=int, default=100)
+    ap.add_argument("--vocab", type=int, default=None, help="default 151,936 (Qwen2); --quick: 8,192")
+    ap.add_argument("--d", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds after one warm-up round; best kept")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--profile", default=None, choices=list(VARIANTS), help="cProfile + torch.profiler of one step")
+    ap.add_argument("--name", default=None, help="results file stem (default bench_step_<device>)")
+    ap.add_argument("--estimate", action="store_true",
+                    help="only print the compute-model ratios for these shapes (models on the meta device, no run)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="time the parts of each step (student passes, teacher pass, sampling, loss, backward)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on a loaded machine)")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    from transformers import TrainingArguments
+
+    from tokinteract.mllm import set_trainable
+
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    dtype = DTYPES[a.dtype or ("bf16" if cuda else "fp32")]
+    if cuda:
+        s_shape, t_shape, vision = SHAPES["0.5b"], SHAPES[a.teacher], dict(GPU_VISION)
+    else:
+        s_shape, t_shape, vision = CPU_STUDENT, CPU_TEACHER, dict(CPU_VISION)
+    vocab = a.vocab or (8192 if a.quick and not cuda else 151_936)
+    image_token = vocab - 1
+    n_vis = (vision["image_size"] // vision["patch_size"]) ** 2
+    if a.visual is not None and a.visual != n_vis:
+        side = int(round(a.visual**0.5))
+        if side * side != a.visual:
+            raise SystemExit("--visual must be a square number (patches of a square image)")
+        vision["image_size"] = side * vision["patch_size"]
+        n_vis = a.visual
+    B = a.batch or (4 if cuda else 2)
+    if a.estimate:
+        with torch.device("meta"):
+            st = build_model(vocab, image_token, s_shape, vision, None, dtype, "meta")
+            te = build_model(vocab, image_token, t_shape, vision, None, dtype, "meta")
+        b = build_batch(B, n_vis, a.instruction, a.response, vocab, image_token, vision["image_size"], 0, "cpu", dtype)
+        T, N = token_work(b, a.d)
+        print(f"estimate only (no run): B={B} T={T} N={N} token_ratio={(T + N) / T:.3f} vocab={vocab}")
+        est = {v: estimated_macs(v, st, te, b, a.d, vocab) for v in a.variants}
+        for v in a.variants:
+            base = "kd_logits" if v.endswith("_logits") else "kd"
+            print(f"  {v:>16}: estimated ratio vs {base} {est[v] / est[base]:.3f}")
+        return
+    student = build_model(vocab, image_token, s_shape, vision, 1, dtype, device)
+    teacher = build_model(vocab, image_token, t_shape, vision, 2, dtype, device)
+    set_trainable(student, "finetune")
+    batch = build_batch(B, n_vis, a.instruction, a.response, vocab, image_token, vision["image_size"], 0, device, dtype)
+    T, N = token_work(batch, a.d)
+    token_ratio = (T + N) / T
+    tmp = tempfile.mkdtemp(prefix="bench_step_")
+    targs = TrainingArguments(
+        output_dir=tmp, use_cpu=not cuda, report_to=[], per_device_train_batch_size=B, save_strategy="no",
+        disable_tqdm=True,
+    )
+    iva_layer = t_shape[1] // 2
+    names = [a.profile] if a.profile else a.variants
+    trainers = {v: make_trainer(student, teacher, *VARIANTS[v], targs, iva_layer, a.d) for v in names}
+    student.train()
+
+    def step(v: str) -> None:
+        loss = trainers[v].compute_loss(student, dict(batch))
+        loss.backward()
+        student.zero_grad(set_to_none=True)
+        trainers[v]._part_sums = {}
+
+    print(f"device={device} dtype={dtype} B={B} T={T} N={N} token_ratio={token_ratio:.3f} vocab={vocab} d={a.d}")
+    load0 = tuple(round(x, 2) for x in os.getloadavg())
+    if a.profile:
+        profile(step, a.profile, cuda)
+        return
+    if a.breakdown:
+        breakdown(names, trainers, student, batch, a.rounds, cuda)
+        return
+    best = {v: float("inf") for v in names}
+    peak = {v: 0.0 for v in names}
+    for r in range(a.rounds + 1):
+        for v in names:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            step(v)
+            if cuda:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            if cuda:
+                peak[v] = max(peak[v], (torch.cuda.max_memory_allocated() - base) / 2**20)
+            if r > 0:
+                best[v] = min(best[v], dt)
+        if r > 0:
+            print(f"round {r}: " + " ".join(f"{v}={best[v]:.3f}" for v in names), flush=True)
+
+    est = {v: estimated_macs(v, student, teacher, batch, a.d, vocab) for v in names}
+    rows = []
+    for v in names:
+        base_name = "kd_logits" if v.endswith("_logits") else "kd"
+        if base_name not in best:
+            base_name = "kd"
+        uses_tpa = VARIANTS[v][0] in ("tpa", "align_ti")
+        rows.append({
+            "bench": "step", "variant": v, "positions": T + N if uses_tpa else T, "vocab": vocab, "d": a.d,
+            "dtype": str(dtype).replace("torch.", ""), "device": str(device), "time_s": best[v],
+            "peak_mem_mb": peak[v] if cuda else "", "time_ratio": ratio(best[v], best.get(base_name, float("nan"))),
+            "mem_ratio": ratio(peak[v], peak.get(base_name, 0.0)) if cuda else "", "baseline": base_name,
+        })
+    print_table(rows)
+    print("estimated MAC ratio vs the same baseline (compute model, see estimated_macs):")
+    for r in rows:
+        b = r["baseline"]
+        r["est_ratio"] = est[r["variant"]] / est[b] if b in est else float("nan")
+        print(f"  {r['variant']:>16}: measured {r['time_ratio']:.3f}  estimated {r['est_ratio']:.3f}")
+    verdicts = [f"token_ratio (T+N)/T = {token_ratio:.3f} (T={T} real tokens, N={N} candidate slots)"]
+
+    def check(num: str, den: str, limit: float, what: str) -> None:
+        if num in best and den in best:
+            r_ = best[num] / best[den]
+            ok = r_ <= limit
+            e = est[num] / est[den]
+            verdicts.append(
+                f"{what}: {num}/{den} = {r_:.3f} vs target <= {limit:.3f}: {'MET' if ok else 'MISSED'} "
+                f"(compute-model estimate of the same ratio: {e:.3f})"
+            )
+
+    check("align_ti", "kd", 1.05 * token_ratio, f"Align-TI (token_ratio {token_ratio:.3f} x 1.05)")
+    check("iva", "kd", 1.03, "IVA")
+    check("iva", "uniform_va", 1.03, "IVA attention capture (teacher weights vs uniform, same rows)")
+    check("align_ti_logits", "kd_logits", 1.05 * token_ratio, "Align-TI, loss_impl=logits")
+    check("iva_logits", "kd_logits", 1.03, "IVA, loss_impl=logits")
+    verdicts += [
+        f"{r['variant']}: time_ratio {r['time_ratio']:.3f} vs {r['baseline']}, compute-model estimate {r['est_ratio']:.3f}"
+        for r in rows
+    ]
+    for line in verdicts:
+        print(line)
+    info = machine_info(str(device))
+    header = {**info, "command": "python " + " ".join(sys.argv),
+              "student": f"Qwen2 H={s_shape[0]} L={s_shape[1]} heads={s_shape[2]}/{s_shape[3]} I={s_shape[4]}",
+              "teacher": f"Qwen2 H={t_shape[0]} L={t_shape[1]} heads={t_shape[2]}/{t_shape[3]} I={t_shape[4]}",
+              "vision": f"SigLIP H={vision['vision_hidden_size']} L={vision['vision_layers']} ({n_vis} tokens/image)",
+              "batch": f"B={B}, real tokens T={T}, candidate slots N={N} (d={a.d}), token_ratio (T+N)/T={token_ratio:.3f}",
+              "step": "compute_loss + backward + zero_grad, no optimizer update; best of interleaved rounds",
+              "peak memory": "torch.cuda.max_memory_allocated() - memory_allocated() around the step" if cuda
+              else "not measured on CPU (all variants share one process)",
+              "load average (1/5/15 min) at start / end": f"{load0} / {tuple(round(x, 2) for x in os.getloadavg())}"}
+    name = a.name or f"bench_step_{device.type}"
+    paths = write_results(name, rows, header, verdicts)
+    print("wrote", *paths)
+
+
+def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: int, cuda: bool) -> None:
+    """Seconds per part of one step (best round per variant), by wrapping the functions the trainer calls.
+
+    ``teacher``: ``_teacher_pass`` (its forwards, no grad); ``sampling``: candidate sampling
+    (``fused_sample_candidates`` / ``sample_candidates``); ``expand``: ``tpa_expand``; ``loss``:
+    the loss module (the fused loss also computes the LM-head gradients here); ``student+rest``:
+    the rest of ``compute_loss`` (the student's forwards); ``backward``: ``loss.backward()``.
+    """
+    import tokinteract.fused as fused_mod
+    import tokinteract.mllm.trainer as tr_mod
+
+    acc: dict[str, float] = {}
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed(key: str, f):
+        def g(*args, **kw):
+            sync()
+            t0 = time.perf_counter()
+            out = f(*args, **kw)
+            sync()
+            acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
+            return out
+
+        return g
+
+    saved = [
+        (fused_mod, "fused_sample_candidates"), (tr_mod, "sample_candidates"), (tr_mod, "tpa_expand"),
+        (tr_mod.DistillationTrainer, "_teacher_pass"),
+    ]
+    originals = [(m, n, getattr(m, n)) for m, n in saved]
+    keys = {"fused_sample_candidates": "sampling", "sample_candidates": "sampling", "tpa_expand": "expand",
+            "_teacher_pass": "teacher"}
+    try:
+        for m, n, f in originals:
+            setattr(m, n, timed(keys[n], f))
+        for tr in trainers.values():
+            tr.loss_fn.forward = timed("loss", tr.loss_fn.forward)
+        best: dict[str, dict[str, float]] = {}
+        for r in range(rounds + 1):
+            for v in names:
+                acc.clear()
+                sync()
+                t0 = time.perf_counter()
+                loss = trainers[v].compute_loss(student, dict(batch))
+                sync()
+                t1 = time.perf_counter()
+                loss.backward()
+                sync()
+                t2 = time.perf_counter()
+                student.zero_grad(set_to_none=True)
+                trainers[v]._part_sums = {}
+                parts = dict(acc)
+                parts["student+rest"] = (t1 - t0) - sum(parts.values())
+                parts["backward"] = t2 - t1
+                parts["total"] = t2 - t0
+                if r > 0 and (v not in best or parts["total"] < best[v]["total"]):
+                    best[v] = parts
+    finally:
+        for m, n, f in originals:
+            setattr(m, n, f)
+        for tr in trainers.values():
+            tr.loss_fn.__dict__.pop("forward", None)
+    cols = ["student+rest", "sampling", "expand", "teacher", "loss", "backward", "total"]
+    print("seconds per part (best round):")
+    print(f"{'variant':>16} " + " ".join(f"{c:>12}" for c in cols))
+    for v in names:
+        print(f"{v:>16} " + " ".join(f"{best[v].get(c, 0.0):>12.4f}" for c in cols))
+
+
+def profile(step, v: str, cuda: bool) -> None:
+    import cProfile
+    import pstats
+
+    step(v)  # warm-up
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with tprofile(activities=acts) as prof:
+        step(v)
+    print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30))
+    pr = cProfile.Profile()
+    pr.enable()
+    step(v)
+    pr.disable()
+    pstats.Stats(pr).sort_stats("cumulative").print_stats(40)
+
+
+if __name__ == "__main__":
+    main()
