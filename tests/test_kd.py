@@ -178,3 +178,12 @@ def test_sft_label_out_of_range():
     lab[0, 3] = V
     with pytest.raises(ValueError, match="labels"):
         ti.sft_loss(s, lab)
+
+
+def test_empty_sequence_gives_zero_not_an_index_error():
+    s = torch.randn(2, 0, 7, requires_grad=True)
+    t = torch.randn(2, 0, 7)
+    lab = torch.zeros(2, 0, dtype=torch.long)
+    assert ti.shift_labels(lab).shape == (2, 0)
+    assert ti.kd_loss(s, t, lab).item() == 0.0
+    assert ti.sft_loss(s, lab).item() == 0.0

@@ -35,6 +35,8 @@ def shift_labels(labels: Int[Tensor, "batch seq"], ignore_index: int = -100) -> 
     """Labels aligned to logits: ``labels[:, 1:]`` followed by one ``ignore_index``."""
     check_tensor("labels", labels, ndim=2)
     check_integer("labels", labels)
+    if labels.shape[1] == 0:
+        return labels.clone()
     pad = labels.new_full((labels.shape[0], 1), ignore_index)
     return torch.cat([labels[:, 1:], pad], dim=1)
 
