@@ -1,0 +1,1263 @@
+"""The end-to-end demo (`make demo`): synthetic task -> SFT teacher -> distilled students -> evaluation.
+
+Everything goes through the same code path as real data: the seeded shapes task of
+:mod:`tokinteract.mllm.synthetic` is written as LLaVA JSON + PNG, read back by
+:class:`tokinteract.mllm.data.LlavaJsonDataset`, and every model (teacher and students) is
+trained by :class:`tokinteract.mllm.trainer.DistillationTrainer`.
+
+Nothing is pretrained, so the two stages of the paper map onto this setting as follows:
+
+* the teacher is a larger tiny LLaVA trained from scratch with SFT on the training split
+  (it learns the language of the task and the task itself); its SFT also trains its
+  SigLIP tower, which stands in for a pretrained vision encoder (a random frozen SigLIP
+  gave the language model too little to read: see docs/results/calibration.md);
+* every student gets a frozen copy of that vision tower (LLaVA-style students share a
+  pretrained SigLIP) and starts from the *same* stage-1 checkpoint: a smaller tiny LLaVA
+  trained with SFT on the caption-only split (``describe`` answers; projector + language
+  model, because a random language model must learn the words first, where the paper's
+  stage 1 trains only the projector of a pretrained LM); then stage 2 trains it on the
+  training split with one method (SFT, Vanilla KD, IVA, TPA, Align-TI, ...), all with the
+  same budget (steps, batch, learning rate) and the same seeds.
+
+The evaluation helpers (:func:`evaluate_generation`, :func:`heldout_kl`,
+:func:`exposure_curve`, :func:`teacher_irs`) work on any LLaVA student/teacher pair and a
+:class:`~tokinteract.mllm.data.LlavaJsonDataset` whose samples carry the synthetic task's
+``meta`` (question type, POPE answer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "EXPERIMENTS",
+    "PRESETS",
+    "DemoSettings",
+    "ModelSize",
+    "RunSpec",
+    "LiveTensorBytes",
+    "StepMeter",
+    "evaluate_generation",
+    "exposure_curve",
+    "heldout_kl",
+    "mean_std",
+    "run_demo",
+    "teacher_irs",
+]
+
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class ModelSize:
+    """Size of a tiny LLaVA's language model (the SigLIP tower is shared in shape)."""
+
+    hidden: int
+    layers: int
+    heads: int = 4
+    kv_heads: int = 2
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The frozen setting of one demo scale (task, sizes, budgets, seeds).
+
+    Attributes:
+        n_train, n_test, n_captions: samples per split (test scenes never seen in training).
+        grid, max_objects, image_size, patch_size: the synthetic task and the vision tower.
+        teacher, student: language-model sizes.
+        teacher_steps: SFT steps of the teacher (batch ``batch_size``).
+        stage1_steps: SFT steps of the shared student stage-1 checkpoint on captions.
+        student_steps: stage-2 steps of every student method (same for all methods).
+        seeds: student seeds (init of stage 2 is the shared stage-1 checkpoint; the seed
+            sets the data order and the candidate sampling).
+        n_eval: test samples used for generation metrics and KL (<= n_test).
+        n_exposure: ``describe`` prompts for %ExAccErr; exposure_steps its length.
+        tpa_d: candidates per position for TPA (d).
+        teacher_trains_vision: the teacher's SFT also trains its SigLIP tower (nothing is
+            pretrained); students get a frozen copy of it.
+        timing_steps: steps per method of the Table 4/13 timing pass.
+        experiments: which tables/figures to run (keys of :data:`EXPERIMENTS`, plus
+            ``fig4`` and ``table4``).
+    """
+
+    name: str
+    n_train: int
+    n_test: int
+    n_captions: int
+    grid: int = 2
+    max_objects: int = 3
+    image_size: int = 32
+    patch_size: int = 8
+    teacher: ModelSize = ModelSize(96, 4)
+    student: ModelSize = ModelSize(48, 2)
+    teacher_steps: int = 600
+    stage1_steps: int = 100
+    student_steps: int = 200
+    batch_size: int = 16
+    teacher_lr: float = 3e-3
+    student_lr: float = 3e-3
+    seeds: tuple[int, ...] = (0, 1, 2)
+    n_eval: int = 200
+    n_exposure: int = 32
+    exposure_steps: int = 24
+    tpa_d: int = 4
+    data_seed: int = 0
+    teacher_trains_vision: bool = True
+    timing_steps: int = 12
+    experiments: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One student configuration: a trainer method plus overrides of :class:`DistillationConfig`."""
+
+    key: str
+    method: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+
+#: experiments -> the student runs they need (keys are shared between experiments).
+EXPERIMENTS: dict[str, list[str]] = {
+    "table5": ["sft", "kd", "iva", "tpa", "align_ti"],
+    "table3": ["kd", "rkl", "jsd", "gkd", "align_ti"],
+    "table6": ["uniform_va", "iva"],
+    "table7": ["iva@first", "iva@middle", "iva", "iva@last"],
+    "table8": ["iva", "iva@student"],
+    "fig5": ["tpa@d1", "tpa@d2", "tpa", "tpa@d8", "tpa@greedy"],
+    "fig6": ["sft", "kd", "tpa"],
+}
+
+#: Table 4/13 timing: (label, method, overrides) measured for ``timing_steps`` steps each.
+TIMING_RUNS: list[tuple[str, str, dict[str, Any]]] = [
+    ("SFT", "sft", {}),
+    ("Vanilla KD (FKL)", "kd", {}),
+    ("RKL", "rkl", {}),
+    ("JSD", "jsd", {}),
+    ("GKD (on-policy)", "gkd", {}),
+    ("SFT+KD+uniform VA", "uniform_va", {}),
+    ("SFT+KD+IVA", "iva", {}),
+    ("SFT+KD+TPA (cached forward)", "tpa", {}),
+    ("SFT+KD+TPA (packed forward, Algorithm 1)", "tpa", {"tpa_forward": "packed"}),
+    ("Align-TI (cached forward)", "align_ti", {}),
+]
+
+
+def run_specs(settings: DemoSettings, l_star: int) -> dict[str, RunSpec]:
+    """Every student configuration, with the teacher layers resolved from ``l_star``."""
+    L = settings.teacher.layers
+    d = settings.tpa_d
+    tpa = {"tpa_num_candidates": d}
+    specs = [
+        RunSpec("sft", "sft", {}, "SFT"),
+        RunSpec("kd", "kd", {}, "Vanilla KD (FKL)"),
+        RunSpec("rkl", "rkl", {}, "RKL (MiniLLM-style)"),
+        RunSpec("jsd", "jsd", {}, "JSD"),
+        RunSpec("gkd", "gkd", {}, "GKD (on-policy JSD)"),
+        RunSpec("iva", "iva", {"iva_layer": l_star}, f"SFT+KD+IVA (teacher l*={l_star})"),
+        RunSpec("tpa", "tpa", dict(tpa), f"SFT+KD+TPA (d={d}, nucleus)"),
+        RunSpec("align_ti", "align_ti", {"iva_layer": l_star, **tpa}, "Align-TI"),
+        RunSpec("uniform_va", "uniform_va", {"iva_layer": l_star}, "SFT+KD+uniform visual alignment"),
+        RunSpec("iva@first", "iva", {"iva_layer": 0}, "IVA, teacher layer 0"),
+        RunSpec("iva@middle", "iva", {"iva_layer": L // 2 if L // 2 != l_star else max(L // 2 - 1, 0)},
+                "IVA, teacher middle layer"),
+        RunSpec("iva@last", "iva", {"iva_layer": L - 1}, f"IVA, teacher layer {L - 1}"),
+        RunSpec("iva@student", "iva", {"iva_layer": l_star, "iva_weights": "student"}, "IVA, weights from the student"),
+        RunSpec("tpa@d1", "tpa", {"tpa_num_candidates": 1}, "TPA d=1"),
+        RunSpec("tpa@d2", "tpa", {"tpa_num_candidates": 2}, "TPA d=2"),
+        RunSpec("tpa@d8", "tpa", {"tpa_num_candidates": 8}, "TPA d=8"),
+        RunSpec("tpa@greedy", "tpa", {"tpa_num_candidates": d, "tpa_sampling": "greedy"}, f"TPA d={d}, greedy (top-d)"),
+    ]
+    out = {s.key: s for s in specs}
+    mid = out["iva@middle"].overrides["iva_layer"]
+    out["iva@middle"] = dataclasses.replace(out["iva@middle"], label=f"IVA, teacher layer {mid}")
+    return out
+
+
+PRESETS: dict[str, DemoSettings] = {
+    "smoke": DemoSettings(
+        name="smoke", n_train=24, n_test=8, n_captions=8, teacher=ModelSize(32, 2), student=ModelSize(32, 1),
+        teacher_steps=2, stage1_steps=1, student_steps=2, batch_size=4, seeds=(0,), n_eval=8, n_exposure=4,
+        exposure_steps=6, tpa_d=2, timing_steps=3, experiments=("table5", "fig4", "fig6", "table4"),
+    ),
+    "quick": DemoSettings(
+        name="quick", n_train=6000, n_test=300, n_captions=1000, patch_size=16,
+        teacher=ModelSize(128, 4), student=ModelSize(48, 2),
+        teacher_steps=1500, stage1_steps=150, student_steps=300, batch_size=16, teacher_lr=1e-3, student_lr=1e-3,
+        seeds=(0, 1, 2), n_eval=300, n_exposure=32, exposure_steps=24, tpa_d=4,
+        experiments=("table5", "table6", "fig4", "fig6", "table4"),
+    ),
+}
+PRESETS["full"] = dataclasses.replace(
+    PRESETS["quick"], name="full", seeds=(0, 1, 2, 3, 4),
+    experiments=("table5", "fig4", "fig6", "table4", "table6", "table3", "table8", "table7", "fig5"),
+)
+
+
+# --------------------------------------------------------------------------- data
+class CachedDataset(torch.utils.data.Dataset):
+    """Items of a :class:`LlavaJsonDataset` decoded once (the demo re-reads them many times)."""
+
+    def __init__(self, ds: Any, limit: int | None = None) -> None:
+        n = len(ds) if limit is None else min(limit, len(ds))
+        self.items = [ds[i] for i in range(n)]
+        self.num_image_tokens = ds.num_image_tokens
+        self.skipped: list[Any] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        return self.items[k]
+
+
+def _meta(json_path: Path) -> list[dict[str, Any]]:
+    return [s.get("meta", {}) for s in json.loads(Path(json_path).read_text())]
+
+
+# --------------------------------------------------------------------------- measurement
+class LiveTensorBytes:
+    """Peak bytes of the CPU tensors created inside the block and still alive (a
+    ``TorchDispatchMode``): every op output's storage is counted once until its last
+    tensor is garbage-collected. Parameters and inputs created before the block are not
+    counted, so the peak is the step's own memory (activations, saved tensors, gradients,
+    temporaries): the CPU analogue of ``torch.cuda.max_memory_allocated`` minus the
+    allocation before the step. It slows the step down: never time a step while tracking.
+    """
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+        self.live = 0
+        self.peak = 0
+        self._refs: dict[int, list[int]] = {}  # storage ptr -> [tensor refs, nbytes]
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+                out = func(*args, **(kwargs or {}))
+                tracker._track(out)
+                return out
+
+        self._mode = _Mode()
+
+    def _release(self, ptr: int) -> None:
+        ref = self._refs.get(ptr)
+        if ref is None:
+            return
+        ref[0] -= 1
+        if ref[0] == 0:
+            self.live -= ref[1]
+            del self._refs[ptr]
+
+    def _track(self, out: Any) -> None:
+        import weakref
+
+        from torch.utils._pytree import tree_leaves
+
+        for t in tree_leaves(out):
+            if not isinstance(t, Tensor) or t.device.type != "cpu":
+                continue
+            try:
+                st = t.untyped_storage()
+                ptr, nbytes = int(st.data_ptr()), int(st.nbytes())
+            except (RuntimeError, NotImplementedError):
+                continue
+            if nbytes == 0:
+                continue
+            ref = self._refs.get(ptr)
+            if ref is None:
+                self._refs[ptr] = [1, nbytes]
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+            else:
+                ref[0] += 1
+            weakref.finalize(t, self._release, ptr)
+
+    def __enter__(self) -> LiveTensorBytes:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mode.__exit__(*exc)
+
+
+class StepMeter:
+    """Wall time and (with ``memory=True``) peak memory of training steps.
+
+    Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the step minus the
+    allocation before it; on CPU the peak of :class:`LiveTensorBytes` (tensors created by
+    the step). Memory tracking slows the step down, so measure time and memory in
+    separate runs.
+    """
+
+    def __init__(self, memory: bool = False) -> None:
+        self.memory = memory
+        self.times: list[float] = []
+        self.peaks: list[int] = []
+
+    def __enter__(self) -> StepMeter:
+        self._cuda = torch.cuda.is_available()
+        self._tracker: LiveTensorBytes | None = None
+        if self._cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        elif self.memory:
+            self._tracker = LiveTensorBytes().__enter__()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._t0)
+        if self._cuda:
+            self.peaks.append(int(torch.cuda.max_memory_allocated() - self._base))
+        elif self._tracker is not None:
+            self._tracker.__exit__(*exc)
+            self.peaks.append(int(self._tracker.peak))
+            self._tracker = None
+
+    def summary(self, skip: int = 2) -> dict[str, Any]:
+        """Median step time (s) and the max peak (MiB), skipping the first ``skip`` warm-up steps."""
+        t = self.times[skip:] or self.times
+        p = self.peaks[skip:] or self.peaks
+        return {
+            "step_time_s": float(statistics.median(t)) if t else float("nan"),
+            "peak_mem_mib": float(max(p)) / 2**20 if p else float("nan"),
+            "peak_steps_mib": [x / 2**20 for x in self.peaks],
+            "steps_timed": len(t),
+        }
+
+
+def _timed_trainer_class() -> type:
+    from tokinteract.mllm.trainer import DistillationTrainer
+
+    class TimedTrainer(DistillationTrainer):
+        """``DistillationTrainer`` that measures each ``training_step`` (forward + backward)."""
+
+        meter: StepMeter
+
+        def training_step(self, *args: Any, **kwargs: Any) -> Any:
+            with self.meter:
+                return super().training_step(*args, **kwargs)
+
+    return TimedTrainer
+
+
+# --------------------------------------------------------------------------- evaluation
+def _position_ids(att: Tensor) -> Tensor:
+    pos = att.long().cumsum(1) - 1
+    return pos.masked_fill(att == 0, 1)
+
+
+def _prompt_and_answer(item: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """Split one single-turn item into its prompt ids and its supervised answer ids (with EOS)."""
+    labels = item["labels"]
+    sup = (labels != IGNORE_INDEX).nonzero().flatten()
+    first = int(sup[0])
+    return item["input_ids"][:first], labels[sup]
+
+
+def _left_pad(seqs: Sequence[Tensor], pad: int) -> tuple[Tensor, Tensor]:
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    att = torch.zeros((len(seqs), n), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, n - len(s):] = s
+        att[b, n - len(s):] = 1
+    return ids, att
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module, ids: Tensor, att: Tensor, pixel_values: Tensor | None, *, max_new_tokens: int, eos: int
+) -> Tensor:
+    """Greedy continuation ``[B, max_new_tokens]`` of left-padded prompts (KV-cached loop of
+    ``tokinteract.hf``, the one :func:`tokinteract.hf.exposure_bias` uses)."""
+    from tokinteract.hf.exposure import _generate
+
+    extra = {"pixel_values": pixel_values} if pixel_values is not None else {}
+    return _generate(model, ids, att.bool(), extra, max_new_tokens, do_sample=False, temperature=1.0, generator=None)
+
+
+def _strip(seq: Sequence[int], eos: int) -> list[int]:
+    out = []
+    for t in seq:
+        out.append(int(t))
+        if t == eos:
+            break
+    return out
+
+
+@torch.no_grad()
+def evaluate_generation(
+    model: nn.Module,
+    items: Sequence[dict[str, Any]],
+    metas: Sequence[dict[str, Any]],
+    *,
+    eos: int,
+    pad: int,
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+) -> dict[str, Any]:
+    """Exact match per question type, overall, and POPE-style accuracy on ``exist`` probes.
+
+    The answer is decoded greedily from the prompt (everything before the first supervised
+    token) until EOS; it is correct when its token ids equal the reference answer's, EOS
+    included. POPE: accuracy, precision, recall and F1 of "yes" over the existence
+    probes (half of them about absent objects), plus the rate of "yes" answers.
+    """
+    model.eval()
+    prompts, answers, pix = [], [], []
+    for it in items:
+        p, a = _prompt_and_answer(it)
+        prompts.append(p)
+        answers.append(a.tolist())
+        pix.append(it.get("pixel_values"))
+    L = max_new_tokens or max(len(a) for a in answers) + 2
+    correct: list[bool] = []
+    preds: list[list[int]] = []
+    for i in range(0, len(items), batch_size):
+        ids, att = _left_pad(prompts[i:i + batch_size], pad)
+        pv = [p for p in pix[i:i + batch_size] if p is not None]
+        px = torch.cat(pv, 0) if pv else None
+        out = greedy_generate(model, ids, att, px, max_new_tokens=L, eos=eos)
+        for b in range(out.shape[0]):
+            pred = _strip(out[b].tolist(), eos)
+            preds.append(pred)
+            correct.append(pred == answers[i + b])
+    by_type: dict[str, list[bool]] = {}
+    for m, c in zip(metas, correct):
+        by_type.setdefault(m.get("type", "?"), []).append(c)
+    res: dict[str, Any] = {
+        "exact_match": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
+        "counts": {k: len(v) for k, v in sorted(by_type.items())},
+        "overall": sum(correct) / max(len(correct), 1),
+    }
+    # POPE-style yes/no
+    yes_tp = yes_fp = yes_fn = n = acc = n_yes = 0
+    for m, p, a in zip(metas, preds, answers):
+        if m.get("type") != "exist":
+            continue
+        n += 1
+        # decode the yes/no decision by comparing with the reference: a correct answer to a
+        # "no" probe is "no"; anything else counts as "yes" (a hallucination)
+        truth_yes = m.get("answer") == "yes"
+        pred_yes = (p == a) if truth_yes else (p != a)
+        acc += int(p == a)
+        n_yes += int(pred_yes)
+        yes_tp += int(pred_yes and truth_yes)
+        yes_fp += int(pred_yes and not truth_yes)
+        yes_fn += int(not pred_yes and truth_yes)
+    if n:
+        prec = yes_tp / max(yes_tp + yes_fp, 1)
+        rec = yes_tp / max(yes_tp + yes_fn, 1)
+        res["pope"] = {
+            "accuracy": acc / n, "precision": prec, "recall": rec,
+            "f1": 2 * prec * rec / max(prec + rec, 1e-12), "yes_rate": n_yes / n, "n": n,
+        }
+    return res
+
+
+def _batches(items: Sequence[dict[str, Any]], collator: Callable, bs: int):
+    for i in range(0, len(items), bs):
+        yield collator(list(items[i:i + bs]))
+
+
+@torch.no_grad()
+def heldout_kl(
+    student: nn.Module, teacher: nn.Module, items: Sequence[dict[str, Any]], collator: Callable, *, batch_size: int = 32
+) -> float:
+    """Mean forward KL(P_T || P_S) per supervised answer token, teacher-forced on held-out items."""
+    from tokinteract import shift_labels, token_divergence
+
+    student.eval()
+    teacher.eval()
+    total, count = 0.0, 0
+    for batch in _batches(items, collator, batch_size):
+        ids, att = batch["input_ids"], batch["attention_mask"]
+        kw = dict(input_ids=ids, attention_mask=att, position_ids=_position_ids(att))
+        if "pixel_values" in batch:
+            kw["pixel_values"] = batch["pixel_values"]
+        s, t = student(**kw).logits.float(), teacher(**kw).logits.float()
+        m = shift_labels(batch["labels"]) != IGNORE_INDEX
+        kl = token_divergence(s, t, kind="fkl")
+        total += float(kl[m].sum())
+        count += int(m.sum())
+    return total / max(count, 1)
+
+
+def exposure_curve(
+    student: nn.Module,
+    teacher: nn.Module,
+    items: Sequence[dict[str, Any]],
+    *,
+    steps: int,
+    pad: int,
+    eos: int,
+    batch_size: int = 16,
+) -> dict[str, list[float]]:
+    """``tokinteract.hf.exposure_bias`` on the prompts of ``items`` (greedy prefixes).
+
+    Returns the per-``l`` curves ``ex_acc_err`` (%ExAccErr, Eq. 11), ``r`` (R(l)),
+    ``e`` (E(l)) and ``e_train`` (E_train(l) on the reference answers).
+    """
+    from tokinteract.hf import exposure_bias
+
+    student.eval()
+    teacher.eval()
+    batches = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        pa = [_prompt_and_answer(it) for it in chunk]
+        ids, att = _left_pad([p for p, _ in pa], pad)
+        n = max(len(a) for _, a in pa)
+        resp = torch.full((len(chunk), n), pad, dtype=torch.long)
+        rmask = torch.zeros((len(chunk), n), dtype=torch.bool)
+        for b, (_, a) in enumerate(pa):
+            resp[b, :len(a)] = a
+            rmask[b, :len(a)] = True
+        batch = {"input_ids": ids, "attention_mask": att, "response_ids": resp, "response_mask": rmask}
+        pv = [it["pixel_values"] for it in chunk if it.get("pixel_values") is not None]
+        if pv:
+            batch["pixel_values"] = torch.cat(pv, 0)
+        batches.append(batch)
+    eb = exposure_bias(teacher, student, batches, max_new_tokens=steps, eos_token_id=eos)
+    out = {k: [float(x) for x in getattr(eb, k).tolist()] for k in ("ex_acc_err", "r", "e")}
+    out["e_train"] = [float(x) for x in eb.e_train.tolist()] if eb.e_train is not None else []
+    return out
+
+
+@torch.no_grad()
+def teacher_irs(teacher: nn.Module, pairs: Sequence[tuple[dict, dict]], collator: Callable, *, batch_size: int = 16):
+    """``tokinteract.hf.irs_curve`` of ``teacher`` over (same image, two instructions) item pairs."""
+    from tokinteract.hf import irs_curve
+
+    teacher.eval()
+
+    def model_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
+        b = collator(items)
+        b.pop("labels", None)
+        b.pop("response_mask", None)
+        b["position_ids"] = _position_ids(b["attention_mask"])
+        return b
+
+    batches = [
+        (model_batch([p[0] for p in pairs[i:i + batch_size]]), model_batch([p[1] for p in pairs[i:i + batch_size]]))
+        for i in range(0, len(pairs), batch_size)
+    ]
+    return irs_curve(teacher, batches)
+
+
+def mean_std(values: Sequence[float | int]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value) of the finite values."""
+    v = [float(x) for x in values if math.isfinite(float(x))]
+    if not v:
+        return float("nan"), float("nan")
+    return float(statistics.fmean(v)), float(statistics.stdev(v)) if len(v) > 1 else 0.0
+
+
+# --------------------------------------------------------------------------- the runner
+class Demo:
+    """State of one demo run (data, tokenizer, teacher, shared stage-1 student, results)."""
+
+    def __init__(self, settings: DemoSettings, run_dir: str | Path, *, progress: bool = True,
+                 log: Callable[[str], None] = print) -> None:
+        self.s = settings
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        self.log = log
+        self.results: dict[str, Any] = {"settings": _jsonable(dataclasses.asdict(settings)), "runs": {}}
+
+    # ------------------------------------------------------------- building blocks
+    def prepare(self) -> None:
+        from tokinteract.mllm import build_processor, build_word_tokenizer, vocabulary
+        from tokinteract.mllm.data import LlavaCollator, LlavaJsonDataset
+        from tokinteract.mllm.synthetic import SyntheticConfig, generate_dataset
+
+        s = self.s
+        cfg = SyntheticConfig(image_size=s.image_size, grid=s.grid, max_objects=s.max_objects)
+        data_dir = self.dir / "data"
+        stamp = data_dir / "settings.json"
+        key = json.dumps([s.n_train, s.n_test, s.n_captions, s.data_seed, dataclasses.asdict(cfg)])
+        if not (stamp.exists() and stamp.read_text() == key):
+            self.log(f"writing the synthetic task to {data_dir} ...")
+            generate_dataset(data_dir, n_train=s.n_train, n_test=s.n_test, n_captions=s.n_captions,
+                             seed=s.data_seed, config=cfg)
+            pcfg = SyntheticConfig(image_size=s.image_size, grid=s.grid, max_objects=s.max_objects, turns=2)
+            generate_dataset(data_dir / "irs", n_train=64, n_test=0, seed=s.data_seed + 7, config=pcfg)
+            stamp.write_text(key)
+        self.tok = build_word_tokenizer(vocabulary(s.grid))
+        self.image_token_id = int(self.tok.convert_tokens_to_ids("<image>"))
+        self.n_vis = (s.image_size // s.patch_size) ** 2
+        proto = self.build_model(s.student, seed=0)
+        self.processor = build_processor(self.tok, proto)
+        del proto
+        ip = self.processor.image_processor
+
+        def ds(path: Path, limit: int | None = None) -> CachedDataset:
+            raw = LlavaJsonDataset(path, data_dir, self.tok, ip, num_image_tokens=self.n_vis, max_length=256)
+            return CachedDataset(raw, limit)
+
+        self.train = ds(data_dir / "train.json")
+        self.captions = ds(data_dir / "captions.json")
+        self.test = ds(data_dir / "test.json", s.n_eval)
+        self.test_meta = _meta(data_dir / "test.json")[: len(self.test)]
+        self.irs_raw = LlavaJsonDataset(data_dir / "irs" / "train.json", data_dir / "irs", self.tok, ip,
+                                        num_image_tokens=self.n_vis, max_length=256)
+        self.collator = LlavaCollator(int(self.tok.pad_token_id), self.image_token_id, self.n_vis)
+        self.eos = int(self.tok.eos_token_id)
+        self.pad = int(self.tok.pad_token_id)
+        lens = [int((it["labels"] != IGNORE_INDEX).sum()) for it in self.test.items]
+        self.results["task"] = {
+            "vocab": len(self.tok), "visual_tokens": self.n_vis,
+            "train": len(self.train), "captions": len(self.captions), "test_eval": len(self.test),
+            "answer_tokens_mean": sum(lens) / len(lens), "answer_tokens_max": max(lens),
+            "describe_tokens_mean": _mean([n for n, m in zip(lens, self.test_meta) if m.get("type") == "describe"]),
+            "seq_len_max": max(int(it["input_ids"].shape[0]) for it in self.train.items),
+        }
+
+    def build_model(self, size: ModelSize, *, seed: int) -> nn.Module:
+        from tokinteract.mllm import build_tiny_llava
+
+        return build_tiny_llava(
+            vocab_size=len(self.tok), image_token_id=self.image_token_id, hidden_size=size.hidden,
+            num_layers=size.layers, num_heads=size.heads, num_kv_heads=size.kv_heads,
+            image_size=self.s.image_size, patch_size=self.s.patch_size, pad_token_id=int(self.tok.pad_token_id),
+            eos_token_id=int(self.tok.eos_token_id), seed=seed,
+        )
+
+    def fit(self, model: nn.Module, data: Any, *, steps: int, lr: float, seed: int, method: str = "sft",
+            teacher: nn.Module | None = None, overrides: dict[str, Any] | None = None, tag: str = "",
+            train_vision: bool = False, memory: bool = False) -> dict[str, Any]:
+        """Train ``model`` in place through the DistillationTrainer; returns timing and losses."""
+        from transformers import TrainingArguments
+        from transformers.utils import logging as hf_logging
+
+        from tokinteract.mllm import set_trainable
+        from tokinteract.mllm.trainer import DistillationConfig
+
+        hf_logging.set_verbosity_error()
+        set_trainable(model, "finetune")
+        if train_vision:  # the teacher's SFT stands in for the vision tower's pre-training (see module docstring)
+            model.model.vision_tower.requires_grad_(True)
+        args = TrainingArguments(
+            output_dir=str(self.dir / "trainer" / (tag or method)), max_steps=steps,
+            per_device_train_batch_size=self.s.batch_size, learning_rate=lr, lr_scheduler_type="cosine",
+            warmup_steps=max(1, steps // 20), weight_decay=0.0, logging_steps=max(1, steps // 5),
+            save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=not self.progress, dataloader_num_workers=0, max_grad_norm=1.0,
+        )
+        cfg = DistillationConfig(method=method, sampling_seed=seed, **(overrides or {}))
+        trainer = _timed_trainer_class()(
+            model, args, teacher=teacher, distill=cfg, train_dataset=data, data_collator=self.collator,
+            processing_class=self.processor, irs_dataset=self.irs_raw,
+        )
+        trainer.meter = StepMeter(memory=memory)
+        t0 = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - t0
+        hist = [h for h in trainer.state.log_history if "loss" in h]
+        model.eval()
+        return {"wall_s": wall, **trainer.meter.summary(), "log": hist}
+
+    # ------------------------------------------------------------- stages
+    def teacher_model(self) -> nn.Module:
+        from transformers import LlavaForConditionalGeneration
+
+        path = self.dir / "teacher"
+        if (path / "config.json").exists():
+            self.log(f"reusing the teacher checkpoint {path}")
+            t = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa")
+            meta = json.loads((path / "train_info.json").read_text())
+        else:
+            self.log(f"stage 0: teacher {self.s.teacher} SFT for {self.s.teacher_steps} steps")
+            t = self.build_model(self.s.teacher, seed=1000)
+            meta = self.fit(t, self.train, steps=self.s.teacher_steps, lr=self.s.teacher_lr, seed=1000, tag="teacher",
+                            train_vision=self.s.teacher_trains_vision)
+            t.save_pretrained(path)
+            (path / "train_info.json").write_text(json.dumps(_jsonable(meta)))
+        t.eval()
+        t.requires_grad_(False)
+        self.results["teacher_train"] = _jsonable(meta)
+        return t
+
+    def stage1_student(self, teacher: nn.Module) -> Path:
+        path = self.dir / "student_stage1"
+        if not (path / "config.json").exists():
+            self.log(f"stage 1: student {self.s.student} SFT on captions for {self.s.stage1_steps} steps")
+            m = self.build_model(self.s.student, seed=2000)
+            # teacher and students share one (frozen) vision tower, as LLaVA-style students
+            # share a pretrained SigLIP: here the one the teacher's SFT trained
+            m.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
+            meta = self.fit(m, self.captions, steps=self.s.stage1_steps, lr=self.s.student_lr, seed=2000, tag="stage1")
+            m.save_pretrained(path)
+            (path / "train_info.json").write_text(json.dumps(_jsonable(meta)))
+        return path
+
+    def load_stage1(self) -> nn.Module:
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration.from_pretrained(self.dir / "student_stage1", attn_implementation="sdpa")
+
+    def evaluate(self, model: nn.Module, teacher: nn.Module | None) -> dict[str, Any]:
+        res = evaluate_generation(model, self.test.items, self.test_meta, eos=self.eos, pad=self.pad)
+        if teacher is not None and model is not teacher:
+            res["kl"] = heldout_kl(model, teacher, self.test.items, self.collator)
+        return res
+
+    def exposure(self, model: nn.Module, teacher: nn.Module) -> dict[str, list[float]]:
+        items = [it for it, m in zip(self.test.items, self.test_meta) if m.get("type") == "describe"]
+        items = items[: self.s.n_exposure]
+        return exposure_curve(model, teacher, items, steps=self.s.exposure_steps, pad=self.pad, eos=self.eos)
+
+    def irs(self, teacher: nn.Module) -> Any:
+        pairs = self.irs_raw.instruction_pairs(64)
+        return teacher_irs(teacher, pairs, self.collator)
+
+
+def measure_step_costs(demo: Demo, teacher: nn.Module, l_star: int) -> list[dict[str, Any]]:
+    """Table 4/13: median step time and peak memory of every method, ``timing_steps`` steps each
+    from the stage-1 checkpoint (same batch, same teacher, GKD with its default lambda 0.5)."""
+    out = []
+    timing_file = demo.dir / "timing.json"
+    if timing_file.exists():
+        return json.loads(timing_file.read_text())
+    for label, method, ov in TIMING_RUNS:
+        ov = dict(ov)
+        if method in ("iva", "align_ti", "uniform_va"):
+            ov.setdefault("iva_layer", l_star)
+        if method in ("tpa", "align_ti"):
+            ov.setdefault("tpa_num_candidates", demo.s.tpa_d)
+        demo.log(f"timing {label} ({demo.s.timing_steps} steps)")
+        model = demo.load_stage1()
+        tr = demo.fit(model, demo.train, steps=demo.s.timing_steps, lr=demo.s.student_lr, seed=0, method=method,
+                      teacher=teacher, overrides=ov, tag=f"timing_{method}")
+        del model
+        model = demo.load_stage1()  # memory in a separate run: tracking slows the steps down
+        mem = demo.fit(model, demo.train, steps=3, lr=demo.s.student_lr, seed=0, method=method,
+                       teacher=teacher, overrides=ov, tag=f"memory_{method}", memory=True)
+        out.append({"label": label, "method": method, "overrides": ov, "step_time_s": tr["step_time_s"],
+                    "peak_mem_mib": float(max(mem["peak_steps_mib"])), "steps_timed": tr["steps_timed"]})
+        del model
+    timing_file.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def _mean(v: Sequence[float | int]) -> float:
+    return sum(v) / len(v) if v else float("nan")
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, Tensor):
+        return _jsonable(x.tolist())
+    return x
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU/GPU, threads, load average and library versions (for the results pages)."""
+    import transformers
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        info["loadavg"] = list(os.getloadavg())
+    except OSError:  # pragma: no cover
+        pass
+    return info
+
+
+def run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool = True,
+             log: Callable[[str], None] = print, only_calibration: bool = False,
+             skip_missing: bool = False, only_keys: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run every experiment of ``settings`` under ``run_dir``; returns (and writes) ``results.json``.
+
+    The teacher and the shared stage-1 student are cached in ``run_dir`` and reused.
+    Student runs already in ``run_dir/runs/*.json`` are reused too (a resumed run skips them).
+    With ``skip_missing`` nothing new is trained: only the saved runs are collected (to
+    report a partial run); experiments with no saved run are left out. ``only_keys``
+    restricts the student runs to these configurations (several processes can share one
+    run dir, each with its own keys, once the teacher and stage-1 checkpoints exist).
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    t_start = time.perf_counter()
+    demo = Demo(settings, Path(run_dir), progress=progress, log=log)
+    res = demo.results
+    res["machine_start"] = machine_info()
+    demo.prepare()
+    log(f"task: {res['task']}")
+    teacher = demo.teacher_model()
+    res["teacher"] = demo.evaluate(teacher, None)
+    log(f"teacher: overall EM {res['teacher']['overall']:.3f} {res['teacher']['exact_match']}")
+    curve = demo.irs(teacher)
+    l_star = int(curve.best_layer)
+    res["irs"] = {"scores": [float(x) for x in curve.scores.tolist()], "best_layer": l_star, "num_pairs": curve.num_pairs}
+    log(f"teacher IRS per layer: {[round(x, 4) for x in res['irs']['scores']]} -> l* = {l_star}")
+    demo.stage1_student(teacher)
+    stage1 = demo.load_stage1()
+    res["stage1"] = demo.evaluate(stage1, teacher)
+    res["stage1_train"] = _jsonable(json.loads((demo.dir / "student_stage1" / "train_info.json").read_text()))
+    del stage1
+    specs = run_specs(settings, l_star)
+    keys: list[str] = []
+    exps = ("table5",) if only_calibration else settings.experiments
+    for e in exps:
+        for k in EXPERIMENTS.get(e, []):
+            if k not in keys:
+                keys.append(k)
+    if only_calibration:
+        keys = ["sft"]
+    if only_keys is not None:
+        keys = [k for k in keys if k in set(only_keys)]
+    exposure_keys = set(EXPERIMENTS["fig6"]) if "fig6" in exps else set()
+    runs_dir = demo.dir / "runs"
+    runs_dir.mkdir(exist_ok=True)
+    total = len(keys) * len(settings.seeds)
+    done = 0
+    for key in keys:
+        spec = specs[key]
+        per_seed = []
+        for seed in settings.seeds:
+            done += 1
+            out = runs_dir / f"{key.replace('@', '_')}_seed{seed}.json"
+            if out.exists():
+                per_seed.append(json.loads(out.read_text()))
+                log(f"[{done}/{total}] {key} seed {seed}: reused {out.name}")
+                continue
+            if skip_missing:
+                log(f"[{done}/{total}] {key} seed {seed}: not run (skipped)")
+                continue
+            log(f"[{done}/{total}] {key} seed {seed}: {spec.label}")
+            model = demo.load_stage1()
+            torch.manual_seed(seed)
+            tr = demo.fit(model, demo.train, steps=settings.student_steps, lr=settings.student_lr, seed=seed,
+                          method=spec.method, teacher=None if spec.method == "sft" else teacher,
+                          overrides=spec.overrides, tag=f"{key}_{seed}")
+            ev = demo.evaluate(model, teacher)
+            rec: dict[str, Any] = {"key": key, "seed": seed, "method": spec.method, "overrides": spec.overrides,
+                                   "train": tr, "eval": ev}
+            if key in exposure_keys:
+                rec["exposure"] = demo.exposure(model, teacher)
+            rec = _jsonable(rec)
+            out.write_text(json.dumps(rec, indent=1))
+            per_seed.append(rec)
+            log(f"    EM {ev['overall']:.3f} KL {ev.get('kl', float('nan')):.3f} step {tr['step_time_s'] * 1e3:.0f} ms")
+            del model
+        if not per_seed:
+            continue
+        res["runs"][key] = {"label": spec.label, "method": spec.method, "overrides": _jsonable(spec.overrides),
+                            "seeds": per_seed}
+    if "table4" in exps and not only_calibration and not (skip_missing and not (demo.dir / "timing.json").exists()):
+        res["timing"] = measure_step_costs(demo, teacher, l_star)
+    if exposure_keys:
+        res["teacher_exposure_reference"] = "E(l): teacher prefixes; R(l): student prefixes"
+    res["wall_s"] = time.perf_counter() - t_start
+    res["machine_end"] = machine_info()
+    (demo.dir / "results.json").write_text(json.dumps(_jsonable(res), indent=1))
+    return res
+
+
+# --------------------------------------------------------------------------- reporting
+_TYPES = ("color", "position", "count", "exist", "describe")
+
+#: experiment -> (title, paper reference, run keys in row order)
+_TABLES: dict[str, tuple[str, str, list[str]]] = {
+    "table5": ("Components (paper Table 5)", "SFT < +IVA, +TPA < Align-TI; TPA gains more than IVA",
+               ["sft", "kd", "iva", "tpa", "align_ti"]),
+    "table3": ("Divergences and baselines (paper Table 3)", "Align-TI beats FKL, RKL, JSD and GKD",
+               ["kd", "rkl", "jsd", "gkd", "align_ti"]),
+    "table6": ("Visual alignment weights (paper Table 6)", "instruction-aware (IVA) beats uniform weights",
+               ["uniform_va", "iva"]),
+    "table7": ("IVA weights from different teacher layers (paper Table 7)", "the IRS-max layer l* is best",
+               ["iva@first", "iva@middle", "iva", "iva@last"]),
+    "table8": ("IVA weights from the teacher or the student (paper Table 8)", "teacher weights are better",
+               ["iva", "iva@student"]),
+    "fig5": ("TPA candidates d and sampling (paper Fig. 5)", "more candidates help, nucleus beats greedy",
+             ["tpa@d1", "tpa@d2", "tpa", "tpa@d8", "tpa@greedy"]),
+}
+
+
+def _ms(vals: Sequence[float | int], fmt: str = "{:.1f}", scale: float | int = 1.0) -> str:
+    v = [x * scale for x in vals if isinstance(x, (int, float)) and math.isfinite(x)]
+    if not v:
+        return "n/a"
+    m, s = mean_std(v)
+    return (fmt.format(m) + " ± " + fmt.format(s)) if len(v) > 1 else fmt.format(m)
+
+
+def summarize(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per run key: every metric as a list over seeds plus mean and std (what the tables show)."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, run in res.get("runs", {}).items():
+        seeds = run["seeds"]
+        m: dict[str, list[float]] = {"overall": [], "kl": [], "pope_acc": [], "pope_f1": [], "step_ms": [],
+                                     "peak_mib": [], "exaccerr_last": []}
+        for t in _TYPES:
+            m[t] = []
+        for r in seeds:
+            ev = r["eval"]
+            m["overall"].append(ev["overall"])
+            m["kl"].append(float(ev.get("kl", float("nan"))))
+            for t in _TYPES:
+                if t in ev["exact_match"]:
+                    m[t].append(ev["exact_match"][t])
+            if "pope" in ev:
+                m["pope_acc"].append(ev["pope"]["accuracy"])
+                m["pope_f1"].append(ev["pope"]["f1"])
+            m["step_ms"].append(float(r["train"]["step_time_s"]) * 1e3)
+            m["peak_mib"].append(float(r["train"]["peak_mem_mib"]))
+            if "exposure" in r:
+                x = r["exposure"]["ex_acc_err"][-1]
+                m["exaccerr_last"].append(float(x) if not isinstance(x, str) else float("inf"))
+        out[key] = {"label": run["label"], "n_seeds": len(seeds), "values": m,
+                    "mean_std": {k: list(mean_std(v)) for k, v in m.items() if v}}
+    return out
+
+
+def _metric_table(summary: dict[str, Any], keys: Sequence[str], teacher: dict[str, Any] | None = None,
+                  stage1: dict[str, Any] | None = None) -> str:
+    head = "| student | overall EM % | " + " | ".join(f"{t} %" for t in _TYPES) + " | POPE acc % | POPE F1 % | KL(T‖S) held-out |"
+    lines = [head, "|" + "---|" * (len(_TYPES) + 5)]
+
+    def fixed(label: str, ev: dict[str, Any]) -> str:
+        cells = [f"{100 * ev['overall']:.1f}"] + [
+            f"{100 * ev['exact_match'][t]:.1f}" if t in ev["exact_match"] else "n/a" for t in _TYPES]
+        pope = ev.get("pope", {})
+        cells += [f"{100 * pope['accuracy']:.1f}" if pope else "n/a", f"{100 * pope['f1']:.1f}" if pope else "n/a",
+                  f"{ev['kl']:.3f}" if "kl" in ev else "—"]
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    if teacher is not None:
+        lines.append(fixed("*teacher (SFT)*", teacher))
+    if stage1 is not None:
+        lines.append(fixed("*student stage 1 (start of every run)*", stage1))
+    for k in keys:
+        if k not in summary:
+            continue
+        v = summary[k]["values"]
+        cells = [_ms(v["overall"], scale=100)] + [_ms(v[t], scale=100) for t in _TYPES]
+        cells += [_ms(v["pope_acc"], scale=100), _ms(v["pope_f1"], scale=100), _ms(v["kl"], "{:.3f}")]
+        lines.append(f"| {summary[k]['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plot_irs(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tokinteract.hf import plot_irs_curve
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    plot_irs_curve(torch.tensor(res["irs"]["scores"]), ax=ax, label="teacher")
+    ax.set_title("Teacher IRS per layer (cf. paper Fig. 4)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_exposure(res: dict[str, Any], keys: Sequence[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.3))
+    for k in keys:
+        run = res["runs"].get(k)
+        if not run:
+            continue
+        curves = [r["exposure"]["ex_acc_err"] for r in run["seeds"] if "exposure" in r]
+        if not curves:
+            continue
+        t = torch.tensor([[float(x) for x in c] for c in curves])
+        m = t.mean(0)
+        xs = list(range(1, t.shape[1] + 1))
+        ax.plot(xs, m.tolist(), label=run["label"])
+        if t.shape[0] > 1:
+            sd = t.std(0)
+            ax.fill_between(xs, (m - sd).tolist(), (m + sd).tolist(), alpha=0.2)
+    ax.axhline(0, color="gray", linewidth=0.8)
+    ax.axhspan(-10, 10, color="green", alpha=0.07)
+    ax.set_xlabel("generation step l")
+    ax.set_ylabel("%ExAccErr(l)")
+    ax.set_title("Exposure bias on 'describe' answers (cf. Fig. 6)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_fig5(summary: dict[str, Any], path: Path, d_default: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ds, ms, ss = [], [], []
+    for key, d in (("tpa@d1", 1), ("tpa@d2", 2), ("tpa", d_default), ("tpa@d8", 8)):
+        if key in summary:
+            m, s = summary[key]["mean_std"]["overall"]
+            ds.append(d)
+            ms.append(100 * m)
+            ss.append(100 * s)
+    if not ds:
+        return
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    ax.errorbar(ds, ms, yerr=ss, marker="o", label="nucleus")
+    if "tpa@greedy" in summary:
+        m, s = summary["tpa@greedy"]["mean_std"]["overall"]
+        ax.errorbar([d_default], [100 * m], yerr=[100 * s], marker="s", linestyle="", label="greedy (top-d)")
+    for ref in ("kd", "sft"):
+        if ref in summary:
+            ax.axhline(100 * summary[ref]["mean_std"]["overall"][0], linestyle="--", linewidth=0.8,
+                       color="gray" if ref == "kd" else "black", label=summary[ref]["label"])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("candidates per position d")
+    ax.set_ylabel("overall exact match %")
+    ax.set_title("TPA: d and sampling (cf. Fig. 5)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page: str | Path | None = None,
+                 title: str = "Demo results", note: str = "") -> Path:
+    """Write the Markdown page, the PNG plots and ``results.json`` for one demo run.
+
+    Plots and JSON go to ``out_dir``; the page to ``page`` (default ``out_dir/README.md``),
+    linking to them relatively. Returns the page's path.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    page_path = Path(page) if page is not None else out / "README.md"
+    rel = os.path.relpath(out, page_path.parent)
+    summary = summarize(res)
+    res = dict(res)
+    res["summary"] = summary
+    res["claims"] = claim_checks(summary)
+    (out / "results.json").write_text(json.dumps(_jsonable(res), indent=1))
+    s = res["settings"]
+    exps = s["experiments"]
+    md: list[str] = [f"# {title}", ""]
+    ms, me = res.get("machine_start", {}), res.get("machine_end", {})
+    md += [
+        f"Command: `{command}`. Wall time: **{res.get('wall_s', float('nan')) / 60:.1f} min** on "
+        f"{ms.get('cpu_count')} CPU(s) ({'GPU ' + ms['cuda'] if ms.get('cuda') else 'no GPU'}), torch "
+        f"{ms.get('torch')} with {ms.get('torch_threads')} thread(s), transformers {ms.get('transformers')}; "
+        f"load average at start {_fmt_load(ms)} and at the end {_fmt_load(me)} (the machine was shared, "
+        "so times are inflated). Every number below is in "
+        f"[`results.json`]({rel}/results.json).",
+        "",
+        *([note, ""] if note else []),
+        f"Seeds: {len(s['seeds'])} ({', '.join(map(str, s['seeds']))})"
+        + ("; **one seed only: no standard deviation, differences below a few points are noise**" if len(s["seeds"]) == 1 else "; mean ± std over seeds")
+        + f". Test set: {res['task']['test_eval']} held-out samples (scenes never seen in training).",
+        "",
+        "## Setting (frozen before any distillation run)",
+        "",
+        f"* Task: {s['grid']}x{s['grid']} grid, 1..{s['max_objects']} objects, {s['image_size']} px images, "
+        f"{res['task']['visual_tokens']} visual tokens, vocabulary {res['task']['vocab']} words; "
+        f"{s['n_train']} training samples, {s['n_captions']} captions (stage 1), answers "
+        f"{res['task']['answer_tokens_mean']:.1f} tokens on average (describe: {res['task']['describe_tokens_mean']:.1f}, "
+        f"max {res['task']['answer_tokens_max']}).",
+        f"* Teacher: hidden {s['teacher']['hidden']}, {s['teacher']['layers']} layers; SFT {s['teacher_steps']} steps, "
+        f"batch {s['batch_size']}, lr {s['teacher_lr']}.",
+        f"* Students: hidden {s['student']['hidden']}, {s['student']['layers']} layers; stage 1 = SFT on captions "
+        f"{s['stage1_steps']} steps (shared checkpoint); stage 2 = {s['student_steps']} steps of the method, batch "
+        f"{s['batch_size']}, lr {s['student_lr']}, cosine schedule. TPA d = {s['tpa_d']} (nucleus, top-p 0.95) unless stated.",
+        "* Metrics: exact match of the greedy answer per question type; POPE-style accuracy/F1 on the yes/no "
+        "existence probes (half about absent objects); KL(P_T‖P_S) per answer token, teacher-forced on the test "
+        "set; %ExAccErr (Appendix B.4) on 'describe' prompts with greedy prefixes.",
+        "",
+    ]
+    if res["claims"]:
+        md += ["## The paper's comparisons at a glance", "",
+               "Difference of the seed means in the claimed direction (> 0: as the paper says); 'supported' only "
+               "when it exceeds twice its standard error over seeds. Overall EM is over all question types.", "",
+               _claims_markdown(res["claims"]), ""]
+    md += ["## Teacher, stage-1 student and every student run", "",
+           _metric_table(summary, list(summary), res.get("teacher"), res.get("stage1")), ""]
+    for e in exps:
+        if e in _TABLES and any(k in summary for k in _TABLES[e][2]):
+            t, claim, keys = _TABLES[e]
+            md += [f"## {t}", "", f"Paper: {claim}.", "", _metric_table(summary, keys), ""]
+            if e == "fig5":
+                _plot_fig5(summary, out / "fig5_tpa_candidates.png", int(s["tpa_d"]))
+                if (out / "fig5_tpa_candidates.png").exists():
+                    md += [f"![TPA candidates]({rel}/fig5_tpa_candidates.png)", ""]
+            if e == "table7" and "irs" in res:
+                md += ["IRS of the teacher layers: " + ", ".join(
+                    f"layer {i}: {x:.4f}" for i, x in enumerate(res["irs"]["scores"])) + f" (l* = {res['irs']['best_layer']}).", ""]
+    if "fig4" in exps and "irs" in res:
+        _plot_irs(res, out / "fig4_irs.png")
+        md += ["## Teacher IRS per layer (paper Fig. 4)", "",
+               f"Over {res['irs']['num_pairs']} pairs (same image, two different questions): "
+               + ", ".join(f"{x:.4f}" for x in res["irs"]["scores"]) + f"; l* = {res['irs']['best_layer']}.", "",
+               f"![IRS]({rel}/fig4_irs.png)", ""]
+    if "fig6" in exps:
+        keys = [k for k in EXPERIMENTS["fig6"] if k in summary]
+        _plot_exposure(res, keys, out / "fig6_exaccerr.png")
+        L = s["exposure_steps"]
+        marks = sorted({min(8, L), min(16, L), min(20, L), L})
+        md += ["## Exposure bias (paper Fig. 6)", "",
+               f"%ExAccErr(l) = (R(l) − E(l)) / E(l) · 100 (Appendix B.4) on {s['n_exposure']} held-out 'describe' "
+               "prompts, greedy prefixes; R: student prefixes, E: teacher prefixes; each step's KL is averaged "
+               "over the sequences still generating (EOS ends a sequence), so late steps rest on few sequences. "
+               "Per seed, then mean ± std and median over seeds:", "",
+               "| student | " + " | ".join(f"%ExAccErr(l={m}) per seed" for m in marks)
+               + f" | mean ± std (l={L}) | median (l={L}) | R({L}) | E({L}) |",
+               "|---|" + "---|" * (len(marks) + 4)]
+        for k in keys:
+            runs = [r for r in res["runs"][k]["seeds"] if "exposure" in r]
+            cells = []
+            for m in marks:
+                cells.append(", ".join(f"{float(r['exposure']['ex_acc_err'][m - 1]):.0f}" for r in runs))
+            last = [float(r["exposure"]["ex_acc_err"][-1]) for r in runs]
+            rr = [r["exposure"]["r"][-1] for r in runs]
+            ee = [r["exposure"]["e"][-1] for r in runs]
+            md.append(f"| {summary[k]['label']} | " + " | ".join(cells) + f" | {_ms(last)} | "
+                      f"{statistics.median(last):.1f} | {_ms(rr, '{:.3f}')} | {_ms(ee, '{:.3f}')} |")
+        md += ["", f"![ExAccErr]({rel}/fig6_exaccerr.png)", ""]
+    if "table4" in exps and res.get("timing"):
+        md += ["## Time and memory per training step (paper Tables 4/13)", "",
+               f"Each method trained {s['timing_steps']} steps from the stage-1 checkpoint with the same batch "
+               f"size ({s['batch_size']}); median wall time of one optimizer step (student forward + backward, the "
+               "teacher's passes, the loss), the first 2 steps excluded. Peak memory, in a separate 3-step run: "
+               + ("CUDA peak allocation during the step minus the allocation before it." if ms.get("cuda") else
+                  "the peak of the bytes held by tensors the step created (activations, saved tensors, gradients, "
+                  "teacher outputs; parameters excluded), tracked op by op with a TorchDispatchMode: the CPU "
+                  "analogue of the CUDA peak allocation. Times on a shared CPU are noisy: compare ratios."),
+               "", "| method | step time (ms) | × SFT | peak step memory (MiB) | × SFT |", "|---|---|---|---|---|"]
+        base = next((r["step_time_s"] for r in res["timing"] if r["method"] == "sft"), float("nan"))
+        mbase = next((r["peak_mem_mib"] for r in res["timing"] if r["method"] == "sft"), float("nan"))
+        for r in res["timing"]:
+            md.append(f"| {r['label']} | {1e3 * r['step_time_s']:.0f} | {r['step_time_s'] / base:.1f} | "
+                      f"{r['peak_mem_mib']:.1f} | {r['peak_mem_mib'] / mbase:.1f} |")
+        md.append("")
+    page_path.parent.mkdir(parents=True, exist_ok=True)
+    page_path.write_text("\n".join(md) + "\n")
+    return page_path
+
+
+def _fmt_load(info: dict[str, Any]) -> str:
+    la = info.get("loadavg")
+    return "/".join(f"{x:.1f}" for x in la) if la else "n/a"
+
+
+def summary_markdown(res: dict[str, Any], keys: Sequence[str] = ("sft", "kd", "iva", "tpa", "align_ti")) -> str:
+    """A compact table (overall EM, POPE accuracy, KL) for the README."""
+    summary = summarize(res)
+    lines = ["| student | overall EM % | POPE acc % | KL(T‖S) |", "|---|---|---|---|"]
+    t = res.get("teacher")
+    if t:
+        lines.append(f"| teacher | {100 * t['overall']:.1f} | {100 * t.get('pope', {}).get('accuracy', float('nan')):.1f} | — |")
+    for k in keys:
+        if k in summary:
+            v = summary[k]["values"]
+            lines.append(f"| {summary[k]['label']} | {_ms(v['overall'], scale=100)} | {_ms(v['pope_acc'], scale=100)} | "
+                         f"{_ms(v['kl'], '{:.3f}')} |")
+    return "\n".join(lines)
+
+
+#: (claim, better key, worse key, metric, higher_is_better)
+CLAIMS: list[tuple[str, str, str, str, bool]] = [
+    ("Vanilla KD > SFT", "kd", "sft", "overall", True),
+    ("Align-TI > Vanilla KD", "align_ti", "kd", "overall", True),
+    ("Align-TI > SFT", "align_ti", "sft", "overall", True),
+    ("+TPA > Vanilla KD", "tpa", "kd", "overall", True),
+    ("+IVA > Vanilla KD", "iva", "kd", "overall", True),
+    ("TPA gains more than IVA (+TPA > +IVA)", "tpa", "iva", "overall", True),
+    ("IVA > uniform visual alignment", "iva", "uniform_va", "overall", True),
+    ("IRS-max layer l* > layer 0", "iva", "iva@first", "overall", True),
+    ("IRS-max layer l* > middle layer", "iva", "iva@middle", "overall", True),
+    ("IRS-max layer l* > last layer", "iva", "iva@last", "overall", True),
+    ("teacher IVA weights > student weights", "iva", "iva@student", "overall", True),
+    ("Align-TI > RKL", "align_ti", "rkl", "overall", True),
+    ("Align-TI > JSD", "align_ti", "jsd", "overall", True),
+    ("Align-TI > GKD", "align_ti", "gkd", "overall", True),
+    ("FKL > GKD", "kd", "gkd", "overall", True),
+    ("TPA nucleus > greedy (d as default)", "tpa", "tpa@greedy", "overall", True),
+    ("TPA d=4 > d=1", "tpa", "tpa@d1", "overall", True),
+    ("Align-TI lowers held-out KL vs Vanilla KD", "align_ti", "kd", "kl", False),
+    ("TPA lowers held-out KL vs Vanilla KD", "tpa", "kd", "kl", False),
+    ("TPA lowers %ExAccErr vs Vanilla KD", "tpa", "kd", "exaccerr_last", False),
+    ("TPA lowers %ExAccErr vs SFT", "tpa", "sft", "exaccerr_last", False),
+]
+
+
+def claim_checks(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each paper comparison with data: difference of means and a rough 2-standard-error test.
+
+    ``verdict``: "supported" when the difference has the claimed sign and exceeds twice its
+    standard error (sqrt(s1²/n1 + s2²/n2), seeds as samples), "contradicted" when it exceeds
+    it with the opposite sign, "not resolved" otherwise (always with a single seed).
+    """
+    rows = []
+    for claim, a, b, metric, higher in CLAIMS:
+        if a not in summary or b not in summary:
+            continue
+        va = [x for x in summary[a]["values"].get(metric, []) if math.isfinite(x)]
+        vb = [x for x in summary[b]["values"].get(metric, []) if math.isfinite(x)]
+        if not va or not vb:
+            continue
+        (ma, sa), (mb, sb) = mean_std(va), mean_std(vb)
+        diff = (ma - mb) if higher else (mb - ma)  # > 0 means "as claimed"
+        se = math.sqrt(sa**2 / len(va) + sb**2 / len(vb)) if len(va) > 1 and len(vb) > 1 else float("nan")
+        if not math.isfinite(se):
+            verdict = "not resolved (1 seed)"
+        elif diff > 2 * se:
+            verdict = "supported"
+        elif diff < -2 * se:
+            verdict = "contradicted"
+        else:
+            verdict = "not resolved"
+        rows.append({"claim": claim, "a": a, "b": b, "metric": metric, "mean_a": ma, "mean_b": mb,
+                     "diff_as_claimed": diff, "se": se, "n_a": len(va), "n_b": len(vb), "verdict": verdict})
+    return rows
+
+
+def _claims_markdown(rows: list[dict[str, Any]]) -> str:
+    unit = {"overall": ("overall EM %", 100.0), "kl": ("KL(T‖S)", 1.0), "exaccerr_last": ("%ExAccErr(L)", 1.0)}
+    lines = ["| paper claim | metric | A | B | A vs B (as claimed > 0) | 2·SE | seeds | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name, sc = unit[r["metric"]]
+        fmt = "{:.1f}" if r["metric"] != "kl" else "{:.4f}"
+        se = fmt.format(2 * r["se"] * sc) if math.isfinite(r["se"]) else "n/a"
+        lines.append(f"| {r['claim']} | {name} | {r['a']}: {fmt.format(r['mean_a'] * sc)} | {r['b']}: "
+                     f"{fmt.format(r['mean_b'] * sc)} | {fmt.format(r['diff_as_claimed'] * sc)} | {se} | "
+                     f"{r['n_a']}/{r['n_b']} | {r['verdict']} |")
+    return "\n".join(lines)
