@@ -350,3 +350,22 @@ def test_fused_loss_impl_under_gradient_checkpointing(tmp_path, synth, tok, proc
         cfg = DistillationConfig(method="align_ti", iva_layer=1, loss_impl=impl)
         steps.append(_one_step(tmp_path / impl, synth, tok, processor, student, teacher, cfg))
     _assert_same_step(*steps)
+
+
+def test_on_policy_generation_never_samples_the_image_token(tmp_path, synth, tok, processor, student, teacher) -> None:
+    """A sampled <image> id would break LLaVA's image-token count on the next forward."""
+    img = tok.convert_tokens_to_ids("<image>")
+
+    def favour_image(_module, _inputs, logits):
+        logits = logits.clone()
+        logits[..., img] += 100.0  # the student would sample <image> almost surely
+        return logits
+
+    handle = student.lm_head.register_forward_hook(favour_image)
+    try:
+        tr = _trainer(tmp_path, synth, tok, processor, student, teacher, DistillationConfig(method="gkd", gkd_max_new_tokens=5))
+        b = tr.data_collator([tr.train_dataset[i] for i in range(2)])
+        seq, *_ = tr._generate(student, b["input_ids"], b["attention_mask"], b["labels"], b["visual_mask"], b["pixel_values"])
+    finally:
+        handle.remove()
+    assert int((seq == img).sum()) == 2 * N_VIS
