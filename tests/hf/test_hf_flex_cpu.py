@@ -1,0 +1,29 @@
+"""FlexAttention forward on CPU: the BlockMask path of packed_forward, without a GPU.
+
+CPU FlexAttention has no backward pass, so only the forward is checked here; the GPU test in
+test_hf_packed.py covers the same path on CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_hf_packed import _build
+
+from tokinteract import tpa_expand
+from tokinteract.hf import _attn, packed_forward
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_flex_attention_forward_matches_sdpa_on_cpu(tiny, padding):
+    model, ids, am, cm, cands, _ = _build(tiny, "qwen2", "sdpa", padding, lengths=(30, 17), T=32)
+    exp = tpa_expand(ids, cands, cm, am)
+    want = packed_forward(model, exp)
+    # the ribbon matters: plain causal attention over the packed sequence gives other candidate logits
+    causal = model(input_ids=exp.input_ids, position_ids=exp.position_ids).logits
+    assert (causal[:, exp.seq_len :] - want[:, exp.seq_len :]).abs().max() > 1e-3
+    model.set_attn_implementation("flex_attention")
+    assert _attn.mask_format(model) == "block"
+    got = packed_forward(model, exp)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
