@@ -44,7 +44,7 @@ from tokinteract._checks import (
     check_unit_interval,
 )
 
-__all__ = ["DIVERGENCE_KINDS", "TokenDivergence", "divergence_from_logprobs", "token_divergence"]
+__all__ = ["DIVERGENCE_KINDS", "DivergenceModule", "TokenDivergence", "divergence_from_logprobs", "token_divergence"]
 
 
 def _kl(logp: Tensor, logq: Tensor) -> Tensor:
@@ -142,8 +142,16 @@ def token_divergence(
     )
 
 
-class TokenDivergence(nn.Module):
-    """Module twin of :func:`token_divergence` (per-position values, no reduction)."""
+class DivergenceModule(nn.Module):
+    """Base of the loss modules: holds and validates the divergence options.
+
+    Args:
+        kind: ``"fkl"``, ``"rkl"``, ``"jsd"``, ``"skew_fkl"``, ``"skew_rkl"`` or ``"tvd"``.
+        temperature: ``tau > 0``; both sides use ``softmax(logits / tau)``; no ``tau**2``.
+        beta: JSD mixing weight of the teacher, in [0, 1].
+        alpha: skew weight, in [0, 1).
+        vocab_size: compare only the first ``vocab_size`` entries of both vocabularies.
+    """
 
     def __init__(
         self,
@@ -159,23 +167,25 @@ class TokenDivergence(nn.Module):
         self.kind, self.temperature, self.beta, self.alpha = kind, temperature, beta, alpha
         self.vocab_size = vocab_size
 
+    @property
+    def options(self) -> dict[str, object]:
+        """The keyword options every loss function of the family takes."""
+        return dict(kind=self.kind, temperature=self.temperature, beta=self.beta, alpha=self.alpha,
+                    vocab_size=self.vocab_size)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, temperature={self.temperature}"
+
+
+class TokenDivergence(DivergenceModule):
+    """Module twin of :func:`token_divergence` (per-position values, no reduction)."""
+
     def forward(
         self,
         student_logits: Float[Tensor, "batch seq vocab"],
         teacher_logits: Float[Tensor, "batch seq tvocab"],
     ) -> Float[Tensor, "batch seq"]:
-        return token_divergence(
-            student_logits,
-            teacher_logits,
-            kind=self.kind,
-            temperature=self.temperature,
-            beta=self.beta,
-            alpha=self.alpha,
-            vocab_size=self.vocab_size,
-        )
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, temperature={self.temperature}"
+        return token_divergence(student_logits, teacher_logits, **self.options)
 
 
 def divergence_rows(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 from jaxtyping import Bool, Float
-from torch import Tensor, nn
+from torch import Tensor
 
 from tokinteract._checks import (
     check_bool,
@@ -29,7 +29,7 @@ from tokinteract._checks import (
     check_logit_pair,
     check_tensor,
 )
-from tokinteract.divergence import check_divergence_options, divergence_rows
+from tokinteract.divergence import DivergenceModule, check_divergence_options, divergence_rows
 from tokinteract.reduction import masked_reduce
 
 __all__ = ["IVALoss", "iva_loss", "uniform_visual_weights", "visual_importance"]
@@ -130,22 +130,8 @@ def iva_loss(
     return masked_reduce(per_row, weights=w[support], num_items=n)
 
 
-class IVALoss(nn.Module):
+class IVALoss(DivergenceModule):
     """Module twin of :func:`iva_loss`."""
-
-    def __init__(
-        self,
-        *,
-        kind: str = "fkl",
-        temperature: int | float = 1.0,
-        beta: int | float = 0.5,
-        alpha: int | float = 0.1,
-        vocab_size: int | None = None,
-    ) -> None:
-        super().__init__()
-        check_divergence_options(kind, temperature, beta, alpha)
-        self.kind, self.temperature, self.beta, self.alpha = kind, temperature, beta, alpha
-        self.vocab_size = vocab_size
 
     def forward(
         self,
@@ -155,7 +141,4 @@ class IVALoss(nn.Module):
         *,
         num_sequences: int | float | Tensor | None = None,
     ) -> Float[Tensor, ""]:
-        return iva_loss(
-            student_logits, teacher_logits, weights, kind=self.kind, temperature=self.temperature,
-            beta=self.beta, alpha=self.alpha, vocab_size=self.vocab_size, num_sequences=num_sequences,
-        )
+        return iva_loss(student_logits, teacher_logits, weights, num_sequences=num_sequences, **self.options)

@@ -25,7 +25,7 @@ from tokinteract._checks import (
     check_logit_pair,
     check_tensor,
 )
-from tokinteract.divergence import check_divergence_options, divergence_rows
+from tokinteract.divergence import DivergenceModule, check_divergence_options, divergence_rows
 from tokinteract.reduction import compute_dtype, masked_reduce
 
 __all__ = ["KDLoss", "SFTLoss", "kd_loss", "shift_labels", "sft_loss"]
@@ -117,7 +117,7 @@ class SFTLoss(nn.Module):
         return sft_loss(student_logits, labels, ignore_index=self.ignore_index, num_items=num_items)
 
 
-class KDLoss(nn.Module):
+class KDLoss(DivergenceModule):
     """Module twin of :func:`kd_loss`."""
 
     def __init__(
@@ -130,10 +130,8 @@ class KDLoss(nn.Module):
         alpha: int | float = 0.1,
         vocab_size: int | None = None,
     ) -> None:
-        super().__init__()
-        check_divergence_options(kind, temperature, beta, alpha)
-        self.ignore_index, self.kind, self.temperature = ignore_index, kind, temperature
-        self.beta, self.alpha, self.vocab_size = beta, alpha, vocab_size
+        super().__init__(kind=kind, temperature=temperature, beta=beta, alpha=alpha, vocab_size=vocab_size)
+        self.ignore_index = ignore_index
 
     def forward(
         self,
@@ -144,14 +142,6 @@ class KDLoss(nn.Module):
         num_items: int | float | Tensor | None = None,
     ) -> Float[Tensor, ""]:
         return kd_loss(
-            student_logits,
-            teacher_logits,
-            labels,
-            ignore_index=self.ignore_index,
-            kind=self.kind,
-            temperature=self.temperature,
-            beta=self.beta,
-            alpha=self.alpha,
-            vocab_size=self.vocab_size,
-            num_items=num_items,
+            student_logits, teacher_logits, labels, ignore_index=self.ignore_index, num_items=num_items,
+            **self.options,
         )

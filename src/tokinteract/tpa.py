@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 from jaxtyping import Float
-from torch import Tensor, nn
+from torch import Tensor
 
 from tokinteract._checks import check_finite, check_logit_pair
-from tokinteract.divergence import check_divergence_options, divergence_rows
+from tokinteract.divergence import DivergenceModule, check_divergence_options, divergence_rows
 from tokinteract.expansion import TPAExpansion
 from tokinteract.reduction import masked_reduce
 
@@ -81,22 +81,8 @@ def tpa_loss(
     return masked_reduce(values, expansion.candidate_mask, num_items=num_items)
 
 
-class TPALoss(nn.Module):
+class TPALoss(DivergenceModule):
     """Module twin of :func:`tpa_loss`."""
-
-    def __init__(
-        self,
-        *,
-        kind: str = "fkl",
-        temperature: int | float = 1.0,
-        beta: int | float = 0.5,
-        alpha: int | float = 0.1,
-        vocab_size: int | None = None,
-    ) -> None:
-        super().__init__()
-        check_divergence_options(kind, temperature, beta, alpha)
-        self.kind, self.temperature, self.beta, self.alpha = kind, temperature, beta, alpha
-        self.vocab_size = vocab_size
 
     def forward(
         self,
@@ -106,7 +92,4 @@ class TPALoss(nn.Module):
         *,
         num_items: int | float | Tensor | None = None,
     ) -> Float[Tensor, ""]:
-        return tpa_loss(
-            student_logits, teacher_logits, expansion, kind=self.kind, temperature=self.temperature,
-            beta=self.beta, alpha=self.alpha, vocab_size=self.vocab_size, num_items=num_items,
-        )
+        return tpa_loss(student_logits, teacher_logits, expansion, num_items=num_items, **self.options)
