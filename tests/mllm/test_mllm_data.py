@@ -233,3 +233,11 @@ def test_label_and_mask_invariants(tok, turns, system, max_length) -> None:
     assert _toks(tok, full.input_ids, full.instruction_mask) == [w for q, _, _ in turns for w in q.split()]
     assert torch.equal(enc.labels, full.labels[:n]) and torch.equal(enc.instruction_mask, full.instruction_mask[:n])
     assert int((full.labels == eot).sum()) == len(turns)
+
+
+def test_reply_that_is_a_substring_of_the_role_header_is_labelled_where_it_stands(tok) -> None:
+    """Regression (found by the property above): a reply "is" matched the "is" in "assistant"."""
+    msgs = [{"role": "user", "content": "what"}, {"role": "assistant", "content": "is"}]
+    enc = encode_conversation(msgs, tok, num_image_tokens=N_VIS)
+    assert _toks(tok, enc.input_ids, enc.labels != -100) == ["is", "<|im_end|>"]
+    assert _toks(tok, enc.input_ids, enc.instruction_mask) == ["what"]

@@ -208,6 +208,46 @@ def _stop_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
+def _render_with_spans(tokenizer: Any, msgs: list[dict[str, Any]], where: str) -> tuple[str, list[tuple[int, int, str]]]:
+    """Render ``msgs`` with the chat template and locate each message's content in the text.
+
+    Each content is first replaced by a unique marker (private-use characters), so a content
+    is found where the template put it, never inside template text (a reply "is" must not
+    match the "is" of "assistant"). The real rendering must equal the skeleton with the
+    contents put back (verbatim, or stripped if the template strips them).
+    """
+    real = tokenizer.apply_chat_template(msgs, tokenize=False)
+    markers = [f"\ue000{k}\ue001" for k in range(len(msgs))]
+    skeleton = tokenizer.apply_chat_template(
+        [{**m, "content": markers[k]} for k, m in enumerate(msgs)], tokenize=False
+    )
+    for strip in (False, True):
+        parts: list[str] = []
+        spans: list[tuple[int, int, str]] = []
+        pos = cursor = 0
+        for k, m in enumerate(msgs):
+            idx = skeleton.find(markers[k], cursor)
+            if idx < 0:
+                break
+            content = m["content"].strip() if strip else m["content"]
+            parts.append(skeleton[cursor:idx])
+            pos += idx - cursor
+            if content:
+                spans.append((pos, pos + len(content), m["role"]))
+            parts.append(content)
+            pos += len(content)
+            cursor = idx + len(markers[k])
+        else:
+            parts.append(skeleton[cursor:])
+            if "".join(parts) == real:
+                return real, spans
+    bad = next((m for m in msgs if m["content"].strip() and m["content"].strip() not in real), msgs[-1])
+    raise DataError(
+        f"{where}: the chat template altered a {bad['role']} message's text (could not find "
+        f"{bad['content'][:60]!r} verbatim in the rendered conversation); use a template that keeps contents verbatim"
+    )
+
+
 def encode_conversation(
     messages: list[dict[str, str]],
     tokenizer: Any,
@@ -235,25 +275,7 @@ def encode_conversation(
     msgs = list(messages)
     if system_prompt is not None and not any(m["role"] == "system" for m in msgs):
         msgs = [{"role": "system", "content": system_prompt}, *msgs]
-    text = tokenizer.apply_chat_template(msgs, tokenize=False)
-    # Locate every message's content in the rendered text, in order.
-    spans: list[tuple[int, int, str]] = []
-    cursor = 0
-    for m in msgs:
-        content = m["content"]
-        for cand in (content, content.strip()):
-            idx = text.find(cand, cursor) if cand else -1
-            if idx >= 0:
-                break
-        else:
-            if not content.strip():
-                continue
-            raise DataError(
-                f"{where}: the chat template altered a {m['role']} message's text (could not find "
-                f"{content[:60]!r} in the rendered conversation); use a template that keeps contents verbatim"
-            )
-        spans.append((idx, idx + len(cand), m["role"]))
-        cursor = idx + len(cand)
+    text, spans = _render_with_spans(tokenizer, msgs, where)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
     offsets = enc["offset_mapping"]
