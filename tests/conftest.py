@@ -17,6 +17,9 @@ settings.register_profile(
     "ci",
     max_examples=40,
     deadline=None,
+    # In CI (CI=true) the examples are derandomized so a run is reproducible; local runs explore.
+    derandomize=bool(os.environ.get("CI")),
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile("dev", max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
