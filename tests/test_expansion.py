@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import tokinteract as ti
 from reference import ref_position_ids, ref_ribbon_layout, ref_ribbon_mask
+from strategies import padded_masks
 
 
 @st.composite
@@ -16,18 +17,7 @@ def ribbon_inputs(draw):
     B = draw(st.integers(1, 3))
     T = draw(st.integers(1, 8))
     d = draw(st.integers(1, 3))
-    side = draw(st.sampled_from(["left", "right", "none"]))
-    am = torch.ones(B, T, dtype=torch.bool)
-    cm = torch.zeros(B, T, dtype=torch.bool)
-    for b in range(B):
-        n = T if side == "none" else draw(st.integers(1, T))
-        if side == "left":
-            am[b, : T - n] = False
-        elif side == "right":
-            am[b, n:] = False
-        for t in range(T - 1):
-            if am[b, t]:
-                cm[b, t] = draw(st.booleans())
+    am, cm = padded_masks(draw, B, T)
     seed = draw(st.integers(0, 2**31 - 1))
     as_int = draw(st.booleans())
     return cm, d, (am.long() if as_int else am), seed

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import tokinteract as ti
 from reference import REF_KINDS, ref_tpa_loss, ref_tpa_position_values
 from tiny_transformer import TinyTransformer
+from strategies import padded_masks
 
 V = 19
 
@@ -182,17 +183,7 @@ def test_vocab_policy():
 @st.composite
 def _configs(draw):
     B, T, d = draw(st.integers(1, 3)), draw(st.integers(2, 7)), draw(st.integers(1, 3))
-    side = draw(st.sampled_from(["left", "right", "none"]))
-    am = torch.ones(B, T, dtype=torch.bool)
-    cm = torch.zeros(B, T, dtype=torch.bool)
-    for b in range(B):
-        n = T if side == "none" else draw(st.integers(1, T))
-        if side == "left":
-            am[b, : T - n] = False
-        elif side == "right":
-            am[b, n:] = False
-        for t in range(T - 1):
-            cm[b, t] = bool(am[b, t]) and draw(st.booleans())
+    am, cm = padded_masks(draw, B, T)
     kind = draw(st.sampled_from(REF_KINDS))
     return B, T, d, am, cm, kind, draw(st.integers(0, 2**31 - 1))
 
