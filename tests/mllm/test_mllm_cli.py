@@ -92,6 +92,12 @@ def test_resume_reaches_the_same_final_loss(tmp_path, synth) -> None:
     loss_b = [h["loss"] for h in resumed.state.log_history if "loss" in h]
     assert resumed.state.global_step == 4 and len(loss_a) == 4
     assert loss_b[-1] == pytest.approx(loss_a[-1], rel=1e-6)
+    parts_a = {h["step"]: h for h in full.state.log_history if "loss_sft" in h}
+    parts_b = {h["step"]: h for h in resumed.state.log_history if "loss_sft" in h}
+    assert sorted(parts_b) == [1, 2, 3, 4]  # 1, 2: restored from checkpoint-2's trainer_state.json
+    for step in (3, 4):  # the first log after resuming averages over 1 step, not over 3
+        for key in ("loss_sft", "loss_kd", "loss_iva", "loss_tpa"):
+            assert parts_b[step][key] == pytest.approx(parts_a[step][key], rel=1e-5), (step, key)
     sa, sb = full.model.state_dict(), resumed.model.state_dict()
     for k in sa:
         torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=1e-6)
@@ -137,8 +143,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "configs"
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_example_configs_parse(tmp_path, path) -> None:
-    """Every example config names only real arguments with valid values (DeepSpeed itself is
-    not installed here, so its key is checked separately)."""
+    """Every example config names only real arguments with valid values (the ``deepspeed`` key
+    is checked separately; ``ds_zero2.json`` itself is run by ``test_mllm_deepspeed.py``)."""
     from tokinteract.mllm.cli import load_config
 
     cfg = load_config(path)

@@ -67,9 +67,22 @@ Notes:
     * Resuming restores the weights through ``from_pretrained`` (see
       :meth:`DistillationTrainer._load_from_checkpoint`); TPA candidates are reseeded from
       ``(sampling_seed, step, micro-batch, rank)``, so a resumed run redraws the same ones.
-    * Distributed: DDP is tested (2 CPU processes, gloo). DeepSpeed ZeRO-2 and FSDP2 go
-      through the same single wrapper forward per step but were not run here; the teacher is
-      a plain module on every device (ZeRO-3 / sharding the teacher is not supported).
+    * Distributed: DDP is tested (2 CPU processes, gloo). DeepSpeed ZeRO-2 is tested with
+      ``examples/configs/ds_zero2.json`` on 2 CPU processes (DeepSpeed's CPU accelerator,
+      gloo, fp32, 2 accumulation steps; ``tests/mllm/test_mllm_deepspeed.py``): per-step
+      losses and final weights equal a one-process run, and DeepSpeed checkpoints resume;
+      not run on GPUs (bf16, NCCL). FSDP2 (accelerate's ``fully_shard`` path, ``fsdp_config``
+      of ``examples/configs/stage2_fsdp_override.yaml``) is tested on 2 CPU processes (gloo,
+      fp32; accelerate only enables FSDP on GPU-type devices, so the test forces its CPU gate;
+      ``tests/mllm/test_mllm_fsdp.py``): align_ti with the fused loss (LM head tied or not)
+      and GKD give the DDP run's per-step losses and final weights, and ``save_model``
+      writes a ``from_pretrained`` checkpoint; not run on GPUs (bf16, NCCL). FSDP2 does not
+      wrap the model, so :func:`run_through_wrapper` still calls the root module to run its
+      hooks, and the fused loss unshards the LM head's FSDP2 unit (its forward never runs;
+      FSDP2 reduce-scatters the head's gradient after backward). FSDP1 was not run. The
+      teacher is a plain module on every device (ZeRO-3 / sharding the teacher is not
+      supported). GKD's on-policy coin is the same on every rank (sharded generation needs
+      all ranks to run it).
 """
 
 from __future__ import annotations
@@ -212,8 +225,12 @@ def run_through_wrapper(wrapped: nn.Module, unwrapped: nn.Module, fn: Any) -> An
     inner module directly would silently skip it (DDP then never all-reduces). The inner
     module's ``forward`` is swapped for a shim for the duration of the call and restored
     (also on errors), including an instance-level ``forward`` set by Accelerate's autocast.
+
+    FSDP2 (``fully_shard``) does not wrap: ``wrapped is unwrapped``, and its root
+    forward hooks (lazy init, unsharding the root's own parameters -- vision embeddings,
+    projector, ...) must still run, so such a module also goes through the shim.
     """
-    if wrapped is unwrapped:
+    if wrapped is unwrapped and not _is_fsdp2_module(wrapped):
         return fn()
     had = "forward" in unwrapped.__dict__
     saved = unwrapped.__dict__.get("forward")
@@ -233,6 +250,54 @@ def run_through_wrapper(wrapped: nn.Module, unwrapped: nn.Module, fn: Any) -> An
             unwrapped.forward = saved
         else:
             unwrapped.__dict__.pop("forward", None)
+
+
+def _is_fsdp2_module(module: nn.Module) -> bool:
+    """Whether ``module`` was sharded in place by FSDP2's ``fully_shard`` (torch >= 2.6)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _unshard_lm_head(model: nn.Module) -> nn.Module | None:
+    """Make ``model``'s LM head weight a full tensor when FSDP2 left it sharded; return the
+    FSDP2 module that was unsharded (None when nothing had to be done).
+
+    The fused loss uses the LM head's weight directly, so the head's own forward (whose
+    FSDP2 hook would all-gather it) never runs; Accelerate puts the head in its own FSDP2
+    unit (with the final norm, which LLaVA's layout hides from it), so the weight would stay
+    a sharded ``DTensor``. ``FSDPModule.unshard()`` on the unit owning the head all-gathers
+    it; the gradients that autograd then accumulates on the full weight are reduce-scattered
+    to the shards, and the unit resharded, by FSDP2's end-of-backward callback (it runs
+    ``post_backward`` for every unit whose forward hooks did not). Without a backward (eval)
+    the caller reshards.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without FSDP2
+        return None
+    if head is None or not isinstance(weight, DTensor):
+        return None
+    names = {m: n for n, m in model.named_modules()}
+    name = names.get(head)
+    owner = None
+    while name is not None:  # the innermost FSDP2 unit holding the head (itself, then its parents)
+        m = model.get_submodule(name)
+        if isinstance(m, FSDPModule):
+            owner = m
+            break
+        name = name.rpartition(".")[0] if name else None
+    if owner is None:
+        raise RuntimeError("the LM head's weight is a sharded DTensor but no FSDP2 module owns it")
+    owner.unshard()
+    if isinstance(getattr(head, "weight", None), DTensor):
+        raise RuntimeError(f"FSDP2 unshard of {type(owner).__name__} left the LM head's weight sharded")
+    return owner
 
 
 def _position_ids(attention_mask: Tensor) -> Tensor:
@@ -424,11 +489,14 @@ class DistillationTrainer(Trainer):
             self._micro_step, self._micro = step, 0
         self._micro += 1
         g = torch.Generator(device=device)
-        g.manual_seed(
-            (self.distill.sampling_seed * 1_000_003 + step * 4099 + self._micro * 131 + self.args.process_index)
-            % (2**63 - 1)
-        )
+        g.manual_seed(self._seed(self.args.process_index))
         return g
+
+    def _seed(self, rank: int) -> int:
+        """The current micro-batch's seed on ``rank`` (set by :meth:`_generator`)."""
+        return (self.distill.sampling_seed * 1_000_003 + self._micro_step * 4099 + self._micro * 131 + rank) % (
+            2**63 - 1
+        )
 
     def _sampling_logits(self, logits: Tensor) -> Tensor:
         lg = logits.detach()
@@ -487,7 +555,11 @@ class DistillationTrainer(Trainer):
         training = self.model.training
         gen = self._generator(ids.device) if training else torch.Generator(device=ids.device).manual_seed(0)
         if training and s["on_policy"]:
-            coin = float(torch.rand((), generator=gen, device=ids.device))
+            # one coin for all ranks (rank 0's seed): under FSDP every rank must run the same
+            # forwards (generation all-gathers the shards), so all go on-policy or none does
+            shared = torch.Generator(device=ids.device)
+            shared.manual_seed(self._seed(0))
+            coin = float(torch.rand((), generator=shared, device=ids.device))
             if coin < self.distill.gkd_lambda:
                 return self._on_policy_loss(model, ids, att, labels, visual, px, return_outputs)
         counts = self._counts if training else None
@@ -590,7 +662,12 @@ class DistillationTrainer(Trainer):
         num_items = counts[0] if counts is not None else None
         num_seqs = counts[1] if counts is not None else None
 
+        unsharded: list[nn.Module] = []
+
         def step() -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor, Tensor | None, Any]:
+            owner = _unshard_lm_head(unwrapped)  # FSDP2: the head's forward hook never runs here
+            if owner is not None:
+                unsharded.append(owner)
             capture = w_src == "student"
             exp = None
             with _maybe_capture(unwrapped, layer if capture else None, instr) as cap:
@@ -641,10 +718,15 @@ class DistillationTrainer(Trainer):
 
         loss, parts, s_hidden, sw, sb, exp = run_through_wrapper(model, unwrapped, step)
         loss = self._finish(loss, parts, counts)
+        gt_logits = None
         if return_outputs:
             gt_hidden = s_hidden[:, : exp.seq_len] if exp is not None else s_hidden
             with torch.no_grad():
                 gt_logits = torch.nn.functional.linear(gt_hidden, sw, sb)
+        if unsharded and not loss.requires_grad:  # no backward will reshard the head (eval)
+            for owner in unsharded:
+                owner.reshard()
+        if return_outputs:
             return loss, {"logits": gt_logits}
         return loss
 
@@ -807,8 +889,14 @@ class DistillationTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:
+            start = getattr(self, "_initial_global_step", 0)  # where this train() call began (resume)
+            if not start <= self._last_part_log_step <= self.state.global_step:
+                self._last_part_log_step = start
             steps = max(self.state.global_step - self._last_part_log_step, 1)
-            names = sorted(set(self._part_sums) | {f for f in ("sft", "kd", "iva", "tpa") if self.settings[f] > 0})
+            # the same names on every rank (they are gathered below): GKD's coin flips differ per
+            # rank, so a rank without an on-policy batch must still send kd_on_policy
+            fixed = {f for f in ("sft", "kd", "iva", "tpa") if self.settings[f] > 0}
+            names = sorted(set(self._part_sums) | fixed | ({"kd_on_policy"} if self.settings["on_policy"] else set()))
             dev = self.args.device
             vals = torch.stack([self._part_sums.get(k, torch.zeros((), device=dev)).to(dev) for k in names])
             if self.args.world_size > 1:
