@@ -27,9 +27,11 @@ from tokinteract.mllm import DistillationConfig, DistillationTrainer, LlavaColla
 D = 3
 
 
-def _reference_tpa(student, teacher, batch, cand: torch.Tensor, cmask: torch.Tensor, pad: int) -> torch.Tensor:
+def _reference_tpa(student, teacher, batch, cand: torch.Tensor, cmask: torch.Tensor, pad: int,
+                   num_items: int) -> torch.Tensor:
     """Per-candidate sequences ``ids[b, :t+1] + [cand[b, t, u]]``, right-padded into one batch
-    (positions 0.. by default; the padding is masked and lies after the last real token)."""
+    (positions 0.. by default; the padding is masked and lies after the last real token);
+    mean over the ``d`` candidates, summed over the slots, divided by ``num_items``."""
     ids, px, vis = batch["input_ids"], batch["pixel_values"], batch["visual_mask"].bool()
     n_img = vis.sum(1) // N_VIS
     img_start = torch.cumsum(n_img, 0) - n_img  # first pixel_values row of each sample
@@ -50,11 +52,20 @@ def _reference_tpa(student, teacher, batch, cand: torch.Tensor, cmask: torch.Ten
         s = student(input_ids=inp, attention_mask=att, **kw).logits[torch.arange(len(seqs)), last].float()
         te = teacher(input_ids=inp, attention_mask=att, **kw).logits[torch.arange(len(seqs)), last].float()
     kl = (te.softmax(-1) * (te.log_softmax(-1) - s.log_softmax(-1))).sum(-1)  # KL(T || S) per candidate
-    return kl.view(len(pos), D).mean(1).mean()
+    return kl.view(len(pos), D).mean(1).sum() / num_items
 
 
-@pytest.mark.parametrize("impl,forward", [("logits", "cached"), ("logits", "packed"), ("fused", "cached"), ("fused", "packed")])
-def test_logged_tpa_equals_per_candidate_forwards(tmp_path, synth, tok, processor, monkeypatch, impl, forward) -> None:
+@pytest.mark.parametrize(
+    "impl,forward,skip_end_of_turn",
+    [("logits", "cached", False), ("logits", "packed", False), ("fused", "cached", False), ("fused", "packed", False),
+     ("fused", "cached", True), ("logits", "packed", True)],
+)
+def test_logged_tpa_equals_per_candidate_forwards(
+    tmp_path, synth, tok, processor, monkeypatch, impl, forward, skip_end_of_turn
+) -> None:
+    """``skip_end_of_turn``: ``tpa_skip_token_ids=[<|im_end|>]`` (beyond the paper) drops exactly
+    the slots whose ground-truth next token is end-of-turn; they count as 0 over the same
+    supervised-token denominator."""
     torch.manual_seed(0)
     student = make_model(tok, seed=1)
     teacher = make_model(tok, seed=2, hidden=48, layers=3)
@@ -74,7 +85,9 @@ def test_logged_tpa_equals_per_candidate_forwards(tmp_path, synth, tok, processo
         lg = student(input_ids=b0["input_ids"], attention_mask=b0["attention_mask"], pixel_values=b0["pixel_values"]).logits
         fav = int(lg.argmax(-1).flatten().mode().values)
         student.lm_head.weight[img] = student.lm_head.weight[fav]
-    cfg = DistillationConfig(method="tpa", loss_impl=impl, tpa_forward=forward, tpa_num_candidates=D)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    cfg = DistillationConfig(method="tpa", loss_impl=impl, tpa_forward=forward, tpa_num_candidates=D,
+                             tpa_skip_token_ids=[im_end] if skip_end_of_turn else None)
     tr = DistillationTrainer(student, args, teacher=teacher, distill=cfg, train_dataset=ds, data_collator=col,
                              processing_class=processor)
     before = state(student)
@@ -102,11 +115,13 @@ def test_logged_tpa_equals_per_candidate_forwards(tmp_path, synth, tok, processo
     batch, cand, cmask = rec["batch"], rec["cand"], rec["mask"]
     labels = batch["labels"]
     # candidate positions: t such that token t+1 is supervised (assistant answer tokens and <|im_end|>)
-    want = torch.zeros_like(cmask)
-    want[:, :-1] = labels[:, 1:] != -100
+    supervised = torch.zeros_like(cmask)
+    supervised[:, :-1] = labels[:, 1:] != -100
+    end_of_turn = torch.zeros_like(cmask)
+    end_of_turn[:, :-1] = supervised[:, :-1] & (batch["input_ids"][:, 1:] == im_end)
+    assert bool(end_of_turn.any())
+    want = supervised & ~end_of_turn if skip_end_of_turn else supervised
     assert torch.equal(cmask, want) and int(cmask.sum()) > 0
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    assert bool((batch["input_ids"][:, 1:][want[:, :-1]] == im_end).any())
     assert cand.shape == (*labels.shape, D)
     assert not bool((cand[cmask] == img).any()) and bool((cand[cmask] == fav).any())
     assert bool(((cand[cmask] >= 0) & (cand[cmask] < len(tok))).all())
@@ -115,6 +130,6 @@ def test_logged_tpa_equals_per_candidate_forwards(tmp_path, synth, tok, processo
     ref_student.load_state_dict(before)  # the weights the step started from
     ref_student.eval()
     teacher.eval()
-    ref = _reference_tpa(ref_student, teacher, batch, cand, cmask, tok.pad_token_id)
+    ref = _reference_tpa(ref_student, teacher, batch, cand, cmask, tok.pad_token_id, int(supervised.sum()))
     assert float(ref) > 0
     assert logged == pytest.approx(float(ref), rel=1e-5, abs=2e-6)

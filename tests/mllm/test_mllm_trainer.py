@@ -335,6 +335,21 @@ def test_loss_impl_is_checked() -> None:
     assert DistillationConfig(loss_impl="logits", loss_chunk_size=8).resolved()["sft"] == 1.0
 
 
+def test_tpa_skip_token_ids_is_checked_and_parsed() -> None:
+    """The slots themselves are checked end to end in test_mllm_tpa_end_to_end.py."""
+    from transformers import HfArgumentParser
+
+    for bad in ([-1], [3, True]):
+        with pytest.raises(ValueError, match="tpa_skip_token_ids"):
+            DistillationConfig(tpa_skip_token_ids=bad).resolved()
+    for bad in (["7"], 7, [1.5]):  # the test run's type checker may refuse these at construction already
+        with pytest.raises((TypeError, ValueError), match="tpa_skip_token_ids"):
+            DistillationConfig(tpa_skip_token_ids=bad).resolved()
+    (cfg,) = HfArgumentParser(DistillationConfig).parse_args_into_dataclasses(["--tpa_skip_token_ids", "5", "7"])
+    assert cfg.tpa_skip_token_ids == [5, 7]
+    assert DistillationConfig().tpa_skip_token_ids is None  # the paper's Eq. 7 by default
+
+
 def test_fused_loss_impl_under_gradient_checkpointing(tmp_path, synth, tok, processor) -> None:
     """Checkpointed layers drop the KV cache: the fused cached TPA path falls back to the packed
     forward of hidden states and still equals the logits path."""

@@ -59,6 +59,13 @@ Methods (``DistillationConfig.method``, each weight overridable):
 ``iva_weights="student"`` takes the IVA weights from the student's own (detached)
 attention at ``iva_student_layer`` (Table 8; default: ``l*`` scaled to the student's depth).
 
+``tpa_skip_token_ids`` (opt-in, beyond the paper; default off): TPA places no candidates at
+positions whose ground-truth next token is one of these ids. With the end-of-turn id, the
+slot that asks both models for the token *after* the answer has ended is dropped (an SFT
+teacher never saw that position; see ``docs/results/verdict.md``). In training dropped slots
+count as 0 (the TPA denominator stays the window's supervised-token count, like KD's);
+evaluation losses average over the kept slots.
+
 Notes:
     * GKD on-policy batches are normalised by their own generated-token count and divided
       by the accumulation steps (the window's count cannot be known before generating);
@@ -152,6 +159,11 @@ class DistillationConfig:
     tpa_top_p: float = field(default=0.95, metadata={"help": "nucleus mass"})
     tpa_temperature: float = field(default=1.0, metadata={"help": "candidate sampling temperature"})
     tpa_forward: str = field(default="cached", metadata={"help": "cached (KV cache reuse) or packed (Algorithm 1)"})
+    tpa_skip_token_ids: list[int] | None = field(
+        default=None,
+        metadata={"help": "beyond the paper: no TPA slot at positions whose ground-truth next token is one of "
+                          "these ids (e.g. the end-of-turn id <|im_end|>); None: every supervised position (Eq. 7)"},
+    )
     on_policy: bool | None = field(default=None, metadata={"help": "GKD on-policy batches (None: preset)"})
     gkd_lambda: float = field(default=0.5, metadata={"help": "probability of an on-policy batch (GKD)"})
     gkd_max_new_tokens: int = field(default=32, metadata={"help": "length of student-generated responses (GKD)"})
@@ -200,6 +212,12 @@ class DistillationConfig:
             raise ValueError(f"tpa_sampling must be one of {SAMPLING_STRATEGIES}, got {self.tpa_sampling!r}")
         if isinstance(self.tpa_num_candidates, bool) or not isinstance(self.tpa_num_candidates, int) or self.tpa_num_candidates < 1:
             raise ValueError(f"tpa_num_candidates must be an int >= 1, got {self.tpa_num_candidates!r}")
+        skip = self.tpa_skip_token_ids
+        if skip is not None and (
+            not isinstance(skip, (list, tuple))
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in skip)
+        ):
+            raise ValueError(f"tpa_skip_token_ids must be None or a list of token ids (ints >= 0), got {skip!r}")
         if not 0.0 < self.tpa_top_p <= 1.0:
             raise ValueError(f"tpa_top_p must lie in (0, 1], got {self.tpa_top_p!r}")
         if self.iva_layer is not None and self.iva_layer < 0:
@@ -568,7 +586,10 @@ class DistillationTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         hf = _hf()
         use_tpa = s["tpa"] > 0
-        cmask = shift_labels(labels) != -100
+        next_ids = shift_labels(labels)  # [b, t]: the ground-truth token t + 1 that TPA's candidates at t replace
+        cmask = next_ids != -100
+        if self.distill.tpa_skip_token_ids:  # beyond the paper (opt-in): drop these slots, keep num_items
+            cmask &= ~torch.isin(next_ids, torch.tensor(self.distill.tpa_skip_token_ids, device=next_ids.device))
         w_src = s["iva_weights"] if s["iva"] > 0 else None
         layer = self._weights_layer() if w_src in ("teacher", "student") else None
         model_inputs = {"pixel_values": px} if px is not None else {}
