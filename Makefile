@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[hf,mllm,plot,dev,docs]'
+	# Liger-Kernel's chunked losses are plain PyTorch: --no-deps keeps Triton (~1 GB) and torch out
+	$(BIN)/pip install -q --no-deps 'liger-kernel==0.8.5'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -11,17 +11,22 @@ weights ``[V, H]`` (teacher ``[V, H_t]``) are the inputs; every variant includes
   :class:`tokinteract.AlignTILoss`;
 * ``chunked``: the same logits, :class:`tokinteract.chunked.ChunkedAlignTILoss`;
 * ``fused``: :class:`tokinteract.fused.FusedAlignTILoss` from the hidden states;
-* ``naive_kd`` / ``chunked_kd`` / ``fused_kd``: Vanilla KD (SFT + KD, paper Eq. 2) on the same
-  sample's ground truth (``r`` supervised rows), the same three implementations.
+* ``liger``: ``FusedAlignTILoss(backend="liger")``: KD and TPA through Liger-Kernel's
+  ``LigerFusedLinearJSDFunction`` (:mod:`tokinteract.liger`), SFT and IVA on tokinteract's
+  pass; eager unless ``--liger-compiled`` (Liger's ``torch.compile``); needs ``liger_kernel``;
+* ``naive_kd`` / ``chunked_kd`` / ``fused_kd`` / ``liger_kd``: Vanilla KD (SFT + KD, paper Eq. 2)
+  on the same sample's ground truth (``r`` supervised rows), the same implementations.
 
 Each measurement is forward + backward (gradients to the student's hidden states and LM-head
 weight), median of ``--repeats`` after one warm-up, each variant in a fresh process (see
 ``_common.py`` for the memory method). Before timing, chunked and fused are checked against
-the naive loop references of ``tests/reference.py`` on a small problem.
+the naive loop references of ``tests/reference.py`` on a small problem (the liger backend too,
+when ``liger_kernel`` is installed; the liger variants are then in the default set).
 
     .venv/bin/python benchmarks/bench_losses.py --quick           # CPU, ~minutes
+    .venv/bin/python benchmarks/bench_losses.py --quick --variants fused liger fused_kd liger_kd
     .venv/bin/python benchmarks/bench_losses.py --device cuda --dtype bf16 \
-        --positions 1024 2048 4096 8192 --hidden 896 --teacher-hidden 3584
+        --positions 1024 2048 4096 8192 --hidden 896 --teacher-hidden 3584 --liger-compiled
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from _common import (  # noqa: E402
 )
 
 VISUAL_PER_RESPONSE = 7.29  # 729 visual tokens per 100 response tokens (issue 5)
-VARIANTS = ("naive", "chunked", "fused", "naive_kd", "chunked_kd", "fused_kd")
+VARIANTS = ("naive", "chunked", "fused", "liger", "naive_kd", "chunked_kd", "fused_kd", "liger_kd")
 
 
 def geometry(P: int, d: int) -> tuple[int, int, int]:
@@ -86,7 +91,7 @@ def build(job: dict):
     return dict(hs=hs, W=W, ht=ht, Wt=Wt, labels=labels.to(device), ex=ex, vw=vw, T=T, T2=T2, v=v, r=r)
 
 
-def make_step(variant: str, x: dict, chunk_size: int | None):
+def make_step(variant: str, x: dict, chunk_size: int | None, liger_compiled: bool = False):
     import tokinteract as ti
     from tokinteract.chunked import ChunkedAlignTILoss
     from tokinteract.fused import FusedAlignTILoss
@@ -102,8 +107,9 @@ def make_step(variant: str, x: dict, chunk_size: int | None):
         W.grad = None
         h_s = hs[:, :T] if kd_only else hs
         h_t = ht[:, :T] if kd_only else ht
-        if variant.startswith("fused"):
-            loss, _ = FusedAlignTILoss(chunk_size=chunk_size, **parts)(h_s, W, h_t, Wt, x["labels"], **extra)
+        if variant.startswith(("fused", "liger")):
+            backend = dict(backend="liger", liger_compiled=liger_compiled) if variant.startswith("liger") else {}
+            loss, _ = FusedAlignTILoss(chunk_size=chunk_size, **backend, **parts)(h_s, W, h_t, Wt, x["labels"], **extra)
         else:
             s_logits = h_s @ W.T
             with torch.no_grad():
@@ -125,11 +131,12 @@ def worker(job: dict) -> dict:
     # warm the code paths on a tiny problem first, so lazily loaded kernels and library pages
     # are not counted as the step's memory
     tiny = dict(job, positions=64, vocab=512, hidden=16, teacher_hidden=16)
-    tiny_step, _ = make_step(job["variant"], build(tiny), job.get("chunk_size"))
+    compiled = bool(job.get("liger_compiled"))
+    tiny_step, _ = make_step(job["variant"], build(tiny), job.get("chunk_size"), compiled)
     tiny_step()
     del tiny_step
     x = build(job)
-    step, out = make_step(job["variant"], x, job.get("chunk_size"))
+    step, out = make_step(job["variant"], x, job.get("chunk_size"), compiled)
     t, peak = measure(step, job["device"], repeats=job["repeats"])
     gn = float(x["W"].grad.float().norm()) if x["W"].grad is not None else float("nan")
     return {"time_s": t, "peak_mem_mb": peak, "loss": out["loss"], "grad_w_norm": gn, "rows": x["v"] + x["r"] * (1 + job["d"])}
@@ -155,7 +162,27 @@ def reference_check() -> float:
     ref = ref_sft_loss(s, labels) + ref_kd_loss(s, t, labels) + ref_iva_loss(s, t, vw)
     a, _ = chunked_align_ti_terms(s, t, labels, tpa=0.0, visual_weights=vw, chunk_size=5)
     b, _ = fused_align_ti_terms(hs, W, ht, Wt, labels, tpa=0.0, visual_weights=vw, chunk_size=5)
-    return max(abs(float(a) - float(ref)), abs(float(b) - float(ref)))
+    diffs = [abs(float(a) - float(ref)), abs(float(b) - float(ref))]
+    if _have_liger():
+        c, _ = fused_align_ti_terms(hs, W, ht, Wt, labels, tpa=0.0, visual_weights=vw, chunk_size=5,
+                                    backend="liger", liger_compiled=False)
+        diffs.append(abs(float(c) - float(ref)))
+    return max(diffs)
+
+
+def _liger_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("liger-kernel")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def _have_liger() -> bool:
+    from tokinteract.liger import liger_available
+
+    return liger_available()
 
 
 def main() -> None:
@@ -171,7 +198,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk-size", type=int, default=None)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
+                    help="default: all, the liger ones only when liger_kernel is installed")
+    ap.add_argument("--liger-compiled", action="store_true",
+                    help="liger variants: let Liger torch.compile its chunk step (its default; compile time "
+                         "and memory fall into the warm-up, the first step)")
     ap.add_argument("--name", default=None, help="results file stem (default bench_losses_<device>)")
     args = ap.parse_args()
     if args.worker:
@@ -179,9 +210,12 @@ def main() -> None:
         return
     if args.quick:
         args.positions, args.hidden, args.teacher_hidden, args.repeats = [256, 512, 1024], 256, 512, 2
+    if args.variants is None:
+        args.variants = [v for v in VARIANTS if _have_liger() or not v.startswith("liger")]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     diff = reference_check()
-    print(f"reference check (chunked and fused vs tests/reference.py, fp32 vs fp64): max |diff| = {diff:.2e}")
+    checked = "chunked, fused and liger" if _have_liger() else "chunked and fused"
+    print(f"reference check ({checked} vs tests/reference.py, fp32 vs fp64): max |diff| = {diff:.2e}")
     if diff > 1e-4:
         raise SystemExit("reference check failed")
     results: dict[tuple[str, int], dict] = {}
@@ -189,7 +223,7 @@ def main() -> None:
         for variant in args.variants:
             job = dict(variant=variant, positions=P, vocab=args.vocab, d=args.d, hidden=args.hidden,
                        teacher_hidden=args.teacher_hidden, dtype=args.dtype, device=args.device,
-                       repeats=args.repeats, chunk_size=args.chunk_size)
+                       repeats=args.repeats, chunk_size=args.chunk_size, liger_compiled=args.liger_compiled)
             res = run_worker(Path(__file__), job)
             if "error" in res:
                 print(f"{variant} P={P}: FAILED\n{res['error']}", file=sys.stderr)
@@ -199,7 +233,8 @@ def main() -> None:
                   f"loss {res['loss']:.6f}", flush=True)
     rows = []
     comparisons = [(v, "naive") for v in args.variants] + [
-        ("naive", "naive_kd"), ("chunked", "chunked_kd"), ("fused", "fused_kd"),
+        ("naive", "naive_kd"), ("chunked", "chunked_kd"), ("fused", "fused_kd"), ("liger", "liger_kd"),
+        ("liger", "fused"), ("liger_kd", "fused_kd"),
     ]
     for P in args.positions:
         for variant, base in comparisons:
@@ -215,7 +250,7 @@ def main() -> None:
     for P in args.positions:
         if ("naive", P) in results:
             base = results[("naive", P)]
-            for v in ("chunked", "fused"):
+            for v in ("chunked", "fused", "liger"):
                 if (v, P) in results:
                     notes.append(f"P={P}: |loss({v}) - loss(naive)| = {abs(results[(v, P)]['loss'] - base['loss']):.2e}, "
                                  f"|grad_W| {results[(v, P)]['grad_w_norm']:.6g} vs {base['grad_w_norm']:.6g}")
@@ -229,6 +264,8 @@ def main() -> None:
                     f"e.g. P={args.positions[-1]}: {v} visual (IVA) + {r} response (SFT+KD) + {r * args.d} candidate (TPA) rows; "
                     "*_kd variants: SFT + KD on the same sample's ground truth only",
         "chunk_size": str(args.chunk_size or "auto (2**24 // V rows)"),
+        "liger": ("liger-kernel " + _liger_version() + (", compiled=True" if args.liger_compiled else ", compiled=False (eager)"))
+                 if any(v.startswith("liger") for v in args.variants) else "not run",
         "reference check": f"max |diff| vs tests/reference.py = {diff:.2e}",
     })
     name = args.name or f"bench_losses_{args.device.split(':')[0]}"

@@ -202,6 +202,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp32 on CPU, bf16 on CUDA")
     ap.add_argument("--teacher", choices=["1.5b", "7b"], default="1.5b", help="GPU teacher shape")
+    ap.add_argument("--real-shapes", action="store_true",
+                    help="Qwen2-0.5B-shaped student, --teacher-shaped teacher, SigLIP-so400m tower (729 tokens) "
+                         "on any device (the default on CUDA; on CPU it needs ~20 GiB in fp32 at --batch 1)")
     ap.add_argument("--batch", type=int, default=None, help="default 2 (CPU) / 4 (CUDA)")
     ap.add_argument("--visual", type=int, default=None, help="image tokens (CPU 196, CUDA 729: fixed by the tower)")
     ap.add_argument("--instruction", type=int, default=60)
@@ -228,7 +231,7 @@ def main() -> None:
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     dtype = DTYPES[a.dtype or ("bf16" if cuda else "fp32")]
-    if cuda:
+    if cuda or a.real_shapes:
         s_shape, t_shape, vision = SHAPES["0.5b"], SHAPES[a.teacher], dict(GPU_VISION)
     else:
         s_shape, t_shape, vision = CPU_STUDENT, CPU_TEACHER, dict(CPU_VISION)

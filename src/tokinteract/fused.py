@@ -23,11 +23,13 @@ too, while the divergence itself is always computed in fp32).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tokinteract._checks import check_bool, check_float, check_int, check_integer, check_tensor
+from tokinteract._checks import check_bool, check_choice, check_float, check_int, check_integer, check_tensor
 from tokinteract._engine import mean_row_divergence, resolve_chunk_size, run_terms
 from tokinteract._plan import check_expansion, check_options, check_part_inputs, check_target_range, run_align_ti
 from tokinteract.chunked import _ChunkedModule
@@ -37,6 +39,7 @@ from tokinteract.reduction import compute_dtype, resolve_count
 from tokinteract.sampling import sample_candidates
 
 __all__ = [
+    "BACKENDS",
     "FusedAlignTILoss",
     "fused_align_ti_terms",
     "fused_linear_cross_entropy",
@@ -44,6 +47,9 @@ __all__ = [
     "fused_sample_candidates",
 ]
 
+
+BACKENDS = ("tokinteract", "liger")
+"""Backends of :func:`fused_align_ti_terms`: tokinteract's own pass, or Liger-Kernel for KD and TPA."""
 
 _NAMES = dict(
     student_name="student logits (student_hidden @ student_weight.T)",
@@ -205,6 +211,8 @@ def fused_align_ti_terms(
     num_items: int | float | Tensor | None = None,
     num_sequences: int | float | Tensor | None = None,
     chunk_size: int | None = None,
+    backend: str = "tokinteract",
+    liger_compiled: bool = True,
 ) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
     """Align-TI (paper Eq. 8) from hidden states: ``w_sft SFT + w_kd KD + w_iva IVA + w_tpa TPA``.
 
@@ -219,11 +227,22 @@ def fused_align_ti_terms(
         teacher_hidden: input of the teacher's LM head; may be None for SFT only.
         teacher_weight: the teacher's LM-head weight ``[V_t, H_t]``.
         labels: ``[B, T]`` unshifted labels with ``ignore_index`` where unsupervised.
+        backend: ``"tokinteract"`` (default) or ``"liger"``: the KD and TPA terms (uniform row
+            weights) go through Liger-Kernel's ``LigerFusedLinearJSDLoss`` (see
+            :mod:`tokinteract.liger`; ``kind`` must then be ``"fkl"``, ``"rkl"`` or ``"jsd"``),
+            while SFT and IVA (attention-weighted rows) stay on tokinteract's pass. Same values
+            and gradients within fp32 rounding, or bf16 tolerance for bf16 inputs (Liger computes
+            in the input dtype). Needs ``pip install "tokinteract[liger]"``.
+        liger_compiled: with ``backend="liger"``, let Liger ``torch.compile`` its chunk step
+            (Liger's default); ignored otherwise.
 
     Returns:
         ``(total, parts)``; ``parts`` maps each enabled part to its detached, unweighted value.
     """
     weights = check_options(sft, kd, iva, tpa, kind, temperature, beta, alpha)
+    check_choice("backend", backend, BACKENDS)
+    if not isinstance(liger_compiled, bool):
+        raise TypeError(f"liger_compiled must be a bool, got {type(liger_compiled).__name__}")
     check_tensor("student_hidden", student_hidden, ndim=3)
     _check_head("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
     needs_teacher = check_part_inputs(
@@ -245,12 +264,18 @@ def fused_align_ti_terms(
             )
         vocab = _shared_vocab(V, teacher_weight.shape[0], vocab_size)
         teacher = (teacher_hidden.reshape(B * L, teacher_hidden.shape[-1]), teacher_weight, teacher_bias)
-    return run_align_ti(
+    run: Any = run_align_ti
+    extra: dict[str, Any] = {}
+    if backend == "liger":
+        from tokinteract.liger import _run_align_ti_liger as run  # optional dependency, imported on use
+
+        extra = dict(compiled=liger_compiled)
+    return run(
         (student_hidden.reshape(B * L, student_hidden.shape[-1]), student_weight, student_bias), teacher, batch=B, length=L,
         vocab=vocab, student_vocab=V, labels=labels, weights=weights, ignore_index=ignore_index,
         expansion=expansion, visual_weights=visual_weights, num_items=num_items, num_sequences=num_sequences,
         chunk_size=chunk_size, div_opts=dict(kind=kind, temperature=temperature, beta=beta, alpha=alpha),
-        **_NAMES,
+        **_NAMES, **extra,
     )
 
 
@@ -307,8 +332,29 @@ def fused_sample_candidates(
 class FusedAlignTILoss(_ChunkedModule):
     """:class:`tokinteract.AlignTILoss` from hidden states and LM heads (:func:`fused_align_ti_terms`).
 
-    Same constructor as :class:`tokinteract.AlignTILoss` plus ``chunk_size``.
+    Same constructor as :class:`tokinteract.AlignTILoss` plus ``chunk_size``, ``backend``
+    (``"tokinteract"`` or ``"liger"``) and ``liger_compiled``; see :func:`fused_align_ti_terms`.
     """
+
+    def __init__(
+        self, *, backend: str = "tokinteract", liger_compiled: bool = True, **kwargs: float | int | str | None
+    ) -> None:
+        super().__init__(**kwargs)
+        check_choice("backend", backend, BACKENDS)
+        if not isinstance(liger_compiled, bool):
+            raise TypeError(f"liger_compiled must be a bool, got {type(liger_compiled).__name__}")
+        if backend == "liger":
+            from tokinteract.liger import _check_liger_kind, _load
+
+            _check_liger_kind(self.kind, self.beta)
+            _load()
+        self.backend, self.liger_compiled = backend, liger_compiled
+
+    def _options(self) -> dict[str, Any]:
+        return dict(super()._options(), backend=self.backend, liger_compiled=self.liger_compiled)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"
 
     def forward(  # type: ignore[override]
         self,

@@ -178,6 +178,14 @@ class DistillationConfig:
     loss_chunk_size: int | None = field(
         default=None, metadata={"help": "rows per LM-head chunk with loss_impl=fused (None: 2**24 // vocab)"}
     )
+    loss_backend: str = field(
+        default="tokinteract",
+        metadata={"help": "tokinteract or liger (loss_impl=fused only: KD and TPA through Liger-Kernel's fused "
+                          "linear JSD, divergence fkl/rkl/jsd; pip install 'tokinteract[liger]')"},
+    )
+    loss_liger_compiled: bool = field(
+        default=True, metadata={"help": "loss_backend=liger: let Liger torch.compile its chunk step (its default)"}
+    )
 
     def resolved(self) -> dict[str, Any]:
         """The effective settings after applying the preset."""
@@ -204,6 +212,12 @@ class DistillationConfig:
             isinstance(self.loss_chunk_size, bool) or not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1
         ):
             raise ValueError(f"loss_chunk_size must be None or an int >= 1, got {self.loss_chunk_size!r}")
+        from tokinteract.fused import BACKENDS
+
+        if self.loss_backend not in BACKENDS:
+            raise ValueError(f"loss_backend must be one of {BACKENDS}, got {self.loss_backend!r}")
+        if self.loss_backend != "tokinteract" and self.loss_impl != "fused":
+            raise ValueError(f"loss_backend={self.loss_backend!r} needs loss_impl='fused', got {self.loss_impl!r}")
         if self.tpa_forward not in ("cached", "packed"):
             raise ValueError(f"tpa_forward must be 'cached' or 'packed', got {self.tpa_forward!r}")
         from tokinteract import SAMPLING_STRATEGIES
@@ -409,7 +423,10 @@ class DistillationTrainer(Trainer):
         if self.fused:
             from tokinteract.fused import FusedAlignTILoss
 
-            self.loss_fn: AlignTILoss = FusedAlignTILoss(chunk_size=self.distill.loss_chunk_size, **loss_kwargs)
+            self.loss_fn: AlignTILoss = FusedAlignTILoss(
+                chunk_size=self.distill.loss_chunk_size, backend=self.distill.loss_backend,
+                liger_compiled=self.distill.loss_liger_compiled, **loss_kwargs,
+            )
         else:
             self.loss_fn = AlignTILoss(**loss_kwargs)
         self.image_token_id = int(model.config.image_token_id)
