@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tokinteract.mllm.tokenizer import SPECIAL_TOKENS
+
 __all__ = [
     "EXPERIMENTS",
     "PRESETS",
@@ -141,6 +143,7 @@ EXPERIMENTS: dict[str, list[str]] = {
     "table8": ["iva", "iva@student"],
     "fig5": ["tpa@d1", "tpa@d2", "tpa", "tpa@d8", "tpa@greedy"],
     "fig6": ["sft", "kd", "tpa"],
+    "eot": ["kd", "tpa", "tpa@skip_eot"],  # beyond the paper: DistillationConfig.tpa_skip_token_ids
 }
 
 #: Table 4/13 timing: (label, method, overrides) measured for ``timing_steps`` steps each.
@@ -182,6 +185,8 @@ def run_specs(settings: DemoSettings, l_star: int) -> dict[str, RunSpec]:
         RunSpec("tpa@d2", "tpa", {"tpa_num_candidates": 2}, "TPA d=2"),
         RunSpec("tpa@d8", "tpa", {"tpa_num_candidates": 8}, "TPA d=8"),
         RunSpec("tpa@greedy", "tpa", {"tpa_num_candidates": d, "tpa_sampling": "greedy"}, f"TPA d={d}, greedy (top-d)"),
+        RunSpec("tpa@skip_eot", "tpa", {**tpa, "tpa_skip_token_ids": [SPECIAL_TOKENS.index("<|im_end|>")]},
+                f"TPA d={d} without end-of-turn slots (beyond the paper)"),
     ]
     out = {s.key: s for s in specs}
     mid = out["iva@middle"].overrides["iva_layer"]
@@ -205,7 +210,7 @@ PRESETS: dict[str, DemoSettings] = {
 }
 PRESETS["full"] = dataclasses.replace(
     PRESETS["quick"], name="full", seeds=(0, 1, 2, 3, 4),
-    experiments=("table5", "fig4", "fig6", "table4", "table6", "table3", "table8", "table7", "fig5"),
+    experiments=("table5", "fig4", "fig6", "table4", "table6", "table3", "table8", "table7", "fig5", "eot"),
 )
 
 
@@ -904,6 +909,10 @@ _TABLES: dict[str, tuple[str, str, list[str]]] = {
                ["iva", "iva@student"]),
     "fig5": ("TPA candidates d and sampling (paper Fig. 5)", "more candidates help, nucleus beats greedy",
              ["tpa@d1", "tpa@d2", "tpa", "tpa@d8", "tpa@greedy"]),
+    "eot": ("TPA without the end-of-turn slot (beyond the paper: `tpa_skip_token_ids`)",
+            "no such experiment; Eq. 7 places a slot at every supervised position. Here the slot whose "
+            "ground-truth next token is `<|im_end|>` is dropped (see the verdict page)",
+            ["kd", "tpa", "tpa@skip_eot"]),
 }
 
 
