@@ -10,6 +10,9 @@ from torch import nn
 
 import tokinteract as ti
 from reference import REF_KINDS, ref_divergence, ref_sft_loss
+from tensor_helpers import close_all as _close_all
+from tensor_helpers import grads as _grads
+from tensor_helpers import seeded_randn as _randn
 from tokinteract.fused import (
     FusedAlignTILoss,
     fused_align_ti_terms,
@@ -19,20 +22,6 @@ from tokinteract.fused import (
 
 B, T, V, H, HT = 2, 9, 17, 6, 5
 OPTS = dict(beta=0.3, alpha=0.2)
-
-
-def _randn(shape, seed, scale=1.0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype)
-
-
-def _grads(loss, xs):
-    return torch.autograd.grad(loss, xs)
-
-
-def _close_all(got, want, **tol):
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a.double(), b.double(), **tol)
 
 
 def _head(seed, rows=7, dtype=torch.float32, bias=True):

@@ -24,6 +24,9 @@ from torch import nn
 import tokinteract as ti
 import tokinteract.liger as liger
 from reference import ref_divergence, ref_kd_loss
+from tensor_helpers import close_all as _close_all
+from tensor_helpers import grads as _grads
+from tensor_helpers import seeded_randn as _randn
 from tokinteract.fused import FusedAlignTILoss, fused_align_ti_terms, fused_linear_divergence
 from tokinteract.liger import LIGER_KINDS, liger_available, liger_linear_divergence
 
@@ -36,20 +39,6 @@ requires_liger = pytest.mark.skipif(
 B, T, V, H, HT = 3, 11, 37, 6, 5  # V prime: a multiple of nothing
 KIND_BETAS = [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.3), ("jsd", 0.5), ("jsd", 0.0), ("jsd", 1.0)]
 NOT_IN_LIGER = [k for k in ti.DIVERGENCE_KINDS if k not in LIGER_KINDS]
-
-
-def _randn(shape, seed, scale=1.0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype)
-
-
-def _grads(loss, xs):
-    return torch.autograd.grad(loss, xs)
-
-
-def _close_all(got, want, **tol):
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a.double(), b.double(), **tol)
 
 
 def _head(seed, rows=13, dtype=torch.float32, bias=True, vocab=V, tvocab=V):

@@ -30,3 +30,24 @@ def write_json(path: Path, samples) -> Path:
 
 def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def torchrun_two_ranks(worker: Path, *args: str, timeout: int = 300) -> None:
+    """``python -m torch.distributed.run --nproc_per_node=2 worker *args`` on CPU (one thread per
+    rank, a free port, this folder on ``PYTHONPATH``); fails the test with stderr's tail."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+         str(worker), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]

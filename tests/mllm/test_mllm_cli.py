@@ -1,9 +1,5 @@
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +8,7 @@ import yaml
 from transformers import AutoProcessor, LlavaForConditionalGeneration, TrainerCallback
 
 from tokinteract.mllm.cli import build_everything, main, parse_args
+from mllm_helpers import torchrun_two_ranks
 
 HERE = Path(__file__).parent
 
@@ -103,12 +100,6 @@ def test_resume_reaches_the_same_final_loss(tmp_path, synth) -> None:
         torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_gloo_identical_weights(tmp_path, synth) -> None:
     """torchrun --nproc_per_node=2 on CPU (gloo): both ranks end with identical student weights,
     and the first step's SFT/KD/IVA parts equal a single-process run on the same global batch
@@ -116,13 +107,7 @@ def test_ddp_two_processes_gloo_identical_weights(tmp_path, synth) -> None:
     out = tmp_path / "ranks"
     out.mkdir()
     cfg = _config(tmp_path, synth, "ddp.yaml", ddp_backend="gloo", output_dir=str(tmp_path / "ddp"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-         str(HERE / "ddp_worker.py"), str(cfg), str(out)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_two_ranks(HERE / "ddp_worker.py", cfg, out)
     r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     assert r0["world_size"] == r1["world_size"] == 2
     for k in r0["after"]:

@@ -8,11 +8,7 @@ fp16 are off because the run is fp32). See ``deepspeed_worker.py`` for the two C
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +21,7 @@ if shutil.which("c++") is None and shutil.which("g++") is None:  # DeepSpeed JIT
     pytest.skip("DeepSpeed's CPU accelerator needs a C++ compiler", allow_module_level=True)
 
 from tokinteract.mllm.cli import build_everything, parse_args  # noqa: E402
+from mllm_helpers import torchrun_two_ranks  # noqa: E402
 
 HERE = Path(__file__).parent
 DS_CONFIG = HERE.parents[1] / "examples" / "configs" / "ds_zero2.json"
@@ -43,22 +40,9 @@ def _config(tmp_path: Path, synth, name: str, **kw) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(cfg: Path, out: Path) -> list[dict]:
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-         str(HERE / "deepspeed_worker.py"), str(cfg), str(out)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun_two_ranks(HERE / "deepspeed_worker.py", cfg, out)
     return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
 
 

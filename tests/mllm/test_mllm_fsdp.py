@@ -10,10 +10,6 @@ checked against a single process in ``test_mllm_cli.py``, and step 1 here as wel
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +19,7 @@ import yaml
 from transformers import LlavaForConditionalGeneration
 
 from tokinteract.mllm.cli import build_everything, parse_args
+from mllm_helpers import torchrun_two_ranks
 
 HERE = Path(__file__).parent
 # the example's own FSDP settings (version 2, decoder + SigLIP layers wrapped, FULL_STATE_DICT)
@@ -52,12 +49,6 @@ def _config(tmp: Path, synth, name: str, **kw) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, synth) -> SimpleNamespace:
     tmp = tmp_path_factory.mktemp("fsdp")
@@ -74,13 +65,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, synth) -> SimpleNamespace:
     (tmp / "runs.json").write_text(json.dumps(specs))
     out = tmp / "ranks"
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-         str(HERE / "fsdp_worker.py"), str(out), str(tmp / "runs.json")],
-        capture_output=True, text=True, timeout=400, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun_two_ranks(HERE / "fsdp_worker.py", out, tmp / "runs.json", timeout=400)
     load = lambda name: tuple(torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in (0, 1))  # noqa: E731
     return SimpleNamespace(tmp=tmp, **{s["name"]: load(s["name"]) for s in specs})
 
