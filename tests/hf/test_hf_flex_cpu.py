@@ -27,3 +27,24 @@ def test_flex_attention_forward_matches_sdpa_on_cpu(tiny, padding):
     assert _attn.mask_format(model) == "block"
     got = packed_forward(model, exp)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_packed_forward_takes_a_shared_block_mask(tiny):
+    """One ``ribbon_block_mask`` serves several packed forwards (e.g. student and teacher); a mask
+    of another shape, or one given to a non-flex model, is refused with the argument's name."""
+    from tokinteract.attention import ribbon_block_mask
+
+    model, ids, am, cm, cands, _ = _build(tiny, "qwen2", "sdpa", "right", lengths=(30, 17), T=32)
+    exp = tpa_expand(ids, cands, cm, am)
+    want = packed_forward(model, exp)
+    bm = ribbon_block_mask(exp)
+    with pytest.raises(ValueError, match="block_mask is only used by flex_attention"):
+        packed_forward(model, exp, block_mask=bm)
+    model.set_attn_implementation("flex_attention")
+    torch.testing.assert_close(packed_forward(model, exp, block_mask=bm), want, atol=1e-4, rtol=0)
+    other = tpa_expand(ids[:1], cands[:1], cm[:1], am[:1])  # another batch size
+    with pytest.raises(ValueError, match="block_mask must be a BlockMask of shape"):
+        packed_forward(model, exp, block_mask=ribbon_block_mask(other))
+    with pytest.raises(ValueError, match="block_mask must be a BlockMask"):
+        packed_forward(model, exp, block_mask=exp.attention_mask)

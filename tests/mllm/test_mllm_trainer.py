@@ -310,6 +310,40 @@ def test_liger_backend_equals_the_default_backend(tmp_path, synth, tok, processo
     _assert_same_step(*steps)
 
 
+@pytest.mark.parametrize("impl,forward", [("logits", "packed"), ("fused", "packed"), ("fused", "cached")])
+def test_tpa_with_flex_attention_shares_one_block_mask(tmp_path, synth, tok, processor, monkeypatch, impl, forward) -> None:
+    """flex_attention student and teacher give the sdpa models' loss; with tpa_forward="packed"
+    one ribbon BlockMask per batch serves both models (and all layers); the cached path builds
+    its ground-truth and candidate-block masks per call. Forward only (evaluation mode):
+    FlexAttention has no backward on CPU."""
+    import tokinteract.attention as attention_mod
+
+    # CPU flex is compiled by inductor; after other shapes were compiled, dynamo's automatic
+    # dynamic shapes hit an inductor CPU codegen bug ("cur_kvSplitSize8 was not declared").
+    # Static shapes and a fresh dynamo cache keep this test independent of the ones before it.
+    torch._dynamo.reset()
+    teacher = make_model(tok, seed=2, hidden=48, layers=3)
+    student = make_model(tok, seed=1)
+    tr = _trainer(tmp_path, synth, tok, processor, student, teacher,
+                  DistillationConfig(method="tpa", tpa_forward=forward, loss_impl=impl))
+    batch = tr.data_collator([tr.train_dataset[i] for i in range(3)])
+    student.eval()
+    with torch.no_grad():
+        want = tr.compute_loss(student, dict(batch))
+    calls = []
+    build = attention_mod.ribbon_block_mask
+    monkeypatch.setattr(attention_mod, "ribbon_block_mask", lambda *a, **kw: calls.append(1) or build(*a, **kw))
+    for m in (student, teacher):
+        m.set_attn_implementation({"text_config": "flex_attention", "vision_config": "sdpa"})
+    packed = forward == "packed"
+    with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        got = tr.compute_loss(student, dict(batch))
+        assert len(calls) == packed  # built once, used by the student's and the teacher's packed pass
+        tr.compute_loss(student, dict(batch))
+    assert len(calls) == 2 * packed  # a new batch (expansion) gets its own
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_loss_backend_is_checked() -> None:
     with pytest.raises(ValueError, match="loss_backend"):
         DistillationConfig(loss_backend="triton").resolved()

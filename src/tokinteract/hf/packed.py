@@ -176,13 +176,24 @@ def _run(
     position_ids: Tensor,
     mask_mod: Any = None,
     output: str = "logits",
+    block_mask: Any = None,
     **kwargs: Any,
 ) -> Any:
     fmt = _attn.mask_format(model)
     dev = _attn.model_device(model)
-    am = _attn.convert_mask(mask.to(dev), fmt, _attn.model_dtype(model), mask_mod)
+    if block_mask is not None:  # a FlexAttention BlockMask built by the caller (packed_forward)
+        am = block_mask
+    else:
+        am = _attn.convert_mask(mask.to(dev), fmt, _attn.model_dtype(model), mask_mod)
     target = _base_model(model) if output == "hidden" else model
     return target(input_ids=input_ids.to(dev), attention_mask=am, position_ids=position_ids.to(dev), **kwargs)
+
+
+def _block_mask_shape(block_mask: Any) -> tuple[int, ...] | None:
+    """``(B, H, Q_LEN, KV_LEN)`` of a FlexAttention ``BlockMask``; None for anything else."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return tuple(block_mask.shape) if isinstance(block_mask, BlockMask) else None
 
 
 def _result(out: Any, output: str) -> Tensor:
@@ -194,15 +205,19 @@ def packed_forward(
     expansion: TPAExpansion,
     *,
     output: str = "logits",
+    block_mask: Any = None,
     **model_inputs: Any,
 ) -> Float[Tensor, "batch xseq vocab"] | Float[Tensor, "batch xseq hidden"]:
     """One forward over the whole TPA expansion with the ribbon mask (Algorithm 1, line 16).
 
     The boolean ribbon mask ``expansion.attention_mask`` (True = attend) is converted to what
     the text model's attention implementation honours: an additive float mask with
-    ``finfo(dtype).min`` for ``eager``, the bool mask for ``sdpa``, a ``BlockMask`` built from
-    ``expansion.mask_mod()`` for ``flex_attention`` (GPU). ``expansion.position_ids`` are
-    passed explicitly (a candidate for ``t`` has the position of token ``t + 1``).
+    ``finfo(dtype).min`` for ``eager``, the bool mask for ``sdpa``, and for
+    ``flex_attention`` (GPU) the ``BlockMask`` of :func:`tokinteract.attention.ribbon_block_mask`
+    (index tensors padded to a multiple of 128), one per call and shared by every layer; pass
+    ``block_mask`` to share one between calls (e.g. student and teacher on the same batch).
+    ``expansion.position_ids`` are passed explicitly (a candidate for ``t`` has the position
+    of token ``t + 1``).
 
     Args:
         model: a Hugging Face causal LM or ``LlavaForConditionalGeneration``. For composite
@@ -211,6 +226,9 @@ def packed_forward(
         output: ``"logits"`` (default) or ``"hidden"``: the LM head's input (the base
             model's ``last_hidden_state``, after the final norm; the LM head never runs),
             for :class:`tokinteract.fused.FusedAlignTILoss` with :func:`lm_head_parameters`.
+        block_mask: ``flex_attention`` models only: a ``BlockMask`` from
+            :func:`tokinteract.attention.ribbon_block_mask` of this expansion (its ribbon depends only on
+            the layout, so a copy with other token ids, e.g. the teacher's, shares it).
         **model_inputs: extra inputs passed through, e.g. ``pixel_values`` (the image
             features land on the image-token slots, which are all in the ground-truth part).
 
@@ -229,8 +247,27 @@ def packed_forward(
     _check_image_tokens(model, expansion.input_ids[:, expansion.seq_len :], "the candidate and unused slots of expansion.input_ids")
     dev = _attn.model_device(model)
     exp = expansion.to(dev)
+    if _attn.mask_format(model) == "block":
+        B, T2 = exp.input_ids.shape
+        if block_mask is None:
+            from tokinteract.attention import ribbon_block_mask
+
+            block_mask = ribbon_block_mask(exp)
+        else:
+            shape = _block_mask_shape(block_mask)
+            if shape is None or shape[0] != B or shape[2:] != (T2, T2):
+                raise ValueError(
+                    f"block_mask must be a BlockMask of shape (batch {B}, heads, {T2}, {T2}) for this expansion, "
+                    f"got {shape if shape is not None else type(block_mask).__name__}"
+                )
+    elif block_mask is not None:
+        raise ValueError(
+            f"block_mask is only used by flex_attention models; this model's text attention is "
+            f"{_attn.attn_implementation(model)!r}"
+        )
     out = _run(
-        model, exp.input_ids, exp.attention_mask, exp.position_ids, exp.mask_mod(), output, use_cache=False, **model_inputs
+        model, exp.input_ids, exp.attention_mask, exp.position_ids, exp.mask_mod(), output,
+        block_mask=block_mask, use_cache=False, **model_inputs,
     )
     return _result(out, output)
 
@@ -342,18 +379,15 @@ def ground_truth_forward(
     )
 
 
+# mask_mods are lambdas, not nested defs: FlexAttention counts a mask_mod's positional
+# parameters, and runtime type-checking import hooks (jaxtyping's, in our tests) wrap every
+# def of the package into an uninspectable ``(*args, **kwargs)``; a lambda is never decorated.
 def _gt_mask_mod(am: Tensor) -> Any:
-    def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        return ((k <= q) & am[b, q] & am[b, k]) | (q == k)
-
-    return mask_mod
+    return lambda b, h, q, k: ((k <= q) & am[b, q] & am[b, k]) | (q == k)  # noqa: E731
 
 
 def _offset_mask_mod(mm: Any, q_offset: int) -> Any:
-    def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        return mm(b, h, q + q_offset, k)
-
-    return mask_mod
+    return lambda b, h, q, k: mm(b, h, q + q_offset, k)  # noqa: E731
 
 
 CANDIDATE_ATTENTION = ("prefix_self", "dense")

@@ -433,6 +433,7 @@ class DistillationTrainer(Trainer):
         self.teacher_image_token_id = int(teacher.config.image_token_id) if teacher is not None else None
         self.pad_token_id = self._pad_id(model, kwargs.get("processing_class"))
         self._counts: tuple[Tensor, Tensor] | None = None
+        self._block_mask_cache: tuple[Any, torch.device, Any] | None = None  # (expansion, device, BlockMask)
         self._part_sums: dict[str, Tensor] = {}
         self._last_part_log_step = 0
         self._micro = 0
@@ -631,7 +632,9 @@ class DistillationTrainer(Trainer):
                 )
                 exp = tpa_expand(ids, cand, cmask, att.bool(), pad_token_id=self.pad_token_id)
                 if packed:
-                    out["logits"] = hf.packed_forward(unwrapped, exp, **model_inputs)
+                    out["logits"] = hf.packed_forward(
+                        unwrapped, exp, block_mask=self._block_mask(unwrapped, exp), **model_inputs
+                    )
                 else:
                     out["logits"] = torch.cat([gt.logits, hf.cached_candidate_forward(unwrapped, gt, exp)], 1)
                 out["expansion"] = exp
@@ -730,7 +733,9 @@ class DistillationTrainer(Trainer):
                 )
                 exp = tpa_expand(ids, cand, cmask, att.bool(), pad_token_id=self.pad_token_id)
                 if d.tpa_forward == "packed":
-                    s_hidden = hf.packed_forward(unwrapped, exp, output="hidden", **model_inputs)
+                    s_hidden = hf.packed_forward(
+                        unwrapped, exp, output="hidden", block_mask=self._block_mask(unwrapped, exp), **model_inputs
+                    )
                 else:
                     s_hidden = torch.cat([gt.hidden_states, hf.cached_candidate_forward(unwrapped, gt, exp)], 1)
             t_hidden = tw = tb = None
@@ -769,6 +774,21 @@ class DistillationTrainer(Trainer):
         return loss
 
     @torch.no_grad()
+    def _block_mask(self, model: nn.Module, exp: Any) -> Any:
+        """The batch's FlexAttention ``BlockMask`` for ``model``'s packed pass (None unless it runs
+        ``flex_attention``): built once per expansion and shared by the student's and the
+        teacher's packed passes and all their layers (the ribbon depends only on the layout)."""
+        from tokinteract.attention import ribbon_block_mask
+        from tokinteract.hf import _attn
+
+        if _attn.mask_format(model) != "block":
+            return None
+        dev = _attn.model_device(model)
+        cached = self._block_mask_cache
+        if cached is None or cached[0] is not exp or cached[1] != dev:
+            cached = self._block_mask_cache = (exp, dev, ribbon_block_mask(exp, device=dev))
+        return cached[2]
+
     def _teacher_pass(
         self, ids: Tensor, att: Tensor, instr: Tensor, visual: Tensor, exp: Any, px: Tensor | None,
         layer: int | None, output: str = "logits",
@@ -787,7 +807,8 @@ class DistillationTrainer(Trainer):
             if exp is not None:
                 t_exp = dataclasses.replace(exp, input_ids=self._teacher_ids(exp.input_ids))
                 if self.distill.tpa_forward == "packed":
-                    logits = hf.packed_forward(teacher, t_exp, output=output, **mi)
+                    bm = self._block_mask(teacher, exp)  # the student's, when both use flex_attention
+                    logits = hf.packed_forward(teacher, t_exp, output=output, block_mask=bm, **mi)
                 else:
                     gt = hf.ground_truth_forward(teacher, t_ids, att, output=output, **mi)
                     first = gt.hidden_states if output == "hidden" else gt.logits
