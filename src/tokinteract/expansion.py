@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tokinteract.positions import next_position_ids
 from tokinteract._checks import (
     check_bool,
     check_int,
@@ -36,7 +37,7 @@ from tokinteract._checks import (
     check_tensor,
 )
 
-__all__ = ["TPAExpansion", "ribbon_mask", "ribbon_mask_mod", "tpa_expand"]
+__all__ = ["TPAExpansion", "ribbon_mask", "ribbon_mask_mod", "ribbon_rule", "tpa_expand"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,6 +120,21 @@ class TPAExpansion:
         return TPAExpansion(**{k: v.to(device) for k, v in self.__dict__.items()})
 
 
+def ribbon_rule(
+    slot_source: Int[Tensor, "batch xseq"],
+    slot_is_query: Bool[Tensor, "batch xseq"],
+    slot_is_context: Bool[Tensor, "batch xseq"],
+) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """The ribbon rule over a slot layout, as ``allowed(b, h, q, k) -> bool``.
+
+    ``allowed = (is_query[b, q] & is_context[b, k] & source[b, k] <= source[b, q]) | (q == k)``:
+    a real slot sees the real ground-truth tokens up to its own source position, a pad or
+    unused slot only itself. The indexes may be scalars (FlexAttention ``mask_mod``) or
+    broadcastable index tensors (dense masks), so every mask form derives from this one rule.
+    """
+    return _mask_mod(slot_source, slot_is_query, slot_is_context)
+
+
 def _mask_mod(src: Tensor, is_query: Tensor, is_context: Tensor) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
     # A lambda, not a nested def: under a runtime type-checking import hook (jaxtyping's, in
     # our tests) a nested def is wrapped into ``(*args, **kwargs)``, which FlexAttention's
@@ -183,7 +199,7 @@ def _layout(candidate_mask: Tensor, d: int, attention_mask: Tensor) -> dict[str,
     b, t, uu = (cand_index >= 0).nonzero(as_tuple=True)
     slot = cand_index[b, t, uu]
     src[b, slot] = t
-    pos[b, slot] = positions[b, t] + 1
+    pos[b, slot] = next_position_ids(positions[None], attention_mask)[0][0, b, t]
     is_query[b, slot] = True
     return dict(
         cand_index=cand_index, gt_index=ar.clone(), src=src, pos=pos, is_query=is_query,

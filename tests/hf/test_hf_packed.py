@@ -282,11 +282,33 @@ def test_flex_attention_block_mask_matches_sdpa(tiny):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-def test_sliding_window_layers_are_refused(tiny):
-    model = tiny.qwen2("sdpa", use_sliding_window=True, sliding_window=4, max_window_layers=1)
-    _, ids, am, cm, cands, _ = _build(tiny, "qwen2", "sdpa", "right")
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@torch.no_grad()
+def test_sliding_window_layers_equal_naive_per_candidate(tiny, attn, padding):
+    """Sliding-window layers: the window (in sequence positions) on top of the ribbon rule."""
+    model = tiny.qwen2(attn, use_sliding_window=True, sliding_window=3, max_window_layers=1)
     assert "sliding_attention" in model.config.layer_types
-    with pytest.raises(ValueError, match="sliding_attention"):
+    _, ids, am, cm, cands, _ = _build(tiny, "qwen2", attn, padding)
+    exp = tpa_expand(ids, cands, cm, am)
+    gt, cand = _naive(model, ids, am, exp, {})
+    plain = tiny.qwen2(attn)  # the same weights without windows differ: the window matters here
+    plain.load_state_dict(model.state_dict())
+    got = packed_forward(model, exp)
+    assert (packed_forward(plain, exp) - got).abs().max() > 1e-3
+    T = exp.seq_len
+    torch.testing.assert_close(got[:, :T][am], gt[am], atol=ATOL, rtol=0)
+    for (b, s), want in cand.items():
+        torch.testing.assert_close(got[b, s], want, atol=ATOL, rtol=0)
+    for attention in ("prefix_self", "dense"):
+        torch.testing.assert_close(tpa_forward(model, exp, attention=attention), got, atol=ATOL, rtol=0)
+
+
+def test_unknown_layer_types_are_refused(tiny):
+    model = tiny.qwen2("sdpa")
+    model.config.layer_types = ["chunked_attention"] * model.config.num_hidden_layers
+    _, ids, am, cm, cands, _ = _build(tiny, "qwen2", "sdpa", "right")
+    with pytest.raises(ValueError, match="chunked_attention"):
         packed_forward(model, tpa_expand(ids, cands, cm, am))
 
 

@@ -66,18 +66,11 @@ def mask_format(model: nn.Module) -> str:
 
     Raises:
         ValueError: for an implementation that cannot honour an arbitrary 4D mask
-            (``flash_attention_2/3/4``, kernels from the hub, unknown custom functions), or
-            a text model with sliding-window / chunked layers (a custom 4D mask would
-            silently replace their window).
+            (``flash_attention_2/3/4``, kernels from the hub, unknown custom functions).
+            Layer types (sliding windows) are the family registry's concern
+            (:mod:`tokinteract.hf.families`).
     """
     impl = attn_implementation(model)
-    types = getattr(text_config(model), "layer_types", None) or ()
-    other = sorted({t for t in types if t != "full_attention"})
-    if other:
-        raise ValueError(
-            f"the text model has {other} layers; a custom 4D mask replaces their window/chunk masks, so "
-            "tokinteract.hf supports only full-attention layers (layer_types all 'full_attention')"
-        )
     base = _DELEGATES.get(impl, impl)
     if base == "eager":
         return "float"

@@ -46,8 +46,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from tokinteract._checks import check_bool, check_choice, check_integer, check_tensor
-from tokinteract.expansion import TPAExpansion
-from tokinteract.hf import _attn
+from tokinteract.expansion import TPAExpansion, ribbon_rule, tpa_expand
+from tokinteract.hf import _attn, _plan, families
 
 __all__ = [
     "OUTPUTS",
@@ -105,17 +105,15 @@ def ground_truth_attention_mask(
 
     ``M[b, 0, q, k] = (k <= q and real[b, q] and real[b, k]) or q == k`` (True = attend),
     so a pad row attends only to itself and no softmax row is empty. Equals
-    ``tpa_expand(...).attention_mask[:, :, :T, :T]`` for the same padding mask.
+    ``tpa_expand(...).attention_mask[:, :, :T, :T]`` for the same padding mask (both are
+    :func:`tokinteract.ribbon_rule` on the ground-truth slots).
     """
     check_tensor("attention_mask", attention_mask, ndim=2)
     check_bool("attention_mask", attention_mask)
-    T = attention_mask.shape[1]
-    ar = torch.arange(T, device=attention_mask.device)
-    causal = ar[None, :] <= ar[:, None]
-    eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
-    real = attention_mask
-    m = causal[None] & real[:, :, None] & real[:, None, :]
-    return (m | eye)[:, None]
+    B, T = attention_mask.shape
+    src = torch.arange(T, device=attention_mask.device).expand(B, T)
+    rule = ribbon_rule(src, attention_mask, attention_mask)
+    return _plan.dense(rule, B, 0, T, T, attention_mask.device)
 
 
 def ground_truth_position_ids(attention_mask: Bool[Tensor, "batch seq"]) -> Int[Tensor, "batch seq"]:
@@ -127,14 +125,11 @@ def ground_truth_position_ids(attention_mask: Bool[Tensor, "batch seq"]) -> Int[
 
 
 def _check_image_tokens(model: nn.Module, ids: Tensor, where: str) -> None:
-    cfg = model.config
-    tok = getattr(cfg, "image_token_id", None)
-    if tok is None:
-        tok = getattr(cfg, "image_token_index", None)
-    if tok is not None and ids.numel() and bool((ids == tok).any()):
+    vis = families.visual_token_ids(model)
+    if vis and ids.numel() and bool(torch.isin(ids, torch.tensor(vis, device=ids.device)).any()):
         raise ValueError(
-            f"{where} contain the image token id {tok}; the model would try to put image features there. "
-            "Exclude it from candidate sampling (e.g. set that logit to -inf before sample_candidates) "
+            f"{where} contain the image token id {' / '.join(map(str, vis))} (a visual placeholder); the model would try to put image features "
+            "there. Exclude them from candidate sampling (mask their logits with -inf before sample_candidates) "
             "and use a different pad_token_id in tpa_expand"
         )
 
@@ -174,19 +169,43 @@ def _run(
     input_ids: Tensor,
     mask: Tensor,
     position_ids: Tensor,
-    mask_mod: Any = None,
     output: str = "logits",
+    **kwargs: Any,
+) -> Any:
+    """One forward with an explicit bool ``[B, 1, Q, K]`` mask and 1-D positions (plain families only)."""
+    fmt = _attn.mask_format(model)
+    dev = _attn.model_device(model)
+    am = _attn.convert_mask(mask.to(dev), fmt, _attn.model_dtype(model))
+    target = _base_model(model) if output == "hidden" else model
+    return target(input_ids=input_ids.to(dev), attention_mask=am, position_ids=position_ids.to(dev), **kwargs)
+
+
+def _split_inputs(fam: families.Family, model_inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(forwarded, all)``: the family's consumed per-token inputs are not forwarded."""
+    fwd = {k: v for k, v in model_inputs.items() if k not in fam.consumed}
+    return fwd, dict(model_inputs)
+
+
+def _forward_plan(
+    model: nn.Module,
+    input_ids: Tensor,
+    p: _plan.PassPlan,
+    q_start: int,
+    k_len: int,
+    output: str,
+    *,
     block_mask: Any = None,
     **kwargs: Any,
 ) -> Any:
-    fmt = _attn.mask_format(model)
+    """Run slots ``q_start:`` of a plan (the earlier ones come from ``cache`` in kwargs, if any)."""
     dev = _attn.model_device(model)
-    if block_mask is not None:  # a FlexAttention BlockMask built by the caller (packed_forward)
-        am = block_mask
-    else:
-        am = _attn.convert_mask(mask.to(dev), fmt, _attn.model_dtype(model), mask_mod)
+    B, Q = input_ids.shape
+    masks = _plan.model_masks(model, p, B, q_start, Q, k_len, block_masks=block_mask)
     target = _base_model(model) if output == "hidden" else model
-    return target(input_ids=input_ids.to(dev), attention_mask=am, position_ids=position_ids.to(dev), **kwargs)
+    return target(
+        input_ids=input_ids.to(dev), attention_mask=masks,
+        position_ids=_plan.model_position_ids(p, q_start).to(dev), **kwargs,
+    )
 
 
 def _block_mask_shape(block_mask: Any) -> tuple[int, ...] | None:
@@ -244,32 +263,43 @@ def packed_forward(
         raise TypeError(f"expansion must be a TPAExpansion, got {type(expansion).__name__}")
     check_choice("output", output, OUTPUTS)
     _check_model_inputs(model_inputs)
+    fam = families.check_options(model, output=output)
     _check_image_tokens(model, expansion.input_ids[:, expansion.seq_len :], "the candidate and unused slots of expansion.input_ids")
     dev = _attn.model_device(model)
     exp = expansion.to(dev)
-    if _attn.mask_format(model) == "block":
-        B, T2 = exp.input_ids.shape
-        if block_mask is None:
-            from tokinteract.attention import ribbon_block_mask
-
-            block_mask = ribbon_block_mask(exp)
-        else:
-            shape = _block_mask_shape(block_mask)
-            if shape is None or shape[0] != B or shape[2:] != (T2, T2):
-                raise ValueError(
-                    f"block_mask must be a BlockMask of shape (batch {B}, heads, {T2}, {T2}) for this expansion, "
-                    f"got {shape if shape is not None else type(block_mask).__name__}"
-                )
-    elif block_mask is not None:
-        raise ValueError(
-            f"block_mask is only used by flex_attention models; this model's text attention is "
-            f"{_attn.attn_implementation(model)!r}"
-        )
-    out = _run(
-        model, exp.input_ids, exp.attention_mask, exp.position_ids, exp.mask_mod(), output,
-        block_mask=block_mask, use_cache=False, **model_inputs,
-    )
+    T, (B, T2) = exp.seq_len, exp.input_ids.shape
+    fwd, every = _split_inputs(fam, model_inputs)
+    gt = _plan.ground_truth_layout(model, exp.input_ids[:, :T], exp.slot_is_context[:, :T], _to(every, dev))
+    p = _plan.plan(model, exp, gt)
+    if block_mask is not None:
+        if _attn.mask_format(model) != "block":
+            raise ValueError(
+                f"block_mask is only used by flex_attention models; this model's text attention is "
+                f"{_attn.attn_implementation(model)!r}"
+            )
+        shape = _block_mask_shape(block_mask)
+        if shape is None or shape[0] != B or shape[2:] != (T2, T2):
+            raise ValueError(
+                f"block_mask must be a BlockMask of shape (batch {B}, heads, {T2}, {T2}) for this expansion, "
+                f"got {shape if shape is not None else type(block_mask).__name__}"
+            )
+        if not p.plain:
+            raise ValueError(
+                f"block_mask holds the plain ribbon rule, but {fam.name} adds sliding windows or image blocks per "
+                "layer type; pass block_mask=None and the adapter builds the right masks"
+            )
+    out = _forward_plan(model, exp.input_ids, p, 0, T2, output, block_mask=block_mask, use_cache=False, **fwd)
     return _result(out, output)
+
+
+def _to(inputs: dict[str, Any], dev: torch.device) -> dict[str, Any]:
+    return {k: (v.to(dev) if isinstance(v, Tensor) else v) for k, v in inputs.items()}
+
+
+def _ground_truth_expansion(input_ids: Tensor, attention_mask: Tensor) -> TPAExpansion:
+    """The expansion of a ground truth with no candidates (its slots are the ground truth)."""
+    none = torch.zeros_like(attention_mask)
+    return tpa_expand(input_ids, input_ids[..., None], none, attention_mask)
 
 
 @dataclass(eq=False)
@@ -283,6 +313,8 @@ class GroundTruthOutput:
         input_ids: ``[B, T]`` the ground-truth tokens.
         attention_mask: bool ``[B, T]`` padding mask (True = real token).
         model_inputs: the extra inputs (e.g. ``pixel_values``), kept for the packed fallback.
+        layout: the family's positions of the ground truth (and its image blocks), which the
+            candidate pass continues from.
         outputs: the model's full output object (hidden states, attentions when asked).
         hidden_states: ``[B, T, H]`` input of the LM head (after the final norm) when the pass
             ran with ``output="hidden"``, else None.
@@ -295,6 +327,7 @@ class GroundTruthOutput:
     model_inputs: dict[str, Any] = field(default_factory=dict)
     outputs: Any = None
     hidden_states: Float[Tensor, "batch seq hidden"] | None = None
+    layout: Any = None
 
     @property
     def output(self) -> str:
@@ -349,6 +382,7 @@ def ground_truth_forward(
     check_tensor("input_ids", input_ids, ndim=2)
     check_integer("input_ids", input_ids)
     _check_model_inputs(model_inputs)
+    fam = families.check_options(model, output=output)
     am = _padding_mask(attention_mask, input_ids).to(input_ids.device)
     keep = use_cache
     if use_cache and _checkpointing_active(model):
@@ -359,16 +393,20 @@ def ground_truth_forward(
             "no saving).",
         )
         keep = False
-    out = _run(
-        model,
-        input_ids,
-        ground_truth_attention_mask(am),
-        ground_truth_position_ids(am),
-        _gt_mask_mod(am),
-        output,
-        use_cache=keep,
-        **model_inputs,
-    )
+    dev = _attn.model_device(model)
+    fwd, every = _split_inputs(fam, model_inputs)
+    exp = _ground_truth_expansion(input_ids.to(dev), am.to(dev))
+    layout = _plan.ground_truth_layout(model, exp.input_ids, am.to(dev), _to(every, dev))
+    p = _plan.plan(model, exp, layout)
+    extra: dict[str, Any] = {"use_cache": keep}
+    if keep:
+        # a plain cache: a model's own cache may keep only the last window of its sliding layers,
+        # while the candidate pass needs every ground-truth key (its mask applies the window)
+        from transformers import DynamicCache
+
+        extra["cache"] = DynamicCache()
+    T = input_ids.shape[1]
+    out = _forward_plan(model, exp.input_ids, p, 0, T, output, **extra, **fwd)
     cache = getattr(out, "cache", None) if keep else None
     if cache is None:
         cache = getattr(out, "past_key_values", None) if keep else None
@@ -376,18 +414,8 @@ def ground_truth_forward(
     return GroundTruthOutput(
         logits=None if hidden else out.logits, cache=cache, input_ids=input_ids, attention_mask=am,
         model_inputs=dict(model_inputs), outputs=out, hidden_states=out.last_hidden_state if hidden else None,
+        layout=layout,
     )
-
-
-# mask_mods are lambdas, not nested defs: FlexAttention counts a mask_mod's positional
-# parameters, and runtime type-checking import hooks (jaxtyping's, in our tests) wrap every
-# def of the package into an uninspectable ``(*args, **kwargs)``; a lambda is never decorated.
-def _gt_mask_mod(am: Tensor) -> Any:
-    return lambda b, h, q, k: ((k <= q) & am[b, q] & am[b, k]) | (q == k)  # noqa: E731
-
-
-def _offset_mask_mod(mm: Any, q_offset: int) -> Any:
-    return lambda b, h, q, k: mm(b, h, q + q_offset, k)  # noqa: E731
 
 
 CANDIDATE_ATTENTION = ("prefix_self", "dense")
@@ -438,6 +466,7 @@ def cached_candidate_forward(
     if not isinstance(expansion, TPAExpansion):
         raise TypeError(f"expansion must be a TPAExpansion, got {type(expansion).__name__}")
     check_choice("attention", attention, CANDIDATE_ATTENTION)
+    families.check_options(model, output=ground_truth.output, attention=attention)
     T = expansion.seq_len
     gt_ids = ground_truth.input_ids
     if tuple(gt_ids.shape) != (expansion.input_ids.shape[0], T) or not torch.equal(
@@ -467,17 +496,24 @@ def cached_candidate_forward(
         return packed_forward(model, expansion, output=output, **ground_truth.model_inputs)[:, T:]
     if cache.get_seq_length() != T:
         raise ValueError(f"ground_truth.cache must hold exactly the T={T} ground-truth tokens, holds {cache.get_seq_length()}")
+    if ground_truth.layout is None:
+        raise ValueError("ground_truth must come from tokinteract.hf.ground_truth_forward (it has no layout)")
+    p = _plan.plan(model, exp, ground_truth.layout)
     ids = exp.input_ids[:, T:]
-    pos = exp.position_ids[:, T:]
-    rows = exp.attention_mask[:, :, T:, :]  # [B, 1, N, T2]
+    T2 = exp.expanded_len
     try:
         if attention == "prefix_self":
             _attn.ensure_prefix_self_registered()
             target = _base_model(model) if output == "hidden" else model
             with _attn.use_attn_implementation(model, _attn.PREFIX_SELF):
-                out = target(input_ids=ids, attention_mask=rows[..., :T], position_ids=pos, cache=cache, use_cache=True)
+                masks = {lt: _plan.dense(r, B, T, N, T, dev) for lt, r in p.rules.items()}
+                am = next(iter(masks.values())) if len(masks) == 1 else masks
+                out = target(
+                    input_ids=ids, attention_mask=am, position_ids=_plan.model_position_ids(p, T),
+                    cache=cache, use_cache=True,
+                )
         else:
-            out = _run(model, ids, rows, pos, _offset_mask_mod(exp.mask_mod(), T), output, cache=cache, use_cache=True)
+            out = _forward_plan(model, ids, p, T, T2, output, cache=cache, use_cache=True)
     finally:
         grown = cache.get_seq_length() - T
         if grown > 0:
