@@ -1,0 +1,158 @@
+"""Every TPA pass, per model family, against the model's own plain forward on each sequence.
+
+Inputs are made by each family's real processor (``tests/hf/families.py``); the oracle is the
+model's plain forward on each unpadded sample and on each "ground-truth prefix up to t, then the
+candidate" sequence, where the model builds its own positions (multimodal RoPE), sliding windows
+and bidirectional image blocks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import families as fx
+from tokinteract import tpa_expand
+from tokinteract.hf import cached_candidate_forward, ground_truth_forward, packed_forward, tpa_forward
+from tokinteract.hf.families import family_of
+
+ATOL = 1e-5
+VLM = [f for f in fx.FAMILIES]
+
+
+def _setup(name, attn, padding, *, seed=0, d=2, **overrides):
+    model = fx.make_model(name, attn, seed=seed, **overrides)
+    proc = fx.make_processor(name)
+    batch = fx.make_batch(name, proc, padding=padding, seed=seed)
+    cm = fx.candidate_mask_for(batch, seed=seed)
+    words = torch.tensor(fx.word_ids(name))
+    g = torch.Generator().manual_seed(seed + 7)
+    cands = words[torch.randint(len(words), (*cm.shape, d), generator=g)]
+    ids, am = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    exp = tpa_expand(ids, cands, cm, am)
+    extra = {k: v for k, v in batch.inputs.items() if k not in ("input_ids", "attention_mask")}
+    return model, batch, exp, extra
+
+
+def _check(got, exp, gt, cand, am):
+    T = exp.seq_len
+    assert cand, "the test needs candidates"
+    torch.testing.assert_close(got[:, :T][am], gt[am], atol=ATOL, rtol=0)
+    for (b, s), want in cand.items():
+        torch.testing.assert_close(got[b, s], want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", VLM)
+@torch.no_grad()
+def test_every_pass_equals_the_models_own_forward(name, attn, padding):
+    model, batch, exp, extra = _setup(name, attn, padding)
+    am = batch.inputs["attention_mask"].bool()
+    gt, cand = fx.naive_logits(model, name, batch, exp)
+    packed = packed_forward(model, exp, **extra)
+    _check(packed, exp, gt, cand, am)
+    for attention in ("dense", "prefix_self"):
+        _check(tpa_forward(model, exp, attention=attention, **extra), exp, gt, cand, am)
+    # the ground-truth pass alone (SFT, KD, IVA and sampling read it)
+    g = ground_truth_forward(model, batch.inputs["input_ids"], am, **extra)
+    torch.testing.assert_close(g.logits[am], gt[am], atol=ATOL, rtol=0)
+    c = cached_candidate_forward(model, g, exp)
+    _check(torch.cat([g.logits, c], 1), exp, gt, cand, am)
+
+
+def test_the_registry_knows_each_family():
+    for name in VLM:
+        assert family_of(fx.make_model(name)).model_types  # no error
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@torch.no_grad()
+def test_gemma3_image_blocks_alone(padding):
+    """Gemma 3 with every layer full attention: only the bidirectional image blocks differ from causal."""
+    model, batch, exp, extra = _setup("gemma3", "sdpa", padding, layer_types=["full_attention"] * 3)
+    am = batch.inputs["attention_mask"].bool()
+    gt, cand = fx.naive_logits(model, "gemma3", batch, exp)
+    _check(packed_forward(model, exp, **extra), exp, gt, cand, am)
+    # without token_type_ids the model itself is causal, and so are we
+    causal = packed_forward(model, exp, **{k: v for k, v in extra.items() if k != "token_type_ids"})
+    assert (causal[:, : exp.seq_len][am] - gt[am]).abs().max() > 1e-3
+
+
+def _full_logits(pieces_gt, pieces_cand, exp, V):
+    """Assemble [B, T2, V] from the oracle's rows (pads and unused slots 0), keeping the graph."""
+    B, T2 = exp.input_ids.shape
+    rows = [[torch.zeros(V) for _ in range(T2)] for _ in range(B)]
+    am = exp.slot_is_context[:, : exp.seq_len]
+    for b in range(B):
+        for t in am[b].nonzero().flatten().tolist():
+            rows[b][t] = pieces_gt[b][t]
+    for (b, s), v in pieces_cand.items():
+        rows[b][s] = v
+    return torch.stack([torch.stack(r) for r in rows])
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3"])
+def test_loss_and_every_gradient_equal_the_per_candidate_forwards(name, padding):
+    from tokinteract import AlignTILoss, shift_labels
+
+    model, batch, exp, extra = _setup(name, "sdpa", padding, d=2)
+    ids, am = batch.inputs["input_ids"], batch.inputs["attention_mask"].bool()
+    V = model.config.get_text_config().vocab_size
+    labels = torch.where(fx.response_mask(batch), ids, torch.full_like(ids, -100))
+    assert bool((exp.candidate_mask <= (shift_labels(labels) != -100)).all())
+    g = torch.Generator().manual_seed(11)
+    t_logits = torch.randn(*exp.input_ids.shape, V, generator=g)
+    loss_fn = AlignTILoss(iva=0.0)
+
+    # oracle: every row from its own plain forward, with the graph
+    model.zero_grad()
+    gt_rows, cand_rows = {}, {}
+    for b in range(ids.shape[0]):
+        real = am[b].nonzero().flatten().tolist()
+        out = model(**fx.sample_inputs(name, batch, b)).logits[0]
+        gt_rows[b] = {t: out[i] for i, t in enumerate(real)}
+    bb, tt, _, slot = exp.candidate_slots()
+    for b, t, s in zip(bb.tolist(), tt.tolist(), slot.tolist()):
+        tok = int(exp.input_ids[b, s])
+        cand_rows[(b, s)] = model(**fx.prefix_plus_token_inputs(name, batch, b, t, tok)).logits[0, -1]
+    naive = _full_logits(gt_rows, cand_rows, exp, V)
+    loss_n, _ = loss_fn(naive, t_logits, labels, expansion=exp)
+    loss_n.backward()
+    g_naive = _grads(model)
+    assert len(g_naive) > 10
+
+    for mode, attention in (("packed", "dense"), ("cached", "dense"), ("cached", "prefix_self")):
+        model.zero_grad()
+        s = tpa_forward(model, exp, mode=mode, attention=attention, **extra)
+        loss, _ = loss_fn(s, t_logits, labels, expansion=exp)
+        loss.backward()
+        torch.testing.assert_close(loss, loss_n, atol=ATOL, rtol=0)
+        got = _grads(model)
+        assert got.keys() == g_naive.keys()
+        for k, v in g_naive.items():
+            # 1e-5 absolute, scaled by the tensor's largest entry where that exceeds 1 (fp32 rounding
+            # of sums over many rows: Gemma 3's projector gradient reaches ~3e6)
+            err, scale = (got[k] - v).abs().max().item(), max(1.0, v.abs().max().item())
+            assert err <= ATOL * scale, f"{mode}/{attention}: {k}: max error {err:.3g} at scale {scale:.3g}"
+
+
+def test_an_unknown_family_is_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1,
+    ))
+    ids = torch.randint(2, 32, (1, 6))
+    cm = torch.zeros(1, 6, dtype=torch.bool)
+    cm[0, 2] = True
+    exp = tpa_expand(ids, ids[..., None], cm)
+    for call in (lambda: packed_forward(model, exp), lambda: ground_truth_forward(model, ids)):
+        with pytest.raises(ValueError, match=r"does not know the model family 'llama'.*qwen2_5_vl"):
+            call()
