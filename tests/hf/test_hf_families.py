@@ -156,3 +156,88 @@ def test_an_unknown_family_is_refused():
     for call in (lambda: packed_forward(model, exp), lambda: ground_truth_forward(model, ids)):
         with pytest.raises(ValueError, match=r"does not know the model family 'llama'.*qwen2_5_vl"):
             call()
+
+
+def _eager_attentions(model, inputs, layer):
+    impl = model.config.get_text_config()._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        out = model(**inputs, output_attentions=True)
+    finally:
+        model.set_attn_implementation(impl)
+    return out.attentions[layer]
+
+
+@pytest.mark.parametrize("name", VLM)
+@torch.no_grad()
+def test_capture_equals_eager_and_irs_runs(name):
+    """IVA's weights: capture at one layer == eager output_attentions rows; IRS from the image-token ids."""
+    from tokinteract import visual_importance
+    from tokinteract.hf import capture_attention, instruction_vision_alphas, irs_curve
+    from tokinteract.hf.families import visual_token_ids
+
+    model = fx.make_model(name, "sdpa")
+    proc = fx.make_processor(name)
+    batch = fx.make_batch(name, proc, padding="left", images_per_sample=(1, 1), sizes=(fx.family(name).image_sizes[0],))
+    inputs = dict(batch.inputs)
+    ids, am = inputs["input_ids"], inputs["attention_mask"].bool()
+    vm = torch.isin(ids, torch.tensor(visual_token_ids(model)))
+    assert torch.equal(vm, torch.isin(ids, torch.tensor(batch.image_token_ids))) and bool(vm.any())
+    # instruction rows: the user's words after the image (the text before the answer)
+    qm = am & ~vm & ~fx.response_mask(batch)
+    qm &= (torch.arange(ids.shape[1])[None] > vm.float().argmax(1, keepdim=True) + int(vm.sum(1).max()))
+    assert bool(qm.any(1).all())
+    layer = 1
+    want = model(**inputs).logits
+    with capture_attention(model, layer=layer, query_mask=qm, heads="mean") as cap:
+        got = model(**inputs).logits
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    full = _eager_attentions(model, inputs, layer)
+    assert full.shape[-1] == ids.shape[1]
+    torch.testing.assert_close(cap.visual_importance(vm), visual_importance(full, qm, vm), atol=ATOL, rtol=0)
+    # IRS: alphas from the model's own image-token ids, a curve over every layer
+    x1 = {**inputs, "instruction_mask": qm}
+    x2 = {**inputs, "instruction_mask": qm & (qm.cumsum(1) <= 1)}  # another instruction: its first word only
+    alphas = instruction_vision_alphas(model, x1, layers=[layer])
+    torch.testing.assert_close(alphas[layer], visual_importance(full, qm, vm)[vm].reshape(2, -1), atol=ATOL, rtol=0)
+    curve = irs_curve(model, [(x1, x2)])
+    n_layers = model.config.get_text_config().num_hidden_layers
+    assert curve.scores.shape == (n_layers,) and bool(torch.isfinite(curve.scores).all())
+
+
+@pytest.mark.parametrize("name", VLM)
+@torch.no_grad()
+def test_hidden_output_times_the_head_equals_the_logits(name):
+    """output='hidden' (the fused losses' input) is the LM head's input on every family."""
+    from tokinteract.hf import lm_head_parameters
+
+    model, batch, exp, extra = _setup(name, "sdpa", "right")
+    logits = packed_forward(model, exp, **extra)
+    hidden = packed_forward(model, exp, output="hidden", **extra)
+    w, bias = lm_head_parameters(model)
+    want = hidden @ w.T + (0 if bias is None else bias)
+    torch.testing.assert_close(want, logits, atol=ATOL, rtol=0)
+
+
+def test_final_logit_softcapping_refuses_hidden_output():
+    model, batch, exp, extra = _setup("gemma3", "sdpa", "right")
+    model.config.get_text_config().final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        packed_forward(model, exp, output="hidden", **extra)
+    packed_forward(model, exp, **extra)  # logits: the model applies it itself
+
+
+def test_qwen_vl_without_mm_token_type_ids_is_refused():
+    model, batch, exp, extra = _setup("qwen2_5_vl", "sdpa", "right")
+    extra.pop("mm_token_type_ids")
+    with pytest.raises(ValueError, match="mm_token_type_ids"):
+        packed_forward(model, exp, **extra)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3"])
+def test_exposure_bias_refuses_what_its_decoding_does_not_reproduce(name):
+    from tokinteract.hf import exposure_bias
+
+    model, batch, _, _ = _setup(name, "sdpa", "right")
+    with pytest.raises(ValueError, match="exposure_bias: the teacher"):
+        exposure_bias(model, model, [batch.inputs], max_new_tokens=2)

@@ -126,6 +126,7 @@ def _record(
     scaling: float | None,
     qlen_needed: int,
     detach: bool,
+    softcap: float | None = None,
 ) -> None:
     B, Hq, Lq, D = query.shape
     Hkv, K = key.shape[1], key.shape[2]
@@ -144,6 +145,8 @@ def _record(
     with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
         s = torch.einsum("bhgrd,bhkd->bhgrk", qr.reshape(B, Hkv, G, R, D), key).reshape(B, Hq, R, K) * scale
         s = s.float()
+        if softcap is not None:  # attention-logit softcapping (Gemma-style), before the mask as in eager
+            s = torch.tanh(s / softcap) * softcap
         if attention_mask is None:
             kpos = torch.arange(K, device=dev)
             allowed = kpos[None, None, :] <= (ri + (K - Lq))[:, :, None]
@@ -246,7 +249,7 @@ def capture_attention(
     ) -> Any:
         idx = getattr(module, "layer_idx", None)
         if idx in wanted and idx not in cap.attns:
-            _record(cap, idx, query, key, attention_mask, scaling, qlen, detach)
+            _record(cap, idx, query, key, attention_mask, scaling, qlen, detach, kwargs.get("softcap"))
         fn = fixed_fn if fixed_fn is not None else _attn.original_function(module, delegate)
         return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 

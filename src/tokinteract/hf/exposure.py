@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from tokinteract._checks import check_int, check_integer, check_positive, check_tensor
 from tokinteract.divergence import token_divergence
+from tokinteract.hf import families
 from tokinteract.hf.packed import (
     _padding_mask,
     _run,
@@ -64,6 +65,19 @@ class ExposureBias:
     count_r: Int[Tensor, "len"]
     count_e: Int[Tensor, "len"]
     count_train: Int[Tensor, "len"] | None
+
+
+def _check_plain(role: str, model: nn.Module) -> None:
+    """Exposure bias decodes with one sequential row of positions and plain causal masks."""
+    fam = families.check_options(model)
+    windows = families.layer_windows(model)
+    if fam.positions != "sequential" or fam.image_blocks or any(w is not None for w in windows.values()):
+        raise ValueError(
+            f"exposure_bias: the {role} is a {fam.name} model (multimodal RoPE, sliding windows or bidirectional "
+            "image blocks), which its decoding loop does not reproduce yet; it supports families with one "
+            "sequential row of positions and full causal attention (Qwen2/Qwen3, LLaVA, LLaVA-NeXT/OneVision, "
+            "Idefics3/SmolVLM, InternVL)"
+        )
 
 
 def _left_align(ids: Tensor, am: Tensor) -> tuple[Tensor, Tensor]:
@@ -186,6 +200,8 @@ def exposure_bias(
     """
     L = check_int("max_new_tokens", max_new_tokens, minimum=1)
     check_positive("temperature", temperature)
+    for role, model in (("teacher", teacher), ("student", student)):
+        _check_plain(role, model)
     sums = {k: torch.zeros(L, dtype=torch.float64) for k in ("r", "e", "train")}
     counts = {k: torch.zeros(L, dtype=torch.long) for k in ("r", "e", "train")}
     gens = {}

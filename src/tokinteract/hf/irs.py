@@ -28,7 +28,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from tokinteract._checks import check_bool, check_float, check_tensor
-from tokinteract.hf import _attn
+from tokinteract.hf import _attn, families
 from tokinteract.hf.capture import capture_attention
 from tokinteract.irs import irs_score, select_layer
 
@@ -54,10 +54,11 @@ def _visual_mask(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
     vm = batch.get("visual_mask")
     if vm is not None:
         return vm
-    tok = getattr(model.config, "image_token_id", None)
-    if tok is None:
-        raise ValueError("each input needs a 'visual_mask' [B, T] (the model config has no image_token_id)")
-    return batch["input_ids"] == tok
+    vis = families.visual_token_ids(model)
+    if not vis:
+        raise ValueError("each input needs a 'visual_mask' [B, T] (the model config has no image or video token id)")
+    ids = batch["input_ids"]
+    return torch.isin(ids, torch.tensor(vis, device=ids.device))
 
 
 _META = ("instruction_mask", "visual_mask")
