@@ -342,7 +342,7 @@ class FamilyBatch:
 
 
 _PROMPTS = ("what is this picture", "see the red dog and the blue cat", "what is the dog")
-_ANSWERS = ("a cat sat on the mat", "two", "yes it is here")
+_ANSWERS = ("a cat sat on the mat", "two red", "yes it is here")
 
 
 def _messages(f: Family, b: int, n_images: int) -> list[dict[str, Any]]:
@@ -529,13 +529,15 @@ def naive_logits(model: Any, name: str, batch: FamilyBatch, expansion: Any) -> t
 
 def candidate_mask_for(batch: FamilyBatch, *, seed: int = 0, p: float = 0.7) -> Tensor:
     """Random candidate positions on the assistant answer's tokens only (never image tokens, never the last
-    real token), like ``tests/hf/conftest.py::candidate_mask``."""
+    real token), like ``tests/hf/conftest.py::candidate_mask``; each sample keeps at least one."""
     ids, am = batch.inputs["input_ids"], batch.inputs["attention_mask"].bool()
     g = torch.Generator().manual_seed(seed)
-    cm = (torch.rand(ids.shape, generator=g) < p) & response_mask(batch)
     rank = am.long().cumsum(1) - 1
-    cm &= rank < am.sum(1, keepdim=True) - 1
-    cm &= ~torch.isin(ids, torch.tensor(batch.image_token_ids))
+    allowed = response_mask(batch) & (rank < am.sum(1, keepdim=True) - 1)
+    allowed &= ~torch.isin(ids, torch.tensor(batch.image_token_ids))
+    cm = (torch.rand(ids.shape, generator=g) < p) & allowed
+    first = allowed.long().argmax(1)  # every sample keeps at least its first allowed position
+    cm[torch.arange(len(cm)), first] |= allowed[torch.arange(len(cm)), first]
     return cm
 
 
