@@ -219,6 +219,136 @@ _register(Family(
 ))
 
 
+_PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32]]
+_ANYRES_IMAGES = ((16, 32), (32, 16), (20, 20))
+
+
+def _llava_next_config(ids: dict[str, int]) -> Any:
+    return transformers.LlavaNextConfig(
+        vision_config=_siglip(), text_config=transformers.Qwen2Config(**_text()), image_token_index=ids["<image>"],
+        vision_feature_select_strategy="full", vision_feature_layer=-1, image_grid_pinpoints=_PINPOINTS,
+    )
+
+
+def _llava_next_ip() -> Any:
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    return LlavaNextImageProcessorPil(
+        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_grid_pinpoints=_PINPOINTS,
+    )
+
+
+def _llava_onevision_config(ids: dict[str, int]) -> Any:
+    return transformers.LlavaOnevisionConfig(
+        vision_config=_siglip(), text_config=transformers.Qwen2Config(**_text()), image_token_index=ids["<image>"],
+        video_token_index=ids["<video>"], vision_feature_select_strategy="full", vision_feature_layer=-1,
+        image_grid_pinpoints=_PINPOINTS,
+    )
+
+
+def _llava_onevision_ip() -> Any:
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    return LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16}, image_grid_pinpoints=_PINPOINTS)
+
+
+_IDEFICS_SPECIAL = (
+    "<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>",
+    *(f"<row_{i}_col_{j}>" for i in (1, 2) for j in (1, 2)),
+)
+IDEFICS_TOKENS_PER_TILE = 4  # 16 px / patch 4 = 4x4 patches, pixel shuffle by 2
+
+
+def _idefics_vision() -> dict[str, Any]:
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                patch_size=4)
+
+
+def _idefics3_config(ids: dict[str, int]) -> Any:
+    return transformers.Idefics3Config(
+        vision_config=_idefics_vision(), text_config=transformers.LlamaConfig(**_text()), scale_factor=2,
+        image_token_id=ids["<image>"],
+    )
+
+
+def _smolvlm_config(ids: dict[str, int]) -> Any:
+    return transformers.SmolVLMConfig(
+        vision_config=_idefics_vision(), text_config=transformers.LlamaConfig(**_text()), scale_factor=2,
+        image_token_id=ids["<image>"],
+    )
+
+
+def _idefics3_ip() -> Any:
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    return Idefics3ImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 16})
+
+
+def _smolvlm_ip() -> Any:
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    return SmolVLMImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 16})
+
+
+INTERNVL_TOKENS_PER_TILE = 4  # 16 px / patch 4 = 4x4 patches, downsample ratio 0.5
+
+
+def _internvl_config(ids: dict[str, int]) -> Any:
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=[16, 16],
+              patch_size=[4, 4])
+    return transformers.InternVLConfig(
+        vision_config=vc, text_config=transformers.Qwen2Config(**_text()), image_token_id=ids["<IMG_CONTEXT>"],
+        image_seq_length=INTERNVL_TOKENS_PER_TILE, downsample_ratio=0.5, tie_word_embeddings=False,
+    )
+
+
+def _internvl_ip() -> Any:
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    return GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=True, min_patches=1,
+                                    max_patches=4)
+
+
+_register(Family(
+    name="llava_next", special=("<image>",), attrs={"image_token": "<image>"}, placeholder="<image>",
+    image_tokens=("<image>",), config=_llava_next_config, model_cls="LlavaNextForConditionalGeneration",
+    processor_cls="LlavaNextProcessor", image_processor=_llava_next_ip,
+    processor_kwargs=dict(patch_size=8, vision_feature_select_strategy="full", num_additional_image_tokens=0),
+    image_sizes=_ANYRES_IMAGES,
+))
+_register(Family(
+    name="llava_onevision", special=("<image>", "<video>"), attrs={"image_token": "<image>", "video_token": "<video>"},
+    placeholder="<image>", image_tokens=("<image>",), config=_llava_onevision_config,
+    model_cls="LlavaOnevisionForConditionalGeneration", processor_cls="LlavaOnevisionProcessor",
+    image_processor=_llava_onevision_ip, has_video_slot=True,
+    processor_kwargs=dict(num_image_tokens=4, vision_feature_select_strategy="full"), image_sizes=_ANYRES_IMAGES,
+))
+_register(Family(
+    name="idefics3", special=_IDEFICS_SPECIAL, attrs={}, placeholder="<image>", image_tokens=("<image>",),
+    config=_idefics3_config, model_cls="Idefics3ForConditionalGeneration", processor_cls="Idefics3Processor",
+    image_processor=_idefics3_ip, processor_kwargs=dict(image_seq_len=IDEFICS_TOKENS_PER_TILE),
+    image_sizes=((32, 32), (16, 16), (16, 32)), units="per_sample",
+))
+_register(Family(
+    name="smolvlm", special=(*_IDEFICS_SPECIAL, "<video>"), attrs={"image_token": "<image>"}, placeholder="<image>",
+    image_tokens=("<image>",), config=_smolvlm_config, model_cls="SmolVLMForConditionalGeneration",
+    processor_cls="SmolVLMProcessor", image_processor=_smolvlm_ip, has_video_slot=True,
+    processor_kwargs=dict(image_seq_len=IDEFICS_TOKENS_PER_TILE), image_sizes=((32, 32), (16, 16), (16, 32)),
+    units="per_sample",
+))
+_register(Family(
+    name="internvl", special=("<img>", "</img>", "<IMG_CONTEXT>", "<video>"),
+    attrs={"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+           "video_token": "<video>"},
+    placeholder="<IMG_CONTEXT>", image_tokens=("<IMG_CONTEXT>",), config=_internvl_config,
+    model_cls="InternVLForConditionalGeneration", processor_cls="InternVLProcessor", image_processor=_internvl_ip,
+    has_video_slot=True, processor_kwargs=dict(image_seq_length=INTERNVL_TOKENS_PER_TILE),
+    image_sizes=((16, 32), (16, 16), (32, 32)),
+))
+
+
 FAMILIES = tuple(_REGISTRY)
 
 
@@ -327,6 +457,7 @@ class FamilyBatch:
         images_per_sample: number of images of each sample.
         image_tokens: image-token count of each image (in batch order).
         units: pixel units of each image (``Family.units``), in batch order.
+        patches: anyres patches of each image (LLaVA-NeXT / OneVision ``pixel_values`` dim 1), else empty.
         padding: the tokenizer's padding side.
     """
 
@@ -338,6 +469,7 @@ class FamilyBatch:
     images_per_sample: list[int]
     image_tokens: list[int]
     units: list[int]
+    patches: list[int]
     padding: str
 
 
@@ -360,9 +492,10 @@ def run_processor(name: str, processor: Any, texts: list[str], images: list[list
     """``processor(text=texts, images=images, padding=True, return_tensors="pt")`` with that padding side."""
     processor.tokenizer.padding_side = padding
     flat = [im for ims in images for im in ims]
-    kw: dict[str, Any] = dict(text=texts, padding=True, return_tensors="pt")
+    # padding_side passed too: InternVLProcessor defaults to left padding whatever the tokenizer says
+    kw: dict[str, Any] = dict(text=texts, padding=True, padding_side=padding, return_tensors="pt")
     if flat:
-        kw["images"] = images if family(name).units == "per_sample" or name == "gemma3" else flat
+        kw["images"] = images
     out = processor(**kw)
     return {k: v for k, v in out.items() if isinstance(v, Tensor)}
 
@@ -391,18 +524,46 @@ def make_batch(
     for n in per:
         images.append([_rgb(*sizes[(k + i) % len(sizes)], seed=seed * 1000 + k + i) for i in range(n)])
         k += n
-    texts = [processor.apply_chat_template(_messages(f, b, n), tokenize=False) for b, n in enumerate(per)]
+    # the processor's chat template, rendered by its tokenizer (SmolVLMProcessor.apply_chat_template reads
+    # its video processor, which we leave None)
+    texts = [
+        processor.tokenizer.apply_chat_template(_messages(f, b, n), chat_template=processor.chat_template, tokenize=False)
+        for b, n in enumerate(per)
+    ]
     inputs = run_processor(name, processor, texts, images, padding)
-    tokens, units = [], []
-    for ims in images:
-        for im in ims:  # the processor on one image alone: its token count and pixel units
+    tokens, units, patches = [], [], []
+    for b, ims in enumerate(images):
+        alone = []
+        for im in ims:  # the processor on one image alone: its token count and pixel layout
             one = run_processor(name, processor, [f.placeholder], [[im]], padding)
-            tokens.append(int(_image_positions(one["input_ids"][0], image_token_ids(name)).numel()))
+            alone.append(int(_image_positions(one["input_ids"][0], image_token_ids(name)).numel()))
             units.append(_units(f, one))
+        tokens += _tokens_per_image(inputs["input_ids"][b], image_token_ids(name), alone, b)
+    px = inputs.get("pixel_values")
+    if f.units == "rows" and px is not None and px.ndim == 5:
+        # anyres [images, patches, C, H, W]: the patches an image really has (the rest is zero padding;
+        # an image of a multi-image LLaVA-OneVision sample keeps only its base patch)
+        patches = (px.flatten(2) != 0).any(2).sum(1).tolist()
     return FamilyBatch(
         family=name, inputs=inputs, image_token_ids=image_token_ids(name), texts=texts, images=images,
-        images_per_sample=per, image_tokens=tokens, units=units, padding=padding,
+        images_per_sample=per, image_tokens=tokens, units=units, patches=patches, padding=padding,
     )
+
+
+def _tokens_per_image(ids: Tensor, image_ids: tuple[int, ...], alone: list[int], b: int) -> list[int]:
+    """Image-token count of each image of one sample.
+
+    An image's count alone is its count in the sample, except where the processor gives an image of a
+    multi-image sample fewer tokens (LLaVA-OneVision: base features only); then each image is one run of
+    image tokens (our chat template puts text between images).
+    """
+    pos = _image_positions(ids, image_ids)
+    if sum(alone) == pos.numel():
+        return alone
+    runs = torch.tensor([0] + ((pos[1:] - pos[:-1]) != 1).nonzero().flatten().add(1).tolist() + [pos.numel()])
+    if len(runs) - 1 != len(alone):
+        raise ValueError(f"sample {b}: cannot split {pos.numel()} image tokens into {len(alone)} images")
+    return (runs[1:] - runs[:-1]).tolist()
 
 
 def _units(f: Family, one: dict[str, Tensor]) -> int:
@@ -449,14 +610,12 @@ def _cut(batch: FamilyBatch, b: int, positions: Tensor, n_images: int) -> dict[s
             continue
         elif key == "pixel_values":
             start = sum(batch.units[:first])
-            out[key] = v[start : start + sum(batch.units[first : first + n_images])]
+            v = v[start : start + sum(batch.units[first : first + n_images])]
+            if v.ndim == 5:  # anyres: the batch pads the patch dim to its largest image, a lone sample to its own
+                v = v[:, : max(batch.patches[first : first + n_images])]
+            out[key] = v
         else:  # one row per image: image_grid_thw, image_sizes, ...
             out[key] = v[first : first + n_images]
-    return _trim_patches(out)
-
-
-def _trim_patches(out: dict[str, Tensor]) -> dict[str, Tensor]:
-    """LLaVA-NeXT / OneVision pad the patch dim to the batch's largest image: a lone sample pads to its own."""
     return out
 
 
