@@ -629,7 +629,8 @@ def prefix_plus_token_inputs(name: str, batch: FamilyBatch, b: int, t: int, toke
     """Inputs of "the real tokens of sample b up to and including batch position t, then ``token_id``".
 
     Only the images whose tokens all lie in the prefix come along; a prefix that ends inside an image's
-    tokens is refused (no valid input exists for it).
+    tokens, or (LLaVA-OneVision) between the images of a multi-image sample, is refused (no valid input
+    exists for it).
     """
     _check_family(name, batch)
     real = _real(batch, b)
@@ -643,7 +644,14 @@ def prefix_plus_token_inputs(name: str, batch: FamilyBatch, b: int, t: int, toke
         counts.append(counts[-1] + batch.image_tokens[i])
     if n_tok not in counts:
         raise ValueError(f"t={t} ends inside an image of sample {b} ({n_tok} image tokens, images end at {counts})")
-    out = _cut(batch, b, prefix, counts.index(n_tok))
+    n_images = counts.index(n_tok)
+    if name == "llava_onevision" and 0 < n_images < last - first:
+        # a multi-image sample's images keep only their base patch; alone, an image would be tiled (anyres)
+        raise ValueError(
+            f"t={t} keeps {n_images} of the {last - first} images of LLaVA-OneVision sample {b}: no processor "
+            "input has those tokens"
+        )
+    out = _cut(batch, b, prefix, n_images)
     for key in TOKEN_KEYS:
         if key in out:
             value = token_id if key == "input_ids" else (1 if key == "attention_mask" else 0)

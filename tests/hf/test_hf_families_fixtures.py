@@ -116,6 +116,11 @@ def test_prefix_inside_an_image_is_refused():
     t = int(torch.isin(batch.inputs["input_ids"][0], torch.tensor(batch.image_token_ids)).nonzero()[0])
     with pytest.raises(ValueError, match="ends inside an image"):
         F.prefix_plus_token_inputs("qwen2_5_vl", batch, 0, t, 5)
+    ob = _batch("llava_onevision", "right")
+    pos = torch.isin(ob.inputs["input_ids"][1], torch.tensor(ob.image_token_ids)).nonzero().flatten()
+    after_first = int(pos[ob.image_tokens[1] - 1]) + 1  # the text token after sample 1's first image
+    with pytest.raises(ValueError, match="keeps 1 of the 2 images of LLaVA-OneVision sample 1"):
+        F.prefix_plus_token_inputs("llava_onevision", ob, 1, after_first, 5)
     with pytest.raises(ValueError, match="real position"):
         F.prefix_plus_token_inputs("qwen2_5_vl", batch, 2, batch.inputs["input_ids"].shape[1] - 1, 5)
 
@@ -173,7 +178,7 @@ def test_naive_oracle(name, padding):
     reproduces that token's ground-truth row; another candidate differs from it."""
     model, batch = _model(name, "sdpa"), _batch(name, padding)
     ids, am = batch.inputs["input_ids"], batch.inputs["attention_mask"].bool()
-    cm = F.candidate_mask_for(batch, seed=2)
+    cm = F.candidate_mask_for(batch, seed=2, p=0.4)
     nxt = torch.roll(ids, -1, dims=1)
     words = torch.tensor(F.word_ids(name))  # another candidate: a plain word, not the next token
     other = words[(nxt + 1) % len(words)]
@@ -197,3 +202,65 @@ def test_naive_oracle(name, padding):
             torch.testing.assert_close(cand[(b, s)], row, atol=ATOL, rtol=0)
         else:
             assert (cand[(b, s)] - row).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", F.FAMILIES)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_attention_implementation_reaches_text_and_vision(name, attn):
+    cfg = _model(name, attn).config
+    assert cfg.get_text_config()._attn_implementation == attn
+    assert cfg.vision_config._attn_implementation == attn
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@torch.no_grad()
+def test_qwen_oracle_uses_multimodal_rope(name):
+    """Plain 2-D positions (what a text-only adapter passes) change the logits: the oracle is not that."""
+    model, batch = _model(name, "sdpa"), _batch(name, "right")
+    s = F.sample_inputs(name, batch, 0)
+    own = model(**s).logits
+    flat = model(**s, position_ids=torch.arange(s["input_ids"].shape[1])[None]).logits
+    assert (own - flat).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_gemma3_oracle_has_sliding_windows_and_bidirectional_images():
+    model, batch = _model("gemma3", "sdpa"), _batch("gemma3", "right")
+    text = model.config.get_text_config()
+    assert "sliding_attention" in text.layer_types and "full_attention" in text.layer_types
+    s = F.sample_inputs("gemma3", batch, 1)
+    assert s["input_ids"].shape[1] > 2 * text.sliding_window
+    own = model(**s).logits[0]
+    # without token_type_ids the image tokens attend causally only: image rows change
+    no_types = model(**{k: v for k, v in s.items() if k != "token_type_ids"}).logits[0]
+    image = s["token_type_ids"][0] == 1
+    assert (own[image] - no_types[image]).abs().max() > 1e-4
+    # the same weights with a window covering the sequence: rows past the window change
+    wide = F.make_model("gemma3", "sdpa", sliding_window=256)
+    assert (own - wide(**s).logits[0]).abs().max() > 1e-4
+
+
+def test_make_model_refuses_an_unknown_override():
+    with pytest.raises(TypeError, match="overrides: the qwen2_vl text config has no attribute 'no_such_option'"):
+        F.make_model("qwen2_vl", no_such_option=1)
+
+
+@pytest.mark.parametrize("name", [n for n in F.FAMILIES if n != "llava_onevision"])
+@torch.no_grad()
+def test_prefix_with_the_first_image_only(name):
+    """A prefix ending between two images takes the first image only; with the real next token its plain
+    forward gives the whole sample's rows (the models are causal across images)."""
+    model, batch = _model(name, "sdpa"), _batch(name, "left")
+    b = 1
+    assert batch.images_per_sample[b] == 2
+    ids = batch.inputs["input_ids"][b]
+    pos = torch.isin(ids, torch.tensor(batch.image_token_ids)).nonzero().flatten()
+    t = int(pos[batch.image_tokens[sum(batch.images_per_sample[:b])]]) - 2
+    got = F.prefix_plus_token_inputs(name, batch, b, t, int(ids[t + 1]))
+    n_first = batch.units[sum(batch.images_per_sample[:b])]
+    whole = F.sample_inputs(name, batch, b)
+    assert got["pixel_values"].shape[0 if F.family(name).units == "rows" else 1] == n_first
+    assert got["pixel_values"].shape != whole["pixel_values"].shape
+    start = int(batch.inputs["attention_mask"][b].nonzero()[0])
+    n = t + 2 - start
+    torch.testing.assert_close(model(**got).logits[0], model(**whole).logits[0, :n], atol=ATOL, rtol=0)
