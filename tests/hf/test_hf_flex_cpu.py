@@ -48,3 +48,24 @@ def test_packed_forward_takes_a_shared_block_mask(tiny):
         packed_forward(model, exp, block_mask=ribbon_block_mask(other))
     with pytest.raises(ValueError, match="block_mask must be a BlockMask"):
         packed_forward(model, exp, block_mask=exp.attention_mask)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["gemma3"])
+def test_flex_attention_forward_per_family_on_cpu(name):
+    """One BlockMask per layer type (Gemma 3: sliding windows, image blocks) reaches FlexAttention;
+    a shared plain-ribbon block_mask is refused where the family adds rules to it. (transformers 5.24
+    refuses flex_attention for the Qwen-VL text models itself.)"""
+    from test_hf_families import _setup
+
+    from tokinteract.attention import ribbon_block_mask
+
+    model, batch, exp, extra = _setup(name, "sdpa", "left")
+    want = packed_forward(model, exp, **extra)
+    model.set_attn_implementation({"text_config": "flex_attention"})
+    assert _attn.mask_format(model) == "block"
+    got = packed_forward(model, exp, **extra)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    if name == "gemma3":
+        with pytest.raises(ValueError, match="sliding windows or image blocks"):
+            packed_forward(model, exp, block_mask=ribbon_block_mask(exp), **extra)
