@@ -21,7 +21,6 @@ duration of one forward, on the text model's config only, and restored in ``fina
 from __future__ import annotations
 
 import itertools
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,6 +30,8 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from tokinteract import compat
 
 SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
 """Attention implementations whose custom-mask handling the adapter knows to be exact."""
@@ -138,12 +139,12 @@ def use_attn_implementation(model: nn.Module, name: str) -> Iterator[None]:
     previous value is restored on exit, also on exceptions.
     """
     cfg = text_config(model)
-    old = cfg._attn_implementation_internal
-    cfg._attn_implementation_internal = name
+    old = compat.get_attn_implementation(cfg)
+    compat.set_attn_implementation(cfg, name)
     try:
         yield
     finally:
-        cfg._attn_implementation_internal = old
+        compat.set_attn_implementation(cfg, old)
 
 
 def register(name: str, fn: Callable[..., Any], delegate: str) -> None:
@@ -154,8 +155,7 @@ def register(name: str, fn: Callable[..., Any], delegate: str) -> None:
 
 
 def unregister(name: str) -> None:
-    AttentionInterface._global_mapping.pop(name, None)
-    AttentionMaskInterface._global_mapping.pop(name, None)
+    compat.unregister_attention(name)
     _DELEGATES.pop(name, None)
 
 
@@ -190,8 +190,8 @@ def _generic_eager(
 def original_function(module: nn.Module, impl: str) -> Callable[..., Any]:
     """The attention function ``module`` would call under implementation ``impl``."""
     if impl == "eager":
-        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-        return fn if callable(fn) else _generic_eager
+        fn = compat.eager_attention_function(module)
+        return fn if fn is not None else _generic_eager
     return ALL_ATTENTION_FUNCTIONS[impl]
 
 
@@ -266,5 +266,5 @@ def prefix_self_attention(
 
 
 def ensure_prefix_self_registered() -> None:
-    if PREFIX_SELF not in AttentionInterface._global_mapping:
+    if not compat.is_attention_registered(PREFIX_SELF):
         register(PREFIX_SELF, prefix_self_attention, "sdpa")

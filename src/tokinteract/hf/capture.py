@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
-from transformers.modeling_utils import AttentionInterface
 
+from tokinteract import compat
 from tokinteract._checks import check_bool, check_choice, check_tensor
 from tokinteract.hf import _attn
 from tokinteract.iva import visual_importance as _visual_importance
@@ -226,7 +226,7 @@ def capture_attention(
         fixed_fn = None
     elif orig in _attn._DELEGATES:
         delegate = _attn._DELEGATES[orig]
-        fixed_fn = AttentionInterface._global_mapping[orig]
+        fixed_fn = compat.attention_function(orig)
     else:
         raise ValueError(
             f"capture_attention needs the text model to run 'eager' or 'sdpa' attention, got {orig!r}; "

@@ -45,6 +45,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from tokinteract import compat
 from tokinteract._checks import check_bool, check_choice, check_integer, check_tensor
 from tokinteract.expansion import TPAExpansion, ribbon_rule, tpa_expand
 from tokinteract.hf import _attn, _plan, families
@@ -338,12 +339,7 @@ class GroundTruthOutput:
 def _checkpointing_active(model: nn.Module) -> bool:
     if not (model.training and torch.is_grad_enabled()):
         return False
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return any(
-        isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing and not m._can_checkpoint_with_cache
-        for m in model.modules()
-    )
+    return any(compat.checkpointing_drops_cache(m) for m in model.modules())
 
 
 def ground_truth_forward(

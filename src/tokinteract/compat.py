@@ -1,0 +1,139 @@
+"""Every touch of a private API of transformers, torch, accelerate or Liger-Kernel, in one place.
+
+tokinteract needs a few internals that have no public equivalent (switching a config's attention
+implementation for one forward, removing a registered attention function, reading whether a
+checkpointed layer keeps its KV cache, finding a model's own eager attention function). Each
+lives here, behind a function that checks the installed version against the range it was
+written for and the attribute it needs, and raises :class:`CompatError` naming the library,
+the version and the missing piece instead of misbehaving. ``tests/test_compat.py`` exercises
+every touch against the pinned versions, so a changed behaviour fails loudly there.
+
+Libraries are imported lazily: the core package never imports transformers.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+__all__ = [
+    "TESTED",
+    "CompatError",
+    "attention_function",
+    "checkpointing_drops_cache",
+    "eager_attention_function",
+    "get_attn_implementation",
+    "is_attention_registered",
+    "set_attn_implementation",
+    "unregister_attention",
+]
+
+TESTED: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
+    # library: (lowest tested (major, minor), first untested major.minor) - half-open range
+    "transformers": ((5, 0), (6, 0)),
+}
+"""Version ranges each private touch was written and tested for."""
+
+
+class CompatError(RuntimeError):
+    """A private API tokinteract relies on is missing or changed in the installed version."""
+
+
+def _version(lib: str) -> tuple[int, int]:
+    from importlib.metadata import version
+
+    parts = version(lib).split(".")
+    return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
+
+
+@lru_cache(maxsize=None)
+def _check_range(lib: str) -> None:
+    lo, hi = TESTED[lib]
+    v = _version(lib)
+    if not lo <= v < hi:
+        raise CompatError(
+            f"tokinteract touches private APIs of {lib} tested for versions [{lo[0]}.{lo[1]}, {hi[0]}.{hi[1]}); "
+            f"{lib} {v[0]}.{v[1]} is installed. Install a tested version (see pyproject.toml)."
+        )
+
+
+def _need(obj: Any, attr: str, lib: str, what: str) -> Any:
+    _check_range(lib)
+    if not hasattr(obj, attr):
+        raise CompatError(f"{lib} {_version(lib)[0]}.{_version(lib)[1]}: {what} ({type(obj).__name__}.{attr}) is gone")
+    return getattr(obj, attr)
+
+
+# --- transformers: attention implementation of one config ------------------------------------
+
+
+def get_attn_implementation(config: Any) -> Any:
+    """The raw ``_attn_implementation_internal`` of a config (None = default)."""
+    return _need(config, "_attn_implementation_internal", "transformers", "the config's attention implementation")
+
+
+def set_attn_implementation(config: Any, name: Any) -> None:
+    """Set one config's attention implementation without re-dispatching the model.
+
+    ``model.set_attn_implementation`` re-checks and rewrites every sub-config; the adapter
+    switches only the text config, for one forward, to a function it registered.
+    """
+    get_attn_implementation(config)
+    config._attn_implementation_internal = name
+
+
+# --- transformers: the attention-function registries -----------------------------------------
+
+
+def _mappings() -> tuple[Any, Any]:
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    return (
+        _need(AttentionInterface, "_global_mapping", "transformers", "the attention function registry"),
+        _need(AttentionMaskInterface, "_global_mapping", "transformers", "the attention mask registry"),
+    )
+
+
+def is_attention_registered(name: str) -> bool:
+    """Whether ``name`` is a registered attention function."""
+    return name in _mappings()[0]
+
+
+def attention_function(name: str) -> Callable[..., Any]:
+    """The attention function registered as ``name`` (KeyError if none)."""
+    return _mappings()[0][name]
+
+
+def unregister_attention(name: str) -> None:
+    """Remove ``name`` from the attention and mask registries (no public ``unregister`` exists)."""
+    for mapping in _mappings():
+        mapping.pop(name, None)
+
+
+# --- transformers: gradient checkpointing and the KV cache -----------------------------------
+
+
+def checkpointing_drops_cache(module: Any) -> bool:
+    """True if ``module`` is a gradient-checkpointed layer that drops the KV cache while training."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not isinstance(module, GradientCheckpointingLayer) or not module.gradient_checkpointing:
+        return False
+    return not _need(module, "_can_checkpoint_with_cache", "transformers", "the checkpointed layer's cache flag")
+
+
+# --- transformers: a model's own eager attention -----------------------------------------------
+
+
+def eager_attention_function(module: Any) -> Callable[..., Any] | None:
+    """The ``eager_attention_forward`` of the modeling file that defines ``module`` (None if absent).
+
+    Each modeling file defines its own (softcapping, sinks, scaling differ), and the
+    ``"eager"`` implementation is not in the public registry.
+    """
+    _check_range("transformers")
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    return fn if callable(fn) else None
