@@ -13,7 +13,6 @@ candidate), computed in one packed forward over a :class:`TPAExpansion`:
 
 from __future__ import annotations
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
