@@ -135,7 +135,8 @@ def chunked_align_ti_terms(
     """``w_sft SFT + w_kd KD + w_iva IVA + w_tpa TPA`` (paper Eq. 8) in one chunked pass.
 
     :func:`tokinteract.align_ti.align_ti_terms` with ``backend="chunked"``: same semantics as
-    :class:`tokinteract.AlignTILoss`, but every row the enabled parts need (response positions,
+    :class:`tokinteract.AlignTILoss` except that every weight defaults to 1 and then requires its
+    input (``expansion`` for TPA, ``visual_weights`` for IVA). Every row the enabled parts need (response positions,
     positions with a non-zero visual weight, candidate slots) is visited once, with the per-row
     coefficient ``w_kd/n_kd + w_iva * v_{b,t}/n_seq + w_tpa/(d * n_tpa)`` on ``D`` and
     ``w_sft/n_kd`` on the cross-entropy, so a row shared by several parts costs one softmax.

@@ -246,8 +246,8 @@ def fused_sample_candidates(
     elsewhere the result is 0. ``"greedy"`` gives exactly the unfused result; the random
     strategies draw from the same distributions, and with one chunk covering every masked row
     they make exactly the unfused draws for the same generator (with several chunks the
-    generator's stream is consumed chunk by chunk; on CPU the draws still matched in our
-    checks, but that is not guaranteed).
+    generator's stream is consumed chunk by chunk, so the draws may differ from the unfused
+    ones while following the same distributions).
 
     Returns:
         ``int64`` token ids ``[batch, seq, d]``.

@@ -38,8 +38,8 @@ SAMPLING_STRATEGIES = ("nucleus", "multinomial", "greedy")
 
 
 # Rows are first restricted to their top-k tokens; only a row whose top-k mass is below top_p
-# (a flat distribution) pays for a full-vocabulary sort. A full sort of [rows, 151936] costs
-# as much as a whole Vanilla KD step on small models; top-k is ~7x cheaper.
+# (a flat distribution) pays for a full-vocabulary sort, which costs far more than top-k at
+# a 152k vocabulary (benchmarks/ and the CHANGELOG have the numbers).
 _NUCLEUS_TOPK = 256
 
 
