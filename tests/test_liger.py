@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 import tokinteract as ti
 import tokinteract.liger as liger
 from reference import ref_divergence
+from tensor_helpers import align_ti_batch, hidden_and_heads
 from tensor_helpers import close_all as _close_all
 from tensor_helpers import grads as _grads
 from tensor_helpers import seeded_randn as _randn
@@ -51,33 +52,11 @@ def _head(seed, rows=13, dtype=torch.float32, bias=True, vocab=V, tvocab=V):
 
 
 def _batch(seed, d=3, L_pad=2):
-    """Ragged, right-padded labels (different supervised spans per row), its TPA expansion and IVA weights."""
-    g = torch.Generator().manual_seed(seed)
-    lab = torch.randint(0, V, (B, T), generator=g)
-    lab[torch.rand(B, T, generator=g) < 0.3] = -100
-    lab[:, :2] = -100
-    lab[0, 5:] = -100  # a short row
-    attn = torch.ones(B, T, dtype=torch.bool)
-    attn[1, T - L_pad :] = False  # right padding
-    lab[~attn] = -100
-    cm = ti.shift_labels(lab) != -100
-    ids = torch.randint(0, V, (B, T), generator=g)
-    cands = torch.randint(0, V, (B, T, d), generator=g)
-    ex = ti.tpa_expand(ids, cands, cm, attn)
-    vis = torch.zeros(B, T, dtype=torch.bool)
-    vis[:, 1:4] = True
-    vw = ti.uniform_visual_weights(vis) * (0.5 + torch.rand(B, T, generator=g))  # non-uniform IVA rows
-    return lab, ex, vw
+    return align_ti_batch(seed, B, T, V, d=d, l_pad=L_pad)
 
 
 def _hidden(seed, L2, dtype=torch.float32, tvocab=V):
-    hs = _randn((B, L2, H), seed, dtype=dtype).requires_grad_()
-    W = _randn((V, H), seed + 1, dtype=dtype).requires_grad_()
-    b = _randn((V,), seed + 2, dtype=dtype).requires_grad_()
-    ht = _randn((B, L2, HT), seed + 3, dtype=dtype)
-    Wt = _randn((tvocab, HT), seed + 4, dtype=dtype)
-    bt = _randn((tvocab,), seed + 5, dtype=dtype)
-    return hs, W, b, ht, Wt, bt
+    return hidden_and_heads(seed, B, L2, H, HT, V, dtype=dtype, tvocab=tvocab)
 
 
 # ----------------------------------------------------------------------------- the divergence

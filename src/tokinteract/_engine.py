@@ -3,9 +3,9 @@
 The rows and coefficients come from :mod:`tokinteract._plan`; ``D_r`` and its gradient from
 :mod:`tokinteract.divergence`. Two evaluators, same signature and result:
 
-* :func:`run_terms_eager`: gathers the rows, computes their logits and lets autograd
+* ``run_terms(..., eager=True)``: gathers the rows, computes their logits and lets autograd
   differentiate (the reference, and the ``backend="eager"`` path);
-* :func:`run_terms`: ``chunk_size`` rows at a time over logits or ``hidden @ weight.T + bias``,
+* ``run_terms(...)``: ``chunk_size`` rows at a time over logits or ``hidden @ weight.T + bias``,
   with the gradient accumulated in forward; see :mod:`tokinteract.chunked` for the memory model.
 
 Inputs are validated by the callers; value checks (non-finite rows) go to a
@@ -243,14 +243,21 @@ def run_terms(
     checks: Deferred,
     student_name: str = "student_logits",
     teacher_name: str = "teacher_logits",
+    eager: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The chunked evaluator: ``(total, per-row D, per-row CE)``, ``chunk_size`` rows at a time.
+    """The evaluator: ``(total, per-row D, per-row CE)``, ``chunk_size`` rows at a time, or every
+    row at once through autograd with ``eager`` (:func:`_run_eager`, ``chunk_size`` ignored).
 
     ``student``/``teacher`` are ``(src, weight, bias)``: ``weight is None`` means ``src`` holds
     logits ``[N, V]``, otherwise hidden states ``[N, H]`` for the LM head ``weight [V, H]``.
     ``rows`` indexes ``src`` (``None`` = the first ``n_rows`` rows in order). ``vocab`` is the
     number of leading columns the divergence compares; the cross-entropy uses every column.
     """
+    if eager:
+        return _run_eager(
+            student, teacher, rows, n_rows, div_coef, ce_target, ce_coef,
+            dict(kind=kind, temperature=temperature, beta=beta, alpha=alpha), vocab, checks, student_name, teacher_name,
+        )
     s_src, s_w, s_b = student
     t_src, t_w, t_b = teacher if teacher is not None else (None, None, None)
     has_div = div_coef is not None and teacher is not None
@@ -276,31 +283,25 @@ def run_terms(
     return total, div_all, ce_all
 
 
-def run_terms_eager(
+def _run_eager(
     student: tuple[Tensor, Tensor | None, Tensor | None],
     teacher: tuple[Tensor, Tensor | None, Tensor | None] | None,
     rows: Tensor | None,
     n_rows: int,
-    *,
     div_coef: Tensor | None,
     ce_target: Tensor | None,
     ce_coef: Tensor | None,
-    kind: str,
-    temperature: float,
-    beta: float,
-    alpha: float,
+    opts: dict[str, Any],
     vocab: int,
-    chunk_size: int | None,
     checks: Deferred,
-    student_name: str = "student_logits",
-    teacher_name: str = "teacher_logits",
+    student_name: str,
+    teacher_name: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The eager evaluator: :func:`run_terms`'s result with every row at once and autograd.
 
-    ``chunk_size`` is ignored. The logits rows are computed in the compute dtype (fp32, or
-    fp64 for fp64 inputs); the teacher is detached.
+    The logits rows are computed in the compute dtype (fp32, or fp64 for fp64 inputs); the
+    teacher is detached. ``opts`` holds ``kind``, ``temperature``, ``beta``, ``alpha``.
     """
-    del chunk_size
     has_div = div_coef is not None and teacher is not None
     has_ce = ce_target is not None
     idx: Tensor | slice = slice(0, n_rows) if rows is None else rows
@@ -319,7 +320,7 @@ def run_terms_eager(
     if has_div:
         y = _Side(*teacher).logits(idx, vocab).detach()
         checks.add(lambda: (~torch.isfinite(y)).sum(), lambda n: nonfinite_message(teacher_name, n, y.numel()))
-        d = divergence_rows(x[:, :vocab], y, kind=kind, temperature=temperature, beta=beta, alpha=alpha)
+        d = divergence_rows(x[:, :vocab], y, **opts)
         total = total + (div_coef.to(d.dtype) * d).sum()
         div_all = d.detach()
     return total, div_all, ce_all

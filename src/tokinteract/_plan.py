@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from tokinteract._checks import Deferred, check_integer, check_nonnegative, check_tensor, check_weights
-from tokinteract._engine import run_terms, run_terms_eager
+from tokinteract._engine import run_terms
 from tokinteract.divergence import check_divergence_options
 from tokinteract.expansion import TPAExpansion
 from tokinteract.reduction import resolve_count
@@ -302,12 +302,11 @@ def run_align_ti(
             teacher = None
     if any(w > 0 for w in weights.values()):
         plan = plan_align_ti(**plan_args, weights=weights, device=device, dtype=dtype, checks=checks)
-        evaluate = run_terms_eager if backend == "eager" else run_terms
-        total, div_all, ce_all = evaluate(
+        total, div_all, ce_all = run_terms(
             student, teacher, plan.rows, int(plan.rows.shape[0]),
             div_coef=plan.div_coef if teacher is not None else None, ce_target=plan.ce_target,
             ce_coef=plan.ce_coef, vocab=vocab, chunk_size=chunk_size, student_name=student_name,
-            teacher_name=teacher_name, checks=checks, **div_opts,
+            teacher_name=teacher_name, checks=checks, eager=backend == "eager", **div_opts,
         )
         parts = parts_from_rows(plan, div_all, ce_all)
     else:
