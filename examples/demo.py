@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     torch.set_num_threads(a.threads)
-    from tokinteract.mllm.demo import PRESETS, run_demo, summary_markdown, write_report
+    sys.path.insert(0, str(ROOT / "examples" / "study"))
+    from demo_study import PRESETS, run_demo, summary_markdown, write_report
 
     preset = "full" if a.full else "smoke" if a.smoke else "quick"
     settings = PRESETS[preset]

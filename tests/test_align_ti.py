@@ -107,10 +107,13 @@ def test_required_inputs_and_bad_weights():
     labels = torch.randint(0, V, (2, 5))
     with pytest.raises(ValueError, match="teacher_logits"):
         ti.AlignTILoss(iva=0, tpa=0)(s, None, labels)
+    # an explicit weight requires its input ...
     with pytest.raises(ValueError, match="expansion"):
-        ti.AlignTILoss(iva=0)(s, t, labels)
+        ti.AlignTILoss(iva=0, tpa=1)(s, t, labels)
     with pytest.raises(ValueError, match="visual_weights"):
-        ti.AlignTILoss(tpa=0)(s, t, labels)
+        ti.AlignTILoss(tpa=0, iva=1)(s, t, labels)
+    with pytest.raises(ValueError, match="expansion"):
+        ti.AlignTILoss(iva=0, tpa=0.5, backend="chunked")(s, t, labels)
     with pytest.raises(ValueError, match="weight 0|at least one"):
         ti.AlignTILoss(sft=0, kd=0, iva=0, tpa=0)(s, t, labels)
     with pytest.raises(ValueError, match="kd"):
@@ -134,3 +137,22 @@ def test_num_items_reaches_sft_kd_tpa_and_num_sequences_iva():
     for k in ("sft", "kd", "tpa"):
         torch.testing.assert_close(scaled[k], base[k] / 4)
     torch.testing.assert_close(scaled["iva"], base["iva"] * 3 / 6)
+
+
+def test_defaults_work_on_text_only_data():
+    """IVA and TPA left at their default are off without their input; SFT + KD remain."""
+    s, t = torch.randn(2, 5, V), torch.randn(2, 5, V)
+    labels = torch.randint(0, V, (2, 5))
+    labels[:, :2] = -100
+    for backend in ("eager", "chunked"):
+        total, parts = ti.AlignTILoss(backend=backend)(s, t, labels)
+        assert set(parts) == {"sft", "kd"}
+        expect = ref_sft_loss(s, labels) + ref_kd_loss(s, t, labels)
+        assert float(total) == pytest.approx(float(expect), abs=1e-5)
+    # the teacher stays required while KD is on, default or not
+    with pytest.raises(ValueError, match="teacher_logits"):
+        ti.AlignTILoss()(s, None, labels)
+    # a visual weight given turns IVA on at its default weight
+    w = torch.rand(2, 5)
+    _, parts = ti.AlignTILoss()(s, t, labels, visual_weights=w)
+    assert set(parts) == {"sft", "kd", "iva"}

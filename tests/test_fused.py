@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 import tokinteract as ti
 from reference import REF_KINDS, ref_divergence, ref_sft_loss
@@ -14,8 +13,6 @@ from tensor_helpers import close_all as _close_all
 from tensor_helpers import grads as _grads
 from tensor_helpers import seeded_randn as _randn
 from tokinteract.fused import (
-    FusedAlignTILoss,
-    fused_align_ti_terms,
     fused_linear_cross_entropy,
     fused_linear_divergence,
 )
@@ -108,34 +105,6 @@ def test_fused_bf16_within_bf16_tolerance():
         torch.testing.assert_close(g.float(), r.float(), atol=1.6e-2 * scale, rtol=1.6e-2)
 
 
-def test_tied_embeddings_accumulate_into_one_parameter():
-    emb = nn.Embedding(V, H)
-    ids = torch.randint(0, V, (1, 8), generator=torch.Generator().manual_seed(50))
-    teacher_emb = _randn((V, HT), 51)
-    ht = _randn((8, HT), 52)
-    lab = torch.randint(0, V, (1, 8), generator=torch.Generator().manual_seed(53))
-
-    def hidden(e):
-        return torch.tanh(e(ids)) * 1.5  # [1, 8, H]: a toy "model" reading the embedding
-
-    # fused, with the embedding matrix as the LM head (tied)
-    total, _ = fused_align_ti_terms(hidden(emb), emb.weight, ht[None], teacher_emb, lab, iva=0.0, tpa=0.0, chunk_size=3)
-    total.backward()
-    g_fused = emb.weight.grad.clone()
-    emb.weight.grad = None
-    # unfused: logits = hidden @ E.T, core losses
-    h = hidden(emb)
-    ref, _ = ti.AlignTILoss(iva=0.0, tpa=0.0)(h @ emb.weight.T, (ht @ teacher_emb.T)[None], lab)
-    ref.backward()
-    torch.testing.assert_close(total, ref, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(g_fused, emb.weight.grad, atol=1e-6, rtol=1e-5)
-    # both the lookup and the head contribute: the head part alone differs from the total
-    emb.weight.grad = None
-    total2, _ = fused_align_ti_terms(hidden(emb).detach(), emb.weight, ht[None], teacher_emb, lab, iva=0.0, tpa=0.0)
-    total2.backward()
-    assert not torch.allclose(emb.weight.grad, g_fused, atol=1e-4)
-
-
 def test_fused_cross_entropy_matches_reference():
     hs, W, b, _, _, _ = _head(60, rows=B * T)
     lab = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(61))
@@ -153,68 +122,6 @@ def test_fused_cross_entropy_matches_reference():
         fused_linear_cross_entropy(hs, W, torch.full_like(targets, V))
 
 
-def _expansion(seed, d=2):
-    g = torch.Generator().manual_seed(seed)
-    lab = torch.randint(0, V, (B, T), generator=g)
-    lab[torch.rand(B, T, generator=g) < 0.3] = -100
-    lab[:, 0] = -100
-    cm = ti.shift_labels(lab) != -100
-    ids = torch.randint(0, V, (B, T), generator=g)
-    cands = torch.randint(0, V, (B, T, d), generator=g)
-    return lab, ti.tpa_expand(ids, cands, cm)
-
-
-@pytest.mark.parametrize("kind", ["fkl", "rkl", "skew_fkl"])
-@pytest.mark.parametrize("iva_weight", [0.0, 1.0])
-def test_fused_align_ti_matches_core(kind, iva_weight):
-    lab, ex = _expansion(70)
-    L2 = ex.expanded_len
-    hs = _randn((B, L2, H), 71).requires_grad_()
-    W = _randn((V, H), 72).requires_grad_()
-    b = _randn((V,), 73).requires_grad_()
-    ht, Wt = _randn((B, L2, HT), 74), _randn((V + 2, HT), 75)
-    vis = torch.zeros(B, T, dtype=torch.bool)
-    vis[:, 1:4] = True
-    w = ti.uniform_visual_weights(vis)
-    core = ti.AlignTILoss(kind=kind, temperature=0.8, iva=iva_weight, vocab_size=V, **OPTS)
-    a, pa = core(hs @ W.T + b, ht @ Wt.T, lab, expansion=ex, visual_weights=w, num_sequences=3)
-    mine = FusedAlignTILoss(kind=kind, temperature=0.8, iva=iva_weight, vocab_size=V, chunk_size=5, **OPTS)
-    f, pf = mine(hs, W, ht, Wt, lab, student_bias=b, expansion=ex, visual_weights=w, num_sequences=3)
-    torch.testing.assert_close(f, a, atol=1e-6, rtol=1e-6)
-    assert list(pf) == list(pa)
-    for k in pa:
-        torch.testing.assert_close(pf[k], pa[k], atol=1e-6, rtol=1e-6)
-    _close_all(_grads(f, (hs, W, b)), _grads(a, (hs, W, b)), atol=1e-6, rtol=1e-5)
-
-
-def test_fused_align_ti_unsupervised_rows_get_zero_gradient_and_are_not_checked():
-    lab, ex = _expansion(80)
-    L2 = ex.expanded_len
-    hs = _randn((B, L2, H), 81).requires_grad_()
-    W, Wt = _randn((V, H), 82).requires_grad_(), _randn((V, HT), 83)
-    ht = _randn((B, L2, HT), 84)
-    used = torch.zeros(B, L2, dtype=torch.bool)
-    used[:, :T] = ti.shift_labels(lab) != -100
-    bb, _, _, slot = ex.candidate_slots()
-    used[bb, slot] = True
-    ht[~used] = float("nan")  # rows the loss never reads may hold anything
-    total, _ = fused_align_ti_terms(hs, W, ht, Wt, lab, iva=0.0, expansion=ex, chunk_size=4)
-    assert torch.isfinite(total)
-    (g,) = _grads(total, (hs,))
-    assert torch.equal(g[~used], torch.zeros_like(g[~used]))
-    assert bool((g[used].abs().sum(-1) > 0).all())
-
-
-def test_fused_all_masked_is_zero_with_zero_grads():
-    hs = _randn((B, T, H), 90).requires_grad_()
-    W = _randn((V, H), 91).requires_grad_()
-    lab = torch.full((B, T), -100)
-    total, parts = fused_align_ti_terms(hs, W, _randn((B, T, HT), 92), _randn((V, HT), 93), lab, iva=0.0, tpa=0.0)
-    assert total.item() == 0.0 and parts["kd"].item() == 0.0 and parts["sft"].item() == 0.0
-    gh, gW = _grads(total, (hs, W))
-    assert torch.equal(gh, torch.zeros_like(gh)) and torch.equal(gW, torch.zeros_like(gW))
-
-
 def test_fused_errors():
     hs, W, b, ht, Wt, bt = _head(100)
     with pytest.raises((TypeError, ValueError)):  # jaxtyping binds "hidden" first
@@ -225,12 +132,7 @@ def test_fused_errors():
     bad[0, 0] = float("inf")
     with pytest.raises(ValueError, match="student logits"):
         fused_linear_divergence(hs, bad, ht, Wt)
-    with pytest.raises(ValueError, match="teacher_hidden and teacher_weight"):
-        fused_align_ti_terms(hs[None], W, None, None, torch.zeros(1, 7, dtype=torch.long), iva=0.0, tpa=0.0)
-    # SFT only needs no teacher
-    lab = torch.randint(0, V, (1, 7))
-    total, parts = fused_align_ti_terms(hs[None], W, None, None, lab, kd=0.0, iva=0.0, tpa=0.0)
-    torch.testing.assert_close(parts["sft"], ti.sft_loss((hs @ W.T)[None], lab), atol=1e-6, rtol=1e-6)
+    # the Align-TI errors (missing teacher, SFT without one): tests/test_backends.py::test_errors
 
 
 def test_lm_head_sees_at_most_one_chunk_of_rows(monkeypatch):
@@ -274,12 +176,3 @@ def test_fused_sample_candidates():
     with pytest.raises((TypeError, ValueError)):
         fused_sample_candidates(hs, W, 2, mask=mask[:, :-1])
 
-
-def test_fused_empty_batch_is_zero_not_a_reshape_error():
-    hs = torch.zeros(0, T, H, requires_grad=True)
-    W = _randn((V, H), 94).requires_grad_()
-    lab = torch.zeros(0, T, dtype=torch.long)
-    total, parts = fused_align_ti_terms(hs, W, torch.zeros(0, T, HT), _randn((V, HT), 95), lab, iva=0.0, tpa=0.0)
-    assert total.item() == 0.0 and set(parts) == {"sft", "kd"}
-    (gW,) = _grads(total, (W,))
-    assert torch.equal(gW, torch.zeros_like(gW))

@@ -19,11 +19,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 import tokinteract as ti
 import tokinteract.liger as liger
-from reference import ref_divergence, ref_kd_loss
+from reference import ref_divergence
+from tensor_helpers import align_ti_batch, hidden_and_heads
 from tensor_helpers import close_all as _close_all
 from tensor_helpers import grads as _grads
 from tensor_helpers import seeded_randn as _randn
@@ -52,33 +52,11 @@ def _head(seed, rows=13, dtype=torch.float32, bias=True, vocab=V, tvocab=V):
 
 
 def _batch(seed, d=3, L_pad=2):
-    """Ragged, right-padded labels (different supervised spans per row), its TPA expansion and IVA weights."""
-    g = torch.Generator().manual_seed(seed)
-    lab = torch.randint(0, V, (B, T), generator=g)
-    lab[torch.rand(B, T, generator=g) < 0.3] = -100
-    lab[:, :2] = -100
-    lab[0, 5:] = -100  # a short row
-    attn = torch.ones(B, T, dtype=torch.bool)
-    attn[1, T - L_pad :] = False  # right padding
-    lab[~attn] = -100
-    cm = ti.shift_labels(lab) != -100
-    ids = torch.randint(0, V, (B, T), generator=g)
-    cands = torch.randint(0, V, (B, T, d), generator=g)
-    ex = ti.tpa_expand(ids, cands, cm, attn)
-    vis = torch.zeros(B, T, dtype=torch.bool)
-    vis[:, 1:4] = True
-    vw = ti.uniform_visual_weights(vis) * (0.5 + torch.rand(B, T, generator=g))  # non-uniform IVA rows
-    return lab, ex, vw
+    return align_ti_batch(seed, B, T, V, d=d, l_pad=L_pad)
 
 
 def _hidden(seed, L2, dtype=torch.float32, tvocab=V):
-    hs = _randn((B, L2, H), seed, dtype=dtype).requires_grad_()
-    W = _randn((V, H), seed + 1, dtype=dtype).requires_grad_()
-    b = _randn((V,), seed + 2, dtype=dtype).requires_grad_()
-    ht = _randn((B, L2, HT), seed + 3, dtype=dtype)
-    Wt = _randn((tvocab, HT), seed + 4, dtype=dtype)
-    bt = _randn((tvocab,), seed + 5, dtype=dtype)
-    return hs, W, b, ht, Wt, bt
+    return hidden_and_heads(seed, B, L2, H, HT, V, dtype=dtype, tvocab=tvocab)
 
 
 # ----------------------------------------------------------------------------- the divergence
@@ -173,78 +151,6 @@ def test_divergence_bf16_within_bf16_tolerance(kind, beta):
 # ----------------------------------------------------------------------------- Align-TI
 
 
-PART_CONFIGS = {
-    "all": dict(),
-    "weighted": dict(sft=0.5, kd=2.0, iva=0.7, tpa=1.5),
-    "kd_only": dict(sft=0.0, iva=0.0, tpa=0.0),
-    "tpa_only": dict(sft=0.0, kd=0.0, iva=0.0),
-    "sft_iva": dict(kd=0.0, tpa=0.0),
-}
-
-
-@requires_liger
-@pytest.mark.parametrize(("kind", "beta"), [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.3)])
-@pytest.mark.parametrize("config", sorted(PART_CONFIGS))
-def test_align_ti_liger_equals_tokinteract_backend(kind, beta, config):
-    lab, ex, vw = _batch(30)
-    hs, W, b, ht, Wt, bt = _hidden(31, ex.expanded_len, tvocab=V + 3)
-    kw = dict(student_bias=b, teacher_bias=bt, expansion=ex, visual_weights=vw, kind=kind, beta=beta,
-              temperature=0.8, vocab_size=V, num_items=9, num_sequences=5, chunk_size=4, **PART_CONFIGS[config])
-    a, pa = fused_align_ti_terms(hs, W, ht, Wt, lab, **kw)
-    f, pf = fused_align_ti_terms(hs, W, ht, Wt, lab, backend="liger", liger_compiled=False, **kw)
-    torch.testing.assert_close(f, a, atol=1e-6, rtol=1e-6)
-    assert list(pf) == list(pa)
-    for k in pa:
-        assert not pf[k].requires_grad
-        torch.testing.assert_close(pf[k], pa[k], atol=1e-6, rtol=1e-6)
-    _close_all(_grads(f, (hs, W, b)), _grads(a, (hs, W, b)), atol=1e-6, rtol=1e-5)
-
-
-@requires_liger
-def test_align_ti_liger_matches_reference_kd_and_tpa():
-    lab, ex, vw = _batch(40, d=2)
-    hs, W, b, ht, Wt, bt = _hidden(41, ex.expanded_len)
-    n = torch.tensor(20.0)
-    total, parts = fused_align_ti_terms(
-        hs, W, ht, Wt, lab, student_bias=b, teacher_bias=bt, expansion=ex, sft=0.0, iva=0.0, kd=1.0, tpa=0.5,
-        kind="rkl", temperature=1.3, num_items=n, chunk_size=3, backend="liger", liger_compiled=False,
-    )
-    s, t = hs @ W.T + b, ht @ Wt.T + bt
-    kd = ref_kd_loss(s[:, :T], t[:, :T], lab, kind="rkl", temperature=1.3, num_items=20.0)
-    # Eq. 7 from the expansion's slot table: (1/d) sum_u D(slot) over candidate positions, / num_items
-    tpa = s.new_zeros((), dtype=torch.float64)
-    for bb in range(B):
-        for tt in range(T):
-            for u in range(ex.num_candidates):
-                slot = int(ex.candidate_index[bb, tt, u])
-                if slot >= 0:
-                    tpa = tpa + ref_divergence(s[bb, slot], t[bb, slot], "rkl", temperature=1.3, detach_teacher=True) / 2
-    tpa = tpa / 20.0
-    torch.testing.assert_close(parts["kd"].double(), kd.detach(), atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(parts["tpa"].double(), tpa.detach(), atol=2e-6, rtol=1e-5)
-    ref = kd + 0.5 * tpa
-    torch.testing.assert_close(total.double(), ref.detach(), atol=2e-6, rtol=1e-5)
-    _close_all(_grads(total, (hs, W, b)), _grads(ref, (hs, W, b)), atol=1e-6, rtol=1e-4)
-
-
-@requires_liger
-def test_align_ti_module_and_unused_rows():
-    lab, ex, vw = _batch(50)
-    hs, W, b, ht, Wt, _ = _hidden(51, ex.expanded_len)
-    used = torch.zeros(B, ex.expanded_len, dtype=torch.bool)
-    used[:, :T] = (ti.shift_labels(lab) != -100) | (vw > 0)
-    bb, _, _, slot = ex.candidate_slots()
-    used[bb, slot] = True
-    ht[~used] = float("nan")  # rows the loss never reads may hold anything
-    mod = FusedAlignTILoss(kind="jsd", beta=0.4, chunk_size=5, backend="liger", liger_compiled=False)
-    assert "backend='liger'" in repr(mod)
-    total, parts = mod(hs, W, ht, Wt, lab, student_bias=b, expansion=ex, visual_weights=vw)
-    want, _ = FusedAlignTILoss(kind="jsd", beta=0.4, chunk_size=5)(hs, W, ht, Wt, lab, student_bias=b, expansion=ex,
-                                                                  visual_weights=vw)
-    assert torch.isfinite(total)
-    torch.testing.assert_close(total, want, atol=1e-6, rtol=1e-6)
-    (g,) = _grads(total, (hs,))
-    assert torch.equal(g[~used], torch.zeros_like(g[~used]))
 
 
 @requires_liger
@@ -269,46 +175,6 @@ def test_align_ti_bf16_within_bf16_tolerance():
         for g, r in zip(got[2], want[2], strict=True):
             assert g.dtype == torch.bfloat16
             torch.testing.assert_close(g.double(), r.double(), atol=5e-2 * float(r.double().abs().max()), rtol=0.0)
-
-
-@requires_liger
-def test_tied_embeddings_accumulate_into_one_parameter():
-    emb = nn.Embedding(V, H)
-    ids = torch.randint(0, V, (1, 8), generator=torch.Generator().manual_seed(70))
-    t_emb, ht = _randn((V, HT), 71), _randn((1, 8, HT), 72)
-    lab = torch.randint(0, V, (1, 8), generator=torch.Generator().manual_seed(73))
-    grads = []
-    for backend in ("tokinteract", "liger"):
-        emb.weight.grad = None
-        hidden = torch.tanh(emb(ids)) * 1.5  # a toy "model" reading the embedding
-        total, _ = fused_align_ti_terms(hidden, emb.weight, ht, t_emb, lab, iva=0.0, tpa=0.0, chunk_size=3,
-                                        backend=backend, liger_compiled=False)
-        total.backward()
-        grads.append((total.detach(), emb.weight.grad.clone()))
-    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-6, rtol=1e-5)
-
-
-@requires_liger
-@pytest.mark.parametrize("config", ["kd_tpa", "all"])
-def test_all_masked_is_exactly_zero_with_zero_grads(config):
-    lab = torch.full((B, T), -100)
-    cm = torch.zeros(B, T, dtype=torch.bool)
-    ex = ti.tpa_expand(torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, 2, dtype=torch.long), cm)
-    hs, W, b, ht, Wt, bt = _hidden(80, ex.expanded_len)
-    with torch.no_grad():
-        hs[:, 0] = float("nan")  # nothing is read, so nothing can leak
-    parts_on = dict(sft=0.0, iva=0.0) if config == "kd_tpa" else {}
-    total, parts = fused_align_ti_terms(
-        hs, W, ht, Wt, lab, student_bias=b, teacher_bias=bt, expansion=ex, visual_weights=torch.zeros(B, T),
-        num_items=0, backend="liger", liger_compiled=False, **parts_on,
-    )
-    assert total.item() == 0.0 and all(v.item() == 0.0 for v in parts.values())
-    for g in _grads(total, (hs, W, b)):
-        assert torch.equal(g, torch.zeros_like(g))
-    empty = liger_linear_divergence(hs[0, :0], W, ht[0, :0], Wt, compiled=True)  # no rows: not compiled
-    assert empty.item() == 0.0
-    assert torch.equal(_grads(empty, (W,))[0], torch.zeros_like(W))
 
 
 @requires_liger
@@ -338,6 +204,14 @@ def test_errors_name_the_argument():
     bad[0, 0] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):
         liger_linear_divergence(hs[0], bad, ht[0], Wt, compiled=False)
+
+
+@requires_liger
+def test_empty_divergence_is_zero_and_not_compiled():
+    hs, W, b, ht, Wt, bt = _hidden(80, 4)
+    empty = liger_linear_divergence(hs[0, :0], W, ht[0, :0], Wt, compiled=True)  # no rows: not compiled
+    assert empty.item() == 0.0
+    assert torch.equal(_grads(empty, (W,))[0], torch.zeros_like(W))
 
 
 # ----------------------------------------------------------------------------- without Liger

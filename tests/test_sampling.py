@@ -172,3 +172,30 @@ def test_nucleus_large_vocab_uses_both_the_top_k_and_the_full_sort_paths():
         assert _chi2(counts, q, 4000) < 4 * len(sets[t]) + 10
     # the flat rows reach far beyond the top-k shortcut
     assert all(len(set(out[0, t].tolist())) > sampling._NUCLEUS_TOPK for t in range(3, 6))
+
+
+@pytest.mark.parametrize("strategy", ["nucleus", "multinomial", "greedy"])
+def test_masked_minus_inf_logits_are_accepted_and_never_drawn(strategy):
+    logits = torch.randn(2, 4, 9)
+    logits[..., :5] = float("-inf")  # e.g. image placeholder tokens masked out
+    cand = ti.sample_candidates(logits, 3, strategy=strategy, generator=torch.Generator().manual_seed(0))
+    assert bool((cand >= 5).all())
+    for bad, match in ((float("nan"), "NaN or \\+inf"), (float("inf"), "NaN or \\+inf")):
+        x = logits.clone()
+        x[0, 1, 7] = bad
+        with pytest.raises(ValueError, match=match):
+            ti.sample_candidates(x, 3, strategy=strategy)
+    x = logits.clone()
+    x[1, 2, :] = float("-inf")  # nothing left to draw from
+    with pytest.raises(ValueError, match="1 sampled row"):
+        ti.sample_candidates(x, 3, strategy=strategy)
+    # a fully masked row outside ``mask`` is never sampled, so it is fine
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1, 2] = False
+    ti.sample_candidates(x, 3, strategy=strategy, mask=mask)
+    # greedy returns d distinct tokens: a row needs d finite logits
+    if strategy == "greedy":
+        y = logits.clone()
+        y[0, 0, 5:8] = float("-inf")  # one finite logit left
+        with pytest.raises(ValueError, match="fewer than 3 finite"):
+            ti.sample_candidates(y, 3, strategy=strategy)

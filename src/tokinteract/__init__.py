@@ -8,7 +8,7 @@ second; losses compute in fp32; every divergence is per position and reduced by
 :func:`tokinteract.masked_reduce`.
 """
 
-from tokinteract.align_ti import AlignTILoss
+from tokinteract.align_ti import BACKENDS, AlignTILoss, HiddenStates
 from tokinteract.chunked import ChunkedAlignTILoss
 from tokinteract.divergence import DIVERGENCE_KINDS, TokenDivergence, token_divergence
 from tokinteract.fused import FusedAlignTILoss
@@ -17,17 +17,20 @@ from tokinteract.irs import irs_score, select_layer
 from tokinteract.iva import IVALoss, iva_loss, uniform_visual_weights, visual_importance
 from tokinteract.kd import KDLoss, SFTLoss, kd_loss, sft_loss, shift_labels
 from tokinteract.reduction import masked_reduce
+from tokinteract.ribbon import ribbon_dense, ribbon_mod, ribbon_rule
 from tokinteract.sampling import SAMPLING_STRATEGIES, sample_candidates
 from tokinteract.tpa import TPALoss, tpa_loss, tpa_position_values
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BACKENDS",
     "DIVERGENCE_KINDS",
     "SAMPLING_STRATEGIES",
     "AlignTILoss",
     "ChunkedAlignTILoss",
     "FusedAlignTILoss",
+    "HiddenStates",
     "IVALoss",
     "KDLoss",
     "SFTLoss",
@@ -38,8 +41,11 @@ __all__ = [
     "irs_score",
     "kd_loss",
     "masked_reduce",
+    "ribbon_dense",
     "ribbon_mask",
     "ribbon_mask_mod",
+    "ribbon_mod",
+    "ribbon_rule",
     "sample_candidates",
     "select_layer",
     "sft_loss",

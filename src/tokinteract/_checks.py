@@ -8,6 +8,7 @@ message names the argument, what was expected and what was given. Nothing here u
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,10 +49,7 @@ def check_finite(name: str, value: Tensor) -> None:
     bad = (~torch.isfinite(value.detach())).sum()
     n_bad = int(bad)
     if n_bad:
-        raise ValueError(
-            f"{name} has {n_bad} non-finite value(s) (NaN or inf) out of {value.numel()}; "
-            "tokinteract refuses non-finite inputs instead of returning NaN"
-        )
+        raise ValueError(nonfinite_message(name, n_bad, value.numel()))
 
 
 def check_positive(name: str, value: Any) -> None:
@@ -117,22 +115,53 @@ def resolve_vocab(
     tokenizer vocabulary, so comparing the first ``vocab_size`` entries is the usual policy.
     """
     vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
+    n = shared_vocab(student_name, vs, teacher_name, vt, vocab_size)
+    if vocab_size is None:
+        return student_logits, teacher_logits
+    return student_logits[..., :n], teacher_logits[..., :n]
+
+
+def shared_vocab(student_name: str, vs: int, teacher_name: str, vt: int, vocab_size: int | None) -> int:
+    """The number of vocabulary entries compared: ``vs == vt``, or an explicit ``vocab_size <= min(vs, vt)``."""
     if vocab_size is None:
         if vs != vt:
             raise ValueError(
                 f"{student_name} has vocabulary size {vs} but {teacher_name} has {vt}; "
                 "pass vocab_size=N to compare only the shared first N entries"
             )
-        return student_logits, teacher_logits
+        return vs
     check_int("vocab_size", vocab_size, minimum=1)
     if vocab_size > min(vs, vt):
         raise ValueError(
             f"vocab_size={vocab_size} exceeds the smaller vocabulary "
             f"({student_name}: {vs}, {teacher_name}: {vt})"
         )
-    return student_logits[..., :vocab_size], teacher_logits[..., :vocab_size]
+    return vocab_size
 
 
+def check_lm_head(
+    hidden_name: str, hidden: Tensor, weight_name: str, weight: Tensor, bias_name: str, bias: Tensor | None
+) -> None:
+    """``hidden [..., H]`` and an LM head ``weight [V, H]`` (+ ``bias [V]``): float, same dtype and device."""
+    check_tensor(weight_name, weight, ndim=2)
+    check_float(hidden_name, hidden)
+    check_float(weight_name, weight)
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{hidden_name} has hidden size {hidden.shape[-1]} but {weight_name} expects "
+            f"{weight.shape[1]} (weight is [vocab, hidden]), got {weight_name} shape {tuple(weight.shape)}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{hidden_name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have the same dtype")
+    if hidden.device != weight.device:
+        raise ValueError(f"{hidden_name} is on {hidden.device} but {weight_name} on {weight.device}")
+    if bias is not None:
+        check_tensor(bias_name, bias, ndim=1)
+        check_float(bias_name, bias)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{bias_name} must have {weight.shape[0]} entries (the vocabulary), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{bias_name} ({bias.dtype}) and {weight_name} ({weight.dtype}) must have the same dtype")
 def check_logit_pair(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -152,3 +181,59 @@ def check_logit_pair(
         check_finite("student_logits", s)
         check_finite("teacher_logits", t)
     return s, t
+
+
+class Deferred:
+    """Value checks of one call, resolved together with a single device-to-host read.
+
+    A check is a count (a 0-d integer tensor, computed on the device, e.g. the number of
+    non-finite entries) and a message built from it; :meth:`resolve` reads ``any(count != 0)``
+    once and, only when some count is non-zero, raises the ``ValueError`` of the first such
+    check. ``enabled=False`` (a loss built with ``validate=False``) records nothing: no count is
+    computed and nothing is read back.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._items: list[tuple[Tensor, Callable[[int], str]]] = []
+
+    def add(self, count: Callable[[], Tensor], message: Callable[[int], str]) -> None:
+        """Record ``count()`` (not evaluated when disabled) and the message for a non-zero count."""
+        if self.enabled:
+            self._items.append((count(), message))
+
+    def resolve(self) -> None:
+        """Raise the first failed check's ``ValueError``; one device-to-host read when all pass."""
+        items, self._items = self._items, []
+        if not items:
+            return
+        dev = items[0][0].device
+        counts = torch.stack([c.reshape(()).to(device=dev, dtype=torch.long) for c, _ in items])
+        if not bool(counts.any()):
+            return
+        for n, (_, message) in zip(counts.tolist(), items):
+            if n:
+                raise ValueError(message(int(n)))
+
+
+def check_weights(name: str, weights: Tensor, shape: tuple[int, ...], what: str, checks: Deferred) -> Tensor:
+    """``weights`` of ``shape`` (``what`` names its dimensions), float and detached; that it is
+    finite and >= 0 is checked through ``checks``."""
+    check_tensor(name, weights, ndim=len(shape))
+    check_float(name, weights)
+    if tuple(weights.shape) != shape:
+        if len(shape) == 1:
+            raise ValueError(f"{name} must have one entry per row ({shape[0]}), got shape {tuple(weights.shape)}")
+        raise ValueError(f"{name} must have shape {shape} ({what}), got {tuple(weights.shape)}")
+    w = weights.detach()
+    checks.add(lambda: (~torch.isfinite(w)).sum(), lambda n: nonfinite_message(name, n, w.numel()))
+    checks.add(lambda: (w < 0).sum(), lambda n: f"{name} must be >= 0, got {n} negative value(s)")
+    return w
+
+
+def nonfinite_message(name: str, n: int, total: int) -> str:
+    """The message for ``n`` non-finite values out of ``total`` in ``name``."""
+    return (
+        f"{name} has {n} non-finite value(s) (NaN or inf) out of {total}; "
+        "tokinteract refuses non-finite inputs instead of returning NaN"
+    )

@@ -1,21 +1,28 @@
-"""The chunk loop shared by :mod:`tokinteract.chunked` and :mod:`tokinteract.fused` (private).
+"""The evaluators of ``total = sum_r div_coef[r] * D_r + ce_coef[r] * CE_r`` (private).
 
-:func:`run_terms` computes ``total = sum_r div_coef[r] * D_r + ce_coef[r] * CE_r`` over rows of
-logits (or of ``hidden @ weight.T + bias``), ``chunk_size`` rows at a time, with the gradient
-accumulated in forward; see :mod:`tokinteract.chunked` for the memory model and the per-chunk
-gradients. Inputs are validated by the callers.
+The rows and coefficients come from :mod:`tokinteract._plan`; ``D_r`` and its gradient from
+:mod:`tokinteract.divergence`. Two evaluators, same signature and result:
+
+* ``run_terms(..., eager=True)``: gathers the rows, computes their logits and lets autograd
+  differentiate (the reference, and the ``backend="eager"`` path);
+* ``run_terms(...)``: ``chunk_size`` rows at a time over logits or ``hidden @ weight.T + bias``,
+  with the gradient accumulated in forward; see :mod:`tokinteract.chunked` for the memory model.
+
+Inputs are validated by the callers; value checks (non-finite rows) go to a
+:class:`tokinteract._checks.Deferred`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from tokinteract._checks import check_finite, check_float, check_int, check_tensor
-from tokinteract.divergence import divergence_from_logprobs
+from tokinteract._checks import Deferred, check_int, check_weights, nonfinite_message
+from tokinteract.divergence import divergence_and_grad, divergence_rows
 from tokinteract.reduction import compute_dtype, resolve_count
 
 _AUTO_CHUNK_ELEMENTS = 2**24
@@ -33,6 +40,7 @@ class _Config:
     has_ce: bool
     student_name: str
     teacher_name: str
+    validate: bool
 
 
 @dataclass
@@ -63,58 +71,6 @@ def _bad_rows(x: Tensor) -> Tensor:
     return (~(torch.isfinite(x.amax(-1)) & torch.isfinite(x.amin(-1)))).sum()
 
 
-def _div_and_grad(
-    x: Tensor, y: Tensor, cfg: _Config, need_grad: bool
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Per-row divergence of one chunk, ``dD/dx`` (or None) and the teacher's bad-row count.
-
-    ``x``: the student's logits in the compute dtype; ``y``: the teacher's (consumed: the
-    caller must hold no other reference, so its buffer is reused in place). fkl and rkl use
-    the analytic gradient with at most four ``[chunk, V]`` buffers alive; the other kinds
-    run autograd through the core formula on this chunk only.
-    """
-    kind, tau, beta, alpha = cfg.kind, cfg.temperature, cfg.beta, cfg.alpha
-    bad_t = _bad_rows(y)
-    lp_t = torch.log_softmax(y / tau if tau != 1.0 else y, dim=-1)
-    del y
-    # endpoints that are exactly fkl / rkl (same branches as the core formula)
-    if (kind == "jsd" and beta == 0.0) or (kind == "skew_fkl" and alpha == 0.0):
-        kind = "fkl"
-    elif (kind == "jsd" and beta == 1.0) or (kind == "skew_rkl" and alpha == 0.0):
-        kind = "rkl"
-    if kind == "fkl":
-        # KL(T || S) = sum_v T_v (log T_v - log S_v); dD/dx = (S - T) / tau
-        lp_s = torch.log_softmax(x / tau if tau != 1.0 else x, dim=-1)
-        diff = lp_t - lp_s
-        t = lp_t.exp_()
-        d = diff.mul_(t).sum(-1)
-        del diff
-        if not need_grad:
-            return d, None, bad_t
-        g = lp_s.exp_().sub_(t)
-        return d, (g.div_(tau) if tau != 1.0 else g), bad_t
-    if kind == "rkl":
-        # KL(S || T) = sum_v S_v (log S_v - log T_v); dD/dx = S * (log S - log T - D) / tau
-        lp_s = torch.log_softmax(x / tau if tau != 1.0 else x, dim=-1)
-        s = lp_s.exp()
-        diff = lp_s.sub_(lp_t)  # log S - log T, in the log S buffer
-        del lp_t, lp_s
-        d = torch.bmm(s[:, None, :], diff[:, :, None]).reshape(-1)
-        if not need_grad:
-            return d, None, bad_t
-        g = diff.sub_(d[:, None]).mul_(s)
-        return d, (g.div_(tau) if tau != 1.0 else g), bad_t
-    if not need_grad:
-        lp_s = torch.log_softmax(x / tau if tau != 1.0 else x, dim=-1)
-        return divergence_from_logprobs(lp_s, lp_t, kind=kind, beta=beta, alpha=alpha), None, bad_t
-    with torch.enable_grad():
-        xr = x.detach().requires_grad_(True)
-        lp_s = torch.log_softmax(xr / tau if tau != 1.0 else xr, dim=-1)
-        d = divergence_from_logprobs(lp_s, lp_t, kind=kind, beta=beta, alpha=alpha)
-        (g,) = torch.autograd.grad(d, xr, grad_outputs=torch.ones_like(d))
-    return d.detach(), g, bad_t
-
-
 def _run(
     student: _Side,
     teacher: _Side | None,
@@ -125,8 +81,9 @@ def _run(
     ce_coef: Tensor | None,
     cfg: _Config,
     need: tuple[bool, bool, bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Loop over chunks; return total, per-row divergence, per-row CE and the gradients."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Loop over chunks; return total, per-row divergence, per-row CE, the non-finite row
+    counts ``[student, teacher]`` and the gradients."""
     src = student.src
     dev = src.device
     acc_dtype = compute_dtype(src if student.weight is None else student.weight)
@@ -149,13 +106,14 @@ def _run(
         stop = min(start + cfg.chunk_size, n_rows)
         idx: Tensor | slice = slice(start, stop) if rows is None else rows[start:stop]
         x = student.logits(idx, n_student_cols).to(acc_dtype)
-        bad_s += _bad_rows(x)
+        if cfg.validate:
+            bad_s += _bad_rows(x)
         g = None
         if cfg.has_ce:
             # cross-entropy at temperature 1 over the full student vocabulary
             tgt = ce_target[start:stop]
             has = tgt >= 0
-            safe = tgt.clamp(min=0)[:, None]
+            safe = tgt.clamp(min=0, max=x.shape[1] - 1)[:, None]  # out-of-range labels raise after the pass
             coef = ce_coef[start:stop]
             lp1 = torch.log_softmax(x, dim=-1)
             ce = torch.where(has, -lp1.gather(1, safe)[:, 0], lp1.new_zeros(()))
@@ -167,10 +125,14 @@ def _run(
                 g.mul_(coef[:, None])
             del lp1
         if cfg.has_div:
-            d, gd, bad = _div_and_grad(
-                x[:, : cfg.vocab], teacher.logits(idx, cfg.vocab).to(acc_dtype), cfg, need_grad
+            y = teacher.logits(idx, cfg.vocab).to(acc_dtype)
+            if cfg.validate:
+                bad_t += _bad_rows(y)
+            d, gd = divergence_and_grad(
+                x[:, : cfg.vocab], y, kind=cfg.kind, temperature=cfg.temperature, beta=cfg.beta,
+                alpha=cfg.alpha, need_grad=need_grad,
             )
-            bad_t += bad
+            del y
             coef = div_coef[start:stop]
             div_all[start:stop] = d
             total = total + (coef * d).sum()
@@ -207,21 +169,11 @@ def _run(
                 if g_b is not None:
                     g_b[:ncols] += g.sum(0)
         del g
-    if int(bad_s):
-        raise ValueError(
-            f"{cfg.student_name} has non-finite values (NaN or inf) in {int(bad_s)} of the rows the "
-            "loss uses; losses refuse non-finite logits instead of returning NaN"
-        )
-    if int(bad_t):
-        raise ValueError(
-            f"{cfg.teacher_name} has non-finite values (NaN or inf) in {int(bad_t)} of the rows the "
-            "loss uses; losses refuse non-finite logits instead of returning NaN"
-        )
     if g_w is not None:
         g_w = g_w.to(student.weight.dtype)
     if g_b is not None:
         g_b = g_b.to(student.bias.dtype)
-    return total, div_all, ce_all, g_src, g_w, g_b
+    return total, div_all, ce_all, torch.stack([bad_s, bad_t]), g_src, g_w, g_b
 
 
 class _ChunkedTerms(torch.autograd.Function):
@@ -239,16 +191,16 @@ class _ChunkedTerms(torch.autograd.Function):
     ):
         student = _Side(s_src, s_w, s_b)
         teacher = None if t_src is None else _Side(t_src, t_w, t_b)
-        total, div_all, ce_all, g_src, g_w, g_b = _run(
+        total, div_all, ce_all, bad, g_src, g_w, g_b = _run(
             student, teacher, rows, n_rows, div_coef, ce_target, ce_coef, cfg, need
         )
         ctx.grads = (g_src, g_w, g_b)
-        ctx.mark_non_differentiable(div_all, ce_all)
-        return total, div_all, ce_all
+        ctx.mark_non_differentiable(div_all, ce_all, bad)
+        return total, div_all, ce_all, bad
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_total, _g_div, _g_ce):  # type: ignore[override]
+    def backward(ctx, g_total, _g_div, _g_ce, _g_bad):  # type: ignore[override]
         grads = ctx.grads
         if grads is None:
             raise RuntimeError(
@@ -256,14 +208,21 @@ class _ChunkedTerms(torch.autograd.Function):
                 "forward and handed over on the first backward (recompute the loss instead of retain_graph)"
             )
         # hand the buffers over (no copy: AccumulateGrad can steal them into ``.grad``), scaled
-        # in place by the upstream gradient (e.g. 1 / accumulation steps)
+        # in place by the upstream gradient (e.g. 1 / accumulation steps); always scaled, since
+        # testing ``g_total == 1`` first would read the device
         ctx.grads = None
-        if not bool(g_total == 1):
-            for g in grads:
-                if g is not None:
-                    g.mul_(g_total.to(g.dtype))
+        for g in grads:
+            if g is not None:
+                g.mul_(g_total.to(g.dtype))
         g_src, g_w, g_b = grads
         return g_src, g_w, g_b, None, None, None, None, None, None, None, None, None, None
+
+
+def _row_message(name: str) -> Callable[[int], str]:
+    return lambda n: (
+        f"{name} has non-finite values (NaN or inf) in {n} of the rows the loss uses; "
+        "losses refuse non-finite logits instead of returning NaN"
+    )
 
 
 def run_terms(
@@ -281,15 +240,24 @@ def run_terms(
     alpha: float,
     vocab: int,
     chunk_size: int | None,
+    checks: Deferred,
     student_name: str = "student_logits",
     teacher_name: str = "teacher_logits",
+    eager: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Internal entry point shared by the chunked and fused APIs (inputs already validated).
+    """The evaluator: ``(total, per-row D, per-row CE)``, ``chunk_size`` rows at a time, or every
+    row at once through autograd with ``eager`` (:func:`_run_eager`, ``chunk_size`` ignored).
 
     ``student``/``teacher`` are ``(src, weight, bias)``: ``weight is None`` means ``src`` holds
     logits ``[N, V]``, otherwise hidden states ``[N, H]`` for the LM head ``weight [V, H]``.
-    ``rows`` indexes ``src`` (``None`` = the first ``n_rows`` rows in order).
+    ``rows`` indexes ``src`` (``None`` = the first ``n_rows`` rows in order). ``vocab`` is the
+    number of leading columns the divergence compares; the cross-entropy uses every column.
     """
+    if eager:
+        return _run_eager(
+            student, teacher, rows, n_rows, div_coef, ce_target, ce_coef,
+            dict(kind=kind, temperature=temperature, beta=beta, alpha=alpha), vocab, checks, student_name, teacher_name,
+        )
     s_src, s_w, s_b = student
     t_src, t_w, t_b = teacher if teacher is not None else (None, None, None)
     has_div = div_coef is not None and teacher is not None
@@ -304,29 +272,67 @@ def run_terms(
     cfg = _Config(
         kind=kind, temperature=float(temperature), beta=float(beta), alpha=float(alpha), vocab=vocab,
         chunk_size=resolve_chunk_size(chunk_size, n_cols), has_div=has_div, has_ce=has_ce,
-        student_name=student_name, teacher_name=teacher_name,
+        student_name=student_name, teacher_name=teacher_name, validate=checks.enabled,
     )
     t_args = (None, None, None) if not has_div else (t_src.detach(), _det(t_w), _det(t_b))
-    return _ChunkedTerms.apply(
+    total, div_all, ce_all, bad = _ChunkedTerms.apply(
         s_src, s_w, s_b, *t_args, rows, n_rows, div_coef, ce_target, ce_coef, cfg, need
     )
+    checks.add(lambda: bad[0], _row_message(student_name))
+    checks.add(lambda: bad[1], _row_message(teacher_name))
+    return total, div_all, ce_all
+
+
+def _run_eager(
+    student: tuple[Tensor, Tensor | None, Tensor | None],
+    teacher: tuple[Tensor, Tensor | None, Tensor | None] | None,
+    rows: Tensor | None,
+    n_rows: int,
+    div_coef: Tensor | None,
+    ce_target: Tensor | None,
+    ce_coef: Tensor | None,
+    opts: dict[str, Any],
+    vocab: int,
+    checks: Deferred,
+    student_name: str,
+    teacher_name: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The eager evaluator: :func:`run_terms`'s result with every row at once and autograd.
+
+    The logits rows are computed in the compute dtype (fp32, or fp64 for fp64 inputs); the
+    teacher is detached. ``opts`` holds ``kind``, ``temperature``, ``beta``, ``alpha``.
+    """
+    has_div = div_coef is not None and teacher is not None
+    has_ce = ce_target is not None
+    idx: Tensor | slice = slice(0, n_rows) if rows is None else rows
+    x = _Side(*student).logits(idx, _columns(student) if has_ce else vocab)
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    checks.add(lambda: (~torch.isfinite(x.detach())).sum(), lambda n: nonfinite_message(student_name, n, x.numel()))
+    total = x.new_zeros(())
+    div_all = ce_all = x.new_zeros(n_rows)
+    if has_ce:
+        lp = torch.log_softmax(x, dim=-1)
+        has = ce_target >= 0
+        safe = ce_target.clamp(min=0, max=x.shape[1] - 1)[:, None]  # out-of-range labels raise after the pass
+        ce = torch.where(has, -lp.gather(1, safe)[:, 0], lp.new_zeros(()))
+        total = total + (ce_coef.to(ce.dtype) * ce).sum()
+        ce_all = ce.detach()
+    if has_div:
+        y = _Side(*teacher).logits(idx, vocab).detach()
+        checks.add(lambda: (~torch.isfinite(y)).sum(), lambda n: nonfinite_message(teacher_name, n, y.numel()))
+        d = divergence_rows(x[:, :vocab], y, **opts)
+        total = total + (div_coef.to(d.dtype) * d).sum()
+        div_all = d.detach()
+    return total, div_all, ce_all
+
+
+def _columns(side: tuple[Tensor, Tensor | None, Tensor | None]) -> int:
+    src, weight, _ = side
+    return src.shape[-1] if weight is None else weight.shape[0]
 
 
 def _det(x: Tensor | None) -> Tensor | None:
     return None if x is None else x.detach()
-
-
-def check_row_weights(name: str, weights: Tensor, n: int) -> Tensor:
-    """``weights [n]``, float, finite and >= 0, detached."""
-    check_tensor(name, weights, ndim=1)
-    check_float(name, weights)
-    if weights.shape[0] != n:
-        raise ValueError(f"{name} must have one entry per row ({n}), got shape {tuple(weights.shape)}")
-    w = weights.detach()
-    check_finite(name, w)
-    if bool((w < 0).any()):
-        raise ValueError(f"{name} must be >= 0, got {int((w < 0).sum())} negative value(s)")
-    return w
 
 
 def mean_row_divergence(
@@ -344,18 +350,20 @@ def mean_row_divergence(
     """``sum_r w_r * D_r / max(normalizer or rows, 1)`` over all rows of ``student``/``teacher``.
 
     ``w_r`` = ``row_weights`` (validated here) or 1; ``div_opts`` holds ``kind``,
-    ``temperature``, ``beta`` and ``alpha``.
+    ``temperature``, ``beta`` and ``alpha``. Value checks are resolved before returning.
     """
     src, weight, _ = student
     n_rows = src.shape[0]
     cdt = compute_dtype(src if weight is None else weight)
+    checks = Deferred()
     if row_weights is None:
         w = torch.ones(n_rows, dtype=cdt, device=src.device)
     else:
-        w = check_row_weights("row_weights", row_weights, n_rows).to(cdt)
+        w = check_weights("row_weights", row_weights, (n_rows,), "rows", checks).to(cdt)
     total, _, _ = run_terms(
         student, teacher, None, n_rows, div_coef=w, ce_target=None, ce_coef=None, vocab=vocab,
-        chunk_size=chunk_size, student_name=student_name, teacher_name=teacher_name, **div_opts,
+        chunk_size=chunk_size, student_name=student_name, teacher_name=teacher_name, checks=checks, **div_opts,
     )
+    checks.resolve()
     count = resolve_count(torch.ones(n_rows, dtype=torch.bool, device=src.device), normalizer)
     return total / count

@@ -7,8 +7,8 @@ FlexAttention skips the blocks that are entirely masked. :func:`ribbon_block_mas
 that ``BlockMask`` from a :class:`tokinteract.TPAExpansion`.
 
 GPU only for training: on CPU FlexAttention has no backward pass, and compiled flex gave wrong
-results at some lengths in our measurements (``/work/shared/notes/stack-facts.md``); eager
-(uncompiled) flex forward on CPU materialises the scores and only serves to check the mask.
+results at some lengths (see the CHANGELOG); eager (uncompiled) flex forward on CPU
+materialises the scores and only serves to check the mask.
 
 The ``mask_mod`` closes over the expansion's per-slot tensors padded with "unused" slots to
 a multiple of ``block_size``, so a kernel that evaluates it on the padded tail of the last
@@ -25,6 +25,7 @@ from torch import Tensor
 
 from tokinteract._checks import check_int
 from tokinteract.expansion import TPAExpansion
+from tokinteract.ribbon import ribbon_mod
 
 __all__ = ["padded_ribbon_mask_mod", "ribbon_block_mask"]
 
@@ -46,14 +47,7 @@ def padded_ribbon_mask_mod(
     src = torch.nn.functional.pad(expansion.slot_source, (0, pad), value=-1)
     is_query = torch.nn.functional.pad(expansion.slot_is_query, (0, pad), value=False)
     is_context = torch.nn.functional.pad(expansion.slot_is_context, (0, pad), value=False)
-    # The rule of ``TPAExpansion.mask_mod`` as a lambda, not a def calling it: FlexAttention
-    # counts mask_mod's positional parameters and traces it with dynamo, and runtime type
-    # checkers (the jaxtyping import hook used in tests) wrap every ``def`` of the package
-    # into an untraceable ``(*args, **kwargs)``; a lambda cannot be decorated.
-    mask_mod = lambda b, h, q_idx, kv_idx: (  # noqa: E731
-        is_query[b, q_idx] & is_context[b, kv_idx] & (src[b, kv_idx] <= src[b, q_idx])
-    ) | (q_idx == kv_idx)
-    return mask_mod
+    return ribbon_mod(src, is_query, is_context)
 
 
 def ribbon_block_mask(

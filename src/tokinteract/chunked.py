@@ -40,15 +40,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tokinteract._checks import check_float, check_int, check_leading_shape, check_logit_pair, check_tensor
+from tokinteract._checks import check_logit_pair
 from tokinteract._engine import mean_row_divergence
 from tokinteract._engine import resolve_chunk_size as resolve_chunk_size  # re-exported
-from tokinteract._plan import check_expansion, check_options, check_part_inputs, run_align_ti
-from tokinteract.align_ti import AlignTILoss
+from tokinteract._plan import check_expansion
+from tokinteract.align_ti import AlignTILoss, align_ti_terms
 from tokinteract.divergence import check_divergence_options
 from tokinteract.expansion import TPAExpansion
 
@@ -111,19 +110,15 @@ def chunked_divergence(
     )
 
 
-def _flat(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0] * x.shape[1], x.shape[2])
-
-
 def chunked_align_ti_terms(
     student_logits: Float[Tensor, "batch len vocab"],
     teacher_logits: Float[Tensor, "batch len tvocab"] | None,
-    labels: Int[Tensor, "batch seq"],
+    labels: Int[Tensor, "batch seq"] | None,
     *,
-    sft: float = 1.0,
-    kd: float = 1.0,
-    iva: float = 1.0,
-    tpa: float = 1.0,
+    sft: int | float = 1.0,
+    kd: int | float = 1.0,
+    iva: int | float = 1.0,
+    tpa: int | float = 1.0,
     expansion: TPAExpansion | None = None,
     visual_weights: Float[Tensor, "batch seq"] | None = None,
     kind: str = "fkl",
@@ -135,38 +130,25 @@ def chunked_align_ti_terms(
     num_items: int | float | Tensor | None = None,
     num_sequences: int | float | Tensor | None = None,
     chunk_size: int | None = None,
+    validate: bool = True,
 ) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
     """``w_sft SFT + w_kd KD + w_iva IVA + w_tpa TPA`` (paper Eq. 8) in one chunked pass.
 
-    Same semantics as :class:`tokinteract.AlignTILoss` (``student_logits`` are ``[B, T, V]``
-    on the ground truth, or ``[B, T2, V]`` over the TPA expansion whose first ``T`` slots are
-    the ground truth), but every row the enabled parts need (response positions, positions
-    with a non-zero visual weight, candidate slots) is visited once, with the per-row
+    :func:`tokinteract.align_ti.align_ti_terms` with ``backend="chunked"``: same semantics as
+    :class:`tokinteract.AlignTILoss` except that every weight defaults to 1 and then requires its
+    input (``expansion`` for TPA, ``visual_weights`` for IVA). Every row the enabled parts need (response positions,
+    positions with a non-zero visual weight, candidate slots) is visited once, with the per-row
     coefficient ``w_kd/n_kd + w_iva * v_{b,t}/n_seq + w_tpa/(d * n_tpa)`` on ``D`` and
     ``w_sft/n_kd`` on the cross-entropy, so a row shared by several parts costs one softmax.
 
     Returns:
-        ``(total, parts)``; ``parts`` maps each enabled part to its detached, unweighted value.
+        ``(total, parts)``; ``parts`` maps each computed part to its detached, unweighted value.
     """
-    weights = check_options(sft, kd, iva, tpa, kind, temperature, beta, alpha)
-    check_tensor("student_logits", student_logits, ndim=3)
-    check_float("student_logits", student_logits)
-    needs_teacher = check_part_inputs(
-        weights, teacher_missing=teacher_logits is None, teacher_is="teacher_logits is",
-        expansion=expansion, visual_weights=visual_weights,
-    )
-    if expansion is not None:
-        check_expansion(expansion)
-    B, L, V = student_logits.shape
-    vocab, teacher = V, None
-    if needs_teacher:
-        s, _ = check_logit_pair(student_logits, teacher_logits, lead=2, vocab_size=vocab_size, check_values=False)
-        vocab, teacher = s.shape[-1], (_flat(teacher_logits), None, None)
-    return run_align_ti(
-        (_flat(student_logits), None, None), teacher, batch=B, length=L, vocab=vocab, student_vocab=V,
-        labels=labels, weights=weights, ignore_index=ignore_index, expansion=expansion,
-        visual_weights=visual_weights, num_items=num_items, num_sequences=num_sequences, chunk_size=chunk_size,
-        div_opts=dict(kind=kind, temperature=temperature, beta=beta, alpha=alpha),
+    return align_ti_terms(
+        student_logits, teacher_logits, labels, sft=sft, kd=kd, iva=iva, tpa=tpa, expansion=expansion,
+        visual_weights=visual_weights, kind=kind, temperature=temperature, beta=beta, alpha=alpha,
+        vocab_size=vocab_size, ignore_index=ignore_index, num_items=num_items, num_sequences=num_sequences,
+        backend="chunked", chunk_size=chunk_size, validate=validate,
     )
 
 
@@ -231,15 +213,10 @@ def chunked_iva_loss(
 
         L_iva = sum_b sum_t w[b, t] * D(S_{b,t}, T_{b,t}) / max(num_sequences or B, 1)
     """
-    check_tensor("student_logits", student_logits, ndim=3)
-    check_tensor("weights", weights, ndim=2)
-    check_leading_shape("weights", weights, "student_logits", student_logits, 2)
-    B, T = weights.shape
-    labels = torch.full((B, T), -100, dtype=torch.long, device=student_logits.device)
-    total, _ = chunked_align_ti_terms(
-        student_logits, teacher_logits, labels, sft=0.0, kd=0.0, iva=1.0, tpa=0.0,
-        visual_weights=weights, kind=kind, temperature=temperature, beta=beta, alpha=alpha,
-        vocab_size=vocab_size, num_sequences=num_sequences, chunk_size=chunk_size,
+    total, _ = align_ti_terms(
+        student_logits, teacher_logits, None, sft=0.0, kd=0.0, iva=1.0, tpa=0.0, visual_weights=weights,
+        kind=kind, temperature=temperature, beta=beta, alpha=alpha,
+        vocab_size=vocab_size, num_sequences=num_sequences, backend="chunked", chunk_size=chunk_size,
     )
     return total
 
@@ -263,44 +240,19 @@ def chunked_tpa_loss(
                 / max(num_items or #candidate positions, 1)
     """
     check_expansion(expansion)
-    B, T = expansion.candidate_mask.shape
-    labels = torch.full((B, T), -100, dtype=torch.long, device=expansion.candidate_mask.device)
     total, _ = chunked_align_ti_terms(
-        student_logits, teacher_logits, labels, sft=0.0, kd=0.0, iva=0.0, tpa=1.0, expansion=expansion,
+        student_logits, teacher_logits, None, sft=0.0, kd=0.0, iva=0.0, tpa=1.0, expansion=expansion,
         kind=kind, temperature=temperature, beta=beta, alpha=alpha, vocab_size=vocab_size,
         num_items=num_items, chunk_size=chunk_size,
     )
     return total
 
 
-class _ChunkedModule(AlignTILoss):
-    """:class:`tokinteract.AlignTILoss`'s options plus ``chunk_size`` (base of the chunked and fused modules)."""
+class ChunkedAlignTILoss(AlignTILoss):
+    """:class:`tokinteract.AlignTILoss` with ``backend="chunked"`` (same constructor and ``forward``).
 
-    def __init__(self, *, chunk_size: int | None = None, **kwargs: float | int | str | None) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        if chunk_size is not None:
-            check_int("chunk_size", chunk_size, minimum=1)
-        self.chunk_size = chunk_size
-
-    def _options(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`chunked_align_ti_terms` / ``fused_align_ti_terms`` from the module."""
-        return dict(
-            **self.weights, kind=self.kind, temperature=self.temperature, beta=self.beta, alpha=self.alpha,
-            vocab_size=self.vocab_size, ignore_index=self.ignore_index, chunk_size=self.chunk_size,
-        )
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"
-
-
-class ChunkedAlignTILoss(_ChunkedModule):
-    """:class:`tokinteract.AlignTILoss` computed by :func:`chunked_align_ti_terms`.
-
-    Same constructor (plus ``chunk_size``) and the same ``forward`` contract; the result
-    equals :class:`tokinteract.AlignTILoss` in value and gradient.
+    The result equals :class:`tokinteract.AlignTILoss` in value and gradient.
     """
 
-    def _compute(
-        self, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, **inputs: Any
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        return chunked_align_ti_terms(student_logits, teacher_logits, labels, **inputs, **self._options())
+    def __init__(self, *, chunk_size: int | None = None, validate: bool = True, **kwargs: Any) -> None:
+        super().__init__(backend="chunked", chunk_size=chunk_size, validate=validate, **kwargs)

@@ -44,7 +44,15 @@ from tokinteract._checks import (
     check_unit_interval,
 )
 
-__all__ = ["DIVERGENCE_KINDS", "DivergenceModule", "TokenDivergence", "divergence_from_logprobs", "token_divergence"]
+__all__ = [
+    "DIVERGENCE_KINDS",
+    "DivergenceModule",
+    "TokenDivergence",
+    "canonical_kind",
+    "divergence_and_grad",
+    "divergence_from_logprobs",
+    "token_divergence",
+]
 
 
 def _kl(logp: Tensor, logq: Tensor) -> Tensor:
@@ -62,6 +70,20 @@ def _mix(logp: Tensor, logq: Tensor, w: int | float) -> Tensor:
     return torch.logaddexp(logp + math.log(w), logq + math.log1p(-w))
 
 
+def canonical_kind(kind: str, beta: int | float, alpha: int | float) -> str:
+    """``kind``, or ``"fkl"``/``"rkl"`` where its options make it exactly one of them.
+
+    ``jsd`` with ``beta = 0`` is ``KL(T || S)`` and with ``beta = 1`` ``KL(S || T)`` (TRL's GKD
+    endpoints); ``skew_fkl``/``skew_rkl`` with ``alpha = 0`` are ``fkl``/``rkl``. Every
+    evaluator (eager formula, analytic gradients) branches on this one mapping.
+    """
+    if (kind == "jsd" and beta == 0.0) or (kind == "skew_fkl" and alpha == 0.0):
+        return "fkl"
+    if (kind == "jsd" and beta == 1.0) or (kind == "skew_rkl" and alpha == 0.0):
+        return "rkl"
+    return kind
+
+
 def divergence_from_logprobs(
     student_logp: Float[Tensor, "*lead vocab"],
     teacher_logp: Float[Tensor, "*lead vocab"],
@@ -70,17 +92,17 @@ def divergence_from_logprobs(
     beta: int | float = 0.5,
     alpha: int | float = 0.1,
 ) -> Float[Tensor, "*lead"]:
-    """The divergence of ``kind`` from fp32 log-probabilities (no validation; internal use)."""
+    """The divergence of ``kind`` from fp32 log-probabilities (no validation; internal use).
+
+    This is the one definition of every divergence's value; see the module docstring.
+    """
     s, t = student_logp, teacher_logp
+    kind = canonical_kind(kind, beta, alpha)
     if kind == "fkl":
         return _kl(t, s)
     if kind == "rkl":
         return _kl(s, t)
     if kind == "jsd":
-        if beta == 0.0:
-            return _kl(t, s)
-        if beta == 1.0:
-            return _kl(s, t)
         m = _mix(t, s, beta)
         return beta * _kl(t, m) + (1.0 - beta) * _kl(s, m)
     if kind == "skew_fkl":
@@ -90,6 +112,62 @@ def divergence_from_logprobs(
     if kind == "tvd":
         return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
     raise ValueError(f"kind must be one of {DIVERGENCE_KINDS}, got {kind!r}")
+
+
+def divergence_and_grad(
+    student: Float[Tensor, "rows vocab"],
+    teacher: Float[Tensor, "rows vocab"],
+    *,
+    kind: str,
+    temperature: float,
+    beta: float,
+    alpha: float,
+    need_grad: bool,
+) -> tuple[Float[Tensor, "rows"], Float[Tensor, "rows vocab"] | None]:
+    """Per-row ``D(S, T)`` of logits rows and its gradient ``dD/d student`` (or None).
+
+    Both inputs are logits in the compute dtype; ``teacher`` is consumed (its buffer is reused
+    in place, the caller must hold no other reference). Values come from
+    :func:`divergence_from_logprobs`; the gradients are analytic where that keeps memory at a
+    few ``[rows, V]`` buffers:
+
+    * ``"fkl"`` (``KL(T || S)``): ``dD/dz_s = (S - T) / tau``;
+    * ``"rkl"`` (``KL(S || T)``): ``dD/dz_s = S * (log S - log T - D) / tau``;
+    * every other kind: autograd through :func:`divergence_from_logprobs` on these rows only.
+    """
+    tau = temperature
+    lp_t = torch.log_softmax(teacher / tau if tau != 1.0 else teacher, dim=-1)
+    del teacher
+    kind = canonical_kind(kind, beta, alpha)
+    if kind == "fkl":
+        lp_s = torch.log_softmax(student / tau if tau != 1.0 else student, dim=-1)
+        diff = lp_t - lp_s
+        t = lp_t.exp_()
+        d = diff.mul_(t).sum(-1)
+        del diff
+        if not need_grad:
+            return d, None
+        g = lp_s.exp_().sub_(t)
+        return d, (g.div_(tau) if tau != 1.0 else g)
+    if kind == "rkl":
+        lp_s = torch.log_softmax(student / tau if tau != 1.0 else student, dim=-1)
+        s = lp_s.exp()
+        diff = lp_s.sub_(lp_t)  # log S - log T, in the log S buffer
+        del lp_t, lp_s
+        d = torch.bmm(s[:, None, :], diff[:, :, None]).reshape(-1)
+        if not need_grad:
+            return d, None
+        g = diff.sub_(d[:, None]).mul_(s)
+        return d, (g.div_(tau) if tau != 1.0 else g)
+    if not need_grad:
+        lp_s = torch.log_softmax(student / tau if tau != 1.0 else student, dim=-1)
+        return divergence_from_logprobs(lp_s, lp_t, kind=kind, beta=beta, alpha=alpha), None
+    with torch.enable_grad():
+        xr = student.detach().requires_grad_(True)
+        lp_s = torch.log_softmax(xr / tau if tau != 1.0 else xr, dim=-1)
+        d = divergence_from_logprobs(lp_s, lp_t, kind=kind, beta=beta, alpha=alpha)
+        (g,) = torch.autograd.grad(d, xr, grad_outputs=torch.ones_like(d))
+    return d.detach(), g
 
 
 def check_divergence_options(kind: str, temperature: int | float, beta: int | float, alpha: int | float) -> None:

@@ -7,7 +7,8 @@ Because the ground truth comes first, the first ``T`` outputs of the packed forw
 exactly the outputs of a plain forward on the ground truth, and a KV-cached candidate
 pass appends the candidate block after the ground-truth pass with the same indexes.
 
-The ribbon mask (paper Fig. 9), in logits positions (``logits[t]`` predicts token t+1):
+The ribbon mask (paper Fig. 9; the rule itself is :func:`tokinteract.ribbon.ribbon_rule`), in
+logits positions (``logits[t]`` predicts token t+1):
 
 * a ground-truth token at ``t`` attends to exactly the non-pad ground-truth tokens at
   positions ``<= t`` (plain causal attention with padding);
@@ -36,8 +37,9 @@ from tokinteract._checks import (
     check_leading_shape,
     check_tensor,
 )
+from tokinteract.ribbon import ribbon_dense, ribbon_mod
 
-__all__ = ["TPAExpansion", "ribbon_mask", "ribbon_mask_mod", "ribbon_rule", "tpa_expand"]
+__all__ = ["TPAExpansion", "ribbon_mask", "ribbon_mask_mod", "tpa_expand"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,7 +84,8 @@ class TPAExpansion:
         """``T2``, the length of the packed sequence."""
         return self.input_ids.shape[1]
 
-    def _check_logits(self, logits: Tensor) -> None:
+    def check_logits(self, logits: Tensor) -> None:
+        """``ValueError`` unless ``logits`` (or hidden states) are ``[B, T2, ...]`` over this expansion."""
         check_tensor("logits", logits, ndim=3)
         if tuple(logits.shape[:2]) != tuple(self.input_ids.shape):
             raise ValueError(
@@ -92,14 +95,14 @@ class TPAExpansion:
 
     def gather_gt(self, logits: Float[Tensor, "batch xseq vocab"]) -> Float[Tensor, "batch seq vocab"]:
         """Outputs at the ground-truth slots, ``[B, T, V]`` (a view: ground truth comes first)."""
-        self._check_logits(logits)
+        self.check_logits(logits)
         return logits[:, : self.seq_len]
 
     def gather_candidates(
         self, logits: Float[Tensor, "batch xseq vocab"]
     ) -> Float[Tensor, "batch seq cand vocab"]:
         """Outputs at the candidate slots, ``[B, T, d, V]``; zeros where there is no candidate."""
-        self._check_logits(logits)
+        self.check_logits(logits)
         B, T, d = self.candidate_index.shape
         idx = self.candidate_index.clamp(min=0).reshape(B, T * d)
         rows = logits.gather(1, idx[..., None].expand(B, T * d, logits.shape[-1]))
@@ -113,35 +116,11 @@ class TPAExpansion:
 
     def mask_mod(self) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
         """The ribbon rule as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)``."""
-        return _mask_mod(self.slot_source, self.slot_is_query, self.slot_is_context)
+        return ribbon_mod(self.slot_source, self.slot_is_query, self.slot_is_context)
 
     def to(self, device: torch.device | str) -> "TPAExpansion":
         """A copy with every tensor on ``device``."""
         return TPAExpansion(**{k: v.to(device) for k, v in self.__dict__.items()})
-
-
-def ribbon_rule(
-    slot_source: Int[Tensor, "batch xseq"],
-    slot_is_query: Bool[Tensor, "batch xseq"],
-    slot_is_context: Bool[Tensor, "batch xseq"],
-) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
-    """The ribbon rule over a slot layout, as ``allowed(b, h, q, k) -> bool``.
-
-    ``allowed = (is_query[b, q] & is_context[b, k] & source[b, k] <= source[b, q]) | (q == k)``:
-    a real slot sees the real ground-truth tokens up to its own source position, a pad or
-    unused slot only itself. The indexes may be scalars (FlexAttention ``mask_mod``) or
-    broadcastable index tensors (dense masks), so every mask form derives from this one rule.
-    """
-    return _mask_mod(slot_source, slot_is_query, slot_is_context)
-
-
-def _mask_mod(src: Tensor, is_query: Tensor, is_context: Tensor) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
-    # A lambda, not a nested def: under a runtime type-checking import hook (jaxtyping's, in
-    # our tests) a nested def is wrapped into ``(*args, **kwargs)``, which FlexAttention's
-    # ``create_block_mask`` cannot inspect or trace. A lambda is never decorated.
-    return lambda b, h, q_idx, kv_idx: (  # noqa: E731
-        is_query[b, q_idx] & is_context[b, kv_idx] & (src[b, kv_idx] <= src[b, q_idx])
-    ) | (q_idx == kv_idx)
 
 
 def _check_inputs(
@@ -207,13 +186,6 @@ def _layout(candidate_mask: Tensor, d: int, attention_mask: Tensor) -> dict[str,
     )
 
 
-def _dense_mask(src: Tensor, is_query: Tensor, is_context: Tensor) -> Tensor:
-    T2 = src.shape[1]
-    eye = torch.eye(T2, dtype=torch.bool, device=src.device)
-    seen = is_query[:, :, None] & is_context[:, None, :] & (src[:, None, :] <= src[:, :, None])
-    return (seen | eye)[:, None]
-
-
 def ribbon_mask(
     candidate_mask: Bool[Tensor, "batch seq"],
     num_candidates: int,
@@ -226,7 +198,7 @@ def ribbon_mask(
     """
     am = _check_inputs(candidate_mask, num_candidates, attention_mask)
     lay = _layout(candidate_mask, num_candidates, am)
-    return _dense_mask(lay["src"], lay["is_query"], lay["is_context"])
+    return ribbon_dense(lay["src"], lay["is_query"], lay["is_context"])
 
 
 def ribbon_mask_mod(
@@ -241,7 +213,7 @@ def ribbon_mask_mod(
     """
     am = _check_inputs(candidate_mask, num_candidates, attention_mask)
     lay = _layout(candidate_mask, num_candidates, am)
-    return _mask_mod(lay["src"], lay["is_query"], lay["is_context"])
+    return ribbon_mod(lay["src"], lay["is_query"], lay["is_context"])
 
 
 def tpa_expand(
@@ -286,7 +258,7 @@ def tpa_expand(
     return TPAExpansion(
         input_ids=ids,
         position_ids=lay["pos"],
-        attention_mask=_dense_mask(lay["src"], lay["is_query"], lay["is_context"]),
+        attention_mask=ribbon_dense(lay["src"], lay["is_query"], lay["is_context"]),
         gt_index=lay["gt_index"],
         candidate_index=lay["cand_index"],
         candidate_mask=candidate_mask.clone(),

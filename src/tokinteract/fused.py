@@ -27,12 +27,21 @@ from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 
-from tokinteract._checks import check_bool, check_choice, check_float, check_int, check_integer, check_tensor
+from tokinteract._checks import (
+    Deferred,
+    check_bool,
+    check_choice,
+    check_int,
+    check_integer,
+    check_lm_head,
+    check_tensor,
+    shared_vocab,
+)
 from tokinteract._engine import mean_row_divergence, resolve_chunk_size, run_terms
-from tokinteract._plan import check_expansion, check_options, check_part_inputs, check_target_range, run_align_ti
-from tokinteract.chunked import _ChunkedModule
+from tokinteract._plan import check_target_range
+from tokinteract.align_ti import HIDDEN_LOGITS_NAMES, AlignTILoss, HiddenStates, align_ti_terms
 from tokinteract.divergence import check_divergence_options
 from tokinteract.expansion import TPAExpansion
 from tokinteract.reduction import compute_dtype, resolve_count
@@ -51,48 +60,8 @@ __all__ = [
 BACKENDS = ("tokinteract", "liger")
 """Backends of :func:`fused_align_ti_terms`: tokinteract's own pass, or Liger-Kernel for KD and TPA."""
 
-_NAMES = dict(
-    student_name="student logits (student_hidden @ student_weight.T)",
-    teacher_name="teacher logits (teacher_hidden @ teacher_weight.T)",
-)
+_ALIGN_TI_BACKEND = {"tokinteract": "fused", "liger": "liger"}
 
-
-def _check_head(
-    hidden_name: str, hidden: Tensor, weight_name: str, weight: Tensor, bias_name: str, bias: Tensor | None
-) -> None:
-    check_tensor(weight_name, weight, ndim=2)
-    check_float(hidden_name, hidden)
-    check_float(weight_name, weight)
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"{hidden_name} has hidden size {hidden.shape[-1]} but {weight_name} expects "
-            f"{weight.shape[1]} (weight is [vocab, hidden]), got {weight_name} shape {tuple(weight.shape)}"
-        )
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"{hidden_name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have the same dtype")
-    if hidden.device != weight.device:
-        raise ValueError(f"{hidden_name} is on {hidden.device} but {weight_name} on {weight.device}")
-    if bias is not None:
-        check_tensor(bias_name, bias, ndim=1)
-        check_float(bias_name, bias)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{bias_name} must have {weight.shape[0]} entries (the vocabulary), got {tuple(bias.shape)}")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"{bias_name} ({bias.dtype}) and {weight_name} ({weight.dtype}) must have the same dtype")
-
-
-def _shared_vocab(vs: int, vt: int, vocab_size: int | None) -> int:
-    if vocab_size is None:
-        if vs != vt:
-            raise ValueError(
-                f"student_weight has vocabulary size {vs} but teacher_weight has {vt}; "
-                "pass vocab_size=N to compare only the shared first N entries"
-            )
-        return vs
-    check_int("vocab_size", vocab_size, minimum=1)
-    if vocab_size > min(vs, vt):
-        raise ValueError(f"vocab_size={vocab_size} exceeds the smaller vocabulary (student_weight: {vs}, teacher_weight: {vt})")
-    return vocab_size
 
 
 def fused_linear_divergence(
@@ -141,16 +110,17 @@ def fused_linear_divergence(
     check_divergence_options(kind, temperature, beta, alpha)
     check_tensor("student_hidden", student_hidden, ndim=2)
     check_tensor("teacher_hidden", teacher_hidden, ndim=2)
-    _check_head("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
-    _check_head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
+    check_lm_head("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
+    check_lm_head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
     R = student_hidden.shape[0]
     if teacher_hidden.shape[0] != R:
         raise ValueError(f"teacher_hidden must have {R} rows like student_hidden, got shape {tuple(teacher_hidden.shape)}")
     return mean_row_divergence(
         (student_hidden, student_weight, student_bias), (teacher_hidden, teacher_weight, teacher_bias),
         row_weights, normalizer=normalizer,
-        vocab=_shared_vocab(student_weight.shape[0], teacher_weight.shape[0], vocab_size), chunk_size=chunk_size,
-        div_opts=dict(kind=kind, temperature=temperature, beta=beta, alpha=alpha), **_NAMES,
+        vocab=shared_vocab("student_weight", student_weight.shape[0], "teacher_weight", teacher_weight.shape[0], vocab_size),
+        chunk_size=chunk_size,
+        div_opts=dict(kind=kind, temperature=temperature, beta=beta, alpha=alpha), **HIDDEN_LOGITS_NAMES,
     )
 
 
@@ -170,20 +140,22 @@ def fused_linear_cross_entropy(
     :func:`tokinteract.shift_labels` first); temperature is always 1.
     """
     check_tensor("hidden", hidden, ndim=2)
-    _check_head("hidden", hidden, "weight", weight, "bias", bias)
+    check_lm_head("hidden", hidden, "weight", weight, "bias", bias)
     check_tensor("targets", targets, ndim=1)
     check_integer("targets", targets)
     if targets.shape[0] != hidden.shape[0]:
         raise ValueError(f"targets must have one entry per row ({hidden.shape[0]}), got shape {tuple(targets.shape)}")
     V = weight.shape[0]
-    valid = check_target_range("targets", targets, V, ignore_index)
+    checks = Deferred()
+    valid = check_target_range("targets", targets, V, ignore_index, checks)
     rows = valid.nonzero().reshape(-1)
     coef = (1.0 / resolve_count(valid, num_items)).to(compute_dtype(weight)).expand(rows.shape[0]).contiguous()
     total, _, _ = run_terms(
         (hidden, weight, bias), None, rows, int(rows.shape[0]), div_coef=None,
         ce_target=targets[rows].long(), ce_coef=coef, kind="fkl", temperature=1.0, beta=0.5, alpha=0.1,
-        vocab=V, chunk_size=chunk_size, student_name="logits (hidden @ weight.T)",
+        vocab=V, chunk_size=chunk_size, student_name="logits (hidden @ weight.T)", checks=checks,
     )
+    checks.resolve()
     return total
 
 
@@ -196,10 +168,10 @@ def fused_align_ti_terms(
     *,
     student_bias: Float[Tensor, "vocab"] | None = None,
     teacher_bias: Float[Tensor, "tvocab"] | None = None,
-    sft: float = 1.0,
-    kd: float = 1.0,
-    iva: float = 1.0,
-    tpa: float = 1.0,
+    sft: int | float = 1.0,
+    kd: int | float = 1.0,
+    iva: int | float = 1.0,
+    tpa: int | float = 1.0,
     expansion: TPAExpansion | None = None,
     visual_weights: Float[Tensor, "batch seq"] | None = None,
     kind: str = "fkl",
@@ -213,6 +185,7 @@ def fused_align_ti_terms(
     chunk_size: int | None = None,
     backend: str = "tokinteract",
     liger_compiled: bool = True,
+    validate: bool = True,
 ) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
     """Align-TI (paper Eq. 8) from hidden states: ``w_sft SFT + w_kd KD + w_iva IVA + w_tpa TPA``.
 
@@ -235,47 +208,19 @@ def fused_align_ti_terms(
             in the input dtype). Needs ``pip install "tokinteract[liger]"``.
         liger_compiled: with ``backend="liger"``, let Liger ``torch.compile`` its chunk step
             (Liger's default); ignored otherwise.
+        validate: check values with one device-to-host read per call (``False``: none).
 
     Returns:
         ``(total, parts)``; ``parts`` maps each enabled part to its detached, unweighted value.
     """
-    weights = check_options(sft, kd, iva, tpa, kind, temperature, beta, alpha)
     check_choice("backend", backend, BACKENDS)
-    if not isinstance(liger_compiled, bool):
-        raise TypeError(f"liger_compiled must be a bool, got {type(liger_compiled).__name__}")
-    check_tensor("student_hidden", student_hidden, ndim=3)
-    _check_head("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
-    needs_teacher = check_part_inputs(
-        weights, teacher_missing=teacher_hidden is None or teacher_weight is None,
-        teacher_is="teacher_hidden and teacher_weight are", expansion=expansion, visual_weights=visual_weights,
-    )
-    if expansion is not None:
-        check_expansion(expansion)
-    B, L, _ = student_hidden.shape
-    V = student_weight.shape[0]
-    vocab, teacher = V, None
-    if needs_teacher:
-        check_tensor("teacher_hidden", teacher_hidden, ndim=3)
-        _check_head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
-        if tuple(teacher_hidden.shape[:2]) != (B, L):
-            raise ValueError(
-                f"teacher_hidden must match student_hidden in its first 2 dimension(s) {(B, L)}, "
-                f"got shape {tuple(teacher_hidden.shape)}"
-            )
-        vocab = _shared_vocab(V, teacher_weight.shape[0], vocab_size)
-        teacher = (teacher_hidden.reshape(B * L, teacher_hidden.shape[-1]), teacher_weight, teacher_bias)
-    run: Any = run_align_ti
-    extra: dict[str, Any] = {}
-    if backend == "liger":
-        from tokinteract.liger import _run_align_ti_liger as run  # optional dependency, imported on use
-
-        extra = dict(compiled=liger_compiled)
-    return run(
-        (student_hidden.reshape(B * L, student_hidden.shape[-1]), student_weight, student_bias), teacher, batch=B, length=L,
-        vocab=vocab, student_vocab=V, labels=labels, weights=weights, ignore_index=ignore_index,
-        expansion=expansion, visual_weights=visual_weights, num_items=num_items, num_sequences=num_sequences,
-        chunk_size=chunk_size, div_opts=dict(kind=kind, temperature=temperature, beta=beta, alpha=alpha),
-        **_NAMES, **extra,
+    return align_ti_terms(
+        HiddenStates(student_hidden, student_weight, student_bias),
+        None if teacher_hidden is None or teacher_weight is None else HiddenStates(teacher_hidden, teacher_weight, teacher_bias),
+        labels, sft=sft, kd=kd, iva=iva, tpa=tpa, expansion=expansion, visual_weights=visual_weights, kind=kind,
+        temperature=temperature, beta=beta, alpha=alpha, vocab_size=vocab_size, ignore_index=ignore_index,
+        num_items=num_items, num_sequences=num_sequences, backend=_ALIGN_TI_BACKEND[backend], chunk_size=chunk_size,
+        liger_compiled=liger_compiled, validate=validate,
     )
 
 
@@ -301,14 +246,14 @@ def fused_sample_candidates(
     elsewhere the result is 0. ``"greedy"`` gives exactly the unfused result; the random
     strategies draw from the same distributions, and with one chunk covering every masked row
     they make exactly the unfused draws for the same generator (with several chunks the
-    generator's stream is consumed chunk by chunk; on CPU the draws still matched in our
-    checks, but that is not guaranteed).
+    generator's stream is consumed chunk by chunk, so the draws may differ from the unfused
+    ones while following the same distributions).
 
     Returns:
         ``int64`` token ids ``[batch, seq, d]``.
     """
     check_tensor("student_hidden", student_hidden, ndim=3)
-    _check_head("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
+    check_lm_head("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
     d = check_int("num_candidates", num_candidates, minimum=1)
     check_tensor("mask", mask, ndim=2)
     check_bool("mask", mask)
@@ -329,34 +274,27 @@ def fused_sample_candidates(
     return out
 
 
-class FusedAlignTILoss(_ChunkedModule):
+class FusedAlignTILoss(nn.Module):
     """:class:`tokinteract.AlignTILoss` from hidden states and LM heads (:func:`fused_align_ti_terms`).
 
-    Same constructor as :class:`tokinteract.AlignTILoss` plus ``chunk_size``, ``backend``
+    Holds an ``AlignTILoss(backend="fused")`` (``backend="liger"``: ``AlignTILoss(backend="liger")``)
+    and takes each model's hidden states, LM-head weight and bias as separate arguments. Same
+    constructor as :class:`tokinteract.AlignTILoss` plus ``chunk_size``, ``backend``
     (``"tokinteract"`` or ``"liger"``) and ``liger_compiled``; see :func:`fused_align_ti_terms`.
     """
 
     def __init__(
-        self, *, backend: str = "tokinteract", liger_compiled: bool = True, **kwargs: float | int | str | None
+        self, *, backend: str = "tokinteract", liger_compiled: bool = True, **kwargs: Any
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__()
         check_choice("backend", backend, BACKENDS)
-        if not isinstance(liger_compiled, bool):
-            raise TypeError(f"liger_compiled must be a bool, got {type(liger_compiled).__name__}")
-        if backend == "liger":
-            from tokinteract.liger import _check_liger_kind, _load
-
-            _check_liger_kind(self.kind, self.beta)
-            _load()
-        self.backend, self.liger_compiled = backend, liger_compiled
-
-    def _options(self) -> dict[str, Any]:
-        return dict(super()._options(), backend=self.backend, liger_compiled=self.liger_compiled)
+        self.backend = backend
+        self.loss = AlignTILoss(backend=_ALIGN_TI_BACKEND[backend], liger_compiled=liger_compiled, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, backend={self.backend!r}"
+        return f"backend={self.backend!r}"
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         student_hidden: Float[Tensor, "batch len hidden"],
         student_weight: Float[Tensor, "vocab hidden"],
@@ -372,8 +310,8 @@ class FusedAlignTILoss(_ChunkedModule):
         num_sequences: int | float | Tensor | None = None,
     ) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
         """Return ``(total, parts)`` like :meth:`tokinteract.AlignTILoss.forward`."""
-        return fused_align_ti_terms(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-            student_bias=student_bias, teacher_bias=teacher_bias, expansion=expansion,
-            visual_weights=visual_weights, num_items=num_items, num_sequences=num_sequences, **self._options(),
+        teacher = None if teacher_hidden is None or teacher_weight is None else HiddenStates(teacher_hidden, teacher_weight, teacher_bias)
+        return self.loss(
+            HiddenStates(student_hidden, student_weight, student_bias), teacher, labels, expansion=expansion,
+            visual_weights=visual_weights, num_items=num_items, num_sequences=num_sequences,
         )

@@ -21,16 +21,9 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from tokinteract._checks import (
-    check_bool,
-    check_finite,
-    check_float,
-    check_leading_shape,
-    check_logit_pair,
-    check_tensor,
-)
-from tokinteract.divergence import DivergenceModule, check_divergence_options, divergence_rows
-from tokinteract.reduction import masked_reduce
+from tokinteract._checks import check_bool, check_finite, check_float, check_tensor
+from tokinteract.align_ti import align_ti_terms
+from tokinteract.divergence import DivergenceModule
 
 __all__ = ["IVALoss", "iva_loss", "uniform_visual_weights", "visual_importance"]
 
@@ -111,23 +104,12 @@ def iva_loss(
         num_sequences: global number of sequences for gradient accumulation
             (default: this batch's ``B``).
     """
-    check_divergence_options(kind, temperature, beta, alpha)
-    s, t = check_logit_pair(student_logits, teacher_logits, lead=2, vocab_size=vocab_size, check_values=False)
-    check_tensor("weights", weights, ndim=2)
-    check_float("weights", weights)
-    check_leading_shape("weights", weights, "student_logits", s, 2)
-    w = weights.detach().float()
-    check_finite("weights", w)
-    if bool((w < 0).any()):
-        raise ValueError(f"weights must be >= 0, got {int((w < 0).sum())} negative value(s)")
-    support = w != 0
-    s_rows, t_rows = s[support], t[support]
-    check_finite("student_logits", s_rows)
-    check_finite("teacher_logits", t_rows)
-    per_row = divergence_rows(s_rows, t_rows.detach(), kind=kind, temperature=temperature, beta=beta, alpha=alpha)
-    B = s.shape[0]
-    n = B if num_sequences is None else num_sequences
-    return masked_reduce(per_row, weights=w[support], num_items=n)
+    total, _ = align_ti_terms(
+        student_logits, teacher_logits, None, sft=0.0, kd=0.0, iva=1.0, tpa=0.0, visual_weights=weights,
+        visual_weights_name="weights", kind=kind, temperature=temperature, beta=beta, alpha=alpha,
+        vocab_size=vocab_size, num_sequences=num_sequences,
+    )
+    return total
 
 
 class IVALoss(DivergenceModule):

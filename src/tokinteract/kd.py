@@ -17,16 +17,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tokinteract._checks import (
-    check_float,
-    check_finite,
-    check_integer,
-    check_leading_shape,
-    check_logit_pair,
-    check_tensor,
-)
-from tokinteract.divergence import DivergenceModule, check_divergence_options, divergence_rows
-from tokinteract.reduction import compute_dtype, masked_reduce
+from tokinteract._checks import check_integer, check_tensor
+from tokinteract.align_ti import align_ti_terms
+from tokinteract.divergence import DivergenceModule
 
 __all__ = ["KDLoss", "SFTLoss", "kd_loss", "shift_labels", "sft_loss"]
 
@@ -41,13 +34,6 @@ def shift_labels(labels: Int[Tensor, "batch seq"], ignore_index: int = -100) -> 
     return torch.cat([labels[:, 1:], pad], dim=1)
 
 
-def _valid_positions(labels: Tensor, logits: Tensor, ignore_index: int) -> Tensor:
-    check_tensor("labels", labels, ndim=2)
-    check_integer("labels", labels)
-    check_leading_shape("labels", labels, "student_logits", logits, 2)
-    return shift_labels(labels, ignore_index) != ignore_index
-
-
 def sft_loss(
     student_logits: Float[Tensor, "batch seq vocab"],
     labels: Int[Tensor, "batch seq"],
@@ -55,20 +41,15 @@ def sft_loss(
     ignore_index: int = -100,
     num_items: int | float | Tensor | None = None,
 ) -> Float[Tensor, ""]:
-    """Next-token cross-entropy ``-log S_{b,t}(labels[b, t+1])``, mean over supervised positions."""
-    check_tensor("student_logits", student_logits, ndim=3)
-    check_float("student_logits", student_logits)
-    valid = _valid_positions(labels, student_logits, ignore_index)
-    target = shift_labels(labels, ignore_index)[valid]
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= student_logits.shape[-1]):
-        raise ValueError(
-            f"labels must lie in [0, {student_logits.shape[-1]}) or equal ignore_index={ignore_index}, "
-            f"got values in [{int(target.min())}, {int(target.max())}]"
-        )
-    rows = student_logits[valid]
-    check_finite("student_logits", rows)
-    nll = torch.nn.functional.cross_entropy(rows.to(compute_dtype(rows)), target, reduction="none")
-    return masked_reduce(nll, num_items=num_items)
+    """Next-token cross-entropy ``-log S_{b,t}(labels[b, t+1])``, mean over supervised positions.
+
+        L_sft = sum_{b,t valid} -log softmax(z_{b,t})[labels[b, t+1]] / max(num_items or #valid, 1)
+    """
+    total, _ = align_ti_terms(
+        student_logits, None, labels, sft=1.0, kd=0.0, iva=0.0, tpa=0.0, ignore_index=ignore_index,
+        num_items=num_items,
+    )
+    return total
 
 
 def kd_loss(
@@ -90,14 +71,11 @@ def kd_loss(
     for the other kinds and the temperature convention. Only supervised rows are converted
     to fp32, so memory scales with the number of response tokens, not the sequence.
     """
-    check_divergence_options(kind, temperature, beta, alpha)
-    s, t = check_logit_pair(student_logits, teacher_logits, lead=2, vocab_size=vocab_size, check_values=False)
-    valid = _valid_positions(labels, s, ignore_index)
-    s_rows, t_rows = s[valid], t[valid]
-    check_finite("student_logits", s_rows)
-    check_finite("teacher_logits", t_rows)
-    per_row = divergence_rows(s_rows, t_rows.detach(), kind=kind, temperature=temperature, beta=beta, alpha=alpha)
-    return masked_reduce(per_row, num_items=num_items)
+    total, _ = align_ti_terms(
+        student_logits, teacher_logits, labels, sft=0.0, kd=1.0, iva=0.0, tpa=0.0, ignore_index=ignore_index,
+        kind=kind, temperature=temperature, beta=beta, alpha=alpha, vocab_size=vocab_size, num_items=num_items,
+    )
+    return total
 
 
 class SFTLoss(nn.Module):

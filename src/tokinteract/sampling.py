@@ -24,7 +24,6 @@ from torch import Tensor
 from tokinteract._checks import (
     check_bool,
     check_choice,
-    check_finite,
     check_float,
     check_int,
     check_leading_shape,
@@ -39,8 +38,8 @@ SAMPLING_STRATEGIES = ("nucleus", "multinomial", "greedy")
 
 
 # Rows are first restricted to their top-k tokens; only a row whose top-k mass is below top_p
-# (a flat distribution) pays for a full-vocabulary sort. A full sort of [rows, 151936] costs
-# as much as a whole Vanilla KD step on small models; top-k is ~7x cheaper.
+# (a flat distribution) pays for a full-vocabulary sort, which costs far more than top-k at
+# a 152k vocabulary (benchmarks/ and the CHANGELOG have the numbers).
 _NUCLEUS_TOPK = 256
 
 
@@ -81,6 +80,23 @@ def _nucleus_draw(probs: Tensor, top_p: int | float, d: int, generator: torch.Ge
     return out
 
 
+def _check_masked_logits(rows: Tensor, need: int) -> None:
+    """Logits may be ``-inf`` (a masked token: probability 0), never NaN or ``+inf``; every row
+    keeps at least ``need`` finite logits (``d`` for ``"greedy"``, which returns distinct tokens)."""
+    bad = int((torch.isnan(rows) | (rows == float("inf"))).sum())
+    if bad:
+        raise ValueError(
+            f"student_logits has {bad} non-finite value(s) (NaN or +inf) out of {rows.numel()} in the sampled "
+            "rows; only -inf (a masked token) is accepted"
+        )
+    short = int((torch.isfinite(rows).sum(-1) < need).sum())
+    if short:
+        raise ValueError(
+            f"student_logits has {short} sampled row(s) with fewer than {need} finite logit(s); masking (-inf) "
+            f"must leave at least {need} token(s) to draw from"
+        )
+
+
 def sample_candidates(
     student_logits: Float[Tensor, "batch seq vocab"],
     num_candidates: int,
@@ -103,6 +119,10 @@ def sample_candidates(
         mask: sample only where True (e.g. the TPA candidate mask); elsewhere the result
             is 0. Saves the sort/softmax over the vocabulary at unused positions.
 
+    Logits may be ``-inf`` (masked tokens, e.g. image placeholders: never drawn); NaN and
+    ``+inf`` are refused, and every sampled row must keep a finite logit (``d`` of them for
+    ``"greedy"``).
+
     Returns:
         ``int64`` token ids ``[batch, seq, d]``.
     """
@@ -124,7 +144,7 @@ def sample_candidates(
     rows = student_logits.detach()[mask]
     if rows.shape[0] == 0:
         return out
-    check_finite("student_logits", rows)
+    _check_masked_logits(rows, d if strategy == "greedy" else 1)
     logits = rows.float() / temperature
     if strategy == "greedy":
         picked = logits.topk(d, dim=-1).indices

@@ -13,14 +13,14 @@ candidate), computed in one packed forward over a :class:`TPAExpansion`:
 
 from __future__ import annotations
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from tokinteract._checks import check_finite, check_logit_pair
+from tokinteract._plan import check_expansion
+from tokinteract.align_ti import align_ti_terms
 from tokinteract.divergence import DivergenceModule, check_divergence_options, divergence_rows
 from tokinteract.expansion import TPAExpansion
-from tokinteract.reduction import masked_reduce
 
 __all__ = ["TPALoss", "tpa_loss", "tpa_position_values"]
 
@@ -37,11 +37,10 @@ def tpa_position_values(
     vocab_size: int | None = None,
 ) -> Float[Tensor, "batch seq"]:
     """Per-position TPA values ``(1/d) sum_u D(S_{b,t,u}, T_{b,t,u})``; 0 without candidates."""
-    if not isinstance(expansion, TPAExpansion):
-        raise TypeError(f"expansion must be a TPAExpansion, got {type(expansion).__name__}")
+    check_expansion(expansion)
     check_divergence_options(kind, temperature, beta, alpha)
     s, t = check_logit_pair(student_logits, teacher_logits, lead=2, vocab_size=vocab_size, check_values=False)
-    expansion._check_logits(s)
+    expansion.check_logits(s)
     b, pos, _, slot = expansion.candidate_slots()
     s_rows, t_rows = s[b, slot], t[b, slot]
     check_finite("student_logits", s_rows)
@@ -74,11 +73,12 @@ def tpa_loss(
         expansion: the :class:`TPAExpansion` both forwards ran on.
         num_items: global count of candidate positions (gradient accumulation).
     """
-    values = tpa_position_values(
-        student_logits, teacher_logits, expansion, kind=kind, temperature=temperature,
-        beta=beta, alpha=alpha, vocab_size=vocab_size,
+    check_expansion(expansion)
+    total, _ = align_ti_terms(
+        student_logits, teacher_logits, None, sft=0.0, kd=0.0, iva=0.0, tpa=1.0, expansion=expansion,
+        kind=kind, temperature=temperature, beta=beta, alpha=alpha, vocab_size=vocab_size, num_items=num_items,
     )
-    return masked_reduce(values, expansion.candidate_mask, num_items=num_items)
+    return total
 
 
 class TPALoss(DivergenceModule):

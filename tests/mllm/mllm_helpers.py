@@ -33,34 +33,24 @@ def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def torchrun_two_ranks(worker: Path, *args: str, timeout: int = 300) -> None:
-    """``python -m torch.distributed.run --nproc_per_node=2 worker *args`` on CPU (one thread per
-    rank, a free port, this folder on ``PYTHONPATH``); fails the test with stderr's tail.
+    """``python -m torch.distributed.run --standalone --nproc_per_node=2 worker *args`` on CPU (one
+    thread per rank, this folder on ``PYTHONPATH``); fails the test with stderr's tail.
 
-    A failed launch is retried once, on a new port, with a warning that carries the first
-    attempt's stderr: about one full-suite run in five saw a two-rank launch fail once on this
-    2-core machine and pass when run again (cause not pinned down). The workers write fresh
-    result files each time and every check on them stays in the test, so a deterministic
-    failure still fails (twice) and is reported.
+    ``--standalone`` lets torchrun's rendezvous bind its TCP store to port 0 and keep it open, so
+    the OS picks the port atomically and the ranks reuse that store. Choosing a "free" port here
+    (bind to 0, close, pass ``--master_port``) left it free for seconds, while the launcher
+    imported torch, for any other process on the machine to take: the launch then failed.
     """
     import os
-    import socket
     import subprocess
     import sys
-    import warnings
 
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
-    for attempt in (1, 2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-             str(worker), *map(str, args)],
-            capture_output=True, text=True, timeout=timeout, env=env,
-        )
-        if proc.returncode == 0:
-            return
-        if attempt == 1:
-            warnings.warn(f"two-rank launch of {worker.name} failed once, retrying; stderr tail:\n{proc.stderr[-3000:]}")
-    raise AssertionError(proc.stderr[-4000:])
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)  # the ranks must reuse the launcher's store
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(proc.stderr[-4000:])

@@ -100,6 +100,7 @@ def test_resume_reaches_the_same_final_loss(tmp_path, synth) -> None:
         torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # two processes, end to end
 def test_ddp_two_processes_gloo_identical_weights(tmp_path, synth) -> None:
     """torchrun --nproc_per_node=2 on CPU (gloo): both ranks end with identical student weights,
     and the first step's SFT/KD/IVA parts equal a single-process run on the same global batch

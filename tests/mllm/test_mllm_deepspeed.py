@@ -23,6 +23,8 @@ if shutil.which("c++") is None and shutil.which("g++") is None:  # DeepSpeed JIT
 from tokinteract.mllm.cli import build_everything, parse_args  # noqa: E402
 from mllm_helpers import torchrun_two_ranks  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end to end: trains tiny models
+
 HERE = Path(__file__).parent
 DS_CONFIG = HERE.parents[1] / "examples" / "configs" / "ds_zero2.json"
 

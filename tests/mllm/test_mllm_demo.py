@@ -1,4 +1,5 @@
-"""The demo runner (tokinteract.mllm.demo, examples/demo.py): CI smoke run + its evaluation helpers."""
+"""The demo (examples/demo.py, examples/study/demo_study.py): CI smoke run + the evaluation helpers of
+tokinteract.mllm.eval it uses."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokinteract.mllm import demo as dm
+from tokinteract.mllm import eval as mllm_eval
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "examples" / "study"))
+import demo_study as dm  # noqa: E402  (the study lives in examples/, outside the package)
+
+pytestmark = pytest.mark.slow  # end to end: trains tiny models
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +132,8 @@ def test_evaluate_generation_exact_match_and_pope(monkeypatch) -> None:
 
     monkeypatch.setattr(exposure, "_run", fake_run)
     model = _Oracle(100, preds, prompt_len=2)
-    res = dm.evaluate_generation(model, items, metas, eos=eos, pad=pad, batch_size=2)
+    res = mllm_eval.evaluate_generation(model, items, metas, eos=eos, pad=pad, batch_size=2)
+    assert dm.evaluate_generation is mllm_eval.evaluate_generation  # the study uses the library's helpers
     assert res["exact_match"] == {"describe": 1.0, "exist": 2 / 3}
     assert res["overall"] == 0.75
     pope = res["pope"]
@@ -144,9 +150,9 @@ def test_kl_and_exposure_are_zero_for_identical_models(smoke) -> None:
     demo.prepare()
     t = LlavaForConditionalGeneration.from_pretrained(run_dir / "teacher")
     s = LlavaForConditionalGeneration.from_pretrained(run_dir / "student_stage1")
-    assert dm.heldout_kl(t, t, demo.test.items, demo.collator) == pytest.approx(0.0, abs=1e-6)
-    assert dm.heldout_kl(s, t, demo.test.items, demo.collator) > 1e-3
-    ex = dm.exposure_curve(t, t, demo.test.items[:4], steps=4, pad=demo.pad, eos=demo.eos)
+    assert mllm_eval.heldout_kl(t, t, demo.test.items, demo.collator) == pytest.approx(0.0, abs=1e-6)
+    assert mllm_eval.heldout_kl(s, t, demo.test.items, demo.collator) > 1e-3
+    ex = mllm_eval.exposure_curve(t, t, demo.test.items[:4], steps=4, pad=demo.pad, eos=demo.eos)
     assert ex["r"] == pytest.approx([0.0] * 4, abs=1e-6)
     assert ex["ex_acc_err"] == [0.0] * 4
 

@@ -24,6 +24,8 @@ import tokinteract.fused as fused_mod
 import tokinteract.mllm.trainer as trainer_mod
 from tokinteract.mllm import DistillationConfig, DistillationTrainer, LlavaCollator, LlavaJsonDataset, set_trainable
 
+pytestmark = pytest.mark.slow  # end to end: trains tiny models
+
 D = 3
 
 

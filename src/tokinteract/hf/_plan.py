@@ -6,7 +6,8 @@ type, the rule ``allowed(b, h, q, k)`` its attention must honour:
 
     allowed = (ribbon(q, k) | same_image(q, k)) & within_window(q, k)
 
-``ribbon`` is :func:`tokinteract.ribbon_rule` (the one definition of the ribbon mask);
+``ribbon`` is :func:`tokinteract.ribbon_mod` (from :func:`tokinteract.ribbon_rule`, the one
+definition of the ribbon mask);
 ``same_image`` holds for two ground-truth tokens of one image block (families with
 bidirectional image attention, given ``token_type_ids``); ``within_window`` holds when
 ``position(q) - position(k) < sliding_window`` on ``sliding_attention`` layers, with the
@@ -26,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tokinteract.expansion import TPAExpansion, ribbon_rule
+from tokinteract.expansion import TPAExpansion
+from tokinteract.ribbon import ribbon_mod
 from tokinteract.hf import _attn, families
 from tokinteract.positions import next_position_ids
 
@@ -92,7 +94,7 @@ def plan(model: nn.Module, expansion: TPAExpansion, gt: GroundTruthLayout) -> Pa
     pos = torch.ones((R, B, T2), dtype=gpos.dtype, device=dev)
     pos[:, :, :T] = gpos
     pos[:, b, slot] = nxt[:, b, t]
-    base = ribbon_rule(exp.slot_source, exp.slot_is_query, exp.slot_is_context)
+    base = ribbon_mod(exp.slot_source, exp.slot_is_query, exp.slot_is_context)
     blk_slots = None
     if gt.blocks is not None:
         blocks = gt.blocks.to(dev)

@@ -47,7 +47,8 @@ from torch import Tensor, nn
 
 from tokinteract import compat
 from tokinteract._checks import check_bool, check_choice, check_integer, check_tensor
-from tokinteract.expansion import TPAExpansion, ribbon_rule, tpa_expand
+from tokinteract.expansion import TPAExpansion, tpa_expand
+from tokinteract.ribbon import ribbon_dense
 from tokinteract.hf import _attn, _plan, families
 
 __all__ = [
@@ -113,8 +114,7 @@ def ground_truth_attention_mask(
     check_bool("attention_mask", attention_mask)
     B, T = attention_mask.shape
     src = torch.arange(T, device=attention_mask.device).expand(B, T)
-    rule = ribbon_rule(src, attention_mask, attention_mask)
-    return _plan.dense(rule, B, 0, T, T, attention_mask.device)
+    return ribbon_dense(src, attention_mask, attention_mask)
 
 
 def ground_truth_position_ids(attention_mask: Bool[Tensor, "batch seq"]) -> Int[Tensor, "batch seq"]:
