@@ -178,7 +178,7 @@ def test_naive_oracle(name, padding):
     reproduces that token's ground-truth row; another candidate differs from it."""
     model, batch = _model(name, "sdpa"), _batch(name, padding)
     ids, am = batch.inputs["input_ids"], batch.inputs["attention_mask"].bool()
-    cm = F.candidate_mask_for(batch, seed=2, p=0.4)
+    cm = F.candidate_mask_for(batch, seed=2, p=0.25)
     nxt = torch.roll(ids, -1, dims=1)
     words = torch.tensor(F.word_ids(name))  # another candidate: a plain word, not the next token
     other = words[(nxt + 1) % len(words)]
