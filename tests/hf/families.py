@@ -24,23 +24,22 @@ skips only its class check, so image processing is the processor's own code.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import Tensor
-
-import transformers
 from transformers import PreTrainedTokenizerFast
 
-
 WORDS = (
-    "the a cat dog sat on mat red blue green see what is this picture yes no it here there and two "
-    "user assistant left right"
-).split()
+    "the", "a", "cat", "dog", "sat", "on", "mat", "red", "blue", "green", "see", "what", "is", "this", "picture",
+    "yes", "no", "it", "here", "there", "and", "two", "user", "assistant", "left", "right",
+)
 VOCAB = 128
 CHAT_START, CHAT_END = "<|im_start|>", "<|im_end|>"
 
@@ -100,15 +99,12 @@ class Family:
     image_sizes: tuple[tuple[int, int], ...] = ((16, 16), (16, 16), (16, 16))
     images_per_sample: tuple[int, ...] = (1, 2, 0)
     units: str = "rows"
-    vision_attn: bool = True
-
-
-def _ids(ids: dict[str, int], *names: str) -> list[int]:
-    return [ids[n] for n in names]
 
 
 def _qwen_ip() -> Any:
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     return Qwen2VLImageProcessorPil(
         patch_size=4, temporal_patch_size=2, merge_size=2, size={"shortest_edge": 8 * 8, "longest_edge": 16 * 32}
@@ -160,7 +156,9 @@ def _llava_config(ids: dict[str, int]) -> Any:
 
 
 def _llava_ip() -> Any:
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    from transformers.models.siglip.image_processing_pil_siglip import (
+        SiglipImageProcessorPil,
+    )
 
     return SiglipImageProcessorPil(size={"height": 16, "width": 16})
 
@@ -181,7 +179,9 @@ def _gemma3_config(ids: dict[str, int]) -> Any:
 
 
 def _gemma3_ip() -> Any:
-    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    from transformers.models.gemma3.image_processing_pil_gemma3 import (
+        Gemma3ImageProcessorPil,
+    )
 
     return Gemma3ImageProcessorPil(size={"height": 16, "width": 16})
 
@@ -231,7 +231,9 @@ def _llava_next_config(ids: dict[str, int]) -> Any:
 
 
 def _llava_next_ip() -> Any:
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil,
+    )
 
     return LlavaNextImageProcessorPil(
         size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_grid_pinpoints=_PINPOINTS,
@@ -281,13 +283,17 @@ def _smolvlm_config(ids: dict[str, int]) -> Any:
 
 
 def _idefics3_ip() -> Any:
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers.models.idefics3.image_processing_pil_idefics3 import (
+        Idefics3ImageProcessorPil,
+    )
 
     return Idefics3ImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 16})
 
 
 def _smolvlm_ip() -> Any:
-    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import (
+        SmolVLMImageProcessorPil,
+    )
 
     return SmolVLMImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 16})
 
@@ -305,7 +311,9 @@ def _internvl_config(ids: dict[str, int]) -> Any:
 
 
 def _internvl_ip() -> Any:
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
+        GotOcr2ImageProcessorPil,
+    )
 
     return GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=True, min_patches=1,
                                     max_patches=4)
@@ -414,9 +422,7 @@ def make_model(name: str, attn: str = "sdpa", seed: int = 0, **overrides: Any) -
         setattr(cfg.get_text_config(), k, v)
     torch.manual_seed(seed)
     cls = getattr(transformers, f.model_cls)
-    impl: Any = attn
-    if f.vision_attn:
-        impl = {"": attn, "text_config": attn, "vision_config": attn}
+    impl = {"": attn, "text_config": attn, "vision_config": attn}
     model = cls._from_config(cfg, attn_implementation=impl, dtype=torch.float32)
     return model.eval()
 
@@ -567,10 +573,8 @@ def _tokens_per_image(ids: Tensor, image_ids: tuple[int, ...], alone: list[int],
 
 
 def _units(f: Family, one: dict[str, Tensor]) -> int:
-    px = one["pixel_values"]
-    if f.units == "per_sample":
-        return int(one["pixel_attention_mask"][0].flatten(1).any(1).sum()) if "pixel_attention_mask" in one else px.shape[1]
-    return px.shape[0]
+    """Pixel units of a lone image: its tiles (dim 1 of a one-sample batch) or its rows (dim 0)."""
+    return one["pixel_values"].shape[1 if f.units == "per_sample" else 0]
 
 
 def _image_positions(ids: Tensor, image_ids: tuple[int, ...]) -> Tensor:

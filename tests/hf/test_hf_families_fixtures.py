@@ -9,9 +9,9 @@ import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("PIL")
-import families as F  # noqa: E402
+import families as F
 
-from tokinteract import tpa_expand  # noqa: E402
+from tokinteract import tpa_expand
 
 ATOL = 1e-5
 
