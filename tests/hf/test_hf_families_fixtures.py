@@ -264,3 +264,13 @@ def test_prefix_with_the_first_image_only(name):
     start = int(batch.inputs["attention_mask"][b].nonzero()[0])
     n = t + 2 - start
     torch.testing.assert_close(model(**got).logits[0], model(**whole).logits[0, :n], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3", "llava_next", "idefics3", "internvl"])
+def test_make_batch_takes_other_layouts(name):
+    proc = _processor(name)
+    batch = F.make_batch(name, proc, padding="left", seed=3, images_per_sample=(0, 3), sizes=((32, 16), (16, 16)))
+    assert batch.images_per_sample == [0, 3]
+    assert [im.size for im in batch.images[1]] == [(16, 32), (16, 16), (16, 32)]  # PIL: (width, height)
+    for b in range(2):
+        _equal_inputs(F.sample_inputs(name, batch, b), F.processor_alone(name, proc, batch, b))
