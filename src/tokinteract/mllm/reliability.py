@@ -22,6 +22,8 @@ What it adds to ``transformers.Trainer`` (see the trainer guide's "Faults" secti
   stays a function of ``global_step`` (a skipped step is a lost step, and a resumed run
   matches an uninterrupted one). After ``max_nonfinite_steps`` skipped steps in a row the
   run saves a checkpoint of the last applied step and stops with :class:`TrainingStopped`.
+  The Trainer logs a filtered loss for a skipped step; the next log says
+  ``nonfinite_steps_skipped: n`` and the loss parts average over the applied steps' values.
   With a GradScaler (fp16) the scaler already skips steps with non-finite gradients; the
   guard then counts and logs non-finite losses only. Under DeepSpeed the engine owns the
   gradients: the first non-finite step stops the run (without a new checkpoint).
@@ -235,6 +237,15 @@ class ReliableTrainerMixin:
                 "Lower the learning rate, check the data, or use fp32"
             )
 
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        st = self._reliability_state()
+        if "loss" in logs:
+            n = len(st["nonfinite_steps"]) - st.get("logged", 0)
+            if n:  # the Trainer logs a filtered loss for such steps: say how many there were
+                logs["nonfinite_steps_skipped"] = n
+            st["logged"] = len(st["nonfinite_steps"])
+        super().log(logs, *args, **kwargs)
+
     # ------------------------------------------------------------ stopping
     def _stop_run(self, message: str, save: bool = True) -> None:
         """Save a checkpoint of the last applied step (unless none was trained) and raise."""
@@ -247,7 +258,7 @@ class ReliableTrainerMixin:
                 self._save_checkpoint(self.model_wrapped, None)
                 path = final
         if path is not None:
-            message += f"; the last applied step ({self.state.global_step}) is saved in {path}"
+            message += f"; the run at global step {self.state.global_step} (unapplied steps left out) is saved in {path}"
         elif save:
             message += "; no step had been applied, nothing was saved"
         raise TrainingStopped(message, path)
