@@ -79,8 +79,18 @@ def test_preflight_paths_output_dir_and_disk(tmp_path, synth, tok, monkeypatch) 
     assert check_model_path("teacher_checkpoint", "Qwen/Qwen2.5-7B-Instruct") is None  # a hub id: left to the Hub
     assert "not found" in check_model_path("vision_tower", "not a//valid id")
     (tmp_path / "a-file").write_text("x")
+    bad_out = tiny_config(tmp_path, synth, output_dir=str(tmp_path / "a-file" / "out"))
     with pytest.raises(PreflightError, match="output_dir .*a-file/out' is not writable"):
-        _build(tiny_config(tmp_path, synth, output_dir=str(tmp_path / "a-file" / "out")))
+        _build(bad_out)
+    monkeypatch.undo()
+    gone = tmp_path / "gone"
+    tr = _build(tiny_config(tmp_path, synth, output_dir=str(gone)), "--preflight", "false")
+    shutil.rmtree(gone)
+    gone.write_text("x")  # the output dir became unusable after the trainer was built (save_strategy: no)
+    with pytest.raises(OutputDirError, match="output_dir .*gone' is not writable"):
+        tr.train()
+    assert tr.state.global_step == 0
+    _no_models(monkeypatch)
     ckpt = tmp_path / "student"
     make_model(tok).save_pretrained(ckpt)
     monkeypatch.setattr("tokinteract.mllm.preflight.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 10))

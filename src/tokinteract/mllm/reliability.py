@@ -5,7 +5,8 @@ What it adds to ``transformers.Trainer`` (see the trainer guide's "Faults" secti
 * **Resume and output directory** (:meth:`ReliableTrainerMixin.train`):
   ``resume_from_checkpoint=True`` / ``"last"`` resolves to the newest *complete* checkpoint
   (:func:`tokinteract.mllm.checkpoints.latest_checkpoint`); a path that does not exist is
-  "not found", an incomplete one is refused; a new run over an earlier run's checkpoints or
+  "not found", an incomplete one is refused; an ``output_dir`` that cannot be written is refused
+  before step 1 (:class:`tokinteract.mllm.checkpoints.OutputDirError`); a new run over an earlier run's checkpoints or
   final model is refused unless ``overwrite_output_dir`` (which deletes them first).
 * **Atomic checkpoints** (:meth:`ReliableTrainerMixin._save_checkpoint`): every file is written
   into ``tmp-checkpoint-<step>/checkpoint-<step>``, which is renamed to ``checkpoint-<step>``
@@ -50,7 +51,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokinteract.mllm.checkpoints import STAGING_PREFIX, check_output_dir, checkpoint_problem, latest_checkpoint
+from tokinteract.mllm.checkpoints import (
+    STAGING_PREFIX,
+    OutputDirError,
+    check_output_dir,
+    checkpoint_problem,
+    latest_checkpoint,
+)
 from tokinteract.mllm.data import SKIPPED_KEY
 
 __all__ = ["NonFiniteError", "ReliableTrainerMixin", "TrainingStopped", "nonfinite_tensors"]
@@ -139,6 +146,11 @@ class ReliableTrainerMixin:
             resume = None
         overwrite = bool(getattr(self.distill, "overwrite_output_dir", False))
         if self.args.should_save:
+            from tokinteract.mllm.preflight import check_output_writable
+
+            unwritable = check_output_writable(out)
+            if unwritable:  # found now, not at the first save (or never, with save_strategy="no")
+                raise OutputDirError(unwritable)
             check_output_dir(out, resuming=resume is not None, overwrite=overwrite)
         elif not overwrite:  # other ranks refuse too (without deleting), so none waits forever
             check_output_dir(out, resuming=resume is not None, overwrite=False)
