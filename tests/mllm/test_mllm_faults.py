@@ -311,7 +311,7 @@ def test_refuses_to_start_over_an_earlier_run(tmp_path, synth) -> None:
 
 
 # ---------------------------------------------------------------- 6. remap, messages, flags
-def test_remap_collision_with_a_text_token_is_refused_before_step_1(tmp_path, synth, tok, processor) -> None:
+def test_remap_collision_with_a_text_token_is_refused_before_step_1(tmp_path, synth, tok, processor, monkeypatch) -> None:
     from tokinteract.mllm import DistillationTrainer, LlavaCollator, LlavaJsonDataset, set_trainable
     from transformers import TrainingArguments
 
@@ -328,10 +328,16 @@ def test_remap_collision_with_a_text_token_is_refused_before_step_1(tmp_path, sy
                             distill=DistillationConfig(method="kd", image_token_policy="remap"), train_dataset=ds,
                             data_collator=col, processing_class=processor)
     eos = make_model(tok, seed=2, image_token_id=tok.eos_token_id)  # a special token: found in the first batch
+    eos.save_pretrained(tmp_path / "teacher-eos")
     tr = DistillationTrainer(student, args, teacher=eos, distill=DistillationConfig(method="kd", image_token_policy="remap"),
                              train_dataset=ds, data_collator=col, processing_class=processor)
     with pytest.raises(TrainingStopped, match="holds the teacher's image-token id .*no step had been applied"):
         tr.train()
+    _no_models(monkeypatch)  # the CLI finds those samples in its preflight scan, before any model loads
+    with pytest.raises(PreflightError, match=rf"bad sample 0: its text holds token id {tok.eos_token_id}, the "
+                                             r"teacher's image-token id \(image_token_policy='remap'"):
+        _build(tiny_config(tmp_path, synth, method="kd", teacher_checkpoint=str(tmp_path / "teacher-eos"),
+                           image_token_policy="remap"))
 
 
 def test_messages_name_the_argument_and_flags_are_not_abbreviated(tmp_path, synth) -> None:

@@ -18,7 +18,8 @@
   ``max_length`` (a sample with nothing left to supervise is bad; truncated ones are
   counted), and every image file present and identified by its header (``PIL.Image.open``,
   which reads the header only; a file that is corrupt past its header is caught when the
-  sample is loaded, by the trainer's bad-sample policy).
+  sample is loaded, by the trainer's bad-sample policy); with ``image_token_policy: remap``
+  and a local teacher checkpoint, no tokenized sample may hold the teacher's image-token id.
 
 The dataset scan runs in ``workers`` processes (fork, chunks of :data:`CHUNK` samples) and
 its per-chunk results are cached in ``cache_dir`` under a key made of the data file's
@@ -222,6 +223,9 @@ def _scan_chunk(args: tuple[int, list[Any]]) -> dict[str, Any]:
                 messages, w["tokenizer"], num_image_tokens=w["num_image_tokens"], image_token=w["image_token"],
                 max_length=w["max_length"], system_prompt=w["system_prompt"], where=f"{w['source']}: sample {i}",
             )
+            for t in w["forbidden"]:
+                if bool((enc.input_ids == t).any()):
+                    raise DataError(f"its text holds token id {t}, {w['forbidden'][t]}")
             truncated += int(enc.truncated)
             longest = max(longest, int(enc.input_ids.shape[0]))
         except DataError as exc:
@@ -254,6 +258,7 @@ def scan_dataset(
     image_token: str = "<image>",
     workers: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
+    forbidden_ids: dict[int, str] | None = None,
 ) -> PreflightReport:
     """Scan every sample of ``data_path`` (see the module docstring); never raises for bad samples.
 
@@ -261,6 +266,8 @@ def scan_dataset(
         workers: processes (0: ``min(os.cpu_count(), 8)``; 1: in this process).
         cache_dir: where per-chunk results are cached (None: :func:`default_cache_dir`;
             ``""``: no cache).
+        forbidden_ids: token ids no tokenized sample may hold, each with the reason (the
+            teacher's image-token id under ``image_token_policy="remap"``).
 
     Raises:
         tokinteract.mllm.data.DataError: the file itself cannot be read or parsed.
@@ -273,6 +280,7 @@ def scan_dataset(
     settings = dict(
         folder=str(folder.resolve()), tokenizer=_tokenizer_fingerprint(tokenizer), num_image_tokens=num_image_tokens,
         max_length=max_length, system_prompt=system_prompt, image_token=image_token, chunk=CHUNK,
+        forbidden=sorted((forbidden_ids or {}).items()),
     )
     cache_file = None
     cached: dict[str, Any] = {}
@@ -290,7 +298,7 @@ def scan_dataset(
     report.chunks_scanned = len(todo)
     _WORKER.update(
         tokenizer=tokenizer, folder=folder, num_image_tokens=num_image_tokens, max_length=max_length,
-        system_prompt=system_prompt, image_token=image_token, source=str(data_path),
+        system_prompt=system_prompt, image_token=image_token, source=str(data_path), forbidden=forbidden_ids or {},
     )
     n = workers or min(os.cpu_count() or 1, 8)
     if n > 1 and len(todo) > 1:
@@ -345,6 +353,19 @@ def load_tokenizer(margs: Any, dargs: Any) -> tuple[Any, int]:
     return tok, (vc.image_size // vc.patch_size) ** 2
 
 
+def _remapped_image_id(margs: Any, dcfg: Any, tok: Any) -> dict[int, str]:
+    """``{teacher image-token id: reason}`` when ``image_token_policy="remap"`` gives the teacher
+    another id than the student's (read from a local teacher checkpoint's config, no weights)."""
+    if dcfg.image_token_policy != "remap" or not margs.teacher_checkpoint or not os.path.isdir(margs.teacher_checkpoint):
+        return {}
+    from transformers import AutoConfig
+
+    t_img = getattr(AutoConfig.from_pretrained(margs.teacher_checkpoint), "image_token_id", None)
+    if t_img is None or int(t_img) == tok.convert_tokens_to_ids("<image>"):
+        return {}
+    return {int(t_img): "the teacher's image-token id (image_token_policy='remap' would make it an image token)"}
+
+
 def preflight(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, existing_run: bool = True) -> PreflightReport:
     """Run every check of the module docstring; log the report and return it.
 
@@ -397,7 +418,7 @@ def preflight(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, existing_run: bo
             report = scan_dataset(
                 dargs.data_path, dargs.image_folder, tok, num_image_tokens=n_vis, max_length=dargs.max_length,
                 system_prompt=dargs.system_prompt, workers=dargs.preflight_workers,
-                cache_dir=dargs.preflight_cache_dir,
+                cache_dir=dargs.preflight_cache_dir, forbidden_ids=_remapped_image_id(margs, dcfg, tok),
             )
         except DataError as exc:
             errors.append(str(exc))
