@@ -9,6 +9,8 @@
   checkpoint, estimated as 5x the student's weight files (weights + two fp32 Adam moments
   of bf16 weights; 3x would do for fp32 weights). No estimate without local weight files
   (hub ids, ``tiny``): the report says so.
+* **Resume**: ``resume_from_checkpoint`` names a complete checkpoint ("not found" when the
+  path does not exist); ``last`` / ``true`` needs one in ``output_dir``.
 * **Model paths** (``student_checkpoint``, ``student_language_model``, ``vision_tower``,
   ``projector_checkpoint``, ``teacher_checkpoint``): an existing local folder, or a
   well-formed Hugging Face Hub id. A value that looks local (absolute, ``./``, ``~``, a
@@ -48,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokinteract.mllm.checkpoints import OutputDirError, check_output_dir
+from tokinteract.mllm.checkpoints import OutputDirError, check_output_dir, checkpoint_problem, latest_checkpoint
 
 __all__ = [
     "CHUNK",
@@ -91,11 +93,12 @@ class PreflightReport:
     seconds: float = 0.0
 
     def summary(self, limit: int = 10) -> str:
-        lines = [
+        head = (
             f"preflight: {self.samples} sample(s) in {self.data_path!r}, {len(self.bad)} bad, {self.truncated} "
             f"truncated to max_length, longest {self.longest} tokens, {self.images} image(s) checked "
             f"({self.chunks_scanned} chunk(s) scanned, {self.chunks_cached} from cache, {self.seconds:.1f} s)"
-        ]
+        )
+        lines = [head]
         lines += [f"  error: {e}" for e in self.errors]
         for i, (index, why) in enumerate(sorted(self.bad.items())):
             if i == limit:
@@ -389,6 +392,15 @@ def preflight(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, existing_run: bo
     if dargs.image_folder is not None and not os.path.isdir(dargs.image_folder):
         errors.append(f"image_folder {dargs.image_folder!r} not found")
     out = targs.output_dir
+    resume = targs.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        if latest_checkpoint(out) is None:
+            errors.append(f"resume_from_checkpoint={resume!r}: no complete checkpoint-* folder in output_dir {out!r}")
+    elif isinstance(resume, str) and resume.lower() != "false":
+        if not os.path.exists(resume):
+            errors.append(f"resume_from_checkpoint {resume!r} not found")
+        elif checkpoint_problem(resume) is not None:
+            errors.append(f"resume_from_checkpoint {resume!r} is not a complete checkpoint: it {checkpoint_problem(resume)}")
     why = check_output_writable(out)
     if why:
         errors.append(why)
