@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -97,7 +98,7 @@ def test_preflight_paths_output_dir_and_disk(tmp_path, synth, tok, monkeypatch) 
     _no_models(monkeypatch)
     ckpt = tmp_path / "student"
     make_model(tok).save_pretrained(ckpt)
-    monkeypatch.setattr("tokinteract.mllm.preflight.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 10))
+    monkeypatch.setattr("tokinteract.mllm.preflight.shutil.disk_usage", lambda p: SimpleNamespace(total=1, used=1, free=10))
     with pytest.raises(PreflightError, match="has 0.00 GiB free but one checkpoint needs about"):
         _build(tiny_config(tmp_path, synth, tiny=False, method="sft", student_checkpoint=str(ckpt)))
 

@@ -5,9 +5,10 @@ What it adds to ``transformers.Trainer`` (see the trainer guide's "Faults" secti
 * **Resume and output directory** (:meth:`ReliableTrainerMixin.train`):
   ``resume_from_checkpoint=True`` / ``"last"`` resolves to the newest *complete* checkpoint
   (:func:`tokinteract.mllm.checkpoints.latest_checkpoint`); a path that does not exist is
-  "not found", an incomplete one is refused; an ``output_dir`` that cannot be written is refused
-  before step 1 (:class:`tokinteract.mllm.checkpoints.OutputDirError`); a new run over an earlier run's checkpoints or
-  final model is refused unless ``overwrite_output_dir`` (which deletes them first).
+  "not found", an incomplete one is refused; an ``output_dir`` that cannot be written is
+  refused before step 1 (:class:`tokinteract.mllm.checkpoints.OutputDirError`); a new run over
+  an earlier run's checkpoints or final model is refused unless ``overwrite_output_dir``
+  (which deletes them first).
 * **Atomic checkpoints** (:meth:`ReliableTrainerMixin._save_checkpoint`): every file is written
   into ``tmp-checkpoint-<step>/checkpoint-<step>``, which is renamed to ``checkpoint-<step>``
   once complete (a rename within one file system is atomic: a process killed at any point
@@ -145,12 +146,12 @@ class ReliableTrainerMixin:
         elif resume is False:
             resume = None
         overwrite = bool(getattr(self.distill, "overwrite_output_dir", False))
-        if self.args.should_save:
-            from tokinteract.mllm.preflight import check_output_writable
+        from tokinteract.mllm.preflight import check_output_writable
 
-            unwritable = check_output_writable(out)
-            if unwritable:  # found now, not at the first save (or never, with save_strategy="no")
-                raise OutputDirError(unwritable)
+        unwritable = check_output_writable(out)  # on every rank, so none waits for a rank that refused
+        if unwritable:  # found now, not at the first save (or never, with save_strategy="no")
+            raise OutputDirError(unwritable)
+        if self.args.should_save:
             check_output_dir(out, resuming=resume is not None, overwrite=overwrite)
         elif not overwrite:  # other ranks refuse too (without deleting), so none waits forever
             check_output_dir(out, resuming=resume is not None, overwrite=False)
@@ -164,18 +165,16 @@ class ReliableTrainerMixin:
         st = self._reliability_state()
         st["loss_bad"] = []
         st["parts_snapshot"] = {k: v.clone() for k, v in getattr(self, "_part_sums", {}).items()}
-        new = 0
         for b in batch_samples:
             for index, path, reason in b.pop(SKIPPED_KEY, None) or []:
                 if index not in st["skipped"]:
                     st["skipped"][index] = (path, reason)
-                    new += 1
                     logger.warning("skipped sample %d (%s) at step %d: %s", index, path, self.state.global_step + 1,
                                    reason)
-        self._check_bad_sample_limit(new)
+        self._check_bad_sample_limit()
         return batch_samples, num_items
 
-    def _check_bad_sample_limit(self, new: int) -> None:
+    def _check_bad_sample_limit(self) -> None:
         st = self._reliability_state()
         ds = self.train_dataset
         local = len(st["skipped"])
