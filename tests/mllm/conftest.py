@@ -14,6 +14,14 @@ from mllm_helpers import make_model  # noqa: E402
 from tokinteract.mllm import SyntheticConfig, build_processor, build_word_tokenizer, generate_dataset, vocabulary  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _preflight_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The preflight scan cache of these tests (and of their subprocesses) lives in a temporary folder."""
+    import os
+
+    os.environ["TOKINTERACT_CACHE_DIR"] = str(tmp_path_factory.mktemp("tokinteract-cache"))
+
+
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """12 two-turn training samples, 4 test samples, 4 captions, written once per session."""

@@ -23,6 +23,22 @@ def make_model(tok, *, seed: int = 0, hidden: int = 32, layers: int = 2, family:
     )
 
 
+def tiny_config(tmp_path: Path, synth, name: str = "cfg.yaml", **kw) -> Path:
+    """A ``tokinteract-train`` YAML config (tiny models, the session's synthetic data) with ``kw`` overrides."""
+    import yaml
+
+    cfg = dict(
+        tiny=True, tiny_hidden_size=32, tiny_teacher_hidden_size=48, method="align_ti", iva_layer=1,
+        data_path=str(synth.train), image_folder=str(synth.image_folder), output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2, max_steps=2, logging_steps=1, save_strategy="no", report_to="none",
+        use_cpu=True, learning_rate=1e-3, disable_tqdm=True, seed=0,
+    )
+    cfg.update(kw)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def write_json(path: Path, samples) -> Path:
     path.write_text(json.dumps(samples))
     return path

@@ -8,22 +8,10 @@ import yaml
 from transformers import AutoProcessor, LlavaForConditionalGeneration, TrainerCallback
 
 from tokinteract.mllm.cli import build_everything, main, parse_args
+from mllm_helpers import tiny_config as _config
 from mllm_helpers import torchrun_two_ranks
 
 HERE = Path(__file__).parent
-
-
-def _config(tmp_path: Path, synth, name: str = "cfg.yaml", **kw) -> Path:
-    cfg = dict(
-        tiny=True, tiny_hidden_size=32, tiny_teacher_hidden_size=48, method="align_ti", iva_layer=1,
-        data_path=str(synth.train), image_folder=str(synth.image_folder), output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2, max_steps=2, logging_steps=1, save_strategy="no", report_to="none",
-        use_cpu=True, learning_rate=1e-3, disable_tqdm=True, seed=0,
-    )
-    cfg.update(kw)
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def test_config_file_flags_override_and_unknown_keys(tmp_path, synth) -> None:

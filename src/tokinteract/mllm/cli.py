@@ -71,6 +71,16 @@ class DataArguments:
     max_length: int = field(default=2048, metadata={"help": "truncation length (never through an image)"})
     system_prompt: str | None = None
     on_bad_image: str = field(default="error", metadata={"help": "error or skip (counted and reported)"})
+    preflight: bool = field(
+        default=True,
+        metadata={"help": "check paths, output_dir, disk and the whole dataset before any model loads "
+                          "(tokinteract.mllm.preflight)"},
+    )
+    preflight_workers: int = field(default=0, metadata={"help": "processes of the dataset scan (0: min(cpus, 8))"})
+    preflight_cache_dir: str | None = field(
+        default=None, metadata={"help": "cache of the dataset scan (None: $TOKINTERACT_CACHE_DIR/preflight or "
+                                        "~/.cache/tokinteract/preflight; empty: no cache)"}
+    )
 
 
 def _parser() -> Any:
@@ -78,7 +88,9 @@ def _parser() -> Any:
 
     from tokinteract.mllm.trainer import DistillationConfig
 
-    return HfArgumentParser((ModelArguments, DataArguments, DistillationConfig, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, DistillationConfig, TrainingArguments))
+    parser.allow_abbrev = False  # --learning_rat must not silently mean --learning_rate
+    return parser
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -124,8 +136,17 @@ def _dtype(name: str | None) -> Any:
     return table[name]
 
 
-def build_everything(margs: Any, dargs: Any, dcfg: Any, targs: Any) -> Any:
-    """Build student, teacher, processor, datasets and the trainer from parsed arguments."""
+def build_everything(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, check_existing_run: bool = False) -> Any:
+    """Build student, teacher, processor, datasets and the trainer from parsed arguments.
+
+    Configuration, paths, the output directory and the whole dataset are checked first,
+    before any model loads (:func:`tokinteract.mllm.preflight.preflight`, unless
+    ``dargs.preflight`` is off); the training dataset then skips bad samples mid-run
+    (``skip_bad``) under ``dcfg.bad_sample_limit``. ``check_existing_run``: preflight also
+    refuses an output directory holding an earlier run unless ``targs.resume_from_checkpoint``
+    or ``dcfg.overwrite_output_dir`` is set (:func:`main` sets it; otherwise
+    ``DistillationTrainer.train``, which knows whether it resumes, checks it).
+    """
     from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
     from tokinteract.mllm import model as mm
@@ -141,6 +162,11 @@ def build_everything(margs: Any, dargs: Any, dcfg: Any, targs: Any) -> Any:
         raise ValueError("data_path is required")
     dtype = _dtype(margs.model_dtype)
     settings = dcfg.resolved()
+    report = None
+    if dargs.preflight:
+        from tokinteract.mllm.preflight import preflight
+
+        report = preflight(margs, dargs, dcfg, targs, existing_run=check_existing_run)
     if margs.student_checkpoint:
         processor = AutoProcessor.from_pretrained(margs.student_checkpoint)
         student = LlavaForConditionalGeneration.from_pretrained(
@@ -193,7 +219,10 @@ def build_everything(margs: Any, dargs: Any, dcfg: Any, targs: Any) -> Any:
         num_image_tokens=n_vis, max_length=dargs.max_length, system_prompt=dargs.system_prompt,
         on_bad_image=dargs.on_bad_image,
     )
-    train = LlavaJsonDataset(dargs.data_path, dargs.image_folder, tok, processor.image_processor, **common)
+    train = LlavaJsonDataset(
+        dargs.data_path, dargs.image_folder, tok, processor.image_processor, skip_bad=True,
+        exclude=report.bad if report is not None else None, **common,
+    )
     evald = (
         LlavaJsonDataset(dargs.eval_data_path, dargs.image_folder, tok, processor.image_processor, **common)
         if dargs.eval_data_path else None
@@ -212,16 +241,16 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if targs.process_index == 0 else logging.WARNING,
     )
-    trainer = build_everything(margs, dargs, dcfg, targs)
+    trainer = build_everything(margs, dargs, dcfg, targs, check_existing_run=True)
     resume: Any = targs.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last"):
         resume = True  # the newest checkpoint-* under output_dir
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(targs.output_dir)
     trainer.save_state()
-    skipped = getattr(trainer.train_dataset, "skipped", [])
+    skipped = len(getattr(trainer.train_dataset, "skipped", [])) + len(trainer.skipped_samples)
     if skipped and trainer.is_world_process_zero():
-        logger.warning("skipped %d sample(s) with bad images; first: %s", len(skipped), skipped[0])
+        logger.warning("skipped %d bad sample(s) (see the preflight report and the warnings above)", skipped)
     return 0
 
 

@@ -48,6 +48,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 __all__ = [
+    "SKIPPED_KEY",
     "DataError",
     "EncodedSample",
     "LlavaCollator",
@@ -60,6 +61,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+SKIPPED_KEY = "skipped_samples"  # item/batch key: ``[(index, file, reason), ...]`` replaced by this item
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -377,6 +379,17 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
             missing files and at loading for undecodable ones. ``"skip"``: every image is
             fully decoded at construction and samples with a bad one are dropped, counted in
             :attr:`skipped` and logged. Never a silent black image.
+        skip_bad: a sample that fails to load in ``__getitem__`` (:class:`DataError`: an
+            undecodable image, nothing left to supervise after truncation, ...; or an
+            ``OSError``) is replaced by the next sample that loads (cyclically), and the item
+            carries ``SKIPPED_KEY: [(index, file, reason), ...]`` for the trainer to count and
+            log (see :class:`tokinteract.mllm.reliability.ReliableTrainerMixin`). False
+            (default): the error is raised.
+        exclude: sample indices to drop at construction (e.g. those a preflight scan found
+            bad); each is counted in :attr:`skipped` with ``exclude[index]`` as reason.
+
+    Attributes:
+        num_samples_total: samples in the data file (kept, skipped and excluded).
 
     Raises:
         DataError: on malformed data (see :func:`load_llava_json`, :func:`normalize_sample`).
@@ -394,6 +407,8 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         max_length: int | None = 2048,
         system_prompt: str | None = None,
         on_bad_image: str = "error",
+        skip_bad: bool = False,
+        exclude: dict[int, str] | None = None,
     ) -> None:
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
@@ -402,10 +417,16 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.num_image_tokens, self.image_token = num_image_tokens, image_token
         self.max_length, self.system_prompt, self.on_bad_image = max_length, system_prompt, on_bad_image
+        self.skip_bad = skip_bad
         raw = load_llava_json(data_path)
+        self.num_samples_total = len(raw)
         self.items: list[tuple[int, list[dict[str, str]], list[Path]]] = []
         self.skipped: list[SkippedSample] = []
+        exclude = exclude or {}
         for i, sample in enumerate(raw):
+            if i in exclude:
+                self.skipped.append(SkippedSample(i, self.source, exclude[i]))
+                continue
             messages, rel = normalize_sample(sample, i, image_token=image_token, source=self.source)
             paths = [self.image_folder / r for r in rel]
             bad = self._check_images(paths, full=on_bad_image == "skip")
@@ -478,8 +499,20 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         return item
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        index, messages, paths = self.items[k]
-        return self.build_item(index, messages, paths)
+        if not self.skip_bad:
+            return self.build_item(*self.items[k])
+        skipped: list[tuple[int, str, str]] = []
+        for j in range(len(self.items)):
+            index, messages, paths = self.items[(k + j) % len(self.items)]
+            try:
+                item = self.build_item(index, messages, paths)
+            except (DataError, OSError) as exc:
+                skipped.append((index, ", ".join(map(str, paths)) or self.source, str(exc)))
+                continue
+            if skipped:
+                item[SKIPPED_KEY] = skipped
+            return item
+        raise DataError(f"{self.source}: none of the {len(self.items)} samples could be loaded; first: {skipped[0][2]}")
 
     def instruction_pairs(self, n: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """Up to ``n`` pairs of items with the same single image and different instructions
@@ -546,6 +579,7 @@ class LlavaCollator:
         labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
         masks = {k: torch.zeros((B, T), dtype=torch.bool) for k in ("visual_mask", "instruction_mask", "response_mask")}
         pixels = []
+        skipped = [s for f in features for s in f.get(SKIPPED_KEY, ())]
         for b, f in enumerate(features):
             n = int(f["input_ids"].shape[0])
             ids[b, :n] = f["input_ids"]
@@ -567,4 +601,6 @@ class LlavaCollator:
         batch: dict[str, Tensor] = {"input_ids": ids, "attention_mask": att, "labels": labels, **masks}
         if pixels:
             batch["pixel_values"] = torch.cat(pixels, dim=0)
+        if skipped:
+            batch[SKIPPED_KEY] = skipped  # type: ignore[assignment]
         return batch

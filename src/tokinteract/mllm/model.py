@@ -260,6 +260,7 @@ def check_teacher_student(
     *,
     vocab_policy: str = "error",
     image_token_policy: str = "error",
+    tokenizer: Any = None,
 ) -> int | None:
     """Refuse teacher/student pairs that cannot be distilled token by token.
 
@@ -270,13 +271,18 @@ def check_teacher_student(
         image_token_policy: ``"error"`` (image-token ids must be equal) or ``"remap"``
             (the trainer rewrites the student's image-token id to the teacher's in the
             teacher's input).
+        tokenizer: the student's tokenizer; with ``"remap"``, the teacher's image-token id
+            must not be one of its ordinary (non-special) tokens, which any text can produce
+            (the teacher would then see more image tokens than images). Special tokens are
+            checked per batch by the trainer.
 
     Returns:
         ``vocab_size`` to pass to the losses (None when the sizes are equal).
 
     Raises:
         ValueError: different vocabularies or image-token ids without a policy, or a
-            different number of visual tokens per image (always an error).
+            different number of visual tokens per image (always an error), or a remapped
+            image-token id that is an ordinary text token of ``tokenizer``.
     """
     if vocab_policy not in ("error", "shared_prefix"):
         raise ValueError(f"vocab_policy must be 'error' or 'shared_prefix', got {vocab_policy!r}")
@@ -298,6 +304,13 @@ def check_teacher_student(
             raise ValueError(
                 f"teacher and student use different image-token ids (student {sc.image_token_id}, teacher "
                 f"{tc.image_token_id}); set image_token_policy='remap' to rewrite them in the teacher's input"
+            )
+        t_img = int(tc.image_token_id)
+        if tokenizer is not None and t_img < len(tokenizer) and t_img not in set(tokenizer.all_special_ids):
+            raise ValueError(
+                f"image_token_policy='remap': the teacher's image-token id {t_img} is the student tokenizer's text "
+                f"token {tokenizer.convert_ids_to_tokens(t_img)!r}; text holding it would reach the teacher as an "
+                "image token. Give the teacher an image-token id the student's tokenizer never produces"
             )
     if vocab_size is not None and max(sc.image_token_id, tc.image_token_id) >= vocab_size:
         pass  # image positions are never supervised: the token itself is never a KD target

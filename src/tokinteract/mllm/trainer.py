@@ -113,6 +113,7 @@ from tokinteract import (
     uniform_visual_weights,
 )
 from tokinteract.mllm.model import check_teacher_student, num_image_tokens
+from tokinteract.mllm.reliability import ReliableTrainerMixin
 
 __all__ = ["LOSS_IMPLS", "METHODS", "DistillationConfig", "DistillationTrainer", "run_through_wrapper"]
 
@@ -186,6 +187,18 @@ class DistillationConfig:
     loss_liger_compiled: bool = field(
         default=True, metadata={"help": "loss_backend=liger: let Liger torch.compile its chunk step (its default)"}
     )
+    # faults (tokinteract.mllm.reliability; the trainer guide's "Faults" section)
+    bad_sample_limit: float = field(
+        default=0.01,
+        metadata={"help": "fraction of the data file's samples that may be skipped as bad (preflight and mid-run) "
+                          "before the run saves a checkpoint and stops"},
+    )
+    max_nonfinite_steps: int = field(
+        default=3, metadata={"help": "stop (after saving a checkpoint) after this many non-finite steps in a row"}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "delete an earlier run's checkpoints and final model in output_dir and start again"}
+    )
 
     def resolved(self) -> dict[str, Any]:
         """The effective settings after applying the preset."""
@@ -232,6 +245,15 @@ class DistillationConfig:
             or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in skip)
         ):
             raise ValueError(f"tpa_skip_token_ids must be None or a list of token ids (ints >= 0), got {skip!r}")
+        for name in ("temperature", "tpa_temperature", "gkd_temperature"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if not (isinstance(self.bad_sample_limit, (int, float)) and 0.0 <= self.bad_sample_limit <= 1.0):
+            raise ValueError(f"bad_sample_limit must be a fraction in [0, 1], got {self.bad_sample_limit!r}")
+        m = self.max_nonfinite_steps
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"max_nonfinite_steps must be an int >= 1, got {m!r}")
         if not 0.0 < self.tpa_top_p <= 1.0:
             raise ValueError(f"tpa_top_p must lie in (0, 1], got {self.tpa_top_p!r}")
         if self.iva_layer is not None and self.iva_layer < 0:
@@ -344,7 +366,7 @@ def _hf():
     return hf
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(ReliableTrainerMixin, Trainer):
     """A ``Trainer`` whose ``compute_loss`` is tokinteract's ``AlignTILoss`` against a frozen teacher.
 
     Args:
@@ -392,6 +414,7 @@ class DistillationTrainer(Trainer):
             self.vocab_size = check_teacher_student(
                 model, teacher, vocab_policy=self.distill.vocab_policy,
                 image_token_policy=self.distill.image_token_policy,
+                tokenizer=getattr(kwargs.get("processing_class"), "tokenizer", kwargs.get("processing_class")),
             )
         n_vis = num_image_tokens(model)
         for name in ("train_dataset", "eval_dataset"):
@@ -510,6 +533,7 @@ class DistillationTrainer(Trainer):
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._check_remap_collision(batch_samples)
         items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batch_samples)
         seqs = sum(int(b["labels"].shape[0]) for b in batch_samples)
         t = torch.tensor([[float(items), float(seqs)]], device=device)
@@ -517,6 +541,22 @@ class DistillationTrainer(Trainer):
             t = self.accelerator.gather(t).sum(0, keepdim=True)
         self._counts = (t[0, 0], t[0, 1])
         return batch_samples, num_items
+
+    def _check_remap_collision(self, batch_samples: list[dict[str, Any]]) -> None:
+        """With ``image_token_policy="remap"``, a batch whose text holds the teacher's image-token
+        id would give the teacher more image tokens than images: refuse it before its forward."""
+        t_img = self.teacher_image_token_id
+        if t_img is None or t_img == self.image_token_id:
+            return
+        for b in batch_samples:
+            hit = b["input_ids"] == t_img
+            if bool(hit.any()):
+                row = int(hit.any(1).nonzero()[0])
+                self._stop_run(
+                    f"image_token_policy='remap': a training sequence (batch row {row}) holds the teacher's "
+                    f"image-token id {t_img} as a text token; the teacher would see more image tokens than images. "
+                    "Give the teacher an image-token id that the student's tokenizer never produces"
+                )
 
     def _generator(self, device: torch.device) -> torch.Generator:
         # reseeded per micro-batch from (seed, step, micro-batch, rank): exact on resume
