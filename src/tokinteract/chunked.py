@@ -296,8 +296,13 @@ class _ChunkedModule(AlignTILoss):
 class ChunkedAlignTILoss(_ChunkedModule):
     """:class:`tokinteract.AlignTILoss` computed by :func:`chunked_align_ti_terms`.
 
-    Same constructor (plus ``chunk_size``) and the same ``forward`` contract; the result
-    equals :class:`tokinteract.AlignTILoss` in value and gradient.
+    Same ``forward`` contract as :class:`tokinteract.AlignTILoss`; the result equals it in
+    value and gradient.
+
+    Args:
+        chunk_size: rows per chunk; None = ``max(1, 2**24 // V)``.
+        **kwargs: every constructor argument of :class:`tokinteract.AlignTILoss` (term
+            weights, divergence options, ``vocab_size``, ...), with the same meaning.
     """
 
     def _compute(

@@ -131,7 +131,19 @@ def iva_loss(
 
 
 class IVALoss(DivergenceModule):
-    """Module twin of :func:`iva_loss`."""
+    """Module twin of :func:`iva_loss`.
+
+    ``IVALoss(**options)(s, t, weights, ...)`` equals ``iva_loss(s, t, weights, ..., **options)``.
+
+    Args:
+        kind: the per-position divergence: ``"fkl"`` (default, the paper's KL(T||S)),
+            ``"rkl"``, ``"jsd"``, ``"skew_fkl"``, ``"skew_rkl"`` or ``"tvd"``.
+        temperature: ``tau > 0``; both sides use ``softmax(logits / tau)``; no ``tau**2``.
+        beta: JSD mixing weight of the teacher, in [0, 1] (``kind="jsd"`` only).
+        alpha: skew weight, in [0, 1) (``kind="skew_*"`` only).
+        vocab_size: compare only the first ``vocab_size`` entries of both vocabularies (a
+            teacher whose vocabulary is padded); ``None``: the vocabularies must be equal.
+    """
 
     def forward(
         self,

@@ -101,7 +101,11 @@ def kd_loss(
 
 
 class SFTLoss(nn.Module):
-    """Module twin of :func:`sft_loss`."""
+    """Module twin of :func:`sft_loss`.
+
+    Args:
+        ignore_index: label value of the positions that are not supervised.
+    """
 
     def __init__(self, *, ignore_index: int = -100) -> None:
         super().__init__()
@@ -118,7 +122,20 @@ class SFTLoss(nn.Module):
 
 
 class KDLoss(DivergenceModule):
-    """Module twin of :func:`kd_loss`."""
+    """Module twin of :func:`kd_loss`.
+
+    ``KDLoss(**options)(s, t, labels)`` equals ``kd_loss(s, t, labels, **options)``.
+
+    Args:
+        ignore_index: label value of the positions that are not supervised.
+        kind: the per-position divergence: ``"fkl"`` (default, the paper's KL(T||S)),
+            ``"rkl"``, ``"jsd"``, ``"skew_fkl"``, ``"skew_rkl"`` or ``"tvd"``.
+        temperature: ``tau > 0``; both sides use ``softmax(logits / tau)``; no ``tau**2``.
+        beta: JSD mixing weight of the teacher, in [0, 1] (``kind="jsd"`` only).
+        alpha: skew weight, in [0, 1) (``kind="skew_*"`` only).
+        vocab_size: compare only the first ``vocab_size`` entries of both vocabularies (a
+            teacher whose vocabulary is padded); ``None``: the vocabularies must be equal.
+    """
 
     def __init__(
         self,
