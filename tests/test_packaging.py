@@ -112,3 +112,9 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(dist: Path, tmp_path: Path) 
     assert out[2] == "AlignTILoss tpa_forward DistillationTrainer"
     assert (Path(out[0]).parent / "py.typed").is_file()
     assert "usage" in _run(venv / "bin" / "tokinteract-train", "--help", cwd=tmp_path, env=env).lower()
+
+
+def test_install_docs_name_the_wheel_that_is_built(dist: Path) -> None:
+    name = _wheel(dist).name
+    for doc in ("README.md", "docs/index.md"):
+        assert f"dist/{name}[hf,mllm]" in (ROOT / doc).read_text(), f"{doc} names another wheel than {name}"
