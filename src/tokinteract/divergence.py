@@ -183,13 +183,8 @@ class TokenDivergence(DivergenceModule):
     ``TokenDivergence(**options)(s, t)`` equals ``token_divergence(s, t, **options)``.
 
     Args:
-        kind: the per-position divergence: ``"fkl"`` (default, the paper's KL(T||S)),
-            ``"rkl"``, ``"jsd"``, ``"skew_fkl"``, ``"skew_rkl"`` or ``"tvd"``.
-        temperature: ``tau > 0``; both sides use ``softmax(logits / tau)``; no ``tau**2``.
-        beta: JSD mixing weight of the teacher, in [0, 1] (``kind="jsd"`` only).
-        alpha: skew weight, in [0, 1) (``kind="skew_*"`` only).
-        vocab_size: compare only the first ``vocab_size`` entries of both vocabularies (a
-            teacher whose vocabulary is padded); ``None``: the vocabularies must be equal.
+        kind, temperature, beta, alpha, vocab_size: the divergence options of
+            :func:`tokinteract.token_divergence` (default ``kind="fkl"``, KL(T||S)).
     """
 
     def forward(

@@ -128,13 +128,8 @@ class KDLoss(DivergenceModule):
 
     Args:
         ignore_index: label value of the positions that are not supervised.
-        kind: the per-position divergence: ``"fkl"`` (default, the paper's KL(T||S)),
-            ``"rkl"``, ``"jsd"``, ``"skew_fkl"``, ``"skew_rkl"`` or ``"tvd"``.
-        temperature: ``tau > 0``; both sides use ``softmax(logits / tau)``; no ``tau**2``.
-        beta: JSD mixing weight of the teacher, in [0, 1] (``kind="jsd"`` only).
-        alpha: skew weight, in [0, 1) (``kind="skew_*"`` only).
-        vocab_size: compare only the first ``vocab_size`` entries of both vocabularies (a
-            teacher whose vocabulary is padded); ``None``: the vocabularies must be equal.
+        kind, temperature, beta, alpha, vocab_size: the divergence options of
+            :func:`tokinteract.token_divergence` (default ``kind="fkl"``, KL(T||S)).
     """
 
     def __init__(
