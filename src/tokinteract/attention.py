@@ -7,7 +7,7 @@ FlexAttention skips the blocks that are entirely masked. :func:`ribbon_block_mas
 that ``BlockMask`` from a :class:`tokinteract.TPAExpansion`.
 
 GPU only for training: on CPU FlexAttention has no backward pass, and compiled flex gave wrong
-results at some lengths in our measurements (``/work/shared/notes/stack-facts.md``); eager
+results at some lengths in our measurements; eager
 (uncompiled) flex forward on CPU materialises the scores and only serves to check the mask.
 
 The ``mask_mod`` closes over the expansion's per-slot tensors padded with "unused" slots to
