@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: venv demo demo-full test test-fast docs bench clean
+.PHONY: venv demo demo-full test test-fast docs docs-check chromium dist vendor-katex bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,9 +24,10 @@ demo: $(STAMP)
 demo-full: $(STAMP)
 	$(BIN)/python examples/demo.py --full
 
+# The docs build is strict and NOT quiet: with -q MkDocs emits no warnings, so --strict counts none.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
-	$(BIN)/mkdocs build --strict -q
+	$(BIN)/mkdocs build --strict
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -x -m "not slow"
@@ -34,8 +35,28 @@ test-fast: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict
 
+# Opens the key pages of the built site in headless Chromium at 1400 px: formulas rendered by
+# the bundled KaTeX, images and fonts served, nothing fetched from another host; screenshots
+# go to site-shots/. Not part of `make test` (it needs Debian's chromium package).
+docs-check: $(STAMP) chromium
+	$(BIN)/mkdocs build --strict
+	$(BIN)/python scripts/site_check.py site --screenshots site-shots
+
+chromium:
+	command -v chromium >/dev/null || { apt-get update && apt-get install -y chromium; }
+
+# sdist + wheel into dist/, metadata checked by twine.
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/python -m twine check --strict dist/*
+
+# Re-vendor the KaTeX copy the docs render formulas with (npm registry).
+vendor-katex:
+	bash scripts/vendor_katex.sh
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_losses.py --quick
 
 clean:
-	rm -rf $(VENV) site .pytest_cache .hypothesis
+	rm -rf $(VENV) site site-shots dist build .pytest_cache .hypothesis

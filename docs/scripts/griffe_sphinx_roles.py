@@ -7,13 +7,18 @@ to the object's canonical path (``tokinteract.kd_loss`` -> ``tokinteract.kd.kd_l
 a bare name is looked up in the docstring's module, then in the package): a link when the
 target is rendered somewhere on the site, plain code otherwise, never a ``--strict`` warning.
 
-It also splits a grouped parameter line of an ``Args:`` section (``cmap, alpha: ...``, not
-Google style, which griffe would report as an unknown parameter) into one entry per name,
-each with the shared description.
+It also splits a grouped parameter line of an ``Args:`` or ``Attributes:`` section
+(``cmap, alpha: ...``, not Google style, which griffe would report as an unknown parameter)
+into one entry per name, each with the shared description.
+
+:class:`FieldHelp` gives a dataclass field with no docstring of its own the ``help`` text of
+its ``field(metadata={"help": ...})`` (the text ``HfArgumentParser`` prints for the CLI), so
+the API reference documents every constructor argument of the configuration dataclasses.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -33,7 +38,9 @@ def rewrite_roles(text: str, resolve: Callable[[str], str] = lambda name: name) 
     return ROLE.sub(repl, text)
 
 
-_SECTION = re.compile(r"^(\s*)(Args|Arguments|Parameters|Params|Keyword Args|Keyword Arguments|Other Parameters):\s*$")
+_SECTION = re.compile(
+    r"^(\s*)(Args|Arguments|Parameters|Params|Keyword Args|Keyword Arguments|Other Parameters|Attributes):\s*$"
+)
 _GROUPED = re.compile(r"^(\s+)([A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)+)\s*:(.*)$")
 
 
@@ -108,3 +115,38 @@ class SphinxRoles(griffe.Extension):
                 return name
 
             obj.docstring.value = split_grouped_params(rewrite_roles(obj.docstring.value, resolve))
+
+
+def field_help(node: ast.AST) -> str | None:
+    """The ``help`` string of ``x: T = field(..., metadata={"help": "..."})``, else None.
+
+    An f-string's replacement fields are kept as written (``{sorted(METHODS)}``).
+    """
+    value = getattr(node, "value", None)
+    if not isinstance(value, ast.Call) or getattr(value.func, "id", getattr(value.func, "attr", None)) != "field":
+        return None
+    for kw in value.keywords:
+        if kw.arg != "metadata" or not isinstance(kw.value, ast.Dict):
+            continue
+        for key, val in zip(kw.value.keys, kw.value.values):
+            if isinstance(key, ast.Constant) and key.value == "help":
+                if isinstance(val, ast.Constant) and isinstance(val.value, str):
+                    return val.value
+                if isinstance(val, ast.JoinedStr):
+                    return "".join(
+                        str(part.value) if isinstance(part, ast.Constant) else "{" + ast.unparse(part.value) + "}"
+                        for part in val.values
+                        if isinstance(part, (ast.Constant, ast.FormattedValue))
+                    )
+    return None
+
+
+class FieldHelp(griffe.Extension):
+    """Use a dataclass field's ``metadata["help"]`` as its docstring when it has none."""
+
+    def on_attribute_instance(self, *, node: ast.AST | griffe.ObjectNode, attr: griffe.Attribute, **kwargs: Any) -> None:
+        if attr.docstring is not None or not isinstance(node, ast.AST):
+            return
+        text = field_help(node)
+        if text:
+            attr.docstring = griffe.Docstring(text, parent=attr)

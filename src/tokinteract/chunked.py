@@ -252,6 +252,12 @@ class ChunkedAlignTILoss(AlignTILoss):
     """:class:`tokinteract.AlignTILoss` with ``backend="chunked"`` (same constructor and ``forward``).
 
     The result equals :class:`tokinteract.AlignTILoss` in value and gradient.
+
+    Args:
+        chunk_size: rows per chunk; None = ``max(1, 2**24 // V)``.
+        validate: check the inputs' values (one device read per call); see :class:`tokinteract.AlignTILoss`.
+        **kwargs: every other constructor argument of :class:`tokinteract.AlignTILoss` (term
+            weights, divergence options, ``vocab_size``, ...), with the same meaning.
     """
 
     def __init__(self, *, chunk_size: int | None = None, validate: bool = True, **kwargs: Any) -> None:

@@ -256,7 +256,14 @@ class DivergenceModule(nn.Module):
 
 
 class TokenDivergence(DivergenceModule):
-    """Module twin of :func:`token_divergence` (per-position values, no reduction)."""
+    """Module twin of :func:`token_divergence` (per-position values, no reduction).
+
+    ``TokenDivergence(**options)(s, t)`` equals ``token_divergence(s, t, **options)``.
+
+    Args:
+        kind, temperature, beta, alpha, vocab_size: the divergence options of
+            :func:`tokinteract.token_divergence` (default ``kind="fkl"``, KL(T||S)).
+    """
 
     def forward(
         self,

@@ -281,6 +281,13 @@ class FusedAlignTILoss(nn.Module):
     and takes each model's hidden states, LM-head weight and bias as separate arguments. Same
     constructor as :class:`tokinteract.AlignTILoss` plus ``chunk_size``, ``backend``
     (``"tokinteract"`` or ``"liger"``) and ``liger_compiled``; see :func:`fused_align_ti_terms`.
+
+    Args:
+        backend: ``"tokinteract"`` (default) or ``"liger"`` (the KD and TPA terms through
+            Liger-Kernel's fused-linear JSD; needs the ``liger`` extra).
+        liger_compiled: with ``backend="liger"``, let Liger ``torch.compile`` its chunk step.
+        **kwargs: ``chunk_size`` (rows per chunk; None = ``max(1, 2**24 // V)``) and every
+            constructor argument of :class:`tokinteract.AlignTILoss`, with the same meaning.
     """
 
     def __init__(

@@ -113,7 +113,14 @@ def iva_loss(
 
 
 class IVALoss(DivergenceModule):
-    """Module twin of :func:`iva_loss`."""
+    """Module twin of :func:`iva_loss`.
+
+    ``IVALoss(**options)(s, t, weights, ...)`` equals ``iva_loss(s, t, weights, ..., **options)``.
+
+    Args:
+        kind, temperature, beta, alpha, vocab_size: the divergence options of
+            :func:`tokinteract.token_divergence` (default ``kind="fkl"``, KL(T||S)).
+    """
 
     def forward(
         self,

@@ -79,7 +79,11 @@ def kd_loss(
 
 
 class SFTLoss(nn.Module):
-    """Module twin of :func:`sft_loss`."""
+    """Module twin of :func:`sft_loss`.
+
+    Args:
+        ignore_index: label value of the positions that are not supervised.
+    """
 
     def __init__(self, *, ignore_index: int = -100) -> None:
         super().__init__()
@@ -96,7 +100,15 @@ class SFTLoss(nn.Module):
 
 
 class KDLoss(DivergenceModule):
-    """Module twin of :func:`kd_loss`."""
+    """Module twin of :func:`kd_loss`.
+
+    ``KDLoss(**options)(s, t, labels)`` equals ``kd_loss(s, t, labels, **options)``.
+
+    Args:
+        ignore_index: label value of the positions that are not supervised.
+        kind, temperature, beta, alpha, vocab_size: the divergence options of
+            :func:`tokinteract.token_divergence` (default ``kind="fkl"``, KL(T||S)).
+    """
 
     def __init__(
         self,

@@ -82,7 +82,14 @@ def tpa_loss(
 
 
 class TPALoss(DivergenceModule):
-    """Module twin of :func:`tpa_loss`."""
+    """Module twin of :func:`tpa_loss`.
+
+    ``TPALoss(**options)(s, t, expansion)`` equals ``tpa_loss(s, t, expansion, **options)``.
+
+    Args:
+        kind, temperature, beta, alpha, vocab_size: the divergence options of
+            :func:`tokinteract.token_divergence` (default ``kind="fkl"``, KL(T||S)).
+    """
 
     def forward(
         self,

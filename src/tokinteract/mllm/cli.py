@@ -52,13 +52,20 @@ class ModelArguments:
     tiny: bool = field(default=False, metadata={"help": "random tiny models + synthetic-task tokenizer (tests, demo)"})
     tiny_family: str = field(default="qwen2", metadata={"help": "qwen2 or qwen3"})
     tiny_hidden_size: int = 64
+    """Hidden size of the tiny student's language model."""
     tiny_layers: int = 2
+    """Layers of the tiny student's language model."""
     tiny_teacher_hidden_size: int = 96
+    """Hidden size of the tiny teacher's language model."""
     tiny_teacher_layers: int = 3
+    """Layers of the tiny teacher's language model."""
     tiny_image_size: int = 32
+    """Image side in pixels of the tiny SigLIP towers."""
     tiny_patch_size: int = 8
+    """Patch side in pixels of the tiny SigLIP towers."""
     tiny_grid: int = field(default=2, metadata={"help": "grid of the synthetic task (vocabulary)"})
     tiny_seed: int = 0
+    """Seed of the tiny models' random initialisation."""
 
 
 @dataclass
@@ -68,8 +75,10 @@ class DataArguments:
     data_path: str = field(default="", metadata={"help": "LLaVA JSON / JSON Lines file"})
     image_folder: str | None = field(default=None, metadata={"help": "image paths are relative to it"})
     eval_data_path: str | None = None
+    """LLaVA JSON / JSON Lines file evaluated during training (None: no evaluation)."""
     max_length: int = field(default=2048, metadata={"help": "truncation length (never through an image)"})
     system_prompt: str | None = None
+    """System message prepended to every sample that has none (None: no system message)."""
     on_bad_image: str = field(default="error", metadata={"help": "error or skip (counted and reported)"})
     preflight: bool = field(
         default=True,

@@ -188,7 +188,17 @@ def normalize_sample(
 
 @dataclass
 class EncodedSample:
-    """One tokenized sample (1-D tensors of equal length) and its kept image count."""
+    """One tokenized sample (1-D tensors of equal length) and its kept image count.
+
+    Attributes:
+        input_ids: token ids, each image already expanded to its visual tokens.
+        labels: the supervised token ids, ``-100`` elsewhere (rules: the module docstring).
+        visual_mask: True on image tokens.
+        instruction_mask: True on instruction tokens (rules: the module docstring).
+        response_mask: True on response tokens (rules: the module docstring).
+        num_images: images kept after truncation.
+        truncated: whether ``max_length`` cut the sample.
+    """
 
     input_ids: Int[Tensor, "seq"]
     labels: Int[Tensor, "seq"]
@@ -372,6 +382,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         tokenizer: a fast tokenizer with a chat template and the ``<image>`` token.
         image_processor: turns PIL images into ``pixel_values [n, 3, H, W]``.
         num_image_tokens: visual tokens per image the vision tower yields.
+        image_token: the placeholder string that marks an image in the conversation text.
         max_length: truncation length (never through an image).
         system_prompt: optional system message prepended to every sample.
         on_bad_image: ``"error"`` (default): a missing or unreadable image raises a
@@ -554,6 +565,14 @@ class LlavaCollator:
     ``visual_mask``, ``instruction_mask``, ``response_mask`` (bool ``[B, T]``) and, if any
     sample has an image, ``pixel_values [n_images, 3, H, W]`` (images in sample order, as
     LLaVA consumes them).
+
+    Attributes:
+        pad_token_id: id written into ``input_ids`` on padding.
+        image_token_id: the image token's id; with ``num_image_tokens``, enables the
+            image-token count check.
+        num_image_tokens: visual tokens per image.
+        pad_to_multiple_of: round the padded length up to a multiple of it.
+        extra: not read by the collator.
 
     Raises:
         DataError: a sample's image-token count is not ``num_image_tokens`` times its number

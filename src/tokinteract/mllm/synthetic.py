@@ -89,7 +89,12 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class Scene:
-    """Objects as ``(shape, colour, row, col)`` tuples, sorted in reading order."""
+    """Objects as ``(shape, colour, row, col)`` tuples, sorted in reading order.
+
+    Attributes:
+        objects: the ``(shape, colour, row, col)`` tuples.
+        grid: the image is a ``grid x grid`` board of cells.
+    """
 
     objects: tuple[tuple[str, str, int, int], ...]
     grid: int
