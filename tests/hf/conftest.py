@@ -9,6 +9,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
+    LlamaConfig,
+    LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
     Qwen2Config,
@@ -47,6 +49,17 @@ def make_qwen3(attn: str = "sdpa", seed: int = 0, **kw) -> Qwen3ForCausalLM:
     )
     base.update(kw)
     return Qwen3ForCausalLM._from_config(Qwen3Config(**base), attn_implementation=attn).eval()
+
+
+def make_llama(attn: str = "sdpa", seed: int = 0, **kw) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    base = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    base.update(kw)
+    return LlamaForCausalLM._from_config(LlamaConfig(**base), attn_implementation=attn).eval()
 
 
 def make_llava(attn: str = "sdpa", seed: int = 0, layers: int = 2) -> LlavaForConditionalGeneration:
@@ -101,7 +114,7 @@ def candidate_mask(am, *, skip_first=0, seed=0, p=0.7):
 @pytest.fixture
 def tiny():
     return SimpleNamespace(
-        qwen2=make_qwen2, qwen3=make_qwen3, llava=make_llava, text_batch=text_batch,
+        qwen2=make_qwen2, qwen3=make_qwen3, llama=make_llama, llava=make_llava, text_batch=text_batch,
         image_batch=image_batch, candidate_mask=candidate_mask, VOCAB=VOCAB, IMAGE_TOKEN=IMAGE_TOKEN,
         PATCHES=PATCHES,
     )

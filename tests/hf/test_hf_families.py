@@ -143,18 +143,15 @@ def test_loss_and_every_gradient_equal_the_per_candidate_forwards(name, padding)
 
 
 def test_an_unknown_family_is_refused():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1,
-    ))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=16))
     ids = torch.randint(2, 32, (1, 6))
     cm = torch.zeros(1, 6, dtype=torch.bool)
     cm[0, 2] = True
     exp = tpa_expand(ids, ids[..., None], cm)
     for call in (lambda: packed_forward(model, exp), lambda: ground_truth_forward(model, ids)):
-        with pytest.raises(ValueError, match=r"does not know the model family 'llama'.*qwen2_5_vl"):
+        with pytest.raises(ValueError, match=r"does not know the model family 'gpt2'.*qwen2_5_vl"):
             call()
 
 
@@ -241,3 +238,43 @@ def test_exposure_bias_refuses_what_its_decoding_does_not_reproduce(name):
     model, batch, _, _ = _setup(name, "sdpa", "right")
     with pytest.raises(ValueError, match="exposure_bias: the teacher"):
         exposure_bias(model, model, [batch.inputs], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@torch.no_grad()
+def test_gemma3_text_model_sliding_windows(padding):
+    """Gemma3ForCausalLM (model_type gemma3_text): sliding and full layers, no images."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], pad_token_id=0,
+        max_position_embeddings=64,
+    )
+    model = Gemma3ForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+    g = torch.Generator().manual_seed(1)
+    B, T, lengths = 2, 11, (11, 7)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    am = torch.zeros(B, T, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        sl = slice(0, n) if padding == "right" else slice(T - n, T)
+        ids[b, sl] = torch.randint(2, 64, (n,), generator=g)
+        am[b, sl] = True
+    cm = am & (torch.rand(B, T, generator=g) < 0.6)
+    rank = am.long().cumsum(1)
+    cm &= rank < am.sum(1, keepdim=True)
+    exp = tpa_expand(ids, torch.randint(2, 64, (B, T, 2), generator=g), cm, am)
+    got = packed_forward(model, exp)
+    for attention in ("dense", "prefix_self"):
+        torch.testing.assert_close(tpa_forward(model, exp, attention=attention), got, atol=ATOL, rtol=0)
+    for b in range(B):
+        real = am[b].nonzero().flatten()
+        torch.testing.assert_close(got[b, real], model(input_ids=ids[b, real][None]).logits[0], atol=ATOL, rtol=0)
+    bb, tt, _, slot = exp.candidate_slots()
+    assert bb.numel()
+    for b, t, s in zip(bb.tolist(), tt.tolist(), slot.tolist()):
+        real = am[b].nonzero().flatten()
+        seq = torch.cat([ids[b, real[real <= t]], exp.input_ids[b, s : s + 1]])[None]
+        torch.testing.assert_close(got[b, s], model(input_ids=seq).logits[0, -1], atol=ATOL, rtol=0)

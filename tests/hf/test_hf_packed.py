@@ -59,7 +59,7 @@ def _naive(model, ids, am, exp, px):
 
 @pytest.mark.parametrize("padding", ["right", "left"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llava"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama", "llava"])
 @torch.no_grad()
 def test_packed_equals_naive_per_candidate(tiny, kind, attn, padding):
     model, ids, am, cm, cands, px = _build(tiny, kind, attn, padding)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,8 +49,6 @@ class Family:
             marked by ``token_type_ids == 1`` (honoured only when ``token_type_ids`` is given,
             as the model itself does).
         consumed: model inputs read by the adapter and not forwarded to the model.
-        required: inputs without which the model's own positions cannot be built when
-            images are present.
         visual_token_attrs: config attributes holding visual placeholder token ids.
     """
 
@@ -60,12 +58,10 @@ class Family:
     image_blocks: bool = False
     consumed: tuple[str, ...] = ()
     visual_token_attrs: tuple[str, ...] = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
-    notes: str = ""
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("Qwen2 / Qwen3 (text)", ("qwen2", "qwen3")),
+    Family("Qwen2 / Qwen3 / Llama (text)", ("qwen2", "qwen3", "llama")),
     Family("Gemma 3 (text)", ("gemma3_text",)),
     Family("LLaVA", ("llava",)),
     Family("LLaVA-NeXT", ("llava_next",)),
