@@ -78,7 +78,21 @@ class PreflightError(ValueError):
 
 @dataclass
 class PreflightReport:
-    """What preflight found. ``bad`` maps a sample index to why it is bad."""
+    """What preflight found.
+
+    Args:
+        data_path: the dataset file scanned.
+        samples: number of samples in it.
+        bad: sample index -> why it is bad (left out of training).
+        truncated: samples whose tokenized length exceeds ``max_length`` (cut, not bad).
+        longest: the longest tokenized sample.
+        images: image files checked (present and decodable by header).
+        errors: problems that stop the run before any model loads.
+        notes: information that does not stop the run.
+        chunks_cached: dataset chunks whose result came from the fingerprint cache.
+        chunks_scanned: dataset chunks scanned in this run.
+        seconds: wall time of the scan.
+    """
 
     data_path: str = ""
     samples: int = 0
