@@ -90,7 +90,7 @@ class _Oracle(torch.nn.Module):
         super().__init__()
         self.vocab, self.answers, self.prompt_len = vocab, answers, prompt_len
         self.w = torch.nn.Parameter(torch.zeros(()))
-        self.config = type("C", (), {})()
+        self.config = type("C", (), {"model_type": "qwen2"})()  # decodes like a plain causal LM
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=False, **kw):
         B, T = input_ids.shape

@@ -12,12 +12,13 @@
 * :func:`exposure_bias`: ``E_train``, ``E_test``, ``R``, ``E`` and ``%ExAccErr``
   (Appendix B.4).
 
-Tested with transformers 5.24 on Qwen2, Qwen3 and LLaVA (SigLIP + Qwen2).
+Supported model families and what each adds to plain causal attention:
+:mod:`tokinteract.hf.families` (unknown families are refused).
 """
 
 from tokinteract.hf._attn import SUPPORTED_IMPLEMENTATIONS, prefix_self_attention
 from tokinteract.hf.capture import AttentionCapture, capture_attention
-from tokinteract.hf.exposure import ExposureBias, exposure_bias
+from tokinteract.hf.exposure import ExposureBias, exposure_bias, generate_tokens
 from tokinteract.hf.irs import (
     IRSCurve,
     instruction_vision_alphas,
@@ -46,6 +47,7 @@ __all__ = [
     "cached_candidate_forward",
     "capture_attention",
     "exposure_bias",
+    "generate_tokens",
     "ground_truth_attention_mask",
     "ground_truth_forward",
     "ground_truth_position_ids",

@@ -37,7 +37,7 @@ from tokinteract.hf.packed import (
     ground_truth_position_ids,
 )
 
-__all__ = ["ExposureBias", "exposure_bias"]
+__all__ = ["ExposureBias", "exposure_bias", "generate_tokens"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,6 +128,32 @@ def _generate(
         logits = out.logits[:, -1]
         pos = pos + 1
     return torch.cat(toks, dim=1)
+
+
+def generate_tokens(
+    model: nn.Module,
+    input_ids: Int[Tensor, "batch prompt"],
+    attention_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    **model_inputs: Any,
+) -> Int[Tensor, "batch new"]:
+    """``max_new_tokens`` tokens after each prompt (greedy, or sampled from ``softmax(logits / T)``).
+
+    The decoding loop of :func:`exposure_bias`: prompts are left-aligned, the KV cache is reused,
+    and no token stops a row early (cut at your end-of-sequence token afterwards). Families with
+    multimodal RoPE, sliding windows or image blocks are refused (see :func:`exposure_bias`).
+    """
+    check_int("max_new_tokens", max_new_tokens, minimum=1)
+    check_positive("temperature", temperature)
+    _check_plain("model", model)
+    ids, am = _left_align(input_ids, _padding_mask(attention_mask, input_ids))
+    return _generate(
+        model, ids, am, model_inputs, max_new_tokens, do_sample=do_sample, temperature=temperature, generator=generator
+    )
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from tokinteract import shift_labels, token_divergence
-from tokinteract.hf import exposure_bias, ground_truth_position_ids, irs_curve
+from tokinteract.hf import exposure_bias, generate_tokens, ground_truth_position_ids, irs_curve
 
 __all__ = ["IGNORE_INDEX", "evaluate_generation", "exposure_curve", "greedy_generate", "heldout_kl", "teacher_irs"]
 
@@ -52,10 +52,8 @@ def greedy_generate(
 ) -> Tensor:
     """Greedy continuation ``[B, max_new_tokens]`` of left-padded prompts (KV-cached loop of
     ``tokinteract.hf``, the one :func:`tokinteract.hf.exposure_bias` uses)."""
-    from tokinteract.hf.exposure import _generate
-
     extra = {"pixel_values": pixel_values} if pixel_values is not None else {}
-    return _generate(model, ids, att.bool(), extra, max_new_tokens, do_sample=False, temperature=1.0, generator=None)
+    return generate_tokens(model, ids, att.bool(), max_new_tokens=max_new_tokens, **extra)
 
 
 def _strip(seq: Sequence[int], eos: int) -> list[int]:
