@@ -179,11 +179,12 @@ def _text_params(model) -> tuple[int, int, int]:
     return n, cfg.num_hidden_layers, cfg.hidden_size
 
 
-def estimated_macs(v: str, student, teacher, batch: dict[str, torch.Tensor], d: int, vocab: int) -> float:
+def estimated_macs(v: str, student, teacher, batch: dict[str, torch.Tensor], d: int, vocab: int,
+                   teacher_only: bool = False) -> float:
     """Rough multiply-accumulates of one step: 1 MAC per parameter per token (x3 with gradients),
     attention scores ``2 L H ctx``, the LM heads on the rows the loss needs (fused: supervised rows,
     + visual rows for IVA, + candidate rows for TPA; logits: every slot). Vision towers are left
-    out (frozen, identical in every variant)."""
+    out (frozen, identical in every variant). ``teacher_only``: the teacher's share alone."""
     from tokinteract import shift_labels
 
     method, extra = VARIANTS[v]
@@ -210,10 +211,8 @@ def estimated_macs(v: str, student, teacher, batch: dict[str, torch.Tensor], d: 
             return 3 * (f - gt) + gt
         return 3 * f if grad else f
 
-    total = model_macs(student, True)
-    if method != "sft":
-        total += model_macs(teacher, False)
-    return total
+    t_macs = model_macs(teacher, False) if method != "sft" else 0.0
+    return t_macs if teacher_only else model_macs(student, True) + t_macs
 
 
 def main() -> None:
@@ -286,7 +285,8 @@ def main() -> None:
         est = {v: estimated_macs(v, st, te, b, a.d, vocab) for v in a.variants}
         for v in a.variants:
             base = "kd_logits" if v.endswith("_logits") else "kd"
-            print(f"  {v:>16}: estimated ratio vs {base} {est[v] / est[base]:.3f}")
+            share = estimated_macs(v, st, te, b, a.d, vocab, teacher_only=True) / est[v]
+            print(f"  {v:>16}: estimated ratio vs {base} {est[v] / est[base]:.3f}, teacher's share of the step {share:.1%}")
         return
     if a.attn == "flex_attention" and not cuda:
         raise SystemExit("--attn flex_attention needs --device cuda (FlexAttention has no backward on CPU)")
@@ -334,7 +334,11 @@ def main() -> None:
         profile(step, a.profile, cuda)
         return
     if a.breakdown:
-        breakdown(names, trainers, student, batch, a.rounds, cuda)
+        info = {**machine_info(str(device)), "command": "python " + " ".join(sys.argv),
+                "student": f"Qwen2 H={s_shape[0]} L={s_shape[1]}", "teacher": f"Qwen2 H={t_shape[0]} L={t_shape[1]}",
+                "batch": f"B={B}, T={T} real tokens, N={N} candidate slots, vocab {vocab}",
+                "load average (1/5/15 min) at start": str(load0)}
+        breakdown(names, trainers, student, batch, a.rounds, cuda, a.name and a.name + "_breakdown", info)
         return
     if a.count_syncs:
         count_syncs(names, step, cuda, a.name or f"bench_step_{device.type}_syncs",
@@ -491,13 +495,20 @@ def trl_reference_check() -> float:
     return abs(float(got) - float(ref_kd_loss(s, t, labels)))
 
 
-def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: int, cuda: bool) -> None:
+def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: int, cuda: bool,
+              name: str | None = None, header: dict[str, str] | None = None) -> None:
     """Seconds per part of one step (best round per variant), by wrapping the functions the trainer calls.
 
     ``teacher``: ``_teacher_pass`` (its forwards, no grad); ``sampling``: candidate sampling
     (``fused_sample_candidates`` / ``sample_candidates``); ``expand``: ``tpa_expand``; ``loss``:
     the loss module (the fused loss also computes the LM-head gradients here); ``student+rest``:
     the rest of ``compute_loss`` (the student's forwards); ``backward``: ``loss.backward()``.
+
+    Inside ``teacher`` (nested, not added to the total again): ``t.vision`` (the teacher's vision
+    tower and projector), ``t.decoder`` (its language model's forwards: the ground-truth pass, the
+    candidate block, the IVA attention capture at ``l*``) and ``t.lm_head`` (its LM head, only on the
+    ``logits`` path; the fused path sends the rows the losses need through the teacher's head inside
+    ``loss``). With ``name``, also writes ``<name>.md`` (the table, the shares, ``header``).
     """
     import tokinteract.fused as fused_mod
     import tokinteract.mllm.trainer as tr_mod
@@ -531,6 +542,11 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
             setattr(m, n, timed(keys[n], f))
         for tr in trainers.values():
             tr.loss_fn.forward = timed("loss", tr.loss_fn.forward)
+        teacher = next(tr.teacher for tr in trainers.values() if tr.teacher is not None)
+        inner = [(teacher.model.vision_tower, "t.vision"), (teacher.model.multi_modal_projector, "t.vision"),
+                 (teacher.model.language_model, "t.decoder"), (teacher.lm_head, "t.lm_head")]
+        for mod, key in inner:
+            mod.forward = timed(key, mod.forward)
         best: dict[str, dict[str, float]] = {}
         for r in range(rounds + 1):
             for v in names:
@@ -546,7 +562,7 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
                 student.zero_grad(set_to_none=True)
                 trainers[v]._part_sums = {}
                 parts = dict(acc)
-                parts["student+rest"] = (t1 - t0) - sum(parts.values())
+                parts["student+rest"] = (t1 - t0) - sum(v for k, v in parts.items() if not k.startswith("t."))
                 parts["backward"] = t2 - t1
                 parts["total"] = t2 - t0
                 if r > 0 and (v not in best or parts["total"] < best[v]["total"]):
@@ -556,11 +572,31 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
             setattr(m, n, f)
         for tr in trainers.values():
             tr.loss_fn.__dict__.pop("forward", None)
-    cols = ["student+rest", "sampling", "expand", "teacher", "loss", "backward", "total"]
-    print("seconds per part (best round):")
-    print(f"{'variant':>16} " + " ".join(f"{c:>12}" for c in cols))
-    for v in names:
-        print(f"{v:>16} " + " ".join(f"{best[v].get(c, 0.0):>12.4f}" for c in cols))
+        for mod, _ in inner:
+            mod.__dict__.pop("forward", None)
+    cols = ["student+rest", "sampling", "expand", "teacher", "t.vision", "t.decoder", "t.lm_head", "loss", "backward",
+            "total"]
+    table = [f"{'variant':>16} " + " ".join(f"{c:>12}" for c in cols)]
+    table += [f"{v:>16} " + " ".join(f"{best[v].get(c, 0.0):>12.4f}" for c in cols) for v in names]
+    shares = [f"{v}: teacher {best[v].get('teacher', 0.0) / best[v]['total']:.1%} of the step "
+              f"(vision {best[v].get('t.vision', 0.0) / best[v]['total']:.1%}, "
+              f"decoder {best[v].get('t.decoder', 0.0) / best[v]['total']:.1%}, "
+              f"LM head {best[v].get('t.lm_head', 0.0) / best[v]['total']:.1%}, "
+              f"rest of the teacher pass {(best[v].get('teacher', 0.0) - sum(best[v].get(k, 0.0) for k in ('t.vision', 't.decoder', 't.lm_head'))) / best[v]['total']:.1%})"
+              for v in names]
+    print("seconds per part (best round; t.* are inside teacher):")
+    print("\n".join(table + shares))
+    if name:
+        from _common import RESULTS
+
+        lines = [f"# {Path(name).name}: seconds per part of one step", ""]
+        lines += [f"- **{k}**: {v}" for k, v in (header or {}).items()]
+        lines += ["- **parts**: see `breakdown` in bench_step.py; `t.*` are inside `teacher`; best round per variant", "",
+                  "```", *table, "```", "", "## Teacher share", ""] + [f"- {x}" for x in shares]
+        path = RESULTS / f"{name}.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n")
+        print("wrote", path)
 
 
 def profile(step, v: str, cuda: bool) -> None:
