@@ -8,12 +8,14 @@ export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: venv demo demo-full test test-fast docs docs-check chromium dist vendor-katex bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt benchmarks/requirements-bench.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[hf,mllm,plot,dev,docs]'
 	# Liger-Kernel's chunked losses are plain PyTorch: --no-deps keeps Triton (~1 GB) and torch out
 	$(BIN)/pip install -q --no-deps 'liger-kernel==0.8.5'
+	# Benchmark peers (benchmarks/_peers.py): TRL's losses are plain PyTorch; --no-deps keeps datasets/pyarrow out
+	$(BIN)/pip install -q --no-deps -r benchmarks/requirements-bench.txt
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -19,6 +19,12 @@ the student's second full pass; no suffix: the trainer defaults, ``loss_impl="fu
     sft, kd, iva, tpa, align_ti, kd_logits, iva_logits, tpa_logits, align_ti_logits, tpa_packed,
     align_ti_packed
 
+and ``kd_trl``, a TRL-style KD step outside ``DistillationTrainer``, as TRL's GKD trainer computes
+it without Liger (``GKDTrainer.compute_loss``): the student's and the teacher's full logits at
+every position (teacher under ``no_grad``), then TRL's own ``generalized_jsd_loss`` with
+``beta=0`` (forward KL, the mean over the supervised positions; no SFT term) and the backward.
+Its ratio is against ``kd`` (our default fused step); needs ``trl`` (``benchmarks/_peers.py``).
+
 Every time is also given as a ratio against the Vanilla KD step of the same ``loss_impl``
 measured in the same run (``kd`` = 1.0, or ``kd_logits`` for ``*_logits``). Variants are
 interleaved round by round (each round runs every variant once, after one warm-up round) and
@@ -40,6 +46,15 @@ forward in the cached path (the student's second full pass of Algorithm 1 remove
     # GPU (not run here: no GPU on this machine): Qwen2-0.5B-shaped student, Qwen2-1.5B / 7B-shaped teacher
     .venv/bin/python benchmarks/bench_step.py --device cuda --dtype bf16 --teacher 1.5b
     .venv/bin/python benchmarks/bench_step.py --device cuda --dtype bf16 --teacher 7b
+    # 1.5B-shaped student, the ribbon BlockMask for the packed passes, device->host syncs per step
+    .venv/bin/python benchmarks/bench_step.py --device cuda --student 1.5b --teacher 7b --attn flex_attention
+    .venv/bin/python benchmarks/bench_step.py --device cuda --count-syncs --variants kd iva align_ti kd_trl
+
+``--attn flex_attention`` runs both text models under FlexAttention, so the packed passes
+(``*_packed`` variants) use the ribbon ``BlockMask`` (``tokinteract.attention.ribbon_block_mask``)
+instead of the dense SDPA mask; CUDA only (no flex backward on CPU). ``--count-syncs`` runs one
+step per variant under ``torch.cuda.set_sync_debug_mode("warn")`` and counts the device->host
+synchronisation warnings (CUDA only; on CPU the count is written as ``n/a``).
 """
 
 from __future__ import annotations
@@ -55,6 +70,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _peers  # noqa: E402
 from _common import DTYPES, machine_info, print_table, ratio, write_results  # noqa: E402
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -70,7 +86,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "align_ti_logits": ("align_ti", {"loss_impl": "logits"}),
     "tpa_packed": ("tpa", {"tpa_forward": "packed"}),
     "align_ti_packed": ("align_ti", {"tpa_forward": "packed"}),
+    # not a DistillationTrainer variant: TRL's GKD step (see the module docstring); the entry gives its
+    # compute model (full logits at every slot of both models, like kd_logits)
+    "kd_trl": ("kd", {"loss_impl": "logits"}),
 }
+PEER_STEPS = ("kd_trl",)
 
 # Qwen2 / Qwen2.5 shapes (hidden, layers, heads, kv heads, intermediate); SigLIP-so400m/14 at 384 px
 SHAPES = {
@@ -159,11 +179,12 @@ def _text_params(model) -> tuple[int, int, int]:
     return n, cfg.num_hidden_layers, cfg.hidden_size
 
 
-def estimated_macs(v: str, student, teacher, batch: dict[str, torch.Tensor], d: int, vocab: int) -> float:
+def estimated_macs(v: str, student, teacher, batch: dict[str, torch.Tensor], d: int, vocab: int,
+                   teacher_only: bool = False) -> float:
     """Rough multiply-accumulates of one step: 1 MAC per parameter per token (x3 with gradients),
     attention scores ``2 L H ctx``, the LM heads on the rows the loss needs (fused: supervised rows,
     + visual rows for IVA, + candidate rows for TPA; logits: every slot). Vision towers are left
-    out (frozen, identical in every variant)."""
+    out (frozen, identical in every variant). ``teacher_only``: the teacher's share alone."""
     from tokinteract import shift_labels
 
     method, extra = VARIANTS[v]
@@ -190,10 +211,8 @@ def estimated_macs(v: str, student, teacher, batch: dict[str, torch.Tensor], d: 
             return 3 * (f - gt) + gt
         return 3 * f if grad else f
 
-    total = model_macs(student, True)
-    if method != "sft":
-        total += model_macs(teacher, False)
-    return total
+    t_macs = model_macs(teacher, False) if method != "sft" else 0.0
+    return t_macs if teacher_only else model_macs(student, True) + t_macs
 
 
 def main() -> None:
@@ -202,6 +221,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp32 on CPU, bf16 on CUDA")
     ap.add_argument("--teacher", choices=["1.5b", "7b"], default="1.5b", help="GPU teacher shape")
+    ap.add_argument("--student", choices=["0.5b", "1.5b"], default="0.5b", help="GPU student shape")
+    ap.add_argument("--attn", choices=["sdpa", "flex_attention"], default="sdpa",
+                    help="text models' attention: sdpa (dense ribbon mask in packed passes) or flex_attention "
+                         "(ribbon BlockMask; CUDA only)")
+    ap.add_argument("--count-syncs", action="store_true",
+                    help="count device->host syncs of one step per variant (torch.cuda.set_sync_debug_mode)")
     ap.add_argument("--real-shapes", action="store_true",
                     help="Qwen2-0.5B-shaped student, --teacher-shaped teacher, SigLIP-so400m tower (729 tokens) "
                          "on any device (the default on CUDA; on CPU it needs ~20 GiB in fp32 at --batch 1)")
@@ -212,7 +237,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=None, help="default 151,936 (Qwen2); --quick: 8,192")
     ap.add_argument("--d", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds after one warm-up round; best kept")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                    help="default: all (kd_trl only when trl is installed)")
     ap.add_argument("--profile", default=None, choices=list(VARIANTS), help="cProfile + torch.profiler of one step")
     ap.add_argument("--name", default=None, help="results file stem (default bench_step_<device>)")
     ap.add_argument("--estimate", action="store_true",
@@ -223,6 +249,10 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    from _peers import trl_available
+
+    if a.variants is None:
+        a.variants = [v for v in VARIANTS if v not in PEER_STEPS or trl_available()]
 
     from transformers import TrainingArguments
 
@@ -232,7 +262,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     dtype = DTYPES[a.dtype or ("bf16" if cuda else "fp32")]
     if cuda or a.real_shapes:
-        s_shape, t_shape, vision = SHAPES["0.5b"], SHAPES[a.teacher], dict(GPU_VISION)
+        s_shape, t_shape, vision = SHAPES[a.student], SHAPES[a.teacher], dict(GPU_VISION)
     else:
         s_shape, t_shape, vision = CPU_STUDENT, CPU_TEACHER, dict(CPU_VISION)
     vocab = a.vocab or (8192 if a.quick and not cuda else 151_936)
@@ -255,10 +285,16 @@ def main() -> None:
         est = {v: estimated_macs(v, st, te, b, a.d, vocab) for v in a.variants}
         for v in a.variants:
             base = "kd_logits" if v.endswith("_logits") else "kd"
-            print(f"  {v:>16}: estimated ratio vs {base} {est[v] / est[base]:.3f}")
+            share = estimated_macs(v, st, te, b, a.d, vocab, teacher_only=True) / est[v]
+            print(f"  {v:>16}: estimated ratio vs {base} {est[v] / est[base]:.3f}, teacher's share of the step {share:.1%}")
         return
-    student = build_model(vocab, image_token, s_shape, vision, 1, dtype, device)
-    teacher = build_model(vocab, image_token, t_shape, vision, 2, dtype, device)
+    if a.attn == "flex_attention" and not cuda:
+        raise SystemExit("--attn flex_attention needs --device cuda (FlexAttention has no backward on CPU)")
+    with torch.device(device):  # initialise on the device: a 7B-shaped model is slow to build on the host
+        student = build_model(vocab, image_token, s_shape, vision, 1, dtype, device)
+        teacher = build_model(vocab, image_token, t_shape, vision, 2, dtype, device)
+    for m in (student, teacher):
+        m.set_attn_implementation({"text_config": a.attn})
     set_trainable(student, "finetune")
     batch = build_batch(B, n_vis, a.instruction, a.response, vocab, image_token, vision["image_size"], 0, device, dtype)
     T, N = token_work(batch, a.d)
@@ -270,10 +306,23 @@ def main() -> None:
     )
     iva_layer = t_shape[1] // 2
     names = [a.profile] if a.profile else a.variants
-    trainers = {v: make_trainer(student, teacher, *VARIANTS[v], targs, iva_layer, a.d) for v in names}
+    trl_check = None
+    if any(v in PEER_STEPS for v in names):
+        trl_check = trl_reference_check()
+        print(f"TRL reference check (generalized_jsd_loss beta=0 vs tests/reference.py ref_kd_loss): |diff| = {trl_check:.2e}")
+        if trl_check > 1e-5:
+            raise SystemExit("TRL reference check failed")
+    if a.breakdown:
+        names = [v for v in names if v not in PEER_STEPS]  # the breakdown wraps the trainer's parts
+    trainers = {v: make_trainer(student, teacher, *VARIANTS[v], targs, iva_layer, a.d) for v in names if v not in PEER_STEPS}
     student.train()
 
     def step(v: str) -> None:
+        if v == "kd_trl":
+            loss = trl_kd_loss(student, teacher, batch)
+            loss.backward()
+            student.zero_grad(set_to_none=True)
+            return
         loss = trainers[v].compute_loss(student, dict(batch))
         loss.backward()
         student.zero_grad(set_to_none=True)
@@ -285,7 +334,15 @@ def main() -> None:
         profile(step, a.profile, cuda)
         return
     if a.breakdown:
-        breakdown(names, trainers, student, batch, a.rounds, cuda)
+        info = {**machine_info(str(device)), "command": "python " + " ".join(sys.argv),
+                "student": f"Qwen2 H={s_shape[0]} L={s_shape[1]}", "teacher": f"Qwen2 H={t_shape[0]} L={t_shape[1]}",
+                "batch": f"B={B}, T={T} real tokens, N={N} candidate slots, vocab {vocab}",
+                "load average (1/5/15 min) at start": str(load0)}
+        breakdown(names, trainers, student, batch, a.rounds, cuda, a.name and a.name + "_breakdown", info)
+        return
+    if a.count_syncs:
+        count_syncs(names, step, cuda, a.name or f"bench_step_{device.type}_syncs",
+                    {**machine_info(str(device)), "command": "python " + " ".join(sys.argv)})
         return
     best = {v: float("inf") for v in names}
     peak = {v: 0.0 for v in names}
@@ -350,7 +407,7 @@ def main() -> None:
     for line in verdicts:
         print(line)
     info = machine_info(str(device))
-    header = {**info, "command": "python " + " ".join(sys.argv),
+    header = {**info, "command": "python " + " ".join(sys.argv), "attention": a.attn,
               "student": f"Qwen2 H={s_shape[0]} L={s_shape[1]} heads={s_shape[2]}/{s_shape[3]} I={s_shape[4]}",
               "teacher": f"Qwen2 H={t_shape[0]} L={t_shape[1]} heads={t_shape[2]}/{t_shape[3]} I={t_shape[4]}",
               "vision": f"SigLIP H={vision['vision_hidden_size']} L={vision['vision_layers']} ({n_vis} tokens/image)",
@@ -358,19 +415,100 @@ def main() -> None:
               "step": "compute_loss + backward + zero_grad, no optimizer update; best of interleaved rounds",
               "peak memory": "torch.cuda.max_memory_allocated() - memory_allocated() around the step" if cuda
               else "not measured on CPU (all variants share one process)",
+              **({"kd_trl": f"TRL-style KD step: {_peers.TRL_SOURCE}; reference check |diff| = {trl_check:.2e}"}
+                 if trl_check is not None else {}),
               "load average (1/5/15 min) at start / end": f"{load0} / {tuple(round(x, 2) for x in os.getloadavg())}"}
     name = a.name or f"bench_step_{device.type}"
     paths = write_results(name, rows, header, verdicts)
     print("wrote", *paths)
 
 
-def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: int, cuda: bool) -> None:
+def trl_kd_loss(student, teacher, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """TRL's GKD step without Liger (``GKDTrainer.compute_loss``): full logits of both models at every
+    position, shifted, and TRL's ``generalized_jsd_loss(beta=0)`` over the supervised positions."""
+    from _peers import trl_gkd_jsd
+
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    s_logits = student(**inputs).logits
+    teacher.eval()
+    with torch.no_grad():
+        t_logits = teacher(**inputs).logits
+    return trl_gkd_jsd(s_logits[:, :-1, :], t_logits[:, :-1, :], batch["labels"][:, 1:], beta=0.0)
+
+
+def count_syncs(names: list[str], step, cuda: bool, name: str, header: dict[str, str]) -> None:
+    """Device->host synchronisations of one step per variant (after one warm-up step each).
+
+    Counted as the warnings ``torch.cuda.set_sync_debug_mode("warn")`` raises for synchronising
+    CUDA calls (``.item()``, ``nonzero``, host copies, ...). On CPU there is nothing to count: the
+    figure is written as ``n/a``. Writes ``<name>.csv`` (variant, syncs) and ``<name>.md``.
+    """
+    import csv
+    import warnings
+
+    from _common import RESULTS
+
+    counts: dict[str, str] = {}
+    for v in names:
+        step(v)  # warm-up: lazy initialisation may synchronise once
+        if not cuda:
+            counts[v] = "n/a"
+            continue
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step(v)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        counts[v] = str(sum("synchroniz" in str(w.message) for w in caught))
+    for v in names:
+        print(f"{v:>16}: {counts[v]} device->host syncs per step")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = RESULTS / f"{name}.csv", RESULTS / f"{name}.md"
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["variant", "syncs_per_step"])
+        w.writerows([v, counts[v]] for v in names)
+    lines = [f"# {name}", ""] + [f"- **{k}**: {v}" for k, v in header.items()]
+    lines += ["- **method**: one step per variant after a warm-up step, under torch.cuda.set_sync_debug_mode('warn'); "
+              "count of its synchronisation warnings (n/a: not CUDA)", "", "| variant | syncs per step |", "|---|---|"]
+    lines += [f"| {v} | {counts[v]} |" for v in names]
+    md_path.write_text("\n".join(lines) + "\n")
+    print("wrote", csv_path, md_path)
+
+
+def trl_reference_check() -> float:
+    """TRL's ``generalized_jsd_loss(beta=0)`` on shifted logits vs ``tests/reference.py``'s KD loss; |diff|."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from reference import ref_kd_loss
+
+    from _peers import trl_gkd_jsd
+
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 7, 11, generator=g), torch.randn(2, 7, 11, generator=g)
+    labels = torch.randint(0, 11, (2, 7), generator=g)
+    labels[0, :3] = -100
+    labels[1, 5:] = -100
+    got = trl_gkd_jsd(s[:, :-1], t[:, :-1], labels[:, 1:], beta=0.0)
+    return abs(float(got) - float(ref_kd_loss(s, t, labels)))
+
+
+def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: int, cuda: bool,
+              name: str | None = None, header: dict[str, str] | None = None) -> None:
     """Seconds per part of one step (best round per variant), by wrapping the functions the trainer calls.
 
     ``teacher``: ``_teacher_pass`` (its forwards, no grad); ``sampling``: candidate sampling
     (``fused_sample_candidates`` / ``sample_candidates``); ``expand``: ``tpa_expand``; ``loss``:
     the loss module (the fused loss also computes the LM-head gradients here); ``student+rest``:
     the rest of ``compute_loss`` (the student's forwards); ``backward``: ``loss.backward()``.
+
+    Inside ``teacher`` (nested, not added to the total again): ``t.vision`` (the teacher's vision
+    tower and projector), ``t.decoder`` (its language model's forwards: the ground-truth pass, the
+    candidate block, the IVA attention capture at ``l*``) and ``t.lm_head`` (its LM head, only on the
+    ``logits`` path; the fused path sends the rows the losses need through the teacher's head inside
+    ``loss``). With ``name``, also writes ``<name>.md`` (the table, the shares, ``header``).
     """
     import tokinteract.fused as fused_mod
     import tokinteract.mllm.trainer as tr_mod
@@ -404,6 +542,11 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
             setattr(m, n, timed(keys[n], f))
         for tr in trainers.values():
             tr.loss_fn.forward = timed("loss", tr.loss_fn.forward)
+        teacher = next(tr.teacher for tr in trainers.values() if tr.teacher is not None)
+        inner = [(teacher.model.vision_tower, "t.vision"), (teacher.model.multi_modal_projector, "t.vision"),
+                 (teacher.model.language_model, "t.decoder"), (teacher.lm_head, "t.lm_head")]
+        for mod, key in inner:
+            mod.forward = timed(key, mod.forward)
         best: dict[str, dict[str, float]] = {}
         for r in range(rounds + 1):
             for v in names:
@@ -419,7 +562,7 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
                 student.zero_grad(set_to_none=True)
                 trainers[v]._part_sums = {}
                 parts = dict(acc)
-                parts["student+rest"] = (t1 - t0) - sum(parts.values())
+                parts["student+rest"] = (t1 - t0) - sum(v for k, v in parts.items() if not k.startswith("t."))
                 parts["backward"] = t2 - t1
                 parts["total"] = t2 - t0
                 if r > 0 and (v not in best or parts["total"] < best[v]["total"]):
@@ -429,11 +572,31 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
             setattr(m, n, f)
         for tr in trainers.values():
             tr.loss_fn.__dict__.pop("forward", None)
-    cols = ["student+rest", "sampling", "expand", "teacher", "loss", "backward", "total"]
-    print("seconds per part (best round):")
-    print(f"{'variant':>16} " + " ".join(f"{c:>12}" for c in cols))
-    for v in names:
-        print(f"{v:>16} " + " ".join(f"{best[v].get(c, 0.0):>12.4f}" for c in cols))
+        for mod, _ in inner:
+            mod.__dict__.pop("forward", None)
+    cols = ["student+rest", "sampling", "expand", "teacher", "t.vision", "t.decoder", "t.lm_head", "loss", "backward",
+            "total"]
+    table = [f"{'variant':>16} " + " ".join(f"{c:>12}" for c in cols)]
+    table += [f"{v:>16} " + " ".join(f"{best[v].get(c, 0.0):>12.4f}" for c in cols) for v in names]
+    shares = [f"{v}: teacher {best[v].get('teacher', 0.0) / best[v]['total']:.1%} of the step "
+              f"(vision {best[v].get('t.vision', 0.0) / best[v]['total']:.1%}, "
+              f"decoder {best[v].get('t.decoder', 0.0) / best[v]['total']:.1%}, "
+              f"LM head {best[v].get('t.lm_head', 0.0) / best[v]['total']:.1%}, "
+              f"rest of the teacher pass {(best[v].get('teacher', 0.0) - sum(best[v].get(k, 0.0) for k in ('t.vision', 't.decoder', 't.lm_head'))) / best[v]['total']:.1%})"
+              for v in names]
+    print("seconds per part (best round; t.* are inside teacher):")
+    print("\n".join(table + shares))
+    if name:
+        from _common import RESULTS
+
+        lines = [f"# {Path(name).name}: seconds per part of one step", ""]
+        lines += [f"- **{k}**: {v}" for k, v in (header or {}).items()]
+        lines += ["- **parts**: see `breakdown` in bench_step.py; `t.*` are inside `teacher`; best round per variant", "",
+                  "```", *table, "```", "", "## Teacher share", ""] + [f"- {x}" for x in shares]
+        path = RESULTS / f"{name}.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n")
+        print("wrote", path)
 
 
 def profile(step, v: str, cuda: bool) -> None:
