@@ -89,3 +89,13 @@ def test_eager_attention_function_is_the_modeling_files_own():
     attn = model.model.layers[0].self_attn
     assert compat.eager_attention_function(attn) is modeling_qwen2.eager_attention_forward
     assert compat.eager_attention_function(torch.nn.Linear(2, 2)) is None
+
+
+def test_liger_function_has_the_hook_we_override():
+    pytest.importorskip("liger_kernel")
+    import inspect
+
+    fn = compat.liger_fused_linear_jsd_function()
+    assert callable(fn.distillation_loss_fn)
+    params = list(inspect.signature(fn.forward).parameters)
+    assert params[:4] == ["ctx", "student_input", "student_weight", "teacher_input"], params

@@ -22,6 +22,7 @@ __all__ = [
     "TESTED",
     "CompatError",
     "attention_function",
+    "liger_fused_linear_jsd_function",
     "checkpointing_drops_cache",
     "eager_attention_function",
     "get_attn_implementation",
@@ -33,6 +34,7 @@ __all__ = [
 TESTED: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
     # library: (lowest tested (major, minor), first untested major.minor) - half-open range
     "transformers": ((5, 0), (6, 0)),
+    "liger-kernel": ((0, 8), (0, 9)),
 }
 """Version ranges each private touch was written and tested for."""
 
@@ -137,3 +139,21 @@ def eager_attention_function(module: Any) -> Callable[..., Any] | None:
     _check_range("transformers")
     fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     return fn if callable(fn) else None
+
+
+# --- Liger-Kernel: the autograd Function behind LigerFusedLinearJSDLoss -------------------------
+
+
+def liger_fused_linear_jsd_function() -> Any:
+    """``liger_kernel.chunked_loss.jsd_loss.LigerFusedLinearJSDFunction`` (ImportError if absent).
+
+    tokinteract subclasses it to override ``distillation_loss_fn``, Liger's per-chunk loss hook
+    (to compute the divergence in fp32), and calls ``apply`` with the positional arguments of
+    its ``forward``: neither is a public API of Liger-Kernel.
+    """
+    from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDFunction
+
+    fn = _need(LigerFusedLinearJSDFunction, "distillation_loss_fn", "liger-kernel", "the per-chunk loss hook")
+    if not callable(fn):
+        raise CompatError("liger-kernel: LigerFusedLinearJSDFunction.distillation_loss_fn is no longer callable")
+    return LigerFusedLinearJSDFunction

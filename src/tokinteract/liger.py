@@ -55,6 +55,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tokinteract import compat
 from tokinteract._checks import Deferred, check_lm_head, check_positive, check_tensor, check_unit_interval, shared_vocab
 from tokinteract._engine import resolve_chunk_size
 from tokinteract.reduction import compute_dtype, resolve_count
@@ -88,13 +89,12 @@ def load() -> Any:
     ``ImportError`` saying how to install Liger-Kernel when it cannot be imported.
     """
     try:
-        from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDFunction
+        return compat.liger_fused_linear_jsd_function()
     except ImportError as exc:
         raise ImportError(
             f"the liger backend needs Liger-Kernel (liger_kernel.chunked_loss), which could not be "
             f"imported ({exc}); install it with {_INSTALL}"
         ) from exc
-    return LigerFusedLinearJSDFunction
 
 
 def _function(temperature: float) -> Any:
