@@ -99,3 +99,16 @@ def test_liger_function_has_the_hook_we_override():
     assert callable(fn.distillation_loss_fn)
     params = list(inspect.signature(fn.forward).parameters)
     assert params[:4] == ["ctx", "student_input", "student_weight", "teacher_input"], params
+
+
+def test_trainer_overrides_match_the_installed_trainer(monkeypatch):
+    from transformers import Trainer
+
+    compat.check_trainer_overrides()
+    monkeypatch.delattr(Trainer, "_save_checkpoint")
+    with pytest.raises(compat.CompatError, match="_save_checkpoint"):
+        compat.check_trainer_overrides()
+    monkeypatch.undo()
+    monkeypatch.setattr(Trainer, "_get_output_dir", lambda self, trial, extra: None)
+    with pytest.raises(compat.CompatError, match=r"Trainer._get_output_dir\('self', 'trial', 'extra'\) changed"):
+        compat.check_trainer_overrides()

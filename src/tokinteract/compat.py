@@ -21,7 +21,9 @@ from typing import Any
 __all__ = [
     "TESTED",
     "CompatError",
+    "TRAINER_OVERRIDES",
     "attention_function",
+    "check_trainer_overrides",
     "liger_fused_linear_jsd_function",
     "checkpointing_drops_cache",
     "eager_attention_function",
@@ -157,3 +159,35 @@ def liger_fused_linear_jsd_function() -> Any:
     if not callable(fn):
         raise CompatError("liger-kernel: LigerFusedLinearJSDFunction.distillation_loss_fn is no longer callable")
     return LigerFusedLinearJSDFunction
+
+
+# --- transformers: private Trainer methods the reference trainer overrides ----------------------
+
+TRAINER_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "_get_grad_norm": ("self", "model", "grad_norm"),  # non-finite guard
+    "_get_output_dir": ("self", "trial"),  # atomic checkpoints
+    "_save_checkpoint": ("self", "model", "trial"),  # atomic checkpoints, no non-finite tensor saved
+    "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),  # strict reload (LLaVA)
+    "_load_best_model": ("self",),
+}
+"""Private ``transformers.Trainer`` methods that ``tokinteract.mllm`` overrides, with their parameters."""
+
+
+def check_trainer_overrides() -> None:
+    """Raise :class:`CompatError` if a private ``Trainer`` method we override is gone or changed.
+
+    An override of a renamed method would silently never run (no guard, no atomic save), so the
+    reference trainer calls this before training.
+    """
+    import inspect
+
+    from transformers import Trainer
+
+    for name, params in TRAINER_OVERRIDES.items():
+        fn = _need(Trainer, name, "transformers", "a Trainer method the reference trainer overrides")
+        got = tuple(inspect.signature(fn).parameters)
+        if got != params:
+            raise CompatError(
+                f"transformers {_version('transformers')[0]}.{_version('transformers')[1]}: Trainer.{name}"
+                f"{got} changed (tokinteract overrides it as {params})"
+            )

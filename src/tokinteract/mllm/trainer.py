@@ -105,6 +105,8 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
+from tokinteract import compat
+
 from tokinteract import (
     AlignTILoss,
     sample_candidates,
@@ -399,6 +401,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         irs_dataset: Any = None,
         **kwargs: Any,
     ) -> None:
+        compat.check_trainer_overrides()  # our overrides of private Trainer methods must still run
         self.distill = distill or DistillationConfig()
         self.settings = self.distill.resolved()
         s = self.settings
