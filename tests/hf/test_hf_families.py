@@ -278,3 +278,23 @@ def test_gemma3_text_model_sliding_windows(padding):
         real = am[b].nonzero().flatten()
         seq = torch.cat([ids[b, real[real <= t]], exp.input_ids[b, s : s + 1]])[None]
         torch.testing.assert_close(got[b, s], model(input_ids=seq).logits[0, -1], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3"])
+@torch.no_grad()
+def test_packed_inputs_are_what_packed_forward_runs(name):
+    """``model(**packed_inputs(...))`` is the exact packed pass; the hand-built plain inputs are not."""
+    from tokinteract.hf import packed_inputs
+
+    model, batch, exp, extra = _setup(name, "sdpa", "left")
+    inputs = packed_inputs(model, exp, **extra)
+    got = model(**inputs).logits
+    torch.testing.assert_close(got, packed_forward(model, exp, **extra), atol=0, rtol=0)
+    if name == "qwen2_5_vl":
+        assert inputs["position_ids"].shape == (3, *exp.input_ids.shape) and "mm_token_type_ids" not in inputs
+    else:
+        assert set(inputs["attention_mask"]) == {"full_attention", "sliding_attention"}
+    fwd = {k: v for k, v in extra.items() if k not in ("mm_token_type_ids", "token_type_ids")}
+    naive = model(input_ids=exp.input_ids, position_ids=exp.position_ids, attention_mask=exp.attention_mask, **fwd)
+    am = batch.inputs["attention_mask"].bool()
+    assert (naive.logits[:, : exp.seq_len][am] - got[:, : exp.seq_len][am]).abs().max() > 1e-3

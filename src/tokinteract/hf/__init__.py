@@ -35,6 +35,7 @@ from tokinteract.hf.packed import (
     ground_truth_position_ids,
     lm_head_parameters,
     packed_forward,
+    packed_inputs,
     tpa_forward,
 )
 
@@ -55,6 +56,7 @@ __all__ = [
     "irs_curve",
     "lm_head_parameters",
     "packed_forward",
+    "packed_inputs",
     "plot_attention_grid",
     "plot_irs_curve",
     "prefix_self_attention",

@@ -60,6 +60,7 @@ __all__ = [
     "ground_truth_position_ids",
     "lm_head_parameters",
     "packed_forward",
+    "packed_inputs",
     "tpa_forward",
 ]
 
@@ -260,6 +261,38 @@ def packed_forward(
             (``flash_attention_2/3``, unknown custom functions), or when a candidate or an
             unused slot holds the image token id.
     """
+    check_choice("output", output, OUTPUTS)
+    inputs = packed_inputs(model, expansion, block_mask=block_mask, output=output, **model_inputs)
+    target = _base_model(model) if output == "hidden" else model
+    return _result(target(**inputs, use_cache=False), output)
+
+
+def packed_inputs(
+    model: nn.Module,
+    expansion: TPAExpansion,
+    *,
+    block_mask: Any = None,
+    output: str = "logits",
+    **model_inputs: Any,
+) -> dict[str, Any]:
+    """The keyword arguments of the model's forward for one packed pass over ``expansion``.
+
+    ``model(**packed_inputs(model, exp, **batch))`` is :func:`packed_forward`: ``input_ids``
+    (ground truth then candidates), ``position_ids`` as the model's family numbers them (one
+    row, or the multimodal RoPE rows of Qwen-VL models), ``attention_mask`` in the format its
+    attention implementation honours (one mask, or a dict keyed by layer type when the family has
+    sliding windows or image blocks), and the forwarded extra inputs (``pixel_values``, image
+    grids, ...). Use it instead of building these by hand from ``expansion``: its
+    ``position_ids`` and ``attention_mask`` are the plain 1-D / ribbon forms, exact only for
+    families without extra rules.
+
+    Args:
+        model: a model of a supported family (:mod:`tokinteract.hf.families`).
+        expansion: from :func:`tokinteract.tpa_expand`.
+        block_mask: see :func:`packed_forward`.
+        output: ``"hidden"`` checks the options of the fused losses (see :func:`packed_forward`).
+        **model_inputs: the rest of the batch exactly as the family's processor returns it.
+    """
     if not isinstance(expansion, TPAExpansion):
         raise TypeError(f"expansion must be a TPAExpansion, got {type(expansion).__name__}")
     check_choice("output", output, OUTPUTS)
@@ -289,8 +322,10 @@ def packed_forward(
                 f"block_mask holds the plain ribbon rule, but {fam.name} adds sliding windows or image blocks per "
                 "layer type; pass block_mask=None and the adapter builds the right masks"
             )
-    out = _forward_plan(model, exp.input_ids, p, 0, T2, output, block_mask=block_mask, use_cache=False, **fwd)
-    return _result(out, output)
+    masks = _plan.model_masks(model, p, B, 0, T2, T2, block_masks=block_mask)
+    return dict(
+        input_ids=exp.input_ids, attention_mask=masks, position_ids=_plan.model_position_ids(p).to(dev), **fwd
+    )
 
 
 def _to(inputs: dict[str, Any], dev: torch.device) -> dict[str, Any]:
