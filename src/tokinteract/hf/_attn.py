@@ -1,7 +1,6 @@
 """Attention-implementation plumbing shared by the Hugging Face adapter.
 
-What each implementation honours for a custom 4D mask (measured on torch 2.13 /
-transformers 5.24, see ``shared/notes/stack-facts.md``):
+What each implementation honours for a custom 4D mask (transformers 5.x):
 
 * ``eager``: an additive float mask (0 = attend, ``finfo(dtype).min`` = masked). A bool mask
   would silently be added as 0/1, so we always convert.

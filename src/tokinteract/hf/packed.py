@@ -471,11 +471,9 @@ def cached_candidate_forward(
     its own key, GQA-aware, so the ``N x N`` candidate block is never formed (``N * T``
     instead of ``N * (T + N)`` scores). Both equal :func:`packed_forward`'s ``[:, T:]``.
 
-    Which is faster depends on the kernels: on CPU (torch 2.13, 2 threads) fused SDPA with
-    the dense bool mask took 0.49 s against 1.37 s for ``prefix_self`` (forward + backward
-    of the attention alone, ``P = 1024`` cached keys, ``N = 2048`` candidates, 8 query /
-    2 kv heads, head dim 32), because ``prefix_self`` materialises its ``N x P`` scores
-    while SDPA's fused kernel does not, despite computing 3x more scores. Hence the default.
+    Which is faster depends on the kernels: ``prefix_self`` materialises its ``N x T`` scores,
+    while SDPA's fused kernel with the dense mask computes more scores without materialising
+    them; the dense default was the faster on CPU (timing in the CHANGELOG).
 
     The cache is restored to its ``T`` ground-truth entries afterwards (``crop``), also on
     exceptions, so it can be reused for another candidate block.

@@ -955,7 +955,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         ``save_pretrained`` writes LLaVA checkpoints with the legacy key names
         (``language_model.model.*``, ``vision_tower.*``); the stock Trainer resume loads that
         file with ``load_state_dict(strict=False)`` under the current names, so *no* weight
-        is restored and only a warning is printed (measured). ``from_pretrained`` applies the
+        is restored and only a warning is printed. ``from_pretrained`` applies the
         key conversion; its state dict is then loaded strictly. DeepSpeed, FSDP and PEFT
         checkpoints keep the stock path (they store the runtime names).
         """
