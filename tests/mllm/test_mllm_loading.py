@@ -141,10 +141,13 @@ def test_cli_checks_the_pair_before_training(tmp_path, synth) -> None:
     with pytest.raises(ValueError, match=r"^teacher \(Gemma3ForConditionalGeneration\): .*final_logit_softcapping"):
         _build(tiny_config(tmp_path, synth, student_checkpoint=str(gemma), teacher_checkpoint=str(capped),
                            loss_impl="fused", **common))
-    # a supported, matching pair passes the checks; the LLaVA data pipeline then refuses it clearly (item 2)
-    with pytest.raises(ValueError, match="fixed number of visual tokens per image is defined only for LLaVA"):
+    # a supported, matching pair passes the checks and trains on the family's own processor pipeline
+    tr = _build(tiny_config(tmp_path, synth, student_checkpoint=str(gemma), teacher_checkpoint=str(capped),
+                            loss_impl="logits", **common))
+    assert type(tr.train_dataset).__name__ == "ProcessorDataset" and type(tr.teacher).__name__ == "Gemma3ForConditionalGeneration"
+    with pytest.raises(ValueError, match="on_bad_image='skip': skipping bad samples is supported only with a LLaVA"):
         _build(tiny_config(tmp_path, synth, student_checkpoint=str(gemma), teacher_checkpoint=str(capped),
-                           loss_impl="logits", **common))
+                           loss_impl="logits", on_bad_image="skip", **common))
 
 
 def test_cli_trainable_parts_override_the_stage(tmp_path, synth) -> None:

@@ -246,6 +246,8 @@ def build_everything(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, check_exi
         else:
             raise ValueError(f"method {dcfg.method!r} needs teacher_checkpoint")
     mm.check_pair(student, teacher, output="hidden" if dcfg.loss_impl == "fused" else "logits")
+    if student.config.model_type != "llava":
+        return _processor_trainer(student, teacher, processor, dargs, dcfg, targs)
     tok = processor.tokenizer
     n_vis = mm.num_image_tokens(student)
     common = dict(
@@ -261,6 +263,30 @@ def build_everything(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, check_exi
         if dargs.eval_data_path else None
     )
     collator = LlavaCollator(tok.pad_token_id, int(student.config.image_token_id), n_vis)
+    return DistillationTrainer(
+        student, targs, teacher=teacher, distill=dcfg, train_dataset=train, eval_dataset=evald,
+        data_collator=collator, processing_class=processor,
+    )
+
+
+def _processor_trainer(student: Any, teacher: Any, processor: Any, dargs: Any, dcfg: Any, targs: Any) -> Any:
+    """The trainer of a non-LLaVA family: data through the family's own processor
+    (:mod:`tokinteract.mllm.processor_data`)."""
+    from tokinteract.hf.families import visual_token_ids
+    from tokinteract.mllm.processor_data import ProcessorCollator, ProcessorDataset
+    from tokinteract.mllm.trainer import DistillationTrainer
+
+    if dargs.on_bad_image != "error":
+        raise ValueError(
+            f"on_bad_image={dargs.on_bad_image!r}: skipping bad samples is supported only with a LLaVA student "
+            f"for now (student model_type {student.config.model_type!r}); use on_bad_image='error'"
+        )
+    train = ProcessorDataset(dargs.data_path, dargs.image_folder, processor, system_prompt=dargs.system_prompt)
+    evald = (
+        ProcessorDataset(dargs.eval_data_path, dargs.image_folder, processor, system_prompt=dargs.system_prompt)
+        if dargs.eval_data_path else None
+    )
+    collator = ProcessorCollator(processor, visual_token_ids(student), max_length=dargs.max_length)
     return DistillationTrainer(
         student, targs, teacher=teacher, distill=dcfg, train_dataset=train, eval_dataset=evald,
         data_collator=collator, processing_class=processor,

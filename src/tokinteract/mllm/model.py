@@ -336,6 +336,58 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+# config keys (top level, then vision config) that decide how an image becomes visual tokens
+_VISION_GEOMETRY = (
+    "mm_tokens_per_image", "image_seq_length", "scale_factor", "downsample_ratio", "vision_feature_select_strategy",
+    "vision_feature_layer", "image_grid_pinpoints", "vision_aspect_ratio",
+)
+_VISION_IGNORED = {
+    "_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version", "_attn_implementation",
+    "_attn_implementation_autoset", "attn_implementation", "out_hidden_size",
+}
+
+
+def _check_same_vision(student: nn.Module, teacher: nn.Module) -> None:
+    """Teacher and student of one family, with the same vision tower and visual-token layout.
+
+    Both read the same processor output (one ``input_ids`` with its visual tokens, one
+    ``pixel_values``), so the families, the visual token ids, the vision configs (all keys
+    but the output width ``out_hidden_size``, which follows each language model) and the
+    projector geometry (:data:`_VISION_GEOMETRY`) must be equal. Different towers or token
+    counts (e.g. a teacher at a higher resolution) are not supported yet.
+
+    Raises:
+        ValueError: naming the first difference.
+    """
+    from tokinteract.hf.families import visual_token_ids
+
+    sc, tc = student.config, teacher.config
+    if sc.model_type != tc.model_type:
+        raise ValueError(
+            f"teacher and student are of different families (student model_type {sc.model_type!r}, teacher "
+            f"{tc.model_type!r}); tokinteract.mllm distills within one family for now"
+        )
+    sv, tv = visual_token_ids(student), visual_token_ids(teacher)
+    if sv != tv:
+        raise ValueError(f"teacher and student use different visual token ids (student {sv}, teacher {tv})")
+    for k in _VISION_GEOMETRY:
+        a, b = getattr(sc, k, None), getattr(tc, k, None)
+        if a != b:
+            raise ValueError(
+                f"teacher and student turn images into visual tokens differently ({k}: student {a!r}, teacher {b!r}); "
+                "a different vision tower or image-token count is not supported yet"
+            )
+    svc, tvc = getattr(sc, "vision_config", None), getattr(tc, "vision_config", None)
+    sd = {k: v for k, v in (svc.to_dict() if svc is not None else {}).items() if k not in _VISION_IGNORED}
+    td = {k: v for k, v in (tvc.to_dict() if tvc is not None else {}).items() if k not in _VISION_IGNORED}
+    if sd != td:
+        diff = {k: (sd.get(k), td.get(k)) for k in sorted(set(sd) | set(td)) if sd.get(k) != td.get(k)}
+        raise ValueError(
+            f"teacher and student have different vision towers ((student, teacher): {diff}); both read the same "
+            "pixel_values and visual tokens, so a different vision tower is not supported yet"
+        )
+
+
 def check_teacher_student(
     student: nn.Module,
     teacher: nn.Module,
@@ -364,14 +416,18 @@ def check_teacher_student(
     Raises:
         ValueError: different vocabularies or image-token ids without a policy, or a
             different number of visual tokens per image (always an error), or a remapped
-            image-token id that is an ordinary text token of ``tokenizer``.
+            image-token id that is an ordinary text token of ``tokenizer``. Beyond LLaVA:
+            teacher and student of different families, or with vision towers, projector
+            geometry or visual token ids that differ (:func:`_check_same_vision`).
     """
     if vocab_policy not in ("error", "shared_prefix"):
         raise ValueError(f"vocab_policy must be 'error' or 'shared_prefix', got {vocab_policy!r}")
     if image_token_policy not in ("error", "remap"):
         raise ValueError(f"image_token_policy must be 'error' or 'remap', got {image_token_policy!r}")
     sc, tc = student.config, teacher.config
-    vs, vt = sc.text_config.vocab_size, tc.text_config.vocab_size
+    if sc.model_type != "llava" or tc.model_type != "llava":
+        _check_same_vision(student, teacher)
+    vs, vt = sc.get_text_config().vocab_size, tc.get_text_config().vocab_size
     vocab_size = None
     if vs != vt:
         if vocab_policy == "error":
@@ -396,6 +452,8 @@ def check_teacher_student(
             )
     if vocab_size is not None and max(sc.image_token_id, tc.image_token_id) >= vocab_size:
         pass  # image positions are never supervised: the token itself is never a KD target
+    if sc.model_type != "llava":
+        return vocab_size  # same vision side: checked by _check_same_vision
     ns, nt = num_image_tokens(student), num_image_tokens(teacher)
     if ns != nt:
         raise ValueError(
