@@ -16,6 +16,7 @@ from transformers import TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
 import families as fx  # noqa: E402
+from mllm_helpers import one_step  # noqa: E402
 
 from tokinteract.hf.families import visual_token_ids  # noqa: E402
 from tokinteract.mllm import DistillationConfig, DistillationTrainer  # noqa: E402
@@ -61,16 +62,7 @@ def _trainer(tmp_path, data, name, student, teacher, distill):
 def _one_step(tmp_path, data, name, student, teacher, distill):
     """One training-mode compute_loss + backward on the whole fixed batch: (loss, parts, grads)."""
     tr = _trainer(tmp_path, data, name, student, teacher, distill)
-    batch = tr.data_collator([tr.train_dataset[i] for i in range(len(tr.train_dataset))])
-    tr.current_gradient_accumulation_steps = 1
-    student.train()
-    student.zero_grad(set_to_none=True)
-    loss = tr.compute_loss(student, dict(batch))
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in student.named_parameters() if p.grad is not None}
-    parts = {k: float(v) for k, v in tr._part_sums.items()}
-    student.zero_grad(set_to_none=True)
-    return float(loss.detach()), parts, grads
+    return one_step(tr, student, tr.data_collator([tr.train_dataset[i] for i in range(len(tr.train_dataset))]))
 
 
 @pytest.mark.parametrize("forward", ["cached", "packed"])
