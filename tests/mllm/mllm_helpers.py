@@ -70,3 +70,16 @@ def torchrun_two_ranks(worker: Path, *args: str, timeout: int = 300) -> None:
     )
     if proc.returncode != 0:
         raise AssertionError(proc.stderr[-4000:])
+
+
+def one_step(tr, student: torch.nn.Module, batch: dict) -> tuple[float, dict[str, float], dict[str, torch.Tensor]]:
+    """One training-mode ``tr.compute_loss`` + backward of ``student`` on ``batch``: (loss, logged parts, grads)."""
+    tr.current_gradient_accumulation_steps = 1  # set by the training loop otherwise
+    student.train()
+    student.zero_grad(set_to_none=True)
+    loss = tr.compute_loss(student, dict(batch))
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in student.named_parameters() if p.grad is not None}
+    parts = {k: float(v) for k, v in tr._part_sums.items()}
+    student.zero_grad(set_to_none=True)
+    return float(loss.detach()), parts, grads

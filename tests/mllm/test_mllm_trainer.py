@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from mllm_helpers import N_VIS, make_model, state
+from mllm_helpers import N_VIS, make_model, one_step, state
 from torch import nn
 from transformers import TrainingArguments
 
@@ -252,16 +252,7 @@ FUSED_CASES = [
 def _one_step(tmp_path, synth, tok, processor, student, teacher, distill):
     """One training-mode compute_loss + backward on a fixed batch: (loss, parts, grads, generator state)."""
     tr = _trainer(tmp_path, synth, tok, processor, student, teacher, distill)
-    batch = tr.data_collator([tr.train_dataset[i] for i in range(4)])
-    tr.current_gradient_accumulation_steps = 1  # set by the training loop otherwise
-    student.train()
-    student.zero_grad(set_to_none=True)
-    loss = tr.compute_loss(student, dict(batch))
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in student.named_parameters() if p.grad is not None}
-    parts = {k: float(v) for k, v in tr._part_sums.items()}
-    student.zero_grad(set_to_none=True)
-    return float(loss.detach()), parts, grads
+    return one_step(tr, student, tr.data_collator([tr.train_dataset[i] for i in range(4)]))
 
 
 def _assert_same_step(a, b) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FAMILIES", "Family", "family_of", "supported_model_types"]
+__all__ = ["FAMILIES", "Family", "check_options", "family_of", "supported_model_types", "visual_token_ids"]
 
 
 @dataclass(frozen=True)

@@ -37,18 +37,35 @@ class ModelArguments:
     """Which student and teacher to build.
 
     Exactly one student source: ``student_checkpoint`` (a saved LLaVA, e.g. stage 1's
-    output), ``student_language_model`` + ``vision_tower`` (pretrained parts), or ``tiny``
-    (random tiny models and the offline word-level tokenizer of the synthetic task).
+    output, or any vision-language checkpoint of a family the adapter supports, loaded with
+    ``AutoModelForImageTextToText`` + ``AutoProcessor``), ``student_language_model`` +
+    ``vision_tower`` (pretrained parts of the paper's LLaVA), or ``tiny`` (random tiny
+    models and the offline word-level tokenizer of the synthetic task). ``teacher_checkpoint``
+    loads the same way and must share the student's tokenizer and chat template.
+
+    Trainable parts (:func:`tokinteract.mllm.model.set_trainable_parts`): the vision tower
+    is frozen unless ``train_vision_tower``; ``train_projector`` (default: true) and
+    ``train_language_model`` (default: ``stage == "finetune"``) override the stage.
     """
 
     stage: str = field(default="finetune", metadata={"help": "pretrain (projector only) or finetune (projector + LLM)"})
-    student_checkpoint: str | None = field(default=None, metadata={"help": "saved LLaVA student (e.g. stage-1 output)"})
+    student_checkpoint: str | None = field(
+        default=None, metadata={"help": "student checkpoint of any supported family (AutoModelForImageTextToText), "
+                                        "e.g. a stage-1 output or Qwen/Qwen2.5-VL-3B-Instruct"}
+    )
     student_language_model: str | None = field(default=None, metadata={"help": "pretrained Qwen2/2.5/3 LM name or path"})
     vision_tower: str | None = field(default=None, metadata={"help": "pretrained SigLIP name or path"})
     projector_checkpoint: str | None = field(default=None, metadata={"help": "stage-1 LLaVA whose projector to load"})
-    teacher_checkpoint: str | None = field(default=None, metadata={"help": "trained LLaVA teacher (name or path)"})
+    teacher_checkpoint: str | None = field(
+        default=None, metadata={"help": "teacher checkpoint of any supported family (name or path), same tokenizer"}
+    )
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flex_attention (GPU)"})
     model_dtype: str | None = field(default=None, metadata={"help": "bfloat16, float16 or float32 for loading"})
+    train_vision_tower: bool = field(default=False, metadata={"help": "train the vision tower (frozen by default)"})
+    train_projector: bool | None = field(default=None, metadata={"help": "train the projector (None: true)"})
+    train_language_model: bool | None = field(
+        default=None, metadata={"help": "train the language model and LM head (None: stage == finetune)"}
+    )
     tiny: bool = field(default=False, metadata={"help": "random tiny models + synthetic-task tokenizer (tests, demo)"})
     tiny_family: str = field(default="qwen2", metadata={"help": "qwen2 or qwen3"})
     tiny_hidden_size: int = 64
@@ -156,7 +173,7 @@ def build_everything(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, check_exi
     or ``dcfg.overwrite_output_dir`` is set (:func:`main` sets it; otherwise
     ``DistillationTrainer.train``, which knows whether it resumes, checks it).
     """
-    from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
+    from transformers import AutoTokenizer
 
     from tokinteract.mllm import model as mm
     from tokinteract.mllm.data import LlavaCollator, LlavaJsonDataset
@@ -176,11 +193,9 @@ def build_everything(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, check_exi
         from tokinteract.mllm.preflight import preflight
 
         report = preflight(margs, dargs, dcfg, targs, existing_run=check_existing_run)
+    load = dict(dtype=dtype, attn_implementation=margs.attn_implementation)
     if margs.student_checkpoint:
-        processor = AutoProcessor.from_pretrained(margs.student_checkpoint)
-        student = LlavaForConditionalGeneration.from_pretrained(
-            margs.student_checkpoint, dtype=dtype, attn_implementation=margs.attn_implementation
-        )
+        student, processor = mm.load_pretrained(margs.student_checkpoint, role="student", **load)
     elif margs.tiny:
         from tokinteract.mllm.synthetic import vocabulary
         from tokinteract.mllm.tokenizer import build_word_tokenizer
@@ -202,14 +217,22 @@ def build_everything(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, check_exi
             attn_implementation=margs.attn_implementation, projector=margs.projector_checkpoint,
         )
         processor = mm.build_processor(tok, student)
-    mm.set_trainable(student, margs.stage)
+    if margs.stage not in ("pretrain", "finetune"):
+        raise ValueError(f"stage must be 'pretrain' or 'finetune', got {margs.stage!r}")
+    mm.set_trainable_parts(
+        student, vision_tower=margs.train_vision_tower,
+        projector=True if margs.train_projector is None else margs.train_projector,
+        language_model=margs.stage == "finetune" if margs.train_language_model is None else margs.train_language_model,
+    )
     logger.info("student: %d trainable parameters (stage %s)", mm.count_trainable(student), margs.stage)
     needs_teacher = any(settings[k] > 0 for k in ("kd", "iva", "tpa")) or settings["on_policy"]
     teacher = None
     if needs_teacher:
         if margs.teacher_checkpoint:
-            teacher = LlavaForConditionalGeneration.from_pretrained(
-                margs.teacher_checkpoint, dtype=dtype, attn_implementation=margs.attn_implementation
+            teacher, t_processor = mm.load_pretrained(margs.teacher_checkpoint, role="teacher", **load)
+            student_name = margs.student_checkpoint or margs.student_language_model or "tiny"
+            mm.check_same_tokenizer(
+                processor, t_processor, student_name=student_name, teacher_name=margs.teacher_checkpoint
             )
         elif margs.tiny:
             logger.warning("tiny mode without teacher_checkpoint: distilling from a RANDOM tiny teacher (smoke test only)")
@@ -222,6 +245,9 @@ def build_everything(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, check_exi
             )
         else:
             raise ValueError(f"method {dcfg.method!r} needs teacher_checkpoint")
+    mm.check_pair(student, teacher, output="hidden" if dcfg.loss_impl == "fused" else "logits")
+    if student.config.model_type != "llava":
+        return _processor_trainer(student, teacher, processor, dargs, dcfg, targs)
     tok = processor.tokenizer
     n_vis = mm.num_image_tokens(student)
     common = dict(
@@ -237,6 +263,30 @@ def build_everything(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, check_exi
         if dargs.eval_data_path else None
     )
     collator = LlavaCollator(tok.pad_token_id, int(student.config.image_token_id), n_vis)
+    return DistillationTrainer(
+        student, targs, teacher=teacher, distill=dcfg, train_dataset=train, eval_dataset=evald,
+        data_collator=collator, processing_class=processor,
+    )
+
+
+def _processor_trainer(student: Any, teacher: Any, processor: Any, dargs: Any, dcfg: Any, targs: Any) -> Any:
+    """The trainer of a non-LLaVA family: data through the family's own processor
+    (:mod:`tokinteract.mllm.processor_data`)."""
+    from tokinteract.hf.families import visual_token_ids
+    from tokinteract.mllm.processor_data import ProcessorCollator, ProcessorDataset
+    from tokinteract.mllm.trainer import DistillationTrainer
+
+    if dargs.on_bad_image != "error":
+        raise ValueError(
+            f"on_bad_image={dargs.on_bad_image!r}: skipping bad samples is supported only with a LLaVA student "
+            f"for now (student model_type {student.config.model_type!r}); use on_bad_image='error'"
+        )
+    train = ProcessorDataset(dargs.data_path, dargs.image_folder, processor, system_prompt=dargs.system_prompt)
+    evald = (
+        ProcessorDataset(dargs.eval_data_path, dargs.image_folder, processor, system_prompt=dargs.system_prompt)
+        if dargs.eval_data_path else None
+    )
+    collator = ProcessorCollator(processor, visual_token_ids(student), max_length=dargs.max_length)
     return DistillationTrainer(
         student, targs, teacher=teacher, distill=dcfg, train_dataset=train, eval_dataset=evald,
         data_collator=collator, processing_class=processor,

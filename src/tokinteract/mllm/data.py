@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,6 +260,55 @@ def _render_with_spans(tokenizer: Any, msgs: list[dict[str, Any]], where: str) -
     )
 
 
+def token_roles(
+    text: str,
+    ids: Sequence[int],
+    offsets: Sequence[tuple[int, int]],
+    spans: Sequence[tuple[int, int, str]],
+    stop_ids: Collection[int],
+    *,
+    skip_ids: Collection[int] = (),
+) -> tuple[list[int], list[bool]]:
+    """Labels and instruction flags of tokenized chat text (the module docstring's rules).
+
+    ``spans``: ``(start, end, role)`` character spans of the message contents in ``text``,
+    in order; a token belongs to the span its characters overlap. Labels: the id of every
+    token of an assistant span, and the first ``stop_ids`` token between the end of that
+    span and the next content (end of turn); ``-100`` elsewhere. Instruction: tokens of a
+    user span that are not whitespace-only and not in ``skip_ids`` (image placeholders).
+    """
+    n = len(ids)
+    role_of: list[str | None] = [None] * n
+    span_of = [-1] * n
+    si = 0
+    for i, (s, e) in enumerate(offsets):
+        while si < len(spans) and spans[si][1] <= s:
+            si += 1
+        if si < len(spans):
+            a, b, r = spans[si]
+            if s < b and e > a:
+                role_of[i], span_of[i] = r, si
+    labels = [IGNORE_INDEX] * n
+    for i in range(n):
+        if role_of[i] == "assistant":
+            labels[i] = ids[i]
+            if i + 1 >= n or span_of[i + 1] != span_of[i]:  # last token of the span: find its end of turn
+                j = i + 1
+                while j < n and span_of[j] < 0:
+                    if ids[j] in stop_ids:
+                        labels[j] = ids[j]
+                        break
+                    j += 1
+    user_words = []
+    for i in range(n):
+        ok = role_of[i] == "user" and ids[i] not in skip_ids
+        if ok:
+            s, e = offsets[i]
+            ok = bool(text[s:e].strip())
+        user_words.append(ok)
+    return labels, user_words
+
+
 def encode_conversation(
     messages: list[dict[str, str]],
     tokenizer: Any,
@@ -292,36 +341,7 @@ def encode_conversation(
     ids: list[int] = list(enc["input_ids"])
     offsets = enc["offset_mapping"]
     n = len(ids)
-    role_of = [None] * n
-    span_of = [-1] * n
-    si = 0
-    for i, (s, e) in enumerate(offsets):
-        while si < len(spans) and spans[si][1] <= s:
-            si += 1
-        if si < len(spans):
-            a, b, r = spans[si]
-            if s < b and e > a:
-                role_of[i], span_of[i] = r, si
-    stops = _stop_ids(tokenizer)
-    labels = [IGNORE_INDEX] * n
-    for i in range(n):
-        if role_of[i] == "assistant":
-            labels[i] = ids[i]
-            last_of_span = i + 1 >= n or span_of[i + 1] != span_of[i]
-            if last_of_span:
-                j = i + 1
-                while j < n and span_of[j] < 0:
-                    if ids[j] in stops:
-                        labels[j] = ids[j]
-                        break
-                    j += 1
-    user_words = []
-    for i in range(n):
-        ok = role_of[i] == "user" and ids[i] != image_id
-        if ok:
-            s, e = offsets[i]
-            ok = bool(text[s:e].strip())
-        user_words.append(ok)
+    labels, user_words = token_roles(text, ids, offsets, spans, _stop_ids(tokenizer), skip_ids={image_id})
     # Expand each <image> token into num_image_tokens ids.
     out_ids, out_labels, vis, ins = [], [], [], []
     for i in range(n):

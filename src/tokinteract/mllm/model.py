@@ -17,6 +17,14 @@ many image-token ids per image (the model does not expand ``<image>``).
 A saved student (:func:`save_pretrained_student`) is a standard checkpoint that
 ``LlavaForConditionalGeneration.from_pretrained`` and ``LlavaProcessor.from_pretrained``
 load, tokenizer and image processor included.
+
+Any other family the adapter runs exactly (:mod:`tokinteract.hf.families`: Qwen2/2.5/3-VL,
+Gemma 3, LLaVA-NeXT/OneVision, Idefics3, SmolVLM, InternVL) loads from a checkpoint with
+:func:`load_pretrained` (``AutoModelForImageTextToText`` + ``AutoProcessor``);
+:func:`check_pair` then refuses, before any training, a family or option the adapter cannot
+run exactly and a teacher whose tokenizer or chat template differs from the student's.
+:func:`set_trainable_parts` chooses which parts train, by parameter name
+(:func:`model_parts`).
 """
 
 from __future__ import annotations
@@ -32,11 +40,16 @@ __all__ = [
     "build_llava_from_pretrained",
     "build_processor",
     "build_tiny_llava",
+    "check_pair",
+    "check_same_tokenizer",
     "check_teacher_student",
     "count_trainable",
+    "load_pretrained",
+    "model_parts",
     "num_image_tokens",
     "save_pretrained_student",
     "set_trainable",
+    "set_trainable_parts",
 ]
 
 MODEL_FAMILIES = ("qwen2", "qwen3")
@@ -48,6 +61,12 @@ def num_image_tokens(model_or_config: Any) -> int:
     SigLIP with ``"full"``: ``(image_size // patch_size) ** 2``.
     """
     cfg = getattr(model_or_config, "config", model_or_config)
+    if getattr(cfg, "model_type", None) != "llava":
+        raise ValueError(
+            f"num_image_tokens: a fixed number of visual tokens per image is defined only for LLaVA "
+            f"(model_type 'llava'), got model_type {getattr(cfg, 'model_type', None)!r}; this family's image-token "
+            "count comes from its processor, which the LLaVA data pipeline of tokinteract.mllm does not use yet"
+        )
     vc = cfg.vision_config
     patches = (vc.image_size // vc.patch_size) ** 2
     has_cls = vc.model_type != "siglip_vision_model"  # CLIP-style towers prepend a CLS token
@@ -231,27 +250,142 @@ def build_processor(tokenizer: Any, model_or_config: Any):  # -> LlavaProcessor
     )
 
 
+PARTS = ("vision_tower", "projector", "language_model")
+"""The trainable parts of a vision-language model, as :func:`model_parts` names them."""
+
+# parameter-name prefixes per part, first match wins (Qwen-VL's merger lives inside ``model.visual``)
+_PART_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("projector", ("model.multi_modal_projector.", "model.connector.", "model.visual.merger.",
+                   "model.visual.deepstack_merger_list.", "model.image_newline")),
+    ("vision_tower", ("model.vision_tower.", "model.vision_model.", "model.visual.")),
+    ("language_model", ("model.language_model.", "model.text_model.", "lm_head.")),
+)
+
+
+def model_parts(model: nn.Module) -> dict[str, list[str]]:
+    """Parameter names of ``model`` per part: ``vision_tower``, ``projector``, ``language_model``.
+
+    By name, the same way for every supported family: the projector is
+    ``multi_modal_projector`` (LLaVA, Gemma 3, InternVL), ``connector`` (Idefics3, SmolVLM),
+    ``visual.merger`` / ``visual.deepstack_merger_list`` (Qwen-VL) and ``image_newline``
+    (LLaVA-NeXT/OneVision); the vision tower is ``vision_tower`` / ``vision_model`` /
+    the rest of ``visual``; the language model is ``language_model`` / ``text_model`` and
+    the LM head.
+
+    Raises:
+        ValueError: a parameter that belongs to no part (an unknown layout: choosing what
+            trains would be a guess), naming it.
+    """
+    out: dict[str, list[str]] = {p: [] for p in PARTS}
+    unknown = []
+    for name, _ in model.named_parameters():
+        part = next((p for p, prefixes in _PART_PREFIXES if name.startswith(prefixes)), None)
+        if part is None:
+            unknown.append(name)
+        else:
+            out[part].append(name)
+    if unknown:
+        raise ValueError(
+            f"{type(model).__name__}: parameters {unknown[:5]}{' ...' if len(unknown) > 5 else ''} belong to no part "
+            f"of {PARTS}; tokinteract.mllm knows the layouts of LLaVA, LLaVA-NeXT/OneVision, Qwen2/2.5/3-VL, Gemma 3, "
+            "Idefics3, SmolVLM and InternVL"
+        )
+    return out
+
+
+def set_trainable_parts(
+    model: nn.Module, *, vision_tower: bool = False, projector: bool = True, language_model: bool = True
+) -> dict[str, list[str]]:
+    """Train exactly the chosen parts of ``model`` (:func:`model_parts`); freeze the rest.
+
+    A frozen vision tower is also put in ``eval()`` mode. Returns the parts.
+
+    Raises:
+        TypeError: a flag that is not a bool.
+        ValueError: nothing left to train, or an unknown parameter layout.
+    """
+    flags = {"vision_tower": vision_tower, "projector": projector, "language_model": language_model}
+    for k, v in flags.items():
+        if not isinstance(v, bool):
+            raise TypeError(f"{k} must be a bool, got {v!r}")
+    if not any(flags.values()):
+        raise ValueError("set_trainable_parts: vision_tower, projector and language_model are all False; nothing trains")
+    parts = model_parts(model)
+    train = {n for k, names in parts.items() if flags[k] for n in names}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in train)
+    if not vision_tower:
+        for prefix in ("model.vision_tower", "model.vision_model", "model.visual"):
+            try:
+                model.get_submodule(prefix).eval()
+            except AttributeError:
+                pass
+    return parts
+
+
 def set_trainable(model: nn.Module, stage: str) -> None:
     """Freeze the vision tower always; ``"pretrain"`` trains only the projector,
     ``"finetune"`` the projector and the language model (LM head included)."""
     if stage not in ("pretrain", "finetune"):
         raise ValueError(f"stage must be 'pretrain' or 'finetune', got {stage!r}")
-    inner = model.model
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in inner.multi_modal_projector.parameters():
-        p.requires_grad_(True)
-    if stage == "finetune":
-        for p in inner.language_model.parameters():
-            p.requires_grad_(True)
-        for p in model.lm_head.parameters():
-            p.requires_grad_(True)
-    inner.vision_tower.eval()
+    set_trainable_parts(model, vision_tower=False, projector=True, language_model=stage == "finetune")
 
 
 def count_trainable(model: nn.Module) -> int:
     """Number of parameters with ``requires_grad``."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# config keys (top level, then vision config) that decide how an image becomes visual tokens
+_VISION_GEOMETRY = (
+    "mm_tokens_per_image", "image_seq_length", "scale_factor", "downsample_ratio", "vision_feature_select_strategy",
+    "vision_feature_layer", "image_grid_pinpoints", "vision_aspect_ratio",
+)
+_VISION_IGNORED = {
+    "_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version", "_attn_implementation",
+    "_attn_implementation_autoset", "attn_implementation", "out_hidden_size",
+}
+
+
+def _check_same_vision(student: nn.Module, teacher: nn.Module) -> None:
+    """Teacher and student of one family, with the same vision tower and visual-token layout.
+
+    Both read the same processor output (one ``input_ids`` with its visual tokens, one
+    ``pixel_values``), so the families, the visual token ids, the vision configs (all keys
+    but the output width ``out_hidden_size``, which follows each language model) and the
+    projector geometry (:data:`_VISION_GEOMETRY`) must be equal. Different towers or token
+    counts (e.g. a teacher at a higher resolution) are not supported yet.
+
+    Raises:
+        ValueError: naming the first difference.
+    """
+    from tokinteract.hf.families import visual_token_ids
+
+    sc, tc = student.config, teacher.config
+    if sc.model_type != tc.model_type:
+        raise ValueError(
+            f"teacher and student are of different families (student model_type {sc.model_type!r}, teacher "
+            f"{tc.model_type!r}); tokinteract.mllm distills within one family for now"
+        )
+    sv, tv = visual_token_ids(student), visual_token_ids(teacher)
+    if sv != tv:
+        raise ValueError(f"teacher and student use different visual token ids (student {sv}, teacher {tv})")
+    for k in _VISION_GEOMETRY:
+        a, b = getattr(sc, k, None), getattr(tc, k, None)
+        if a != b:
+            raise ValueError(
+                f"teacher and student turn images into visual tokens differently ({k}: student {a!r}, teacher {b!r}); "
+                "a different vision tower or image-token count is not supported yet"
+            )
+    svc, tvc = getattr(sc, "vision_config", None), getattr(tc, "vision_config", None)
+    sd = {k: v for k, v in (svc.to_dict() if svc is not None else {}).items() if k not in _VISION_IGNORED}
+    td = {k: v for k, v in (tvc.to_dict() if tvc is not None else {}).items() if k not in _VISION_IGNORED}
+    if sd != td:
+        diff = {k: (sd.get(k), td.get(k)) for k in sorted(set(sd) | set(td)) if sd.get(k) != td.get(k)}
+        raise ValueError(
+            f"teacher and student have different vision towers ((student, teacher): {diff}); both read the same "
+            "pixel_values and visual tokens, so a different vision tower is not supported yet"
+        )
 
 
 def check_teacher_student(
@@ -282,14 +416,18 @@ def check_teacher_student(
     Raises:
         ValueError: different vocabularies or image-token ids without a policy, or a
             different number of visual tokens per image (always an error), or a remapped
-            image-token id that is an ordinary text token of ``tokenizer``.
+            image-token id that is an ordinary text token of ``tokenizer``. Beyond LLaVA:
+            teacher and student of different families, or with vision towers, projector
+            geometry or visual token ids that differ (:func:`_check_same_vision`).
     """
     if vocab_policy not in ("error", "shared_prefix"):
         raise ValueError(f"vocab_policy must be 'error' or 'shared_prefix', got {vocab_policy!r}")
     if image_token_policy not in ("error", "remap"):
         raise ValueError(f"image_token_policy must be 'error' or 'remap', got {image_token_policy!r}")
     sc, tc = student.config, teacher.config
-    vs, vt = sc.text_config.vocab_size, tc.text_config.vocab_size
+    if sc.model_type != "llava" or tc.model_type != "llava":
+        _check_same_vision(student, teacher)
+    vs, vt = sc.get_text_config().vocab_size, tc.get_text_config().vocab_size
     vocab_size = None
     if vs != vt:
         if vocab_policy == "error":
@@ -314,6 +452,8 @@ def check_teacher_student(
             )
     if vocab_size is not None and max(sc.image_token_id, tc.image_token_id) >= vocab_size:
         pass  # image positions are never supervised: the token itself is never a KD target
+    if sc.model_type != "llava":
+        return vocab_size  # same vision side: checked by _check_same_vision
     ns, nt = num_image_tokens(student), num_image_tokens(teacher)
     if ns != nt:
         raise ValueError(
@@ -327,6 +467,103 @@ def check_teacher_student(
             "both read the same pixel_values"
         )
     return vocab_size
+
+
+def load_pretrained(
+    checkpoint: str | Path,
+    *,
+    role: str = "student",
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str = "sdpa",
+) -> tuple[nn.Module, Any]:
+    """``(model, processor)`` of a vision-language checkpoint (Hub name or local folder).
+
+    ``AutoModelForImageTextToText.from_pretrained`` and ``AutoProcessor.from_pretrained``:
+    any family transformers maps there (LLaVA included). ``role`` names the checkpoint in
+    errors (``"student"`` / ``"teacher"``). ``dtype`` None keeps transformers' default.
+
+    Raises:
+        ImportError: the family's processor cannot be built in this environment (e.g.
+            Qwen-VL processors need torchvision for their video processor), naming the
+            checkpoint.
+        ValueError: the processor has no tokenizer (not a multimodal processor).
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(checkpoint)
+    except ImportError as e:
+        raise ImportError(f"{role}_checkpoint {str(checkpoint)!r}: its processor cannot be built here: {str(e).strip()}") from e
+    if getattr(processor, "tokenizer", None) is None:
+        raise ValueError(
+            f"{role}_checkpoint {str(checkpoint)!r}: AutoProcessor gave {type(processor).__name__}, which has no "
+            "tokenizer; expected a vision-language processor (tokenizer + image processor)"
+        )
+    kw: dict[str, Any] = {"attn_implementation": attn_implementation}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, **kw)
+    return model, processor
+
+
+def _tokenizer_summary(proc: Any) -> tuple[dict[str, int], dict[str, Any], Any]:
+    tok = getattr(proc, "tokenizer", proc)
+    special = {
+        "all_special_tokens": sorted(tok.all_special_tokens),
+        **{k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")},
+    }
+    template = getattr(proc, "chat_template", None) or getattr(tok, "chat_template", None)
+    return tok.get_vocab(), special, template
+
+
+def check_same_tokenizer(student: Any, teacher: Any, *, student_name: str = "student", teacher_name: str = "teacher") -> None:
+    """Refuse a teacher whose tokenizer or chat template differs from the student's.
+
+    Teacher and student read the same token ids (KD, IVA and TPA compare them position by
+    position), so the vocabularies (token -> id, added tokens included), the special
+    tokens and the chat templates must be equal. ``student`` / ``teacher``: processors or
+    tokenizers; ``*_name``: how errors name them (e.g. the checkpoints).
+
+    Raises:
+        ValueError: naming both and the first differences.
+    """
+    sv, ss, st = _tokenizer_summary(student)
+    tv, ts, tt = _tokenizer_summary(teacher)
+    both = f"student {student_name!r} and teacher {teacher_name!r}"
+    if sv != tv:
+        diff = sorted(k for k in set(sv) | set(tv) if sv.get(k) != tv.get(k))
+        shown = {k: (sv.get(k), tv.get(k)) for k in diff[:5]}
+        raise ValueError(
+            f"{both} have different tokenizers: {len(sv)} vs {len(tv)} tokens, {len(diff)} differ "
+            f"(token: (student id, teacher id)) {shown}; distillation needs one shared tokenizer"
+        )
+    if ss != ts:
+        diff = {k: (ss[k], ts[k]) for k in ss if ss[k] != ts[k]}
+        raise ValueError(f"{both} have different special tokens (student, teacher): {diff}")
+    if st != tt:
+        raise ValueError(
+            f"{both} have different chat templates; both must render a conversation to the same tokens"
+        )
+
+
+def check_pair(student: nn.Module, teacher: nn.Module | None, *, output: str = "logits") -> None:
+    """The adapter's family check on student and teacher, before any training.
+
+    :func:`tokinteract.hf.families.check_options` with ``output`` (``"hidden"`` for the
+    fused losses); errors are re-raised naming the model (student or teacher).
+
+    Raises:
+        ValueError: a family or an option the adapter cannot run exactly.
+    """
+    from tokinteract.hf.families import check_options
+
+    for role, m in (("student", student), ("teacher", teacher)):
+        if m is None:
+            continue
+        try:
+            check_options(m, output=output)
+        except ValueError as e:
+            raise ValueError(f"{role} ({type(m).__name__}): {e}") from e
 
 
 def save_pretrained_student(model: nn.Module, processor: Any, out_dir: str | Path) -> Path:

@@ -370,6 +370,15 @@ def load_tokenizer(margs: Any, dargs: Any) -> tuple[Any, int]:
     return tok, (vc.image_size // vc.patch_size) ** 2
 
 
+def _llava_student(margs: Any) -> bool:
+    """Whether the student is the paper's LLaVA (read from a checkpoint's config, no weights)."""
+    if not margs.student_checkpoint:
+        return True  # tiny or built from a language model + SigLIP: always a LLaVA
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(margs.student_checkpoint).model_type == "llava"
+
+
 def _remapped_image_id(margs: Any, dcfg: Any, tok: Any) -> dict[int, str]:
     """``{teacher image-token id: reason}`` when ``image_token_policy="remap"`` gives the teacher
     another id than the student's (read from a local teacher checkpoint's config, no weights)."""
@@ -436,7 +445,12 @@ def preflight(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, existing_run: bo
                     f"{need / 2**30:.2f} GiB (5x the student's weight files)"
                 )
     report = PreflightReport(data_path=dargs.data_path)
-    if not errors:
+    if not errors and not _llava_student(margs):
+        notes.append(
+            "dataset scan skipped: the student is not a LLaVA; its processor pipeline "
+            "(tokinteract.mllm.processor_data) refuses a bad sample when it loads, naming its index and file"
+        )
+    elif not errors:
         from tokinteract.mllm.data import DataError
 
         tok, n_vis = load_tokenizer(margs, dargs)

@@ -114,6 +114,7 @@ from tokinteract import (
     tpa_expand,
     uniform_visual_weights,
 )
+from tokinteract.hf.families import visual_token_ids
 from tokinteract.mllm.model import check_teacher_student, num_image_tokens
 from tokinteract.mllm.reliability import ReliableTrainerMixin
 
@@ -361,6 +362,19 @@ def _position_ids(attention_mask: Tensor) -> Tensor:
     return pos.masked_fill(attention_mask == 0, 1)
 
 
+def _plain_positions(model: nn.Module, attention_mask: Tensor) -> dict[str, Tensor]:
+    """``position_ids`` for a plain forward of ``model``: the padding-aware sequential rule
+    (:func:`_position_ids`) for families that number tokens sequentially; none for
+    multimodal-RoPE families (Qwen-VL), whose forward builds its own position rows from
+    ``attention_mask``, ``mm_token_type_ids`` and ``image_grid_thw`` (one sequential row
+    would be silently wrong there)."""
+    from tokinteract.hf.families import family_of
+
+    if family_of(model).positions == "sequential":
+        return {"position_ids": _position_ids(attention_mask)}
+    return {}
+
+
 def _hf():
     """The ``tokinteract.hf`` adapter (imported lazily: it needs transformers)."""
     import tokinteract.hf as hf
@@ -419,10 +433,15 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
                 image_token_policy=self.distill.image_token_policy,
                 tokenizer=getattr(kwargs.get("processing_class"), "tokenizer", kwargs.get("processing_class")),
             )
-        n_vis = num_image_tokens(model)
+        if s["on_policy"] and model.config.model_type != "llava":
+            raise ValueError(
+                f"on_policy (GKD) generation supports only LLaVA students for now, got model_type "
+                f"{model.config.model_type!r}"
+            )
         for name in ("train_dataset", "eval_dataset"):
             ds = kwargs.get(name)
             got = getattr(ds, "num_image_tokens", None)
+            n_vis = num_image_tokens(model) if got is not None else None  # a LLaVA-only dataset: LLaVA-only check
             if got is not None and got != n_vis:
                 raise ValueError(
                     f"{name} expands each image to {got} image tokens but the student's vision tower "
@@ -457,6 +476,10 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
             self.loss_fn = AlignTILoss(**loss_kwargs)
         self.image_token_id = int(model.config.image_token_id)
         self.teacher_image_token_id = int(teacher.config.image_token_id) if teacher is not None else None
+        # never sampled as TPA candidates: every visual placeholder id of both models
+        self.no_sample_ids = {self.image_token_id, *visual_token_ids(model)}
+        if teacher is not None:
+            self.no_sample_ids |= {int(self.teacher_image_token_id), *visual_token_ids(teacher)}
         self.pad_token_id = self._pad_id(model, kwargs.get("processing_class"))
         self._counts: tuple[Tensor, Tensor] | None = None
         self._block_mask_cache: tuple[Any, torch.device, Any] | None = None  # (expansion, device, BlockMask)
@@ -582,10 +605,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         if self.vocab_size is not None:
             lg = lg[..., : self.vocab_size]
         lg = lg.clone()
-        ids = {self.image_token_id}
-        if self.teacher_image_token_id is not None:
-            ids.add(self.teacher_image_token_id)
-        for i in ids:
+        for i in self.no_sample_ids:
             if i < lg.shape[-1]:
                 lg[..., i] = torch.finfo(lg.dtype).min
         return lg
@@ -601,10 +621,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         if self.vocab_size is not None:
             w, b = w[: self.vocab_size], b[: self.vocab_size]
         b = b.clone()
-        ids = {self.image_token_id}
-        if self.teacher_image_token_id is not None:
-            ids.add(self.teacher_image_token_id)
-        for i in ids:
+        for i in self.no_sample_ids:
             if i < b.shape[0]:
                 b[i] = torch.finfo(b.dtype).min
         return w, b
@@ -628,8 +645,11 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         visual = inputs.pop("visual_mask").bool()
         instr = inputs.pop("instruction_mask").bool()
         inputs.pop("response_mask", None)
-        ids, att = inputs["input_ids"], inputs["attention_mask"]
-        px = inputs.get("pixel_values")
+        ids, att = inputs.pop("input_ids"), inputs.pop("attention_mask")
+        # every other tensor the collator made is a model input (pixel_values, image_grid_thw,
+        # mm_token_type_ids, token_type_ids, image_sizes, pixel_attention_mask, ...)
+        model_inputs = {k: v for k, v in inputs.items() if isinstance(v, Tensor)}
+        px = model_inputs.get("pixel_values")
         s = self.settings
         training = self.model.training
         gen = self._generator(ids.device) if training else torch.Generator(device=ids.device).manual_seed(0)
@@ -653,10 +673,9 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
             cmask &= ~torch.isin(next_ids, torch.tensor(self.distill.tpa_skip_token_ids, device=next_ids.device))
         w_src = s["iva_weights"] if s["iva"] > 0 else None
         layer = self._weights_layer() if w_src in ("teacher", "student") else None
-        model_inputs = {"pixel_values": px} if px is not None else {}
         if self.fused:
             return self._fused_loss(
-                model, unwrapped, ids, att, labels, visual, instr, px, cmask, gen, layer, w_src, counts,
+                model, unwrapped, ids, att, labels, visual, instr, model_inputs, cmask, gen, layer, w_src, counts,
                 return_outputs,
             )
 
@@ -683,7 +702,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
                 out["expansion"] = exp
             else:
                 with _maybe_capture(unwrapped, layer if capture else None, instr) as cap:
-                    o = unwrapped(input_ids=ids, attention_mask=att, position_ids=_position_ids(att), **model_inputs)
+                    o = unwrapped(input_ids=ids, attention_mask=att, **_plain_positions(unwrapped, att), **model_inputs)
                 out["logits"] = o.logits
             if capture:
                 out["weights"] = cap.visual_importance(visual)[:, : ids.shape[1]].detach()
@@ -695,7 +714,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         t_weights = None
         if self.teacher is not None and (s["kd"] > 0 or s["iva"] > 0 or use_tpa):
             t_logits, t_weights = self._teacher_pass(
-                ids, att, instr, visual, exp, px, layer if w_src == "teacher" else None
+                ids, att, instr, visual, exp, model_inputs, layer if w_src == "teacher" else None
             )
         weights = None
         if s["iva"] > 0:
@@ -727,7 +746,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
 
     def _fused_loss(
         self, model: nn.Module, unwrapped: nn.Module, ids: Tensor, att: Tensor, labels: Tensor, visual: Tensor,
-        instr: Tensor, px: Tensor | None, cmask: Tensor, gen: torch.Generator, layer: int | None,
+        instr: Tensor, model_inputs: dict[str, Tensor], cmask: Tensor, gen: torch.Generator, layer: int | None,
         w_src: str | None, counts: Any, return_outputs: bool,
     ) -> Any:
         """``loss_impl="fused"``: hidden states from both models, LM heads applied per chunk in the loss.
@@ -742,7 +761,6 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         s = self.settings
         d = self.distill
         use_tpa = s["tpa"] > 0
-        model_inputs = {"pixel_values": px} if px is not None else {}
         num_items = counts[0] if counts is not None else None
         num_seqs = counts[1] if counts is not None else None
 
@@ -763,7 +781,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
                         )
                 else:
                     s_hidden = _base_model(unwrapped)(
-                        input_ids=ids, attention_mask=att, position_ids=_position_ids(att), **model_inputs
+                        input_ids=ids, attention_mask=att, **_plain_positions(unwrapped, att), **model_inputs
                     ).last_hidden_state
             s_weights = cap.visual_importance(visual)[:, : ids.shape[1]].detach() if capture else None
             sw, sb = lm_head_parameters(unwrapped)
@@ -785,7 +803,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
             t_weights = None
             if self.teacher is not None and (s["kd"] > 0 or s["iva"] > 0 or use_tpa):
                 t_hidden, t_weights = self._teacher_pass(
-                    ids, att, instr, visual, exp, px, layer if w_src == "teacher" else None, output="hidden"
+                    ids, att, instr, visual, exp, model_inputs, layer if w_src == "teacher" else None, output="hidden"
                 )
                 tw, tb = lm_head_parameters(self.teacher)
                 t_hidden = t_hidden.to(tw.dtype)
@@ -833,7 +851,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         return cached[2]
 
     def _teacher_pass(
-        self, ids: Tensor, att: Tensor, instr: Tensor, visual: Tensor, exp: Any, px: Tensor | None,
+        self, ids: Tensor, att: Tensor, instr: Tensor, visual: Tensor, exp: Any, model_inputs: dict[str, Tensor],
         layer: int | None, output: str = "logits",
     ) -> tuple[Tensor, Tensor | None]:
         """Teacher logits (same layout as the student's; with ``output="hidden"`` the LM head's
@@ -843,7 +861,8 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         if teacher.training:
             teacher.eval()
         t_ids = self._teacher_ids(ids)
-        mi = {"pixel_values": px.to(next(teacher.parameters()).dtype)} if px is not None else {}
+        dtype = next(teacher.parameters()).dtype  # pixel values follow the teacher's dtype; ids and masks stay
+        mi = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model_inputs.items()}
         with _maybe_capture(teacher, layer, instr) as cap:
             # only the first forward at the captured layer is recorded: the ground-truth
             # (cached) or packed pass, never the candidate block
@@ -860,10 +879,10 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
                 from tokinteract.hf.packed import _base_model
 
                 logits = _base_model(teacher)(
-                    input_ids=t_ids, attention_mask=att, position_ids=_position_ids(att), **mi
+                    input_ids=t_ids, attention_mask=att, **_plain_positions(teacher, att), **mi
                 ).last_hidden_state
             else:
-                logits = teacher(input_ids=t_ids, attention_mask=att, position_ids=_position_ids(att), **mi).logits
+                logits = teacher(input_ids=t_ids, attention_mask=att, **_plain_positions(teacher, att), **mi).logits
         weights = cap.visual_importance(visual)[:, : ids.shape[1]] if layer is not None else None
         return logits, weights
 
