@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_WORKERS ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export NO_MKDOCS_2_WARNING := 1
 
@@ -28,7 +29,8 @@ demo-full: $(STAMP)
 
 # The docs build is strict and NOT quiet: with -q MkDocs emits no warnings, so --strict counts none.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	# two pytest workers (one per core on CI), one torch thread each: the tiny models gain nothing from more
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS)
 	$(BIN)/mkdocs build --strict
 
 test-fast: $(STAMP)
