@@ -55,7 +55,7 @@ def test_split_batch_names_the_parts_and_keeps_every_other_tensor_as_a_model_inp
         split_batch({k: v for k, v in inputs.items() if k != "visual_mask"})
 
 
-def test_head_rows_computes_only_the_rows_asked_and_poisons_the_others() -> None:
+def test_head_rows_computes_few_rows_only_and_poisons_the_others() -> None:
     g = torch.Generator().manual_seed(0)
     h, w, bias = torch.randn(2, 5, 4, generator=g), torch.randn(7, 4, generator=g), torch.randn(7, generator=g)
     rows = torch.tensor([[True, False, True, False, False], [False, False, False, True, True]])
@@ -64,6 +64,8 @@ def test_head_rows_computes_only_the_rows_asked_and_poisons_the_others() -> None
     assert bool(out[~rows].isnan().all()) and not out.requires_grad
     with pytest.raises(ValueError, match="rows must have shape"):
         head_rows(h, w, bias, rows[:, :3])
+    most = rows | torch.tensor([[False, True, False, True, True], [True, True, False, False, False]])
+    torch.testing.assert_close(head_rows(h, w, bias, most), torch.nn.functional.linear(h, w, bias))  # 8 of 10: all rows
 
 
 # ---------------------------------------------------------------- student pass and candidates
@@ -167,7 +169,7 @@ def test_logits_path_sends_only_the_rows_the_loss_reads_through_the_teacher_head
     want = torch.zeros_like(rows[:, T:])
     want[bi, slot - T] = True
     assert bool(want.any()) and torch.equal(rows[:, T:], want)  # TPA: the candidate slots, not the unused ones
-    assert int(rows.sum()) < rows.numel()  # instruction, padding and unused slots never reach the head
+    assert int(rows.sum()) < rows.numel()  # instruction, padding and unused slots are not asked for
 
 
 def test_a_row_missing_from_the_teacher_rows_raises_instead_of_a_wrong_loss(tmp_path, synth, tok, processor, monkeypatch) -> None:

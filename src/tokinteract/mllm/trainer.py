@@ -246,15 +246,19 @@ class PassOutput:
 
 
 def head_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor) -> Tensor:
-    """``[B, L, V]`` logits ``hidden @ weight.T + bias`` on the ``rows`` (bool ``[B, L]``) only.
+    """``[B, L, V]`` logits ``hidden @ weight.T + bias``, computed on the ``rows`` (bool ``[B, L]``).
 
-    The other rows are NaN: a row the loss reads but ``rows`` missed makes the loss raise
-    (it refuses non-finite rows) instead of giving a wrong number. Runs under no grad (the
-    teacher's head).
+    When ``rows`` cover fewer than half of the positions, only they reach the head and the
+    other rows are NaN: a row the loss reads but ``rows`` missed makes the loss raise (it
+    refuses non-finite rows) instead of giving a wrong number. Otherwise every row is computed
+    (one matmul over all rows costs less than gathering most of them and scattering the result
+    back). Runs under no grad (the teacher's head).
     """
     if rows.shape != hidden.shape[:2]:
         raise ValueError(f"rows must have shape {tuple(hidden.shape[:2])} (batch, len), got {tuple(rows.shape)}")
     with torch.no_grad():
+        if 2 * int(rows.sum()) >= rows.numel():
+            return torch.nn.functional.linear(hidden, weight, bias)
         values = torch.nn.functional.linear(hidden[rows], weight, bias)
         out = values.new_full((*rows.shape, weight.shape[0]), float("nan"))
         out[rows] = values
