@@ -130,39 +130,19 @@ from tokinteract import (
     uniform_visual_weights,
 )
 from tokinteract.hf.families import visual_token_ids
-from tokinteract.mllm.config import (
-    GROUPS,
-    LOSS_IMPLS,
-    METHODS,
-    DistillationConfig,
-    FaultConfig,
-    IVAConfig,
-    LossConfig,
-    MethodConfig,
-    OnPolicyConfig,
-    PairConfig,
-    TPAConfig,
-)
+from tokinteract.mllm.config import LOSS_IMPLS, METHODS, DistillationConfig  # re-exported: their earlier home
 from tokinteract.mllm.model import check_teacher_student, num_image_tokens
 from tokinteract.mllm.reliability import ReliableTrainerMixin
 
 __all__ = [
-    "GROUPS",
     "LOSS_IMPLS",
     "METHODS",
     "ON_POLICY",
     "Batch",
     "DistillationConfig",
     "DistillationTrainer",
-    "FaultConfig",
-    "IVAConfig",
-    "LossConfig",
-    "MethodConfig",
     "ModelInputs",
-    "OnPolicyConfig",
-    "PairConfig",
     "PassOutput",
-    "TPAConfig",
     "head_rows",
     "run_through_wrapper",
     "split_batch",
