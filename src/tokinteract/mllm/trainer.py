@@ -927,7 +927,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         first replaced by the student's own responses (:meth:`on_policy_batch`), as TRL's
         ``GKDTrainer`` does; the Trainer's step then runs :meth:`compute_loss` on it."""
         self._next_micro_batch()
-        if self.settings["on_policy"] and self._on_policy_coin(inputs["input_ids"].device):
+        if self.settings["on_policy"] and self._on_policy_coin(self.args.device):  # where the batch will be
             inputs = self.on_policy_batch(model, inputs)
         return super().training_step(model, inputs, *args, **kwargs)
 
