@@ -18,14 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from mllm_helpers import state
+from mllm_helpers import state, train_recording_tpa
 from test_mllm_families_trainer import _trainer, data  # noqa: F401  (the module's data fixture)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
 import families as fx  # noqa: E402
 
-import tokinteract.fused as fused_mod  # noqa: E402
-import tokinteract.mllm.trainer as trainer_mod  # noqa: E402
 from tokinteract.hf.families import visual_token_ids  # noqa: E402
 from tokinteract.mllm import DistillationConfig  # noqa: E402
 from tokinteract.mllm.processor_data import MASK_KEYS  # noqa: E402
@@ -107,30 +105,8 @@ def test_logged_tpa_equals_per_candidate_forwards(tmp_path, data, monkeypatch, n
         for i in visual:  # unmasked, it would be drawn as often as that token
             student.lm_head.weight[i] = student.lm_head.weight[fav]
     before = state(student)
-    rec: dict = {}
-    orig_loss = tr.compute_loss
-
-    def compute_loss(model, inputs, *a, **kw):
-        rec["batch"] = {k: v.detach().clone() for k, v in inputs.items()}
-        return orig_loss(model, inputs, *a, **kw)
-
-    def recorder(fn):
-        def wrapped(*a, **kw):
-            out = fn(*a, **kw)
-            rec["cand"], rec["mask"] = out.detach().clone(), kw["mask"].detach().clone()
-            return out
-        return wrapped
-
-    monkeypatch.setattr(tr, "compute_loss", compute_loss)
-    monkeypatch.setattr(trainer_mod, "sample_candidates", recorder(trainer_mod.sample_candidates))
-    monkeypatch.setattr(fused_mod, "fused_sample_candidates", recorder(fused_mod.fused_sample_candidates))
-    tr.train()
-    logged = tr.state.log_history[0]["loss_tpa"]
-
-    batch, cand, cmask = rec["batch"], rec["cand"], rec["mask"]
+    logged, batch, cand, cmask, supervised = train_recording_tpa(tr, monkeypatch)
     labels = batch["labels"]
-    supervised = torch.zeros_like(cmask)
-    supervised[:, :-1] = labels[:, 1:] != -100
     assert torch.equal(cmask, supervised) and int(cmask.sum()) > 0
     assert cand.shape == (*labels.shape, D)
     drawn = cand[cmask]
