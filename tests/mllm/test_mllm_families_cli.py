@@ -44,10 +44,10 @@ def _checkpoints(tmp_path: Path, name: str, *, whole_processor: bool) -> dict[st
     return ckpts
 
 
-def _config(tmp_path: Path, data: Path, ckpts: dict[str, Path], **kw) -> str:
+def _config(tmp_path: Path, data_path: Path, ckpts: dict[str, Path], **kw) -> str:
     cfg = dict(
         student_checkpoint=str(ckpts["student"]), teacher_checkpoint=str(ckpts["teacher"]), method="align_ti",
-        iva_layer=1, data_path=str(data), image_folder=str(data.parent), output_dir=str(tmp_path / "out"),
+        iva_layer=1, data_path=str(data_path), image_folder=str(data_path.parent), output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=3, max_steps=1, logging_steps=1, save_strategy="no", report_to="none",
         use_cpu=True, learning_rate=1e-2, disable_tqdm=True, seed=0, preflight_cache_dir="",
     )
