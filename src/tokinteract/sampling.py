@@ -95,6 +95,10 @@ def _sorted_prefixes(probs: Tensor, top_p: float, full_width: bool) -> tuple[Ten
         vals, idx = (probs if rows.numel() == R else probs[rows]).sort(dim=-1, descending=True)
         pieces.append((rows, vals, idx, V))
     W = V if full_width else max(k_ for *_, k_ in pieces)
+    pieces = [piece for piece in pieces if piece[0].numel()]
+    if len(pieces) == 1 and pieces[0][3] == W and torch.equal(pieces[0][0], torch.arange(R, device=dev)):
+        _, vals, idx, _ = pieces[0]  # one prefix length for every row, in row order: no copy
+        return vals, idx, torch.full((R,), W, dtype=torch.long, device=dev)
     S = probs.new_zeros(R, W)
     order = torch.zeros(R, W, dtype=torch.long, device=dev)
     length = torch.empty(R, dtype=torch.long, device=dev)

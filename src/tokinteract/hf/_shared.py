@@ -35,6 +35,8 @@ from torch import Tensor, nn
 
 __all__ = ["SharedTape"]
 
+_AUTOCAST = ("cpu", "cuda")
+
 ENABLED = True
 """Off: every module runs as before (two gradients per shared weight); for benchmarks and tests."""
 
@@ -205,7 +207,7 @@ class SharedTape:
 
     @staticmethod
     def active() -> bool:
-        return ENABLED and torch.is_grad_enabled() and not torch.is_autocast_enabled()
+        return ENABLED and torch.is_grad_enabled() and not any(map(torch.is_autocast_enabled, _AUTOCAST))
 
     def _first(self, m: nn.Module, x: Tensor) -> Tensor:
         if not self.active():
