@@ -6,7 +6,8 @@
 Strategies:
 
 * ``"nucleus"``: restrict to the top-p set (the smallest prefix of the sorted distribution
-  whose mass reaches ``top_p``; the most likely token is always in it), renormalise, draw
+  whose mass reaches ``top_p``, equal probabilities in increasing token id order; the most
+  likely token is always in it), renormalise, draw
   ``d`` tokens **with replacement** (i.i.d.), so the mean over candidates is an unbiased
   Monte-Carlo estimate of the expectation in Eq. 5 over the truncated distribution.
 * ``"multinomial"``: ``d`` i.i.d. draws **with replacement** from the full distribution.
@@ -128,13 +129,27 @@ def _stable_ids(probs: Tensor, S: Tensor, order: Tensor, length: Tensor, pos: Te
     tied = left | right | edge
     if not bool(tied.any()):
         return ids
-    b, j = tied.nonzero(as_tuple=True)
-    row, val = probs[b], v[b, j][:, None]
-    eq = row == val
-    rank = pos[b, j] - (row > val).sum(-1)
-    counts = eq.sum(-1)
-    cols = eq.nonzero()[:, 1]
-    ids[b, j] = cols[counts.cumsum(0) - counts + rank]
+    # a tie group inside the prefix: its ids are order[first:last] (adjacent in S); sort them
+    inner = tied & ~edge
+    if bool(inner.any()):
+        neg = S.neg()
+        first = torch.searchsorted(neg, -v, right=False)
+        last = torch.searchsorted(neg, -v, right=True)
+        b, j = inner.nonzero(as_tuple=True)
+        lo, hi = first[b, j], last[b, j]
+        G = int((hi - lo).max())
+        slots = lo[:, None] + torch.arange(G, device=S.device)
+        group = order[b[:, None], slots.clamp_max(W - 1)]
+        group = torch.where(slots < hi[:, None], group, torch.full_like(group, V))
+        ids[b, j] = group.sort(dim=-1).values.gather(1, (pos[b, j] - lo)[:, None])[:, 0]
+    if bool(edge.any()):  # the group may continue outside a top-k prefix: search the whole row
+        b, j = edge.nonzero(as_tuple=True)
+        row, val = probs[b], v[b, j][:, None]
+        eq = row == val
+        rank = pos[b, j] - (row > val).sum(-1)
+        counts = eq.sum(-1)
+        cols = eq.nonzero()[:, 1]
+        ids[b, j] = cols[counts.cumsum(0) - counts + rank]
     return ids
 
 
