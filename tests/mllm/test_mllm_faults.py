@@ -377,3 +377,26 @@ def test_same_seed_bit_identical_weights_across_processes_and_thread_counts(tmp_
     assert got[1].keys() == got[2].keys()
     for k in got[1]:
         assert torch.equal(got[1][k], got[2][k]), k
+
+
+@pytest.mark.slow
+def test_demo_scale_runs_repeat_bit_for_bit_whatever_the_environment_threads(tmp_path) -> None:
+    """The demo at its quick preset's model sizes (teacher 128 x 4 with its vision tower
+    trained, Align-TI student 48 x 2, batch 16): two processes with the same seeds, one with
+    ``OMP_NUM_THREADS=1`` and one with ``2`` (and different hash seeds), end with bit-identical
+    teacher and student weights, because ``Demo.fit`` trains with the setting's thread count.
+    (With 1 and 2 training threads the teacher's vision-tower weights differ after one step.)"""
+    got = {}
+    for threads in (1, 2):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONHASHSEED": str(threads)}
+        out = tmp_path / f"demo{threads}.pt"
+        proc = subprocess.run([sys.executable, str(HERE / "determinism_worker.py"), "--demo", str(tmp_path / "run"),
+                               str(out), "8"], capture_output=True, text=True, timeout=600, env=env, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got[threads] = torch.load(out)
+    assert (got[1]["threads_in_env"], got[2]["threads_in_env"]) == (1, 2)  # the environments did differ
+    for model in ("teacher", "student"):
+        a, b = got[1][model], got[2][model]
+        assert a.keys() == b.keys() and len(a) > 50
+        for k in a:
+            assert torch.equal(a[k], b[k]), (model, k)
