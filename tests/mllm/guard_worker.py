@@ -5,7 +5,8 @@ in one process group (DDP, or FSDP2 when the config says ``fsdp``: the test-only
 ``fsdp_worker.py`` is applied). ``inject = {"rank", "steps", "kind"}`` makes that rank's loss
 non-finite on those optimizer steps (1-based): ``"nan"`` multiplies it by NaN (every gradient
 NaN), ``"inf"`` adds a constant infinity (the loss is infinite, its gradients stay finite:
-only this rank can tell that the step is bad). ``resume`` is passed to ``train``.
+only this rank can tell that the step is bad). ``resume`` is passed to ``train``; ``poison_optimizer_rank`` puts a NaN into that rank's
+optimizer state after step 1's update (the next save must be refused on every rank).
 
 Every rank writes ``OUT/{name}_rank{r}.pt``: the full student weights after each optimizer
 step, how the run ended (``TrainingStopped`` message and checkpoint, or ``"ok"``), the guard's
@@ -52,7 +53,7 @@ def _run(run: dict) -> dict:
     from transformers import TrainerCallback
 
     from tokinteract.mllm.cli import build_everything, parse_args
-    from tokinteract.mllm.reliability import TrainingStopped
+    from tokinteract.mllm.reliability import NonFiniteError, TrainingStopped
 
     trainer = build_everything(*parse_args([run["config"]]))
     snaps: dict[int, dict[str, torch.Tensor]] = {}
@@ -62,6 +63,16 @@ def _run(run: dict) -> dict:
             snaps[state.global_step] = {k: _full(v) for k, v in model.state_dict().items()}
 
     trainer.add_callback(Snap())
+    poison = run.get("poison_optimizer_rank")
+
+    class Poison(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if args.process_index == poison and state.global_step == 0:
+                st = next(iter(trainer.optimizer.optimizer.state.values()))
+                st["exp_avg"].view(-1)[0] = float("nan")
+
+    if poison is not None:
+        trainer.add_callback(Poison())
     if run.get("inject"):
         _inject(trainer, **run["inject"])
     n_renames = len(RENAMES)
@@ -70,6 +81,8 @@ def _run(run: dict) -> dict:
         trainer.train(resume_from_checkpoint=run.get("resume"))
     except TrainingStopped as e:
         end = {"outcome": "stopped", "message": str(e), "checkpoint": e.checkpoint}
+    except NonFiniteError as e:
+        end = {"outcome": "refused", "message": str(e)}
     return {
         **end,
         "rank": trainer.args.process_index,

@@ -107,12 +107,15 @@ def truncated_image_data(tmp_path: Path, synth, index: int = 10) -> Path:
 
 
 def all_finite_checkpoint(path: Path) -> None:
-    """Every weight of ``path/model.safetensors`` and every tensor of ``path/optimizer.pt`` is finite."""
+    """Every weight of ``path/model.safetensors`` and every tensor of the optimizer state
+    (``optimizer.pt``, or FSDP's ``optimizer.bin``) is finite."""
     from safetensors.torch import load_file
 
     for k, v in load_file(path / "model.safetensors").items():
         assert torch.isfinite(v).all(), k
-    opt = torch.load(path / "optimizer.pt", weights_only=False)
+    opt_file = path / "optimizer.pt" if (path / "optimizer.pt").is_file() else path / "optimizer.bin"
+    opt = torch.load(opt_file, weights_only=False)
+    assert opt["state"], opt_file
     for s in opt["state"].values():
         for k, v in s.items():
             assert not torch.is_tensor(v) or torch.isfinite(v).all(), k

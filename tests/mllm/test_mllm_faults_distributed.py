@@ -1,7 +1,9 @@
-"""The fault guards of the reference trainer under 2-process DDP (gloo, CPU): a step that is
-non-finite on one rank is skipped on every rank, a bad sample met by one rank stops every rank
-after a checkpoint, only rank 0 renames a staged checkpoint, and ``last`` resumes the newest
-complete one. One ``torchrun`` launch trains every run (``guard_worker.py``)."""
+"""The fault guards of the reference trainer under 2-process DDP (gloo, CPU) and FSDP2: a step
+that is non-finite on one rank is skipped on every rank, a checkpoint with a non-finite tensor on
+one rank is refused by every rank, a bad sample met by one rank stops every rank after a
+checkpoint, only rank 0 renames a staged checkpoint, and ``last`` resumes the newest complete
+one. One ``torchrun`` launch trains every run (``guard_worker.py``); DeepSpeed ZeRO-2 is in
+``test_mllm_deepspeed.py``."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from mllm_helpers import all_finite_checkpoint, tiny_config, torchrun_two_ranks, truncated_image_data
 
 from tokinteract.mllm.checkpoints import latest_checkpoint
@@ -18,8 +21,10 @@ from tokinteract.mllm.checkpoints import latest_checkpoint
 pytestmark = pytest.mark.slow  # two processes, end to end
 
 HERE = Path(__file__).parent
+FSDP_CONFIG = yaml.safe_load((HERE.parents[1] / "examples" / "configs" / "stage2_fsdp_override.yaml").read_text())[
+    "fsdp_config"]
 DDP = dict(method="kd", ddp_backend="gloo")
-RUNS = {
+RUNS: dict[str, tuple[dict, dict | None, str | None]] = {
     # rank 1's loss is +inf at step 2 while every gradient stays finite: only rank 1 can tell
     "inf": (dict(max_steps=4, save_strategy="steps", save_steps=1), {"rank": 1, "steps": [2], "kind": "inf"}, None),
     # rank 1's loss is NaN at steps 2-4 (so is every all-reduced gradient): the run stops after 3
@@ -27,6 +32,11 @@ RUNS = {
     "resumed": (dict(max_steps=6, output="nan"), None, "last"),  # continues "nan" from its newest checkpoint
     # sequential order, batches of 2 dealt in turn to the ranks: sample 11 is rank 1's at step 3
     "bad": (dict(max_steps=3, train_sampling_strategy="sequential", data="cut"), None, None),
+    # FSDP2 (the example's settings, CPU patch of fsdp_worker.py): as "inf"
+    "fsdp_inf": (dict(max_steps=3, save_strategy="steps", save_steps=1, fsdp=True, fsdp_config=FSDP_CONFIG),
+                 {"rank": 1, "steps": [2], "kind": "inf"}, None),
+    # a NaN in rank 1's optimizer state (as a ZeRO partition would hold it) before the step-1 save
+    "poisoned": (dict(max_steps=1, save_strategy="steps", save_steps=1, poison=1), None, None),
 }
 
 
@@ -40,8 +50,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory, synth) -> SimpleNamespace:
         out = tmp / kw.pop("output", name)
         if kw.pop("data", None):
             kw["data_path"] = str(cut)
+        poison = kw.pop("poison", None)
         cfg = tiny_config(tmp, synth, f"{name}.yaml", output_dir=str(out), **DDP, **kw)
-        specs.append({"name": name, "config": str(cfg), "inject": inject, "resume": resume})
+        specs.append({"name": name, "config": str(cfg), "inject": inject, "resume": resume,
+                      "poison_optimizer_rank": poison})
     (tmp / "runs.json").write_text(json.dumps(specs))
     ranks = tmp / "ranks"
     ranks.mkdir()
@@ -55,7 +67,7 @@ def _equal(a: dict, b: dict) -> bool:
 
 
 def test_ddp_a_step_non_finite_on_one_rank_is_applied_by_no_rank(runs) -> None:
-    """Step 2 changes no weight on either rank (rank 0 saw only finite numbers), steps 3-4 train,
+    """Step 2 changes no weight on either rank (rank 0 saw only finite numbers and is told), steps 3-4 train,
     both ranks log it and end equal; every checkpoint is finite, holds both ranks' RNG states,
     and was renamed from its staging folder by rank 0 only."""
     r0, r1 = runs.inf
@@ -65,6 +77,8 @@ def test_ddp_a_step_non_finite_on_one_rank_is_applied_by_no_rank(runs) -> None:
         assert _equal(r["snaps"][2], r["snaps"][1]) and not _equal(r["snaps"][3], r["snaps"][2])
         assert len(r["nonfinite_steps"]) == 1 and r["nonfinite_steps"][0].startswith("step 2: non-finite")
     assert "loss [inf]" in r1["nonfinite_steps"][0]
+    assert all("(non-finite on rank(s) [1] of 2)" in r["nonfinite_steps"][0] for r in (r0, r1))
+    assert r0["nonfinite_steps"][0].startswith("step 2: non-finite loss or gradient on another rank")
     for step in (1, 2, 3, 4):
         assert _equal(r0["snaps"][step], r1["snaps"][step]), step
     out = runs.tmp / "inf"
@@ -105,3 +119,35 @@ def test_ddp_bad_sample_on_one_rank_stops_every_rank_after_a_checkpoint(runs) ->
     assert len(r0["renames"]) == 1 and r1["renames"] == []
     assert latest_checkpoint(out) == out / "checkpoint-2"
     all_finite_checkpoint(out / "checkpoint-2")
+
+
+def test_ddp_a_checkpoint_non_finite_on_one_rank_is_refused_by_every_rank(runs) -> None:
+    """Rank 1's optimizer state holds a NaN at the step-1 save: both ranks refuse it (rank 0
+    learns it from rank 1), nothing is written, and neither rank waits for the other."""
+    r0, r1 = runs.poisoned
+    for r in (r0, r1):
+        assert r["outcome"] == "refused" and "refusing to save checkpoint-1" in r["message"], r.get("message")
+        assert "on rank(s) [1]" in r["message"]
+    assert "optimizer.state[" in r1["message"]
+    out = runs.tmp / "poisoned"
+    assert not list(out.glob("*checkpoint-*"))
+
+
+def test_fsdp2_a_step_non_finite_on_one_rank_is_applied_by_no_rank(runs) -> None:
+    """As the DDP case under FSDP2 (sharded student, example settings): step 2 changes no full
+    weight on either rank, step 3 trains, rank 0's message says another rank saw it; the
+    checkpoints (FULL_STATE_DICT weights, optimizer.bin) are finite, complete, renamed by rank 0 only."""
+    r0, r1 = runs.fsdp_inf
+    out = runs.tmp / "fsdp_inf"
+    for r in (r0, r1):
+        assert r["distributed_type"] == "DistributedType.FSDP" and r["outcome"] == "ok" and r["steps_run"] == [1, 2, 3]
+        assert _equal(r["snaps"][2], r["snaps"][1]) and not _equal(r["snaps"][3], r["snaps"][2])
+        assert len(r["nonfinite_steps"]) == 1 and "(non-finite on rank(s) [1] of 2)" in r["nonfinite_steps"][0]
+    assert r0["nonfinite_steps"][0].startswith("step 2: non-finite loss or gradient on another rank")
+    assert r1["nonfinite_steps"][0].startswith("step 2: non-finite loss [inf]")
+    assert _equal(r0["snaps"][3], r1["snaps"][3])
+    assert [Path(d).name for _, d in r0["renames"]] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert r1["renames"] == [] and latest_checkpoint(out) == out / "checkpoint-3"
+    for step in (1, 2, 3):
+        all_finite_checkpoint(out / f"checkpoint-{step}")
+        assert (out / f"checkpoint-{step}" / "rng_state_1.pth").is_file()
