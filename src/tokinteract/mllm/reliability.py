@@ -36,6 +36,12 @@ What it adds to ``transformers.Trainer`` (see the trainer guide's "Faults" secti
   ``bad_sample_limit`` of the data file's samples the run saves a checkpoint and stops with
   :class:`TrainingStopped`.
 
+* **Several processes** (DDP, FSDP2, DeepSpeed): every decision is collective
+  (:meth:`ReliableTrainerMixin._ranks_with`): a step non-finite on one rank is skipped by all,
+  the bad-sample counts are summed over the ranks, a non-finite optimizer state on one rank
+  (ZeRO partitions it) makes every rank refuse the save; only the main process renames a
+  staged checkpoint, between two barriers.
+
 The mixin reads ``self.distill.max_nonfinite_steps``, ``bad_sample_limit`` and
 ``overwrite_output_dir`` (:class:`tokinteract.mllm.trainer.DistillationConfig`) and, when
 present, the trainer's per-part loss sums ``self._part_sums``.
