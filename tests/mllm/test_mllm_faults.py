@@ -15,7 +15,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from mllm_helpers import all_finite_checkpoint, make_model, tiny_config, truncated_image_data, write_json
+from mllm_helpers import (
+    all_finite_checkpoint,
+    make_model,
+    tiny_config,
+    truncated_image_data,
+    write_json,
+)
 from safetensors.torch import load_file
 
 from tokinteract.mllm import DistillationConfig

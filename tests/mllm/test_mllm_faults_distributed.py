@@ -14,7 +14,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from mllm_helpers import all_finite_checkpoint, tiny_config, torchrun_two_ranks, truncated_image_data
+from mllm_helpers import (
+    all_finite_checkpoint,
+    tiny_config,
+    torchrun_two_ranks,
+    truncated_image_data,
+)
 
 from tokinteract.mllm.checkpoints import latest_checkpoint
 
