@@ -26,6 +26,7 @@ The evaluation helpers (``evaluate_generation``, ``heldout_kl``, ``exposure_curv
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -33,7 +34,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ __all__ = [
     "mean_std",
     "run_demo",
     "teacher_irs",
+    "torch_threads",
 ]
 
 
@@ -93,6 +95,10 @@ class DemoSettings:
         timing_steps: steps per method of the Table 4/13 timing pass.
         experiments: which tables/figures to run (keys of :data:`EXPERIMENTS`, plus
             ``fig4`` and ``table4``).
+        threads: torch CPU threads for every step of the run, whatever the machine has
+            (:func:`torch_threads`). On CPU the same seed gives bit-identical weights only at
+            the same thread count (some weight-gradient reductions split their sum by thread:
+            see the trainer guide's "Determinism on CPU"), so the count is part of the setting.
     """
 
     name: str
@@ -120,6 +126,7 @@ class DemoSettings:
     teacher_trains_vision: bool = True
     timing_steps: int = 12
     experiments: tuple[str, ...] = ()
+    threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -210,6 +217,23 @@ PRESETS["full"] = dataclasses.replace(
     PRESETS["quick"], name="full", seeds=(0, 1, 2, 3, 4),
     experiments=("table5", "fig4", "fig6", "table4", "table6", "table3", "table8", "table7", "fig5", "eot"),
 )
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads (``torch.set_num_threads``), restored after.
+
+    Raises:
+        ValueError: ``n`` is not an integer >= 1.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {n!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- data
@@ -475,11 +499,12 @@ class Demo:
         )
         trainer.meter = StepMeter(memory=memory)
         t0 = time.perf_counter()
-        trainer.train()
+        with torch_threads(self.s.threads):  # the setting's count, whatever the caller's
+            trainer.train()
         wall = time.perf_counter() - t0
         hist = [h for h in trainer.state.log_history if "loss" in h]
         model.eval()
-        return {"wall_s": wall, **trainer.meter.summary(), "log": hist}
+        return {"wall_s": wall, **trainer.meter.summary(), "log": hist, "threads": self.s.threads}
 
     # ------------------------------------------------------------- stages
     def teacher_model(self) -> nn.Module:
@@ -490,6 +515,9 @@ class Demo:
             self.log(f"reusing the teacher checkpoint {path}")
             t = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa")
             meta = json.loads((path / "train_info.json").read_text())
+            if meta.get("threads") != self.s.threads:
+                self.log(f"note: the cached teacher was trained with threads={meta.get('threads')}, this run uses "
+                         f"{self.s.threads}: its weights are not the ones this setting gives bit for bit")
         else:
             self.log(f"stage 0: teacher {self.s.teacher} SFT for {self.s.teacher_steps} steps")
             t = self.build_model(self.s.teacher, seed=1000)
@@ -601,6 +629,8 @@ def run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool = Tr
              skip_missing: bool = False, only_keys: Sequence[str] | None = None) -> dict[str, Any]:
     """Run every experiment of ``settings`` under ``run_dir``; returns (and writes) ``results.json``.
 
+    Every step runs with ``settings.threads`` torch CPU threads (restored on return).
+
     The teacher and the shared stage-1 student are cached in ``run_dir`` and reused.
     Student runs already in ``run_dir/runs/*.json`` are reused too (a resumed run skips them).
     With ``skip_missing`` nothing new is trained: only the saved runs are collected (to
@@ -608,6 +638,13 @@ def run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool = Tr
     restricts the student runs to these configurations (several processes can share one
     run dir, each with its own keys, once the teacher and stage-1 checkpoints exist).
     """
+    with torch_threads(settings.threads):
+        return _run_demo(settings, run_dir, progress=progress, log=log, only_calibration=only_calibration,
+                         skip_missing=skip_missing, only_keys=only_keys)
+
+
+def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, log: Callable[[str], None],
+              only_calibration: bool, skip_missing: bool, only_keys: Sequence[str] | None) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
