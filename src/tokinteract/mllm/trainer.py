@@ -115,6 +115,7 @@ from tokinteract import (
     uniform_visual_weights,
 )
 from tokinteract.hf.families import visual_token_ids
+from tokinteract.mllm.lora import unwrap_peft
 from tokinteract.mllm.model import check_teacher_student, num_image_tokens
 from tokinteract.mllm.reliability import ReliableTrainerMixin
 
@@ -664,7 +665,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         counts = self._counts if training else None
         num_items = counts[0] if counts is not None else None
         num_seqs = counts[1] if counts is not None else None
-        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped = unwrap_peft(self.accelerator.unwrap_model(model))  # LoRA: the adapted model inside
         hf = _hf()
         use_tpa = s["tpa"] > 0
         next_ids = shift_labels(labels)  # [b, t]: the ground-truth token t + 1 that TPA's candidates at t replace
@@ -892,7 +893,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
     ) -> Any:
         """GKD: sample responses from the student for each sample's first prompt, then
         apply the KD divergence (JSD by default) on the generated tokens."""
-        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped = unwrap_peft(self.accelerator.unwrap_model(model))  # LoRA: the adapted model inside
         seq, gatt, glabels, gpx = self._generate(unwrapped, ids, att, labels, visual, px)
         mi = {"pixel_values": gpx} if gpx is not None else {}
 
