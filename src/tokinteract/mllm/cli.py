@@ -245,7 +245,7 @@ def build_everything(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, check_exi
 
         student = apply_lora(
             student, r=margs.lora_r, alpha=margs.lora_alpha, dropout=margs.lora_dropout,
-            target_modules=margs.lora_target_modules, train_projector=projector,
+            target_modules=margs.lora_target_modules, train_projector=projector, seed=targs.seed,
         )
     else:
         mm.set_trainable_parts(

@@ -148,6 +148,7 @@ def apply_lora(
     dropout: float = 0.0,
     target_modules: list[str] | tuple[str, ...] | None = None,
     train_projector: bool = True,
+    seed: int | None = 0,
 ) -> nn.Module:
     """Wrap ``model`` in a ``peft.PeftModel`` with LoRA adapters on its language model.
 
@@ -159,6 +160,9 @@ def apply_lora(
             (default :data:`DEFAULT_TARGET_MODULES`); never matched in the vision tower.
         train_projector: also train the projector in full (peft ``modules_to_save``, saved
             with the adapter).
+        seed: seeds the adapters' random initialisation (``A``; ``B`` starts at 0) on a forked
+            CPU RNG, leaving the global one alone, so a run (and a restart) is reproducible
+            (None: draw from the global RNG).
 
     Returns:
         The ``PeftModel``: only the adapters (and the projector) have ``requires_grad``.
@@ -193,7 +197,13 @@ def apply_lora(
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=regex, modules_to_save=to_save, bias="none",
     )
-    return get_peft_model(model, config)
+    if seed is None:
+        return get_peft_model(model, config)
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
 
 
 def check_lora_arguments(margs: Any, targs: Any = None) -> None:
