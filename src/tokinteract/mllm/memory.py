@@ -48,8 +48,18 @@ GiB = 1024**3
 class ModelSize:
     """Parameter counts of one model per part and the dimensions the estimate needs.
 
-    ``lora_per_rank``: parameters one LoRA rank adds on the default targets
-    (:data:`tokinteract.mllm.lora.DEFAULT_TARGET_MODULES`): ``sum(in + out)`` over them.
+    Attributes:
+        total: all parameters (tied weights once).
+        vision_tower: parameters of the vision tower.
+        projector: parameters of the projector.
+        language_model: parameters of the language model and its LM head.
+        hidden_size: the language model's hidden size.
+        num_layers: the language model's decoder layers.
+        vocab_size: the LM head's rows.
+        num_kv_heads: key/value heads per layer (for the KV cache).
+        head_dim: width of one head.
+        lora_per_rank: parameters one LoRA rank adds on the default targets
+            (:data:`tokinteract.mllm.lora.DEFAULT_TARGET_MODULES`): ``sum(in + out)`` over them.
     """
 
     total: int
@@ -107,7 +117,17 @@ def model_size(config: Any) -> ModelSize:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per rank, by kind (see the module docstring)."""
+    """Bytes per rank, by kind (see the module docstring for how each is counted).
+
+    Attributes:
+        student_weights: the student's weights on this rank.
+        teacher_weights: the teacher's weights (whole on every rank).
+        gradients: gradients of the trainable parameters on this rank.
+        optimizer: AdamW state (and ZeRO-2's fp32 master copy) on this rank.
+        activations: what the student's decoder keeps for backward.
+        logits: the logits the loss materialises (one chunk with the fused loss).
+        teacher_cache: the teacher's KV cache of the ground-truth pass (cached TPA).
+    """
 
     student_weights: int
     teacher_weights: int
