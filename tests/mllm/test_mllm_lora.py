@@ -4,7 +4,6 @@ reload to the trained model's outputs, resume and DDP."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -19,8 +18,9 @@ from peft import PeftModel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
 import families as fx  # noqa: E402
-from mllm_helpers import one_step, torchrun_two_ranks  # noqa: E402
+from mllm_helpers import ddp_run_on_two_ranks, one_step, save_pair  # noqa: E402
 from mllm_helpers import tiny_config as _config  # noqa: E402
+from test_mllm_families_trainer import data  # noqa: E402, F401  (the fixture: 3 samples, 2 images, one text-only)
 
 from tokinteract.hf.families import visual_token_ids  # noqa: E402
 from tokinteract.mllm import DistillationConfig, DistillationTrainer  # noqa: E402
@@ -34,28 +34,7 @@ from tokinteract.mllm.lora import (  # noqa: E402
 )
 from tokinteract.mllm.processor_data import ProcessorCollator, ProcessorDataset  # noqa: E402
 
-HERE = Path(__file__).parent
-SAMPLES = [
-    {"image": "a.png", "conversations": [
-        {"from": "human", "value": "<image>\nwhat is this picture"}, {"from": "gpt", "value": "a cat sat on the mat"}]},
-    {"image": ["b.png", "a.png"], "conversations": [
-        {"from": "human", "value": "<image> see the red dog <image> and the blue cat"},
-        {"from": "gpt", "value": "two red"},
-        {"from": "human", "value": "what is the dog"}, {"from": "gpt", "value": "yes it is here"}]},
-    {"conversations": [{"from": "human", "value": "what is it"}, {"from": "gpt", "value": "no the dog is red"}]},
-]
 FAMILIES = ["llava", "qwen2_5_vl"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("lora-data")
-    for i, (name, (h, w)) in enumerate({"a.png": (16, 24), "b.png": (24, 16)}.items()):
-        rng = np.random.default_rng(i)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name)
-    path = root / "data.json"
-    path.write_text(json.dumps(SAMPLES))
-    return path
 
 
 def _lora(model, seed: int = 5, **kw):
@@ -259,11 +238,7 @@ def test_cli_lora_adapter_and_merged_export_reload_to_the_trained_model(tmp_path
     import yaml
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    ckpts = {}
-    for role, seed in (("student", 1), ("teacher", 2)):
-        ckpts[role] = tmp_path / role
-        fx.make_model(name, seed=seed).save_pretrained(ckpts[role])
-        fx.make_processor(name).save_pretrained(ckpts[role])
+    ckpts = save_pair(tmp_path, lambda seed: fx.make_model(name, seed=seed), lambda: fx.make_processor(name))
     out = tmp_path / "out"
     cfg = dict(
         student_checkpoint=str(ckpts["student"]), teacher_checkpoint=str(ckpts["teacher"]), method="align_ti",
@@ -336,19 +311,10 @@ def test_merge_and_save_refuses_a_plain_model(tmp_path) -> None:
 
 def test_lora_resume_reaches_the_same_weights(tmp_path, synth) -> None:
     """Interrupted after the step-2 checkpoint (an adapter checkpoint) and resumed == uninterrupted."""
-    from test_mllm_cli import _Interrupt, _StopAt
+    from test_mllm_cli import full_and_resumed
 
-    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, lora_r=4, lora_alpha=8.0, learning_rate=1e-2)
-    full = build_everything(*parse_args([str(_config(tmp_path, synth, "a.yaml", output_dir=str(tmp_path / "a"), **kw))]))
-    full.train()
-    cfg_b = _config(tmp_path, synth, "b.yaml", output_dir=str(tmp_path / "b"), **kw)
-    first = build_everything(*parse_args([str(cfg_b)]))
-    first.add_callback(_StopAt(2))
-    with pytest.raises(_Interrupt):
-        first.train()
+    full, first, resumed = full_and_resumed(tmp_path, synth, lora_r=4, lora_alpha=8.0, learning_rate=1e-2)
     assert (tmp_path / "b" / "checkpoint-2" / "adapter_model.safetensors").is_file()
-    resumed = build_everything(*parse_args([str(cfg_b)]))
-    resumed.train(resume_from_checkpoint=True)
     loss_a = [h["loss"] for h in full.state.log_history if "loss" in h]
     loss_b = [h["loss"] for h in resumed.state.log_history if "loss" in h]
     assert resumed.state.global_step == 4 and loss_b[-1] == pytest.approx(loss_a[-1], rel=1e-6)
@@ -360,14 +326,5 @@ def test_lora_resume_reaches_the_same_weights(tmp_path, synth) -> None:
 
 @pytest.mark.slow  # two processes, end to end
 def test_lora_ddp_two_processes_identical_weights(tmp_path, synth) -> None:
-    out = tmp_path / "ranks"
-    out.mkdir()
-    cfg = _config(tmp_path, synth, "ddp.yaml", ddp_backend="gloo", output_dir=str(tmp_path / "ddp"), lora_r=4,
-                  learning_rate=1e-2)
-    torchrun_two_ranks(HERE / "ddp_worker.py", cfg, out)
-    r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
-    assert r0["world_size"] == r1["world_size"] == 2
-    for k in r0["after"]:
-        assert torch.equal(r0["after"][k], r1["after"][k]), k
-    changed = [k for k in r0["after"] if not torch.equal(r0["after"][k], r0["before"][k])]
+    _, _, changed = ddp_run_on_two_ranks(tmp_path, synth, lora_r=4, learning_rate=1e-2)
     assert any("lora_B" in k for k in changed) and all("lora_" in k or ".modules_to_save." in k for k in changed)

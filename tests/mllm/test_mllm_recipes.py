@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
 import families as fx  # noqa: E402
+from mllm_helpers import save_pair  # noqa: E402
+from test_mllm_families_trainer import data  # noqa: E402, F401  (the fixture: 3 samples, 2 images, one text-only)
 
 from tokinteract.mllm.cli import build_everything, load_config, parse_args  # noqa: E402
 from tokinteract.mllm.memory import GiB, ModelSize, estimate_memory, model_size  # noqa: E402
@@ -185,32 +186,14 @@ def test_memory_estimate_script_on_every_recipe(path, monkeypatch, capsys) -> No
     assert row.startswith(f"| `{path.name}` |") and f"{e['zero2'].gib()['total']} GiB" in row
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("recipe-data")
-    for i, (name, (h, w)) in enumerate({"a.png": (16, 24), "b.png": (24, 16)}.items()):
-        rng = np.random.default_rng(i)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name)
-    samples = [
-        {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nwhat is this picture"},
-                                              {"from": "gpt", "value": "a cat sat on the mat"}]},
-        {"image": "b.png", "conversations": [{"from": "human", "value": "<image> see the red dog"},
-                                              {"from": "gpt", "value": "two red"}]},
-    ]
-    (root / "data.json").write_text(json.dumps(samples))
-    return root / "data.json"
-
-
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_the_gemma3_recipe_trains_with_tiny_local_checkpoints(tmp_path, data, lora) -> None:
     """The recipe as shipped (gradient checkpointing, align_ti, d = 4, its IVA layer scaled to the tiny
     teacher), only checkpoints, data, sizes and precision replaced: two steps train the student; with LoRA
     (under gradient checkpointing) the adapters get gradients and move."""
     cfg = load_config(CONFIGS / "stage2_align_ti_gemma-3-12b_to_4b.yaml")
-    for role, seed in (("student", 1), ("teacher", 2)):
-        fx.make_model("gemma3", seed=seed).save_pretrained(tmp_path / role)
-        fx.make_processor("gemma3").save_pretrained(tmp_path / role)
-        cfg[f"{role}_checkpoint"] = str(tmp_path / role)
+    ckpts = save_pair(tmp_path, lambda seed: fx.make_model("gemma3", seed=seed), lambda: fx.make_processor("gemma3"))
+    cfg.update({f"{role}_checkpoint": str(path) for role, path in ckpts.items()})
     cfg.update(
         data_path=str(data), image_folder=str(data.parent), output_dir=str(tmp_path / "out"), iva_layer=1,
         model_dtype="float32", bf16=False, use_cpu=True, per_device_train_batch_size=2, gradient_accumulation_steps=1,
