@@ -131,7 +131,7 @@ def estimate_recipe(config_path: str | Path, *, world_size: int = 8) -> dict[str
     common = dict(
         trainable=trainable, micro_batch=targs.per_device_train_batch_size, seq_len=dargs.max_length,
         world_size=world_size, param_bytes=2 if (targs.bf16 or targs.fp16 or margs.model_dtype in ("bfloat16", "float16")) else 4,
-        gradient_checkpointing=bool(targs.gradient_checkpointing),
+        gradient_checkpointing=bool(targs.activation_checkpointing),
         tpa_candidates=dcfg.tpa_num_candidates if settings["tpa"] > 0 else 0, tpa_forward=dcfg.tpa_forward,
         loss_impl=dcfg.loss_impl, chunk_rows=dcfg.loss_chunk_size,
     )

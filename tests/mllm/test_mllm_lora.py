@@ -328,3 +328,28 @@ def test_lora_resume_reaches_the_same_weights(tmp_path, synth) -> None:
 def test_lora_ddp_two_processes_identical_weights(tmp_path, synth) -> None:
     _, _, changed = ddp_run_on_two_ranks(tmp_path, synth, lora_r=4, learning_rate=1e-2)
     assert any("lora_B" in k for k in changed) and all("lora_" in k or ".modules_to_save." in k for k in changed)
+
+
+@pytest.mark.slow  # two processes, end to end
+def test_lora_deepspeed_zero2_two_processes(tmp_path, synth) -> None:
+    """ZeRO-2 on 2 CPU processes with a LoRA student (the shipped ds_zero2.json): the engine wraps the
+    PeftModel, both ranks end with identical weights, only adapters and the projector's copy changed, and
+    the saved adapter reloads to them."""
+    pytest.importorskip("deepspeed")
+    from test_mllm_deepspeed import DS_CONFIG, _config as ds_config, _launch  # skips without a C++ compiler
+
+    cfg = ds_config(tmp_path, synth, "ds.yaml", output_dir=str(tmp_path / "out"), deepspeed=str(DS_CONFIG),
+                    accelerator_config={"use_configured_state": True}, per_device_train_batch_size=1,
+                    gradient_accumulation_steps=2, max_steps=2, save_strategy="no", lora_r=4, learning_rate=1e-2)
+    r0, r1 = _launch(cfg, tmp_path / "ranks")
+    assert r0["engine"] == "deepspeed.runtime.engine.DeepSpeedEngine" and r0["engine_module_is_student"]
+    for k in r0["after"]:
+        assert torch.equal(r0["after"][k], r1["after"][k]), k
+    changed = [k for k in r0["after"] if not torch.equal(r0["after"][k], r0["before"][k])]
+    assert any("lora_B" in k for k in changed) and all("lora_" in k or ".modules_to_save." in k for k in changed)
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    after = {k.replace(".default.", "."): v for k, v in r0["after"].items()}
+    assert saved and all(torch.equal(v, after[k]) for k, v in saved.items()), sorted(set(saved) - set(after))[:3]

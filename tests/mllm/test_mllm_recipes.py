@@ -204,7 +204,7 @@ def test_the_gemma3_recipe_trains_with_tiny_local_checkpoints(tmp_path, data, lo
         cfg.update(lora_r=4, lora_alpha=8.0, train_projector=False)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     tr = build_everything(*parse_args([str(tmp_path / "cfg.yaml")]))
-    assert tr.args.gradient_checkpointing
+    assert tr.args.activation_checkpointing and tr.args.gradient_checkpointing
     before = {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
     tr.train()
     logs = [h for h in tr.state.log_history if "loss_tpa" in h]
