@@ -25,6 +25,7 @@ folder)`` loads it on the base checkpoint. :func:`merge_and_save` (or
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import re
@@ -50,13 +51,20 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 """The language model's attention and MLP projections (Qwen2/2.5/3, Gemma 3, Llama/SmolLM names)."""
 
 
-def is_peft_model(model: Any) -> bool:
-    """Whether ``model`` is a ``peft.PeftModel`` (False when peft is not installed)."""
+@functools.cache
+def _peft_model_class() -> type | None:
+    """``peft.PeftModel``, or None when peft is not installed (looked up once: this runs every step)."""
     try:
         from peft import PeftModel
     except ImportError:
-        return False
-    return isinstance(model, PeftModel)
+        return None
+    return PeftModel
+
+
+def is_peft_model(model: Any) -> bool:
+    """Whether ``model`` is a ``peft.PeftModel`` (False when peft is not installed)."""
+    cls = _peft_model_class()
+    return cls is not None and isinstance(model, cls)
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:
