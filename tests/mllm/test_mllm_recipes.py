@@ -184,6 +184,7 @@ def test_memory_estimate_script_on_every_recipe(path, monkeypatch, capsys) -> No
     assert script.main([str(path), "--markdown"]) == 0
     row = capsys.readouterr().out.splitlines()[-1]
     assert row.startswith(f"| `{path.name}` |") and f"{e['zero2'].gib()['total']} GiB" in row
+    assert row in (ROOT / "docs" / "guides" / "trainer.md").read_text().splitlines()  # the guide's table is current
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
