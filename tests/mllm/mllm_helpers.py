@@ -82,6 +82,31 @@ def torchrun_two_ranks(worker: Path, *args: str, timeout: int = 300) -> None:
         raise AssertionError(stderr[-4000:])
 
 
+def ddp_run_on_two_ranks(tmp_path: Path, synth, **kw) -> tuple[dict, dict, list[str]]:
+    """Train the tiny config (``kw`` overrides) with ``ddp_worker.py`` on 2 CPU ranks (gloo); assert both
+    ranks end with identical student weights. Returns both ranks' records and the names of changed weights."""
+    out = tmp_path / "ranks"
+    out.mkdir()
+    cfg = tiny_config(tmp_path, synth, "ddp.yaml", ddp_backend="gloo", output_dir=str(tmp_path / "ddp"), **kw)
+    torchrun_two_ranks(Path(__file__).parent / "ddp_worker.py", cfg, out)
+    r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    assert r0["world_size"] == r1["world_size"] == 2
+    for k in r0["after"]:
+        assert torch.equal(r0["after"][k], r1["after"][k]), k
+    return r0, r1, [k for k in r0["after"] if not torch.equal(r0["after"][k], r0["before"][k])]
+
+
+def save_pair(tmp_path: Path, make_model, make_processor) -> dict[str, Path]:
+    """``{"student": path, "teacher": path}``: ``make_model(seed=1)`` / ``make_model(seed=2)``, each saved with
+    ``make_processor()`` as a local checkpoint under ``tmp_path``."""
+    ckpts = {}
+    for role, seed in (("student", 1), ("teacher", 2)):
+        ckpts[role] = tmp_path / role
+        make_model(seed=seed).save_pretrained(ckpts[role])
+        make_processor().save_pretrained(ckpts[role])
+    return ckpts
+
+
 def one_step(tr, student: torch.nn.Module, batch: dict) -> tuple[float, dict[str, float], dict[str, torch.Tensor]]:
     """One training-mode ``tr.compute_loss`` + backward of ``student`` on ``batch``: (loss, logged parts, grads)."""
     tr.current_gradient_accumulation_steps = 1  # set by the training loop otherwise
