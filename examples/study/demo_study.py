@@ -232,9 +232,9 @@ PRESETS: dict[str, DemoSettings] = {
 TASK_SETTINGS: dict[str, dict[str, Any]] = {
     "scenes": dict(task="scenes", grid=3, image_size=48, patch_size=8, min_objects=3, max_objects=8,
                    vision_pretrain_steps=400, vision_images=3000, teacher_trains_vision=False, n_irs=64,
-                   exposure_steps=48),
+                   exposure_steps=48, teacher_steps=2000),
     "digits": dict(task="digits", grid=4, image_size=48, patch_size=12, vision_pretrain_steps=400,
-                   vision_images=3000, teacher_trains_vision=False, n_irs=64, exposure_steps=34),
+                   vision_images=3000, teacher_trains_vision=False, n_irs=64, exposure_steps=34, teacher_steps=2000),
 }
 #: smoke scale of the new tasks (CI): tiny everything
 _TASK_SMOKE: dict[str, Any] = dict(vision_pretrain_steps=3, vision_images=16, vision_hidden=16, vision_layers=1,
