@@ -44,7 +44,7 @@ def test_irs_ratio_and_targets_can_fail() -> None:
 
     good = cal.check_targets(res(0.9, 0.5, [[0.1, 0.4, 0.2], [0.1, 0.2, 0.5]]))
     assert all(r["met"] for r in good), good
-    bad = cal.check_targets(res(0.8, 0.6, [[0.1, 0.2, 0.25], [0.5, 0.1, 0.1]]))
+    bad = cal.check_targets(res(0.8, 0.6, [[0.1, 0.2, 0.25], [0.25, 0.1, 0.12]]))
     assert not any(r["met"] for r in bad), bad
     missing = cal.check_targets({**res(0.9, 0.5, [[0.1, 0.4]]), "task": {"short_types": ["a", "c"]}})
     assert [r["met"] for r in missing if "'c'" in r["target"]] == [False]  # not measured is not met
