@@ -238,7 +238,7 @@ TASK_SETTINGS: dict[str, dict[str, Any]] = {
 }
 #: smoke scale of the new tasks (CI): tiny everything
 _TASK_SMOKE: dict[str, Any] = dict(vision_pretrain_steps=3, vision_images=16, vision_hidden=16, vision_layers=1,
-                                   n_irs=4, exposure_steps=8)
+                                   n_irs=4, exposure_steps=8, teacher_steps=PRESETS["smoke"].teacher_steps)
 
 
 def task_settings(task: str, preset: str) -> DemoSettings:

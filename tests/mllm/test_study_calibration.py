@@ -25,6 +25,9 @@ def test_task_settings() -> None:
     assert s.vision_pretrain_steps > 0 and not s.teacher_trains_vision
     assert (s.image_size // s.patch_size) ** 2 >= 16
     assert dm.task_settings("digits", "full").seeds == dm.PRESETS["full"].seeds
+    smoke = dm.task_settings("scenes", "smoke")  # the smoke budget stays tiny on every task
+    for f in ("teacher_steps", "stage1_steps", "student_steps", "n_train", "n_eval"):
+        assert getattr(smoke, f) == getattr(dm.PRESETS["smoke"], f), f
     with pytest.raises(ValueError, match="task must be one of"):
         dm.task_settings("mnist", "quick")
     with pytest.raises(ValueError, match="preset must be one of"):
