@@ -237,6 +237,8 @@ def calibration_markdown(res: dict[str, Any], *, command: str) -> str:
         val = r["value"]
         shown = (f"{val:.2f}" if "max/min" in r["target"] else _pct(val)) if isinstance(val, float) else str(val)
         md.append(f"| {r['target']} | {shown} | {'yes' if r['met'] else '**no**'} |")
+    md += ["", "Teacher SFT wall time (cached checkpoints are not retrained; the wall time above is this process's): "
+           + ", ".join(f"seed {t['seed']}: {t['train']['wall_s'] / 60:.1f} min" for t in res["teachers"]) + "."]
     md += ["", "Teacher training loss (logged): " + ", ".join(
         f"seed {t['seed']}: " + " -> ".join(f"{h['loss']:.3f}" if isinstance(h['loss'], float) else str(h['loss'])
                                       for h in t["train"]["log"]) for t in res["teachers"]) + "."]
