@@ -97,7 +97,7 @@ def check_targets(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def calibrate(settings: dm.DemoSettings, run_dir: Path, *, teacher_seeds: list[int], student_seeds: list[int],
-              progress: bool = False, log=print) -> dict[str, Any]:
+              progress: bool = False, log=print, command: str = "") -> dict[str, Any]:
     """Run the calibration (module docstring); returns every number (also written to ``run_dir/calibration.json``)."""
     from transformers.utils import logging as hf_logging
 
@@ -108,6 +108,7 @@ def calibrate(settings: dm.DemoSettings, run_dir: Path, *, teacher_seeds: list[i
     demo = dm.Demo(settings, run_dir, progress=progress, log=log)
     res = demo.results
     res["machine_start"] = dm.machine_info()
+    res["command"] = command
     demo.prepare()
     log(f"task: {res['task']}")
     if settings.vision_pretrain_steps:
@@ -273,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.page_only:  # the page of what a (killed or running) calibration has saved so far
         res = json.loads((run_dir / "calibration.json").read_text())
     else:
-        res = calibrate(settings, run_dir, teacher_seeds=a.teacher_seeds, student_seeds=a.student_seeds)
+        res = calibrate(settings, run_dir, teacher_seeds=a.teacher_seeds, student_seeds=a.student_seeds, command=command)
     page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text(calibration_markdown(res, command=command))
+    page.write_text(calibration_markdown(res, command=res.get("command") or command))
     print(f"\n{page}\n")
     for r in res["targets"]:
         print(f"{'MET ' if r['met'] else 'MISS'} {r['target']}: {r['value']}")
