@@ -50,6 +50,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from tokinteract.mllm.synthetic import COLORS, NUMBERS  # the earlier shapes task's colours and number words
+
 __all__ = [
     "COLORS",
     "DIGIT_WORDS",
@@ -62,18 +64,10 @@ __all__ = [
     "write_task",
 ]
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (230, 40, 40),
-    "green": (40, 200, 60),
-    "blue": (50, 80, 235),
-    "yellow": (240, 220, 40),
-    "white": (245, 245, 245),
-}
 #: relative frequencies of the colours and shapes (unequal: POPE's "popular" objects exist)
 COLOR_WEIGHTS = (0.30, 0.25, 0.20, 0.15, 0.10)
 SHAPES = ("circle", "square", "triangle", "cross", "diamond", "ring")
 SHAPE_WEIGHTS = (0.25, 0.20, 0.18, 0.15, 0.12, 0.10)
-NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_WORDS = tuple(str(i) for i in range(19))  # digits 0-9 and sums up to 18, one token each
 _BACKGROUND = (20, 20, 20)
 _GRIDS = (3, 4)
@@ -97,6 +91,14 @@ def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
         rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be an int in {rng}, got {value!r}")
+
+
+def _check_geometry(grid: int, image_size: int, min_cell: int) -> None:
+    if grid not in _GRIDS:
+        raise ValueError(f"grid must be one of {_GRIDS}, got {grid!r}")
+    _check_int("image_size", image_size, min_cell * grid)
+    if image_size % grid:
+        raise ValueError(f"image_size must be a multiple of grid={grid}, got {image_size!r}")
 
 
 def _check_types(name: str, given: Sequence[str], allowed: Sequence[str]) -> tuple[str, ...]:
@@ -148,11 +150,7 @@ class SceneTask:
     POPE_SPLITS = ("random", "popular", "adversarial")
 
     def __post_init__(self) -> None:
-        if self.grid not in _GRIDS:
-            raise ValueError(f"grid must be one of {_GRIDS}, got {self.grid!r}")
-        _check_int("image_size", self.image_size, 12 * self.grid)
-        if self.image_size % self.grid:
-            raise ValueError(f"image_size must be a multiple of grid={self.grid}, got {self.image_size!r}")
+        _check_geometry(self.grid, self.image_size, 12)
         _check_int("max_objects", self.max_objects, 1, self.grid * self.grid)
         _check_int("min_objects", self.min_objects, 1, self.max_objects)
         object.__setattr__(self, "question_types", _check_types("question_types", self.question_types, self.ALL_TYPES))
@@ -371,11 +369,7 @@ class DigitTask:
     SHORT_TYPES = ("digit_at", "sum", "compare")
 
     def __post_init__(self) -> None:
-        if self.grid not in _GRIDS:
-            raise ValueError(f"grid must be one of {_GRIDS}, got {self.grid!r}")
-        _check_int("image_size", self.image_size, 8 * self.grid)
-        if self.image_size % self.grid:
-            raise ValueError(f"image_size must be a multiple of grid={self.grid}, got {self.image_size!r}")
+        _check_geometry(self.grid, self.image_size, 8)
         object.__setattr__(self, "question_types", _check_types("question_types", self.question_types, self.ALL_TYPES))
         _check_types("caption_type", (self.caption_type,), self.ALL_TYPES)
         if not isinstance(self.test_fraction, float) or not 0.0 < self.test_fraction < 1.0:
