@@ -76,3 +76,21 @@ def test_calibration_smoke_shares_one_frozen_pretrained_tower(tmp_path: Path, ta
     text = page.read_text()
     assert "## Targets (issue 15)" in text and "probe" in text
     assert len(res["targets"]) == len(res["task"]["short_types"]) + 1 + 1 + 2 + 1
+
+
+@pytest.mark.slow
+def test_demo_smoke_on_the_scenes_task(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    settings = dm.task_settings("scenes", "smoke")
+    res = dm.run_demo(settings, tmp_path / "run", progress=False, log=lambda *_: None)
+    assert res["task"]["name"] == "scenes" and res["task"]["visual_tokens"] == 36
+    settings_types = ("color", "shape", "position", "count", "exist", "describe", "list_color", "count_colors")
+    assert tuple(res["task"]["question_types"]) == settings_types
+    assert "probe" in res["vision"]
+    for key in dm.EXPERIMENTS["table5"]:
+        ev = res["runs"][key]["seeds"][0]["eval"]
+        assert sum(ev["counts"].values()) == res["task"]["test_eval"]
+        assert set(ev["exact_match"]) <= set(settings_types)
+    page = dm.write_report(res, tmp_path / "out", command="smoke", page=tmp_path / "page.md")
+    text = page.read_text()
+    assert "| list_color % |" in text and "'describe' prompts" in text and "3..8 objects" in text
