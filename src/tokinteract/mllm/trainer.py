@@ -866,11 +866,13 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
             loss = self._finish_on_policy(loss, parts)
         else:
             loss = self._finish(loss, parts, counts)
+        # before resharding: from hidden states the logits need the LM head's full (FSDP2-unsharded) weight
+        logits = self._ground_truth_logits(unwrapped, student, batch) if return_outputs else None
         if unsharded and not loss.requires_grad:  # no backward will reshard the head (eval)
             for owner in unsharded:
                 owner.reshard()
         if return_outputs:
-            return loss, {"logits": self._ground_truth_logits(unwrapped, student, batch)}
+            return loss, {"logits": logits}
         return loss
 
     def _ground_truth_logits(self, model: nn.Module, student: PassOutput, batch: Batch) -> Tensor:
