@@ -253,6 +253,55 @@ class DistillationConfig(FaultConfig, PairConfig, LossConfig, OnPolicyConfig, TP
     ``HfArgumentParser`` dataclass).
 
     ``None`` fields take the value of the ``method`` preset (:data:`METHODS`).
+
+    Attributes:
+        method: (MethodConfig) preset: one of ['align_ti', 'gkd', 'iva', 'jsd', 'kd', 'rkl',
+            'sft', 'skew_kl', 'tpa', 'uniform_va'].
+        sft_weight: (MethodConfig) weight of SFT (None: preset).
+        kd_weight: (MethodConfig) weight of Vanilla KD (None: preset).
+        iva_weight: (MethodConfig) weight of IVA (None: preset).
+        tpa_weight: (MethodConfig) weight of TPA (None: preset).
+        divergence: (MethodConfig) fkl, rkl, jsd, skew_fkl, skew_rkl, tvd (None: preset,
+            fkl).
+        temperature: (MethodConfig) softmax temperature of the divergences.
+        jsd_beta: (MethodConfig) beta of the generalized JSD.
+        skew_alpha: (MethodConfig) alpha of the skew KLs.
+        sampling_seed: (MethodConfig) seed of candidate sampling and GKD coin flips.
+        iva_layer: (IVAConfig) teacher layer l* for IVA (None: argmax IRS).
+        iva_weights: (IVAConfig) teacher, student or uniform (None: preset, teacher).
+        iva_student_layer: (IVAConfig) student layer for iva_weights=student (None: l*
+            scaled by depth).
+        irs_num_pairs: (IVAConfig) sample pairs used to compute IRS when iva_layer is None.
+        tpa_num_candidates: (TPAConfig) d, candidates per position.
+        tpa_sampling: (TPAConfig) nucleus, multinomial or greedy.
+        tpa_top_p: (TPAConfig) nucleus mass.
+        tpa_temperature: (TPAConfig) candidate sampling temperature.
+        tpa_forward: (TPAConfig) cached (KV cache reuse) or packed (Algorithm 1).
+        tpa_skip_token_ids: (TPAConfig) beyond the paper: no TPA slot at positions whose
+            ground-truth next token is one of these ids (e.g. the end-of-turn id
+            <|im_end|>); None: every supervised position (Eq. 7).
+        on_policy: (OnPolicyConfig) GKD on-policy batches (None: preset).
+        gkd_lambda: (OnPolicyConfig) probability of an on-policy batch (GKD).
+        gkd_max_new_tokens: (OnPolicyConfig) length of student-generated responses (GKD).
+        gkd_temperature: (OnPolicyConfig) sampling temperature of the responses (GKD).
+        loss_impl: (LossConfig) fused (hidden states + LM head, logits only per chunk of
+            supervised rows) or logits.
+        loss_chunk_size: (LossConfig) rows per LM-head chunk with loss_impl=fused (None:
+            2**24 // vocab).
+        loss_backend: (LossConfig) tokinteract or liger (loss_impl=fused only: KD and TPA
+            through Liger-Kernel's fused linear JSD, divergence fkl/rkl/jsd; pip install
+            'tokinteract[liger]').
+        loss_liger_compiled: (LossConfig) loss_backend=liger: let Liger torch.compile its
+            chunk step (its default).
+        vocab_policy: (PairConfig) error or shared_prefix (different vocab sizes).
+        image_token_policy: (PairConfig) error or remap (different image-token ids).
+        bad_sample_limit: (FaultConfig) fraction of the data file's samples that may be
+            skipped as bad (preflight and mid-run) before the run saves a checkpoint and
+            stops.
+        max_nonfinite_steps: (FaultConfig) stop (after saving a checkpoint) after this many
+            non-finite steps in a row.
+        overwrite_output_dir: (FaultConfig) delete an earlier run's checkpoints and final
+            model in output_dir and start again.
     """
 
     _argument_group_name = "distillation"

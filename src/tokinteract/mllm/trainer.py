@@ -163,7 +163,13 @@ _NOT_MODEL_INPUTS = frozenset((*_BATCH_KEYS, "response_mask", ON_POLICY))
 class ModelInputs:
     """What one model reads in a pass: ``input_ids`` ``[B, T]``, the padding ``attention_mask``
     ``[B, T]`` and every other model input of the collator (``pixel_values``,
-    ``image_grid_thw``, ``mm_token_type_ids``, ``token_type_ids``, ``image_sizes``, ...)."""
+    ``image_grid_thw``, ``mm_token_type_ids``, ``token_type_ids``, ``image_sizes``, ...).
+
+    Attributes:
+        input_ids: ``[B, T]`` token ids.
+        attention_mask: ``[B, T]`` padding mask (1 = real token).
+        extra: the other model inputs, by keyword.
+    """
 
     input_ids: Tensor
     attention_mask: Tensor
@@ -177,6 +183,13 @@ class Batch:
     ``labels`` ``[B, T]`` are unshifted (``-100`` where unsupervised); ``visual_mask`` and
     ``instruction_mask`` are bool ``[B, T]``; ``on_policy`` marks a batch of student-generated
     responses (KD only, see :meth:`DistillationTrainer.training_step`).
+
+    Attributes:
+        inputs: the student's model inputs.
+        labels: ``[B, T]`` unshifted labels.
+        visual_mask: bool ``[B, T]``, True on visual tokens.
+        instruction_mask: bool ``[B, T]``, True on instruction tokens (IVA's query rows).
+        on_policy: whether the batch holds student-generated responses.
     """
 
     inputs: ModelInputs
@@ -218,6 +231,12 @@ class PassOutput:
     ``weights``: ``[B, T]`` IVA weights read at the captured layer (None when none was
     captured). ``ground_truth``: the ``tokinteract.hf.GroundTruthOutput`` a cached candidate
     block continues from (cached TPA only).
+
+    Attributes:
+        states: logits or hidden states, ``[B, L, V]`` or ``[B, L, H]``.
+        output: ``"logits"`` or ``"hidden"``.
+        weights: IVA weights ``[B, T]`` or None.
+        ground_truth: the cached pass's ``GroundTruthOutput`` or None.
     """
 
     states: Tensor
@@ -867,11 +886,13 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
             loss = self._finish_on_policy(loss, parts)
         else:
             loss = self._finish(loss, parts, counts)
+        # before resharding: from hidden states the logits need the LM head's full (FSDP2-unsharded) weight
+        logits = self._ground_truth_logits(unwrapped, student, batch) if return_outputs else None
         if unsharded and not loss.requires_grad:  # no backward will reshard the head (eval)
             for owner in unsharded:
                 owner.reshard()
         if return_outputs:
-            return loss, {"logits": self._ground_truth_logits(unwrapped, student, batch)}
+            return loss, {"logits": logits}
         return loss
 
     def _ground_truth_logits(self, model: nn.Module, student: PassOutput, batch: Batch) -> Tensor:
