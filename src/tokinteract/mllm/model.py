@@ -395,8 +395,14 @@ def check_teacher_student(
     vocab_policy: str = "error",
     image_token_policy: str = "error",
     tokenizer: Any = None,
+    own_inputs: bool = False,
 ) -> int | None:
     """Refuse teacher/student pairs that cannot be distilled token by token.
+
+    With ``own_inputs`` (the teacher reads its own processor's batch:
+    :class:`tokinteract.mllm.processor_data.ProcessorCollator` with a ``teacher_processor``),
+    vision towers, image-token ids and counts may differ: only the family (``model_type``) and
+    the vocabulary are checked; the shared tokenizer is checked by the collator.
 
     Args:
         vocab_policy: ``"error"`` (vocabulary sizes must be equal) or ``"shared_prefix"``
@@ -425,7 +431,13 @@ def check_teacher_student(
     if image_token_policy not in ("error", "remap"):
         raise ValueError(f"image_token_policy must be 'error' or 'remap', got {image_token_policy!r}")
     sc, tc = student.config, teacher.config
-    if sc.model_type != "llava" or tc.model_type != "llava":
+    if own_inputs:
+        if sc.model_type != tc.model_type:
+            raise ValueError(
+                f"teacher and student are of different families (student model_type {sc.model_type!r}, teacher "
+                f"{tc.model_type!r}); with their own processors tokinteract.mllm distills within one family for now"
+            )
+    elif sc.model_type != "llava" or tc.model_type != "llava":
         _check_same_vision(student, teacher)
     vs, vt = sc.get_text_config().vocab_size, tc.get_text_config().vocab_size
     vocab_size = None
@@ -437,7 +449,7 @@ def check_teacher_student(
                 "(valid only if both share one tokenizer)"
             )
         vocab_size = min(vs, vt)
-    if sc.image_token_id != tc.image_token_id:
+    if sc.image_token_id != tc.image_token_id and not own_inputs:
         if image_token_policy == "error":
             raise ValueError(
                 f"teacher and student use different image-token ids (student {sc.image_token_id}, teacher "
@@ -452,8 +464,8 @@ def check_teacher_student(
             )
     if vocab_size is not None and max(sc.image_token_id, tc.image_token_id) >= vocab_size:
         pass  # image positions are never supervised: the token itself is never a KD target
-    if sc.model_type != "llava":
-        return vocab_size  # same vision side: checked by _check_same_vision
+    if sc.model_type != "llava" or own_inputs:
+        return vocab_size  # same vision side (checked by _check_same_vision), or each model its own inputs
     ns, nt = num_image_tokens(student), num_image_tokens(teacher)
     if ns != nt:
         raise ValueError(

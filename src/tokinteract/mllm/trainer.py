@@ -427,12 +427,17 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
                 "needs a teacher model, got teacher=None"
             )
         self.vocab_size: int | None = None
+        # the collator makes the teacher its own batch (teacher_* keys): another processor/vision tower
+        self.teacher_own_inputs = teacher is not None and getattr(kwargs.get("data_collator"), "teacher", None) is not None
         if teacher is not None:
             self.vocab_size = check_teacher_student(
                 model, teacher, vocab_policy=self.distill.vocab_policy,
                 image_token_policy=self.distill.image_token_policy,
                 tokenizer=getattr(kwargs.get("processing_class"), "tokenizer", kwargs.get("processing_class")),
+                own_inputs=self.teacher_own_inputs,
             )
+        if self.teacher_own_inputs:
+            self._check_own_inputs(model, teacher)
         if s["on_policy"] and model.config.model_type != "llava":
             raise ValueError(
                 f"on_policy (GKD) generation supports only LLaVA students for now, got model_type "
@@ -500,6 +505,102 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
                 raise ValueError(f"IVA layer must lie in [0, {n_layers}) for the {s['iva_weights']}, got {layer}")
 
     # ---------------------------------------------------------------- helpers
+    def _check_own_inputs(self, model: nn.Module, teacher: nn.Module) -> None:
+        """What a teacher reading its own batch supports (module docstring, "A teacher with its own inputs")."""
+        from tokinteract.hf.families import GRID_MODEL_TYPES
+
+        s = self.settings
+        if s["on_policy"]:
+            raise ValueError("on_policy (GKD) is not supported with a teacher that reads its own processor's batch")
+        if s["iva"] > 0:
+            both = {"student": model.config.model_type, "teacher": teacher.config.model_type}
+            if any(mt not in GRID_MODEL_TYPES for mt in both.values()):
+                raise ValueError(
+                    f"IVA with a teacher on its own visual tokens needs both models to show each image as one grid "
+                    f"(model types {list(GRID_MODEL_TYPES)}), got {both}; set iva_weight=0"
+                )
+            student_layer_given = s["iva_weights"] == "student" and self.distill.iva_student_layer is not None
+            if s["iva_weights"] != "uniform" and self.distill.iva_layer is None and not student_layer_given:
+                raise ValueError(
+                    "iva_layer is None: IRS layer selection on the teacher's own batches is not supported; set iva_layer"
+                )
+
+    def _pop_teacher_batch(
+        self, inputs: dict[str, Any], model: nn.Module, labels: Tensor, visual: Tensor, model_inputs: dict[str, Tensor]
+    ) -> Any:
+        """The teacher's own batch (the ``teacher_*`` keys, popped from ``inputs``) and the row maps
+        that carry its outputs onto the student's layout (:mod:`tokinteract.rowmap`); None when the
+        teacher reads the student's batch."""
+        from types import SimpleNamespace
+
+        from tokinteract.rowmap import response_row_map, visual_row_map
+
+        t = {k[len("teacher_"):]: inputs.pop(k) for k in [k for k in inputs if k.startswith("teacher_")]}
+        if bool(t) != self.teacher_own_inputs:
+            raise ValueError(
+                "the batch has teacher_* inputs but the trainer's data_collator has no teacher processor"
+                if t else "the data_collator has a teacher processor but the batch has no teacher_* inputs"
+            )
+        if not t:
+            return None
+        tb = SimpleNamespace(
+            ids=t.pop("input_ids"), att=t.pop("attention_mask"), labels=t.pop("labels"),
+            instr=t.pop("instruction_mask").bool(), visual=t.pop("visual_mask").bool(),
+        )
+        t.pop("response_mask", None)
+        tb.model_inputs = {k: v for k, v in t.items() if isinstance(v, Tensor)}
+        tb.rmap = response_row_map(labels, tb.labels)
+        tb.omap, tb.wmap = tb.rmap, None
+        if self.settings["iva"] > 0:
+            from tokinteract.hf.families import image_grids
+
+            s_grids = image_grids(model, model_inputs, visual)
+            t_grids = image_grids(self.teacher, tb.model_inputs, tb.visual)
+            vmean, tb.wmap = visual_row_map(visual, tb.visual, s_grids, t_grids)
+            tb.omap = tb.rmap + vmean
+        return tb
+
+    def _teacher_expansion(self, exp: Any, tb: Any) -> Any:
+        """The student's TPA candidates placed after the teacher's own prefix: the candidates at
+        the student's row ``t`` go to the teacher's row predicting the same response token."""
+        rmap = tb.rmap
+        B, Ts, d = exp.candidate_index.shape
+        dev = exp.input_ids.device
+        s2t = torch.full((B, Ts), -1, dtype=torch.long, device=dev)
+        s2t[rmap.b.to(dev), rmap.dst.to(dev)] = rmap.src.to(dev)
+        b, t = exp.candidate_mask.nonzero(as_tuple=True)
+        tt = s2t[b, t]
+        if bool((tt < 0).any()):
+            raise ValueError("a TPA candidate position of the student has no supervised teacher row")
+        cands = exp.input_ids.gather(1, exp.candidate_index.clamp(min=0).reshape(B, -1)).reshape(B, Ts, d)
+        Tt = tb.ids.shape[1]
+        cm = torch.zeros((B, Tt), dtype=torch.bool, device=dev)
+        cm[b, tt] = True
+        ct = torch.zeros((B, Tt, d), dtype=exp.input_ids.dtype, device=dev)
+        ct[b, tt] = cands[b, t]
+        return tpa_expand(tb.ids, ct, cm, tb.att.bool(), pad_token_id=self.pad_token_id)
+
+    def _teacher_outputs(
+        self, tb: Any, ids: Tensor, att: Tensor, instr: Tensor, visual: Tensor, exp: Any,
+        model_inputs: dict[str, Tensor], layer: int | None, output: str = "logits",
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`_teacher_pass` on the student's batch, or on the teacher's own batch ``tb`` with
+        its outputs (ground truth through ``tb.omap``; the candidate block, whose slots follow the
+        same order, as is) and IVA weights (``tb.wmap``) carried onto the student's layout."""
+        if tb is None:
+            return self._teacher_pass(ids, att, instr, visual, exp, model_inputs, layer, output=output)
+        t_exp = self._teacher_expansion(exp, tb) if exp is not None else None
+        out, w = self._teacher_pass(tb.ids, tb.att, tb.instr, tb.visual, t_exp, tb.model_inputs, layer, output=output)
+        Tt = tb.ids.shape[1]
+        mapped = tb.omap.apply(out[:, :Tt])
+        if exp is not None:
+            if out.shape[1] - Tt != exp.expanded_len - exp.seq_len:  # same candidate counts per row
+                raise RuntimeError("the teacher's candidate block does not match the student's")
+            mapped = torch.cat([mapped, out[:, Tt:]], 1)
+        if w is not None:
+            w = tb.wmap.apply(w[..., None])[..., 0]
+        return mapped, w
+
     @staticmethod
     def _pad_id(model: nn.Module, processing_class: Any) -> int:
         tok = getattr(processing_class, "tokenizer", processing_class)
@@ -572,7 +673,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         """With ``image_token_policy="remap"``, a batch whose text holds the teacher's image-token
         id would give the teacher more image tokens than images: refuse it before its forward."""
         t_img = self.teacher_image_token_id
-        if t_img is None or t_img == self.image_token_id:
+        if t_img is None or t_img == self.image_token_id or self.teacher_own_inputs:
             return
         for b in batch_samples:
             hit = b["input_ids"] == t_img
@@ -628,7 +729,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
 
     def _teacher_ids(self, ids: Tensor) -> Tensor:
         t_img = self.teacher_image_token_id
-        if t_img is None or t_img == self.image_token_id:
+        if t_img is None or t_img == self.image_token_id or self.teacher_own_inputs:
             return ids
         return torch.where(ids == self.image_token_id, torch.full_like(ids, t_img), ids)
 
@@ -646,9 +747,11 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         instr = inputs.pop("instruction_mask").bool()
         inputs.pop("response_mask", None)
         ids, att = inputs.pop("input_ids"), inputs.pop("attention_mask")
+        t_keys = {k: inputs.pop(k) for k in [k for k in inputs if k.startswith("teacher_")]}
         # every other tensor the collator made is a model input (pixel_values, image_grid_thw,
         # mm_token_type_ids, token_type_ids, image_sizes, pixel_attention_mask, ...)
         model_inputs = {k: v for k, v in inputs.items() if isinstance(v, Tensor)}
+        tb = self._pop_teacher_batch(t_keys, self.accelerator.unwrap_model(model), labels, visual.bool(), model_inputs)
         px = model_inputs.get("pixel_values")
         s = self.settings
         training = self.model.training
@@ -676,7 +779,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         if self.fused:
             return self._fused_loss(
                 model, unwrapped, ids, att, labels, visual, instr, model_inputs, cmask, gen, layer, w_src, counts,
-                return_outputs,
+                return_outputs, tb,
             )
 
         def student_pass() -> dict[str, Any]:
@@ -713,8 +816,8 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         t_logits = None
         t_weights = None
         if self.teacher is not None and (s["kd"] > 0 or s["iva"] > 0 or use_tpa):
-            t_logits, t_weights = self._teacher_pass(
-                ids, att, instr, visual, exp, model_inputs, layer if w_src == "teacher" else None
+            t_logits, t_weights = self._teacher_outputs(
+                tb, ids, att, instr, visual, exp, model_inputs, layer if w_src == "teacher" else None
             )
         weights = None
         if s["iva"] > 0:
@@ -747,7 +850,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
     def _fused_loss(
         self, model: nn.Module, unwrapped: nn.Module, ids: Tensor, att: Tensor, labels: Tensor, visual: Tensor,
         instr: Tensor, model_inputs: dict[str, Tensor], cmask: Tensor, gen: torch.Generator, layer: int | None,
-        w_src: str | None, counts: Any, return_outputs: bool,
+        w_src: str | None, counts: Any, return_outputs: bool, t_batch: Any = None,
     ) -> Any:
         """``loss_impl="fused"``: hidden states from both models, LM heads applied per chunk in the loss.
 
@@ -802,8 +905,9 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
             t_hidden = tw = tb = None
             t_weights = None
             if self.teacher is not None and (s["kd"] > 0 or s["iva"] > 0 or use_tpa):
-                t_hidden, t_weights = self._teacher_pass(
-                    ids, att, instr, visual, exp, model_inputs, layer if w_src == "teacher" else None, output="hidden"
+                t_hidden, t_weights = self._teacher_outputs(
+                    t_batch, ids, att, instr, visual, exp, model_inputs, layer if w_src == "teacher" else None,
+                    output="hidden",
                 )
                 tw, tb = lm_head_parameters(self.teacher)
                 t_hidden = t_hidden.to(tw.dtype)
