@@ -337,3 +337,45 @@ def test_trainer_refuses_what_a_teacher_on_its_own_inputs_cannot_do(tmp_path, da
                             processing_class=proc)
     with pytest.raises(ValueError, match=r"Gemma 3 \(model_type 'gemma3'\) does not show each image as one grid"):
         image_grids(g_student, {}, torch.zeros(1, 3, dtype=torch.bool))
+
+
+def test_cli_trains_a_llava_student_from_a_higher_resolution_teacher(tmp_path, data, monkeypatch) -> None:
+    import yaml
+    from transformers import AutoModelForImageTextToText
+
+    from tokinteract.mllm.cli import main
+    from tokinteract.mllm.model import teacher_needs_own_inputs
+
+    student, teacher = fx.make_model("llava", seed=1), teacher_model("llava")
+    assert teacher_needs_own_inputs(student, teacher, fx.make_processor("llava"), teacher_processor("llava"))
+    assert not teacher_needs_own_inputs(student, fx.make_model("llava", seed=2), fx.make_processor("llava"),
+                                        fx.make_processor("llava"))
+    ckpts = {}
+    for role, model, proc in (("student", student, fx.make_processor("llava")),
+                              ("teacher", teacher, teacher_processor("llava"))):
+        ckpts[role] = tmp_path / role
+        model.save_pretrained(ckpts[role])
+        proc.save_pretrained(ckpts[role])
+    out = tmp_path / "out"
+    cfg = dict(
+        student_checkpoint=str(ckpts["student"]), teacher_checkpoint=str(ckpts["teacher"]), method="align_ti",
+        iva_layer=1, data_path=str(data), image_folder=str(data.parent), output_dir=str(out),
+        per_device_train_batch_size=3, max_steps=1, logging_steps=1, save_strategy="no", report_to="none",
+        use_cpu=True, learning_rate=1e-2, disable_tqdm=True, seed=0,
+        preflight=False,  # its dataset scan is the LLaVA pipeline's, whose chat template these fixtures do not use
+    )
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    import tokinteract.mllm.cli as cli_mod
+
+    seen = []
+    orig = cli_mod._processor_trainer
+
+    def spy(*a, **kw):
+        seen.append(kw.get("teacher_processor"))
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(cli_mod, "_processor_trainer", spy)
+    assert main([str(tmp_path / "cfg.yaml")]) == 0
+    assert len(seen) == 1 and seen[0].image_processor.size == {"height": 32, "width": 32}  # the teacher's own
+    after = AutoModelForImageTextToText.from_pretrained(out).state_dict()
+    assert not torch.equal(after["lm_head.weight"], student.state_dict()["lm_head.weight"])  # it trained

@@ -50,6 +50,7 @@ __all__ = [
     "save_pretrained_student",
     "set_trainable",
     "set_trainable_parts",
+    "teacher_needs_own_inputs",
 ]
 
 MODEL_FAMILIES = ("qwen2", "qwen3")
@@ -556,6 +557,23 @@ def check_same_tokenizer(student: Any, teacher: Any, *, student_name: str = "stu
         raise ValueError(
             f"{both} have different chat templates; both must render a conversation to the same tokens"
         )
+
+
+def teacher_needs_own_inputs(student: nn.Module, teacher: nn.Module, processor: Any, teacher_processor: Any) -> bool:
+    """Whether the teacher must read its own processor's batch: both of one family, with image
+    processors that differ (another resolution, ``min_pixels`` / ``max_pixels``, ...) or vision
+    sides that :func:`_check_same_vision` tells apart (another tower, image-token count). False
+    for different families (refused later, naming both)."""
+    sp, tp = getattr(processor, "image_processor", None), getattr(teacher_processor, "image_processor", None)
+    if student.config.model_type != teacher.config.model_type:
+        return False
+    if (sp.to_dict() if sp is not None else None) != (tp.to_dict() if tp is not None else None):
+        return True
+    try:
+        _check_same_vision(student, teacher)
+    except ValueError:
+        return True
+    return False
 
 
 def check_pair(student: nn.Module, teacher: nn.Module | None, *, output: str = "logits") -> None:
