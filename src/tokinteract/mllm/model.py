@@ -355,7 +355,8 @@ def _check_same_vision(student: nn.Module, teacher: nn.Module) -> None:
     ``pixel_values``), so the families, the visual token ids, the vision configs (all keys
     but the output width ``out_hidden_size``, which follows each language model) and the
     projector geometry (:data:`_VISION_GEOMETRY`) must be equal. Different towers or token
-    counts (e.g. a teacher at a higher resolution) are not supported yet.
+    counts (e.g. a teacher at a higher resolution) need the teacher to read its own batch
+    (``check_teacher_student(own_inputs=True)``).
 
     Raises:
         ValueError: naming the first difference.
@@ -376,7 +377,8 @@ def _check_same_vision(student: nn.Module, teacher: nn.Module) -> None:
         if a != b:
             raise ValueError(
                 f"teacher and student turn images into visual tokens differently ({k}: student {a!r}, teacher {b!r}); "
-                "a different vision tower or image-token count is not supported yet"
+                "a different vision tower or image-token count is not supported with one shared batch: give the "
+                "teacher its own processor (ProcessorCollator(teacher_processor=...))"
             )
     svc, tvc = getattr(sc, "vision_config", None), getattr(tc, "vision_config", None)
     sd = {k: v for k, v in (svc.to_dict() if svc is not None else {}).items() if k not in _VISION_IGNORED}
@@ -384,8 +386,9 @@ def _check_same_vision(student: nn.Module, teacher: nn.Module) -> None:
     if sd != td:
         diff = {k: (sd.get(k), td.get(k)) for k in sorted(set(sd) | set(td)) if sd.get(k) != td.get(k)}
         raise ValueError(
-            f"teacher and student have different vision towers ((student, teacher): {diff}); both read the same "
-            "pixel_values and visual tokens, so a different vision tower is not supported yet"
+            f"teacher and student have different vision towers ((student, teacher): {diff}); with one shared batch "
+            "both read the same pixel_values and visual tokens: give the teacher its own processor "
+            "(ProcessorCollator(teacher_processor=...))"
         )
 
 

@@ -33,6 +33,19 @@ One training step (``compute_loss``), for a right-padded batch from
   teacher, loss) runs inside the one wrapper forward, so the LM head's parameters are used
   inside it. GKD's on-policy batches (generation) keep using logits.
 
+**A teacher with its own inputs** (the collator is a
+:class:`tokinteract.mllm.processor_data.ProcessorCollator` with a ``teacher_processor``: another
+vision tower or image resolution, hence other image-token counts and positions): the teacher
+runs on the batch's ``teacher_*`` tensors and its outputs are carried onto the student's layout
+by :mod:`tokinteract.rowmap` before the loss. SFT and KD compare the rows that predict the same
+response token; TPA's candidates, sampled by the student at its response row ``t``, are placed
+at the teacher's row of the same token (the teacher's own ribbon expansion) and its candidate
+slots come in the student's order; IVA needs both families to show each image as one grid
+(:func:`tokinteract.hf.families.image_grids`): the teacher's logits at the student's visual
+tokens are the area-weighted mean over the teacher's overlapping cells, its weights the
+area-split attention mass. Refused there: IRS layer selection (give ``iva_layer``), GKD,
+teachers of another family, IVA on non-grid families.
+
 Normalisation under gradient accumulation and data parallelism: the trainer counts the
 supervised positions (``labels[:, 1:] != -100``) and the sequences of the whole
 accumulation window, summed over ranks when ``average_tokens_across_devices`` (the
@@ -401,8 +414,10 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
 
     Raises:
         ValueError: before training, for a missing teacher, mismatched vocabularies or
-            image-token ids (unless a policy is set), different visual-token counts, or a
-            dataset whose ``num_image_tokens`` differs from the student's vision tower.
+            image-token ids (unless a policy is set), different visual-token counts (unless the
+            collator gives the teacher its own batch), or a dataset whose ``num_image_tokens``
+            differs from the student's vision tower; with a teacher on its own batch, what it
+            does not support (module docstring).
     """
 
     def __init__(
@@ -506,7 +521,8 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
 
     # ---------------------------------------------------------------- helpers
     def _check_own_inputs(self, model: nn.Module, teacher: nn.Module) -> None:
-        """What a teacher reading its own batch supports (module docstring, "A teacher with its own inputs")."""
+        """Refuse, before training, what a teacher reading its own batch does not support (module
+        docstring, "A teacher with its own inputs")."""
         from tokinteract.hf.families import GRID_MODEL_TYPES
 
         s = self.settings
@@ -536,6 +552,8 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         from tokinteract.rowmap import response_row_map, visual_row_map
 
         t = {k[len("teacher_"):]: inputs.pop(k) for k in [k for k in inputs if k.startswith("teacher_")]}
+        if self.teacher is None:
+            return None  # SFT only: nothing reads the teacher's batch
         if bool(t) != self.teacher_own_inputs:
             raise ValueError(
                 "the batch has teacher_* inputs but the trainer's data_collator has no teacher processor"
