@@ -1,7 +1,7 @@
 """One distillation training step: SFT, Vanilla KD, +IVA, +TPA, Align-TI (``DistillationTrainer``).
 
 Each measured step is ``DistillationTrainer.compute_loss`` (student pass with gradients,
-candidate sampling, teacher pass under no grad, loss) followed by ``loss.backward()`` and
+candidate sampling, teacher pass under inference mode, loss) followed by ``loss.backward()`` and
 ``zero_grad`` on a fixed LLaVA-style batch; no optimizer update (it is the same for every
 method). Models are random LLaVAs (SigLIP + projector + Qwen2) built from configs; the vision
 tower is frozen (``set_trainable(..., "finetune")``) as in training.
@@ -499,16 +499,17 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
               name: str | None = None, header: dict[str, str] | None = None) -> None:
     """Seconds per part of one step (best round per variant), by wrapping the functions the trainer calls.
 
-    ``teacher``: ``_teacher_pass`` (its forwards, no grad); ``sampling``: candidate sampling
+    ``teacher``: ``teacher_pass`` (its forwards, under inference mode); ``teacher_head``: the
+    teacher's LM head on the rows the loss reads (``head_rows``, ``logits`` path only); ``sampling``: candidate sampling
     (``fused_sample_candidates`` / ``sample_candidates``); ``expand``: ``tpa_expand``; ``loss``:
     the loss module (the fused loss also computes the LM-head gradients here); ``student+rest``:
     the rest of ``compute_loss`` (the student's forwards); ``backward``: ``loss.backward()``.
 
     Inside ``teacher`` (nested, not added to the total again): ``t.vision`` (the teacher's vision
     tower and projector), ``t.decoder`` (its language model's forwards: the ground-truth pass, the
-    candidate block, the IVA attention capture at ``l*``) and ``t.lm_head`` (its LM head, only on the
-    ``logits`` path; the fused path sends the rows the losses need through the teacher's head inside
-    ``loss``). With ``name``, also writes ``<name>.md`` (the table, the shares, ``header``).
+    candidate block, the IVA attention capture at ``l*``) and ``t.lm_head`` (its LM head module, which
+    the teacher pass no longer runs: the ``logits`` path applies it in ``teacher_head``, the fused path
+    sends the rows the losses need through it inside ``loss``). With ``name``, also writes ``<name>.md`` (the table, the shares, ``header``).
     """
     import tokinteract.fused as fused_mod
     import tokinteract.mllm.trainer as tr_mod
@@ -532,11 +533,11 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
 
     saved = [
         (fused_mod, "fused_sample_candidates"), (tr_mod, "sample_candidates"), (tr_mod, "tpa_expand"),
-        (tr_mod.DistillationTrainer, "_teacher_pass"),
+        (tr_mod.DistillationTrainer, "teacher_pass"), (tr_mod, "head_rows"),
     ]
     originals = [(m, n, getattr(m, n)) for m, n in saved]
     keys = {"fused_sample_candidates": "sampling", "sample_candidates": "sampling", "tpa_expand": "expand",
-            "_teacher_pass": "teacher"}
+            "teacher_pass": "teacher", "head_rows": "teacher_head"}
     try:
         for m, n, f in originals:
             setattr(m, n, timed(keys[n], f))
@@ -574,14 +575,14 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
             tr.loss_fn.__dict__.pop("forward", None)
         for mod, _ in inner:
             mod.__dict__.pop("forward", None)
-    cols = ["student+rest", "sampling", "expand", "teacher", "t.vision", "t.decoder", "t.lm_head", "loss", "backward",
-            "total"]
+    cols = ["student+rest", "sampling", "expand", "teacher", "t.vision", "t.decoder", "t.lm_head", "teacher_head", "loss",
+            "backward", "total"]
     table = [f"{'variant':>16} " + " ".join(f"{c:>12}" for c in cols)]
     table += [f"{v:>16} " + " ".join(f"{best[v].get(c, 0.0):>12.4f}" for c in cols) for v in names]
-    shares = [f"{v}: teacher {best[v].get('teacher', 0.0) / best[v]['total']:.1%} of the step "
-              f"(vision {best[v].get('t.vision', 0.0) / best[v]['total']:.1%}, "
+    shares = [f"{v}: teacher {(best[v].get('teacher', 0.0) + best[v].get('teacher_head', 0.0)) / best[v]['total']:.1%} "
+              f"of the step (vision {best[v].get('t.vision', 0.0) / best[v]['total']:.1%}, "
               f"decoder {best[v].get('t.decoder', 0.0) / best[v]['total']:.1%}, "
-              f"LM head {best[v].get('t.lm_head', 0.0) / best[v]['total']:.1%}, "
+              f"LM head {(best[v].get('t.lm_head', 0.0) + best[v].get('teacher_head', 0.0)) / best[v]['total']:.1%}, "
               f"rest of the teacher pass {(best[v].get('teacher', 0.0) - sum(best[v].get(k, 0.0) for k in ('t.vision', 't.decoder', 't.lm_head'))) / best[v]['total']:.1%})"
               for v in names]
     print("seconds per part (best round; t.* are inside teacher):")

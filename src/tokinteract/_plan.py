@@ -20,7 +20,7 @@ backends differ only there.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -31,39 +31,166 @@ from tokinteract.divergence import check_divergence_options
 from tokinteract.expansion import TPAExpansion
 from tokinteract.reduction import resolve_count
 
-PARTS = ("sft", "kd", "iva", "tpa")
-TEACHER_PARTS = ("kd", "iva", "tpa")
 BACKENDS = ("eager", "chunked", "fused", "liger")
 """How ``sum_r c_r * D_r`` is evaluated: autograd on the rows (``eager``), ``chunk_size`` rows
 at a time over logits (``chunked``) or over hidden states and LM heads (``fused``), or KD and
 TPA through Liger-Kernel's fused JSD and the rest as ``fused`` (``liger``)."""
 
-UNIFORM_PARTS = ("sft", "kd", "tpa")
-"""Parts whose coefficient is the same on every row they cover (a mean over their rows)."""
+
+@dataclass(frozen=True)
+class Term:
+    """One part of the objective: what it is computed on and its per-row coefficients.
+
+    Attributes:
+        name: the part's name (its weight keyword and its key in the returned parts).
+        on: ``"ce"`` (cross-entropy of the student to the label) or ``"div"`` (the divergence
+            ``D_r`` between the student's and the teacher's row, so it needs the teacher).
+        needs: the input the coefficients read besides the shapes: ``"labels"``,
+            ``"visual_weights"`` or ``"expansion"``.
+        uniform: the coefficient is the same on every row it covers (a mean over its rows),
+            so a kernel that only computes a plain mean (Liger) can evaluate it.
+        coefficients: ``(ctx) -> [B * L]`` the dense coefficient vector, zero off the term's rows.
+    """
+
+    name: str
+    on: str
+    needs: str
+    uniform: bool
+    coefficients: Callable[["_Context"], Tensor]
+
+    @property
+    def optional(self) -> bool:
+        """Left at its default weight, the term is off when its input is absent (text-only data)."""
+        return self.needs != "labels"
 
 
-def resolve_weights(
-    given: dict[str, Any], *, has_expansion: bool, has_visual_weights: bool
-) -> dict[str, float]:
-    """The weight of each part for one call: a weight left at ``None`` means 1, except that IVA
-    and TPA are off (0) when their input (``visual_weights``, ``expansion``) is absent, so the
-    defaults work on text-only data; an explicit weight is used as given."""
-    out = {k: 1.0 if w is None else float(w) for k, w in given.items()}
-    if given.get("iva") is None and not has_visual_weights:
-        out["iva"] = 0.0
-    if given.get("tpa") is None and not has_expansion:
-        out["tpa"] = 0.0
+class _Context:
+    """What a term's coefficients are computed from (shapes, inputs, counts), with the
+    aligned targets computed once on first use."""
+
+    def __init__(
+        self, *, batch: int, length: int, labels: Tensor | None, student_vocab: int, ignore_index: int,
+        expansion: TPAExpansion | None, visual_weights: Tensor | None, visual_weights_name: str,
+        num_items: Any, num_sequences: Any, device: torch.device, dtype: torch.dtype, checks: Deferred,
+    ) -> None:
+        if expansion is not None:
+            if tuple(expansion.input_ids.shape) != (batch, length):
+                raise ValueError(
+                    f"the logits must cover the expanded sequence {tuple(expansion.input_ids.shape)} in their "
+                    f"first two dimensions, got {(batch, length)}"
+                )
+            self.seq = expansion.seq_len
+        else:
+            self.seq = length
+        self.batch, self.length, self.rows = batch, length, batch * length
+        self.labels, self.vocab, self.ignore_index = labels, student_vocab, ignore_index
+        self.expansion, self.visual_weights, self.visual_weights_name = expansion, visual_weights, visual_weights_name
+        self.num_items, self.num_sequences = num_items, num_sequences
+        self.device, self.dtype, self.checks = device, dtype, checks
+        ar = torch.arange(self.seq, device=device)
+        self.gt_flat = (torch.arange(batch, device=device)[:, None] * length + ar).reshape(-1)
+        self._target: Tensor | None = None
+
+    @property
+    def target(self) -> Tensor:
+        """``[B, T]`` the aligned targets (:func:`tokinteract.shift_labels`), checked once."""
+        if self._target is None:
+            self._target = check_labels(
+                self.labels, self.batch, self.seq, self.vocab, self.ignore_index, self.checks
+            )
+        return self._target
+
+    @property
+    def valid(self) -> Tensor:
+        """``[B, T]`` the supervised positions."""
+        return self.target != self.ignore_index
+
+    def on_ground_truth(self, values: Tensor) -> Tensor:
+        """A dense ``[B * L]`` vector holding ``values [B, T]`` on the ground-truth slots."""
+        out = torch.zeros(self.rows, dtype=self.dtype, device=self.device)
+        out[self.gt_flat] = values.reshape(-1).to(self.dtype)
+        return out
+
+
+def _per_supervised(ctx: _Context) -> Tensor:
+    """``valid[r] / max(num_items or #valid, 1)``: SFT's and KD's coefficient."""
+    valid = ctx.valid
+    return ctx.on_ground_truth(valid.to(ctx.dtype) / resolve_count(valid, ctx.num_items).to(ctx.dtype))
+
+
+def _iva_coefficients(ctx: _Context) -> Tensor:
+    """``w[b, t] / max(num_sequences or B, 1)`` on the ground-truth slots."""
+    w = check_weights(
+        ctx.visual_weights_name, ctx.visual_weights, (ctx.batch, ctx.seq), "batch, ground-truth seq", ctx.checks
+    )
+    n = ctx.batch if ctx.num_sequences is None else ctx.num_sequences
+    denom = resolve_count(torch.ones(ctx.batch, dtype=torch.bool, device=ctx.device), n)
+    return ctx.on_ground_truth(w.to(ctx.dtype) / denom.to(ctx.dtype))
+
+
+def _tpa_coefficients(ctx: _Context) -> Tensor:
+    """``1 / (d * max(num_items or #candidate positions, 1))`` on every candidate slot."""
+    exp = ctx.expansion
+    b, _, _, slot = exp.candidate_slots()
+    per_slot = 1.0 / (resolve_count(exp.candidate_mask, ctx.num_items).to(ctx.dtype) * exp.num_candidates)
+    out = torch.zeros(ctx.rows, dtype=ctx.dtype, device=ctx.device)
+    idx = b.to(ctx.device) * ctx.length + slot.to(ctx.device)
+    out.index_put_((idx,), per_slot.expand(b.shape[0]), accumulate=True)
     return out
 
 
-def check_options(sft: Any, kd: Any, iva: Any, tpa: Any, kind: Any, temperature: Any, beta: Any, alpha: Any) -> dict[str, Any]:
-    """The part weights as given (each ``None`` or a finite number >= 0), after checking the divergence options."""
-    weights = {"sft": sft, "kd": kd, "iva": iva, "tpa": tpa}
+TERMS: dict[str, Term] = {
+    t.name: t
+    for t in (
+        Term("sft", on="ce", needs="labels", uniform=True, coefficients=_per_supervised),
+        Term("kd", on="div", needs="labels", uniform=True, coefficients=_per_supervised),
+        Term("iva", on="div", needs="visual_weights", uniform=False, coefficients=_iva_coefficients),
+        Term("tpa", on="div", needs="expansion", uniform=True, coefficients=_tpa_coefficients),
+    )
+}
+"""The terms of paper Eq. 8, in order: the one place a term is defined (module docstring)."""
+
+PARTS = tuple(TERMS)
+TEACHER_PARTS = tuple(k for k, t in TERMS.items() if t.on == "div")
+UNIFORM_PARTS = tuple(k for k, t in TERMS.items() if t.uniform)
+"""Parts whose coefficient is the same on every row they cover (a mean over their rows)."""
+
+
+def resolve_weights(given: dict[str, Any], *, has_expansion: bool, has_visual_weights: bool) -> dict[str, float]:
+    """The weight of each part for one call: a weight left at ``None`` means 1, except that a
+    term whose input (``visual_weights``, ``expansion``) is absent is off (0), so the defaults
+    work on text-only data; an explicit weight is used as given."""
+    present = {"labels": True, "visual_weights": has_visual_weights, "expansion": has_expansion}
+    out = {}
+    for k, w in given.items():
+        out[k] = (1.0 if present[TERMS[k].needs] else 0.0) if w is None else float(w)
+    return out
+
+
+def check_options(weights: dict[str, Any], kind: Any, temperature: Any, beta: Any, alpha: Any) -> dict[str, Any]:
+    """The part weights as given (each ``None`` or a finite number >= 0, one per term of
+    :data:`TERMS`), after checking the divergence options."""
+    if set(weights) != set(TERMS):
+        raise ValueError(f"weights must name exactly the parts {PARTS}, got {tuple(weights)}")
     for name, w in weights.items():
         if w is not None:
             check_nonnegative(name, w)
     check_divergence_options(kind, temperature, beta, alpha)
-    return weights
+    return {k: weights[k] for k in PARTS}
+
+
+_INPUT_ERRORS = {
+    "expansion": "expansion is required when {name} > 0 (the TPAExpansion both forwards ran on), got None",
+    "visual_weights": "visual_weights is required when {name} > 0, got None",
+}
+
+
+def check_term_inputs(weights: dict[str, float], *, expansion: object, visual_weights: object) -> None:
+    """A ``ValueError`` naming the input of the first enabled term whose input is absent."""
+    given = {"expansion": expansion, "visual_weights": visual_weights}
+    for name, term in TERMS.items():
+        if weights.get(name, 0.0) > 0 and term.needs in given and given[term.needs] is None:
+            raise ValueError(_INPUT_ERRORS[term.needs].format(name=name))
 
 
 def check_part_inputs(
@@ -81,15 +208,12 @@ def check_part_inputs(
     if not any(w > 0 for w in weights.values()):
         raise ValueError(
             "every part has weight 0 (or, left at its default, lacks its input); enable at least one of "
-            f"sft, kd, iva, tpa, got weights {weights}"
+            f"{', '.join(PARTS)}, got weights {weights}"
         )
-    needs_teacher = [k for k in TEACHER_PARTS if weights[k] > 0]
+    needs_teacher = [k for k, t in TERMS.items() if t.on == "div" and weights.get(k, 0.0) > 0]
     if teacher_missing and needs_teacher:
         raise ValueError(f"{teacher_is} required when {needs_teacher} have non-zero weight, got None")
-    if weights["tpa"] > 0 and expansion is None:
-        raise ValueError("expansion is required when tpa > 0 (the TPAExpansion both forwards ran on), got None")
-    if weights["iva"] > 0 and visual_weights is None:
-        raise ValueError("visual_weights is required when iva > 0, got None")
+    check_term_inputs(weights, expansion=expansion, visual_weights=visual_weights)
     if expansion is not None:
         check_expansion(expansion)
     return needs_teacher
@@ -174,70 +298,32 @@ def plan_align_ti(
     (the ground truth is then the first ``T`` slots). ``dtype`` is the coefficients' dtype
     (the compute dtype of the student). Value checks go to ``checks``.
     """
-    if expansion is not None:
-        if tuple(expansion.input_ids.shape) != (batch, length):
-            raise ValueError(
-                f"the logits must cover the expanded sequence {tuple(expansion.input_ids.shape)} in their "
-                f"first two dimensions, got {(batch, length)}"
-            )
-        T = expansion.seq_len
-    else:
-        T = length
-    N = batch * length
-    cdt = dtype
-    dense_div: dict[str, Tensor] = {}
-    dense_ce: Tensor | None = None
-    gt_flat = (torch.arange(batch, device=device)[:, None] * length + torch.arange(T, device=device)).reshape(-1)
-
-    def dense_gt(values: Tensor) -> Tensor:
-        out = torch.zeros(N, dtype=cdt, device=device)
-        out[gt_flat] = values.reshape(-1).to(cdt)
-        return out
-
-    target = valid = None
-    if weights.get("sft", 0.0) > 0 or weights.get("kd", 0.0) > 0:
-        target = check_labels(labels, batch, T, student_vocab, ignore_index, checks)
-        valid = target != ignore_index  # [B, T]
-        per = valid.to(cdt) / resolve_count(valid, num_items).to(cdt)
-        if weights.get("kd", 0.0) > 0:
-            dense_div["kd"] = dense_gt(per)
-        if weights.get("sft", 0.0) > 0:
-            dense_ce = dense_gt(per)
-    if weights.get("iva", 0.0) > 0:
-        w = check_weights(visual_weights_name, visual_weights, (batch, T), "batch, ground-truth seq", checks)
-        n = batch if num_sequences is None else num_sequences
-        denom = resolve_count(torch.ones(batch, dtype=torch.bool, device=device), n)
-        dense_div["iva"] = dense_gt(w.to(cdt) / denom.to(cdt))
-    if weights.get("tpa", 0.0) > 0:
-        if expansion is None:
-            raise ValueError("expansion is required when tpa > 0 (the TPAExpansion both forwards ran on), got None")
-        b, _, _, slot = expansion.candidate_slots()
-        per_slot = 1.0 / (resolve_count(expansion.candidate_mask, num_items).to(cdt) * expansion.num_candidates)
-        out = torch.zeros(N, dtype=cdt, device=device)
-        out.index_put_((b.to(device) * length + slot.to(device),), per_slot.expand(b.shape[0]), accumulate=True)
-        dense_div["tpa"] = out
-    need = torch.zeros(N, dtype=torch.bool, device=device)
-    div_total = None
-    for name, vec in dense_div.items():
+    ctx = _Context(
+        batch=batch, length=length, labels=labels, student_vocab=student_vocab, ignore_index=ignore_index,
+        expansion=expansion, visual_weights=visual_weights, visual_weights_name=visual_weights_name,
+        num_items=num_items, num_sequences=num_sequences, device=device, dtype=dtype, checks=checks,
+    )
+    check_term_inputs(weights, expansion=expansion, visual_weights=visual_weights)
+    dense = {name: term.coefficients(ctx) for name, term in TERMS.items() if weights.get(name, 0.0) > 0}
+    need = torch.zeros(ctx.rows, dtype=torch.bool, device=device)
+    div_total = ce_total = ce_target_dense = None
+    for name, vec in dense.items():
         need |= vec != 0
-        div_total = weights[name] * vec if div_total is None else div_total + weights[name] * vec
-    ce_target_dense = None
-    if dense_ce is not None:
-        need |= dense_ce != 0
-        ce_target_dense = torch.full((N,), -1, dtype=torch.long, device=device)
-        ce_target_dense[gt_flat] = torch.where(valid, target, torch.full_like(target, -1)).reshape(-1).long()
+        if TERMS[name].on == "div":
+            div_total = weights[name] * vec if div_total is None else div_total + weights[name] * vec
+        else:
+            ce_total = weights[name] * vec if ce_total is None else ce_total + weights[name] * vec
+    if ce_total is not None:
+        target = ctx.target
+        ce_target_dense = torch.full((ctx.rows,), -1, dtype=torch.long, device=device)
+        ce_target_dense[ctx.gt_flat] = torch.where(ctx.valid, target, torch.full_like(target, -1)).reshape(-1).long()
     rows = need.nonzero().reshape(-1)
-    parts: dict[str, tuple[str, Tensor]] = {}
-    if dense_ce is not None:
-        parts["sft"] = ("ce", dense_ce[rows])
-    for name, vec in dense_div.items():
-        parts[name] = ("div", vec[rows])
     return Plan(
         rows=rows,
         div_coef=None if div_total is None else div_total[rows],
         ce_target=None if ce_target_dense is None else ce_target_dense[rows],
-        ce_coef=None if dense_ce is None else weights["sft"] * dense_ce[rows],
-        parts=parts,
+        ce_coef=None if ce_total is None else ce_total[rows],
+        parts={name: (TERMS[name].on, vec[rows]) for name, vec in dense.items()},
     )
 
 
@@ -284,7 +370,7 @@ def run_align_ti(
 
         liger.load()  # ImportError now, whatever the weights
         liger.check_liger_kind(div_opts["kind"], div_opts["beta"])
-        on_liger = [k for k in ("kd", "tpa") if weights.get(k, 0.0) > 0 and teacher is not None]
+        on_liger = [k for k, t in TERMS.items() if t.on == "div" and t.uniform and weights.get(k, 0.0) > 0 and teacher is not None]
         for name in on_liger:
             # a part with a uniform coefficient c over its rows is c * sum_r D_r: one Liger call
             part = plan_align_ti(**plan_args, weights={name: 1.0}, device=device, dtype=dtype, checks=checks)
@@ -298,7 +384,7 @@ def run_align_ti(
             extra[name] = value
             total_extra = weights[name] * value if total_extra is None else total_extra + weights[name] * value
         weights = dict(weights, **{k: 0.0 for k in on_liger})
-        if weights.get("iva", 0.0) == 0:
+        if not any(TERMS[k].on == "div" and w > 0 for k, w in weights.items()):
             teacher = None
     if any(w > 0 for w in weights.values()):
         plan = plan_align_ti(**plan_args, weights=weights, device=device, dtype=dtype, checks=checks)
@@ -314,4 +400,4 @@ def run_align_ti(
     if total_extra is not None:
         total = total + total_extra
     parts.update({k: v.detach() for k, v in extra.items()})
-    return total, {k: parts[k] for k in PARTS if k in parts}
+    return total, {k: parts[k] for k in TERMS if k in parts}

@@ -38,7 +38,7 @@ from tokinteract._checks import (
     check_tensor,
     shared_vocab,
 )
-from tokinteract._plan import BACKENDS, check_options, check_part_inputs, resolve_weights, run_align_ti
+from tokinteract._plan import BACKENDS, TERMS, check_options, check_part_inputs, resolve_weights, run_align_ti
 from tokinteract.expansion import TPAExpansion
 
 __all__ = ["BACKENDS", "AlignTILoss", "HiddenStates", "align_ti_terms"]
@@ -116,7 +116,7 @@ def align_ti_terms(
     Returns:
         ``(total, parts)``; ``parts`` maps each computed part to its detached, unweighted value.
     """
-    given = check_options(sft, kd, iva, tpa, kind, temperature, beta, alpha)
+    given = check_options(dict(sft=sft, kd=kd, iva=iva, tpa=tpa), kind, temperature, beta, alpha)
     check_choice("backend", backend, BACKENDS)
     if not isinstance(validate, bool):
         raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
@@ -155,8 +155,9 @@ def align_ti_terms(
         else:
             s, _ = check_logit_pair(student, teacher, lead=2, vocab_size=vocab_size, check_values=False)
             vocab, t_side = s.shape[-1], (teacher.reshape(-1, teacher.shape[-1]), None, None)
-    if labels is None and (weights["sft"] > 0 or weights["kd"] > 0):
-        raise ValueError("labels is required when sft or kd has non-zero weight, got None")
+    on_labels = [k for k, t in TERMS.items() if t.needs == "labels" and weights[k] > 0]
+    if labels is None and on_labels:
+        raise ValueError(f"labels is required when {' or '.join(on_labels)} has non-zero weight, got None")
     checks = Deferred(validate)
     total, parts = run_align_ti(
         s_side, t_side, backend=backend, vocab=vocab, chunk_size=chunk_size, liger_compiled=liger_compiled,
@@ -224,7 +225,7 @@ class AlignTILoss(nn.Module):
         validate: bool = True,
     ) -> None:
         super().__init__()
-        self._given = check_options(sft, kd, iva, tpa, kind, temperature, beta, alpha)
+        self._given = check_options(dict(sft=sft, kd=kd, iva=iva, tpa=tpa), kind, temperature, beta, alpha)
         check_choice("backend", backend, BACKENDS)
         if chunk_size is not None:
             check_int("chunk_size", chunk_size, minimum=1)

@@ -125,3 +125,34 @@ def processor_trainer(tmp_path: Path, data: Path, processor, student, teacher, d
         student, args, teacher=teacher, distill=distill, train_dataset=ProcessorDataset(data, data.parent, processor),
         data_collator=collator, processing_class=processor,
     )
+
+
+def train_recording_tpa(tr, monkeypatch) -> tuple[float, dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``tr.train()`` (one step, ``logging_steps=1``) recording what its TPA used:
+    ``(logged loss_tpa, the batch compute_loss got, candidates [B, T, d], candidate mask [B, T],
+    supervised [B, T])``; ``supervised[b, t]``: token ``t + 1`` is a label (the positions TPA may use)."""
+    import tokinteract.fused as fused_mod
+    import tokinteract.mllm.trainer as trainer_mod
+
+    rec: dict = {}
+    orig_loss = tr.compute_loss
+
+    def compute_loss(model, inputs, *a, **kw):
+        rec["batch"] = {k: v.detach().clone() for k, v in inputs.items()}
+        return orig_loss(model, inputs, *a, **kw)
+
+    def recorder(fn):
+        def wrapped(*a, **kw):
+            out = fn(*a, **kw)
+            rec["cand"], rec["mask"] = out.detach().clone(), kw["mask"].detach().clone()
+            return out
+        return wrapped
+
+    monkeypatch.setattr(tr, "compute_loss", compute_loss)
+    monkeypatch.setattr(trainer_mod, "sample_candidates", recorder(trainer_mod.sample_candidates))
+    monkeypatch.setattr(fused_mod, "fused_sample_candidates", recorder(fused_mod.fused_sample_candidates))
+    tr.train()
+    labels = rec["batch"]["labels"]
+    supervised = torch.zeros_like(rec["mask"])
+    supervised[:, :-1] = labels[:, 1:] != -100
+    return tr.state.log_history[0]["loss_tpa"], rec["batch"], rec["cand"], rec["mask"], supervised

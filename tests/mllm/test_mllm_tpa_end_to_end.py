@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mllm_helpers import N_VIS, make_model, state
+from mllm_helpers import N_VIS, make_model, state, train_recording_tpa
 from transformers import TrainingArguments
 
-import tokinteract.fused as fused_mod
-import tokinteract.mllm.trainer as trainer_mod
 from tokinteract.mllm import DistillationConfig, DistillationTrainer, LlavaCollator, LlavaJsonDataset, set_trainable
 
 pytestmark = pytest.mark.slow  # end to end: trains tiny models
@@ -93,32 +91,9 @@ def test_logged_tpa_equals_per_candidate_forwards(
     tr = DistillationTrainer(student, args, teacher=teacher, distill=cfg, train_dataset=ds, data_collator=col,
                              processing_class=processor)
     before = state(student)
-    rec: dict = {}
-    orig_loss = tr.compute_loss
-
-    def compute_loss(model, inputs, *a, **kw):
-        rec["batch"] = {k: v.detach().clone() for k, v in inputs.items()}
-        return orig_loss(model, inputs, *a, **kw)
-
-    def recorder(fn):
-        def wrapped(*a, **kw):
-            out = fn(*a, **kw)
-            rec["cand"] = out.detach().clone()
-            rec["mask"] = kw["mask"].detach().clone()
-            return out
-        return wrapped
-
-    monkeypatch.setattr(tr, "compute_loss", compute_loss)
-    monkeypatch.setattr(trainer_mod, "sample_candidates", recorder(trainer_mod.sample_candidates))
-    monkeypatch.setattr(fused_mod, "fused_sample_candidates", recorder(fused_mod.fused_sample_candidates))
-    tr.train()
-    logged = tr.state.log_history[0]["loss_tpa"]
-
-    batch, cand, cmask = rec["batch"], rec["cand"], rec["mask"]
+    logged, batch, cand, cmask, supervised = train_recording_tpa(tr, monkeypatch)
     labels = batch["labels"]
     # candidate positions: t such that token t+1 is supervised (assistant answer tokens and <|im_end|>)
-    supervised = torch.zeros_like(cmask)
-    supervised[:, :-1] = labels[:, 1:] != -100
     end_of_turn = torch.zeros_like(cmask)
     end_of_turn[:, :-1] = supervised[:, :-1] & (batch["input_ids"][:, 1:] == im_end)
     assert bool(end_of_turn.any())

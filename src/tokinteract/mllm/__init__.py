@@ -8,12 +8,23 @@
 * :mod:`tokinteract.mllm.processor_data`: the same data through any supported family's own
   processor (Qwen-VL, Gemma 3, LLaVA-NeXT/OneVision, Idefics3, SmolVLM, InternVL).
 * :mod:`tokinteract.mllm.trainer`: ``DistillationTrainer`` (a ``transformers.Trainer``
-  composing :class:`tokinteract.AlignTILoss`) and ``DistillationConfig``.
+  whose step is one pipeline of small parts ending in :class:`tokinteract.AlignTILoss`).
+* :mod:`tokinteract.mllm.config`: its configuration, one dataclass per concern (method, IVA,
+  TPA, on-policy, loss, teacher/student pair, faults), joined in ``DistillationConfig``.
 * :mod:`tokinteract.mllm.cli`: the ``tokinteract-train`` console script.
 * :mod:`tokinteract.mllm.synthetic` and :mod:`tokinteract.mllm.tokenizer`: an offline
   synthetic shapes task and its word-level tokenizer (tests, demo).
 """
 
+from tokinteract.mllm.config import (
+    FaultConfig,
+    IVAConfig,
+    LossConfig,
+    MethodConfig,
+    OnPolicyConfig,
+    PairConfig,
+    TPAConfig,
+)
 from tokinteract.mllm.data import DataError, LlavaCollator, LlavaJsonDataset, encode_conversation, load_llava_json
 from tokinteract.mllm.model import (
     build_llava_from_pretrained,
@@ -38,11 +49,18 @@ __all__ = [
     "DataError",
     "DistillationConfig",
     "DistillationTrainer",
+    "FaultConfig",
+    "IVAConfig",
     "LlavaCollator",
     "LlavaJsonDataset",
+    "LossConfig",
+    "MethodConfig",
+    "OnPolicyConfig",
+    "PairConfig",
     "ProcessorCollator",
     "ProcessorDataset",
     "SyntheticConfig",
+    "TPAConfig",
     "build_llava_from_pretrained",
     "build_processor",
     "build_tiny_llava",

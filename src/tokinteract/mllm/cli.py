@@ -6,8 +6,10 @@ Usage::
     tokinteract-train --data_path ... --output_dir ...    # flags only
     torchrun --nproc_per_node=8 -m tokinteract.mllm.cli CONFIG.yaml   # DDP, unchanged
 
-The config's keys are the fields of :class:`ModelArguments`, :class:`DataArguments`,
-:class:`tokinteract.mllm.trainer.DistillationConfig` and ``transformers.TrainingArguments``
+The config's keys are the fields of :class:`ModelArguments`, :class:`DataArguments`, the
+distillation groups of :mod:`tokinteract.mllm.config` (method, IVA, TPA, on-policy, loss,
+teacher/student pair, faults: together :class:`tokinteract.mllm.config.DistillationConfig`)
+and ``transformers.TrainingArguments``
 (``deepspeed: ds_zero2.json``, ``fsdp: true`` with an ``fsdp_config`` mapping, etc.: values
 keep their YAML types).
 Flags given after the config file override it. Progress bars, logging, checkpointing and
@@ -112,9 +114,10 @@ class DataArguments:
 def _parser() -> Any:
     from transformers import HfArgumentParser, TrainingArguments
 
-    from tokinteract.mllm.trainer import DistillationConfig
+    from tokinteract.mllm.config import GROUPS
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, DistillationConfig, TrainingArguments))
+    # one dataclass (and one --help section) per concern; parse_args joins them into a DistillationConfig
+    parser = HfArgumentParser((ModelArguments, DataArguments, *GROUPS, TrainingArguments))
     parser.allow_abbrev = False  # --learning_rat must not silently mean --learning_rate
     return parser
 
@@ -135,7 +138,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Any, Any, Any, Any]:
-    """``(model_args, data_args, distill_config, training_args)`` from a config file and flags."""
+    """``(model_args, data_args, distill_config, training_args)`` from a config file and flags
+    (``distill_config``: the :class:`tokinteract.mllm.config.DistillationConfig` of the parsed groups)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
@@ -148,7 +152,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Any, Any, Any, Any]:
         # ``fsdp_config`` mapping stay as they are); flags after the file override them
         parser.set_defaults(**config)
         argv = argv[1:]
-    return tuple(parser.parse_args_into_dataclasses(args=argv))  # type: ignore[return-value]
+    from tokinteract.mllm.config import DistillationConfig
+
+    margs, dargs, *groups, targs = parser.parse_args_into_dataclasses(args=argv)
+    return margs, dargs, DistillationConfig.from_groups(*groups), targs
 
 
 def _dtype(name: str | None) -> Any:

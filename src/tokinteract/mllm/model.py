@@ -500,15 +500,18 @@ def load_pretrained(
 
     Raises:
         ImportError: the family's processor cannot be built in this environment (e.g.
-            Qwen-VL processors need torchvision for their video processor), naming the
-            checkpoint.
+            Qwen-VL and InternVL processors need torchvision for their video processor),
+            naming the checkpoint.
         ValueError: the processor has no tokenizer (not a multimodal processor).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
         processor = AutoProcessor.from_pretrained(checkpoint)
-    except ImportError as e:
+    except (ImportError, ValueError) as e:
+        # a missing optional package surfaces as ImportError, or as ValueError for some video processors
+        if isinstance(e, ValueError) and "torchvision" not in str(e).lower():
+            raise
         raise ImportError(f"{role}_checkpoint {str(checkpoint)!r}: its processor cannot be built here: {str(e).strip()}") from e
     if getattr(processor, "tokenizer", None) is None:
         raise ValueError(

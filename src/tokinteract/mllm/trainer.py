@@ -1,47 +1,60 @@
-"""``DistillationTrainer``: a ``transformers.Trainer`` that distills a LLaVA teacher into a student.
+"""``DistillationTrainer``: a ``transformers.Trainer`` that distills a vision-language teacher into a student.
 
-One training step (``compute_loss``), for a right-padded batch from
-:class:`tokinteract.mllm.data.LlavaCollator`:
+One training step is one pipeline (:meth:`DistillationTrainer.compute_loss`), for a batch from
+:class:`tokinteract.mllm.data.LlavaCollator` or :class:`tokinteract.mllm.processor_data.ProcessorCollator`::
 
-1. **Student** (with gradients, through the DDP/FSDP/DeepSpeed wrapper as *one* forward
-   call): the ground-truth pass. With TPA, ``d`` candidates per supervised position are
-   sampled from its detached logits (``tokinteract.sample_candidates``; the image token and
-   ids beyond a shared vocabulary prefix are never drawn), packed with
-   ``tokinteract.tpa_expand``, and the candidate block runs over the ground-truth KV cache
-   (``tpa_forward="cached"``, default) or the whole expansion runs once more with the
-   ribbon mask (``"packed"``, the paper's Algorithm 1).
-2. **Teacher** (frozen, ``eval()``, under ``torch.no_grad()``, never wrapped for
-   gradients): the same passes on the same expansion. With IVA, its instruction-to-vision
-   attention rows at layer ``l*`` are captured during the ground-truth pass
-   (``tokinteract.hf.capture_attention``); ``l*`` is ``iva_layer`` or, if unset, the
-   argmax of ``tokinteract.hf.irs_curve`` over pairs of training samples.
-3. ``tokinteract.AlignTILoss`` composes SFT, KD, IVA and TPA; each part is logged as
-   ``loss_sft``, ``loss_kd``, ``loss_iva``, ``loss_tpa``.
+    batch -> student pass -> candidates -> (student candidate block) -> teacher pass -> loss
 
-``loss_impl`` (``DistillationConfig``) picks how the logits are handled:
+1. **Batch** (:func:`split_batch`): the model inputs (``input_ids``, ``attention_mask`` and every
+   other tensor of the collator: ``pixel_values``, ``image_grid_thw``, ...), the labels and the
+   visual / instruction masks.
+2. **Student pass** (:meth:`~DistillationTrainer.student_pass`, with gradients, through the
+   DDP/FSDP/DeepSpeed wrapper as *one* forward call): the ground-truth pass. With
+   ``iva_weights="student"`` its attention at the IVA layer is captured.
+3. **Candidates** (:meth:`~DistillationTrainer.candidates`, TPA only): ``d`` candidates per
+   supervised position drawn from the student's detached ground-truth distribution (the image
+   token and ids beyond a shared vocabulary prefix are never drawn), packed with
+   ``tokinteract.tpa_expand``; then :meth:`~DistillationTrainer.expanded_pass` runs the
+   candidate block over the ground-truth KV cache (``tpa_forward="cached"``, default) or the
+   whole expansion once more with the ribbon mask (``"packed"``, the paper's Algorithm 1).
+4. **Teacher pass** (:meth:`~DistillationTrainer.teacher_pass`; frozen, ``eval()``, under
+   ``torch.inference_mode``, never wrapped for gradients): the same passes on the same
+   expansion, on its own inputs (by default the student's, see
+   :meth:`~DistillationTrainer.teacher_inputs`). With IVA, its instruction-to-vision attention
+   rows at layer ``l*`` are captured (``tokinteract.hf.capture_attention``); ``l*`` is
+   ``iva_layer`` or, if unset, the argmax of ``tokinteract.hf.irs_curve`` over pairs of
+   training samples.
+5. **Loss** (:meth:`~DistillationTrainer.distill_loss`): ``tokinteract.AlignTILoss`` composes
+   SFT, KD, IVA and TPA; each part is logged as ``loss_sft``, ``loss_kd``, ``loss_iva``,
+   ``loss_tpa``.
 
-* ``"logits"``: both models return full ``[B, T(2), V]`` logits and
-  ``tokinteract.AlignTILoss`` runs on them (``tokinteract.sample_candidates`` on the
-  student's ground-truth logits).
-* ``"fused"``: both models return the hidden states entering their LM heads
-  (``tokinteract.hf`` forwards with ``output="hidden"``; the LM head never runs inside the
-  model), and ``tokinteract.fused.FusedAlignTILoss`` applies each LM head (student: with
+``loss_impl`` (:class:`~tokinteract.mllm.config.LossConfig`) is one parameter of these parts,
+the models' ``output``:
+
+* ``"fused"`` (default): both models return the hidden states entering their LM heads
+  (``output="hidden"``; the LM head never runs inside the model), and
+  ``AlignTILoss(backend="fused")`` (or ``"liger"``) applies each LM head (student: with
   gradients, tied embeddings included; teacher: under no grad) to only the rows some part
   needs, one chunk at a time; TPA candidates come from
-  ``tokinteract.fused.fused_sample_candidates`` on the candidate positions only. Same loss,
-  parts and gradients as ``"logits"`` up to fp32 matmul rounding. The whole step (student,
-  teacher, loss) runs inside the one wrapper forward, so the LM head's parameters are used
-  inside it. GKD's on-policy batches (generation) keep using logits.
+  ``tokinteract.fused.fused_sample_candidates`` on the candidate positions only. The whole
+  step (student, teacher, loss) runs inside the one wrapper forward, so the LM head's
+  parameters are used inside it.
+* ``"logits"``: the student returns full ``[B, T(2), V]`` logits and
+  ``AlignTILoss(backend="eager")`` runs on them (``tokinteract.sample_candidates`` on the
+  student's ground-truth logits); the teacher's LM head is applied to the rows the loss reads
+  only (:func:`head_rows`). Same loss, parts and gradients as ``"fused"`` up to fp32 matmul
+  rounding: it is the reference the tests compare the fused path with.
 
 **A teacher with its own inputs** (the collator is a
 :class:`tokinteract.mllm.processor_data.ProcessorCollator` with a ``teacher_processor``: another
-vision tower or image resolution, hence other image-token counts and positions): the teacher
-runs on the batch's ``teacher_*`` tensors and its outputs are carried onto the student's layout
-by :mod:`tokinteract.rowmap` before the loss. SFT and KD compare the rows that predict the same
+vision tower or image resolution, hence other image-token counts and positions): the batch's
+``teacher_*`` tensors become :attr:`Batch.teacher`, the teacher runs on them, and its outputs are
+carried onto the student's layout by :mod:`tokinteract.rowmap` before the loss
+(:meth:`~DistillationTrainer.teacher_pass`). SFT and KD compare the rows that predict the same
 response token; TPA's candidates, sampled by the student at its response row ``t``, are placed
 at the teacher's row of the same token (the teacher's own ribbon expansion) and its candidate
 slots come in the student's order; IVA needs both families to show each image as one grid
-(:func:`tokinteract.hf.families.image_grids`): the teacher's logits at the student's visual
+(:func:`tokinteract.hf.families.image_grids`): the teacher's outputs at the student's visual
 tokens are the area-weighted mean over the teacher's overlapping cells, its weights the
 area-split attention mass. Refused there: IRS layer selection (give ``iva_layer``), GKD,
 teachers of another family, IVA on non-grid families.
@@ -65,8 +78,9 @@ Methods (``DistillationConfig.method``, each weight overridable):
 ``jsd``          SFT + JSD KD (``jsd_beta``, Table 3)
 ``skew_kl``      SFT + skew forward-KL KD (DistiLLM, ``skew_alpha``, Table 3)
 ``gkd``          GKD (Table 3): with probability ``gkd_lambda`` a batch is replaced by the
-                 student's own sampled responses and only the divergence (JSD by default)
-                 is applied to them; otherwise SFT + KD on the data
+                 student's own sampled responses (:meth:`~DistillationTrainer.training_step`,
+                 as TRL's ``GKDTrainer``) and only the divergence (JSD by default) is applied
+                 to them; otherwise SFT + KD on the data
 ==============  ====================================================================
 
 ``iva_weights="student"`` takes the IVA weights from the student's own (detached)
@@ -109,8 +123,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
+from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,173 +133,144 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
-from tokinteract import compat
-
 from tokinteract import (
     AlignTILoss,
+    HiddenStates,
+    TPAExpansion,
+    compat,
     sample_candidates,
     shift_labels,
     tpa_expand,
     uniform_visual_weights,
 )
 from tokinteract.hf.families import visual_token_ids
+from tokinteract.mllm.config import LOSS_IMPLS, METHODS, DistillationConfig  # re-exported: their earlier home
 from tokinteract.mllm.model import check_teacher_student, num_image_tokens
 from tokinteract.mllm.reliability import ReliableTrainerMixin
 
-__all__ = ["LOSS_IMPLS", "METHODS", "DistillationConfig", "DistillationTrainer", "run_through_wrapper"]
-
-LOSS_IMPLS = ("fused", "logits")
+__all__ = [
+    "LOSS_IMPLS",
+    "METHODS",
+    "ON_POLICY",
+    "Batch",
+    "DistillationConfig",
+    "DistillationTrainer",
+    "ModelInputs",
+    "PassOutput",
+    "head_rows",
+    "run_through_wrapper",
+    "split_batch",
+]
 
 logger = logging.getLogger(__name__)
 
-METHODS: dict[str, dict[str, Any]] = {
-    "sft": dict(sft=1.0, kd=0.0, iva=0.0, tpa=0.0),
-    "kd": dict(sft=1.0, kd=1.0, iva=0.0, tpa=0.0),
-    "iva": dict(sft=1.0, kd=1.0, iva=1.0, tpa=0.0),
-    "tpa": dict(sft=1.0, kd=1.0, iva=0.0, tpa=1.0),
-    "align_ti": dict(sft=1.0, kd=1.0, iva=1.0, tpa=1.0),
-    "uniform_va": dict(sft=1.0, kd=1.0, iva=1.0, tpa=0.0, iva_weights="uniform"),
-    "rkl": dict(sft=1.0, kd=1.0, iva=0.0, tpa=0.0, divergence="rkl"),
-    "jsd": dict(sft=1.0, kd=1.0, iva=0.0, tpa=0.0, divergence="jsd"),
-    "skew_kl": dict(sft=1.0, kd=1.0, iva=0.0, tpa=0.0, divergence="skew_fkl"),
-    "gkd": dict(sft=1.0, kd=1.0, iva=0.0, tpa=0.0, divergence="jsd", on_policy=True),
-}
+ON_POLICY = "on_policy"
+"""Key of a batch replaced by student-generated responses (:meth:`DistillationTrainer.training_step`
+sets it to ``True``); :meth:`DistillationTrainer.compute_loss` then applies only the KD term."""
+
+_BATCH_KEYS = ("input_ids", "attention_mask", "labels", "visual_mask", "instruction_mask")
+_NOT_MODEL_INPUTS = frozenset((*_BATCH_KEYS, "response_mask", ON_POLICY))
+TEACHER_PREFIX = "teacher_"
+"""Prefix of the teacher's own batch in a collated dict (``ProcessorCollator(teacher_processor=...)``)."""
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """What one model reads in a pass: ``input_ids`` ``[B, T]``, the padding ``attention_mask``
+    ``[B, T]`` and every other model input of the collator (``pixel_values``,
+    ``image_grid_thw``, ``mm_token_type_ids``, ``token_type_ids``, ``image_sizes``, ...)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A collated batch split into what the parts of the step read (:func:`split_batch`).
+
+    ``labels`` ``[B, T]`` are unshifted (``-100`` where unsupervised); ``visual_mask`` and
+    ``instruction_mask`` are bool ``[B, T]``; ``on_policy`` marks a batch of student-generated
+    responses (KD only, see :meth:`DistillationTrainer.training_step`); ``teacher``: the
+    teacher's own batch of the same samples (its ``teacher_*`` keys), None when the teacher
+    reads the student's.
+    """
+
+    inputs: ModelInputs
+    labels: Tensor
+    visual_mask: Tensor
+    instruction_mask: Tensor
+    on_policy: bool = False
+    teacher: "Batch | None" = None
+
+
+def split_batch(inputs: Mapping[str, Any]) -> Batch:
+    """The :class:`Batch` of a collator's dict: its five named tensors, and every other tensor
+    (but ``response_mask``) as a model input; the ``teacher_*`` keys, without their prefix, as
+    :attr:`Batch.teacher`.
+
+    Raises:
+        ValueError: a named tensor is missing.
+    """
+    own = {k[len(TEACHER_PREFIX):]: v for k, v in inputs.items() if k.startswith(TEACHER_PREFIX)}
+    inputs = {k: v for k, v in inputs.items() if not k.startswith(TEACHER_PREFIX)}
+    missing = [k for k in _BATCH_KEYS if k not in inputs]
+    if missing:
+        raise ValueError(
+            f"the batch must hold {list(_BATCH_KEYS)} (as LlavaCollator and ProcessorCollator make them); "
+            f"missing {missing}, got keys {sorted(inputs)}"
+        )
+    extra = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS and isinstance(v, Tensor)}
+    return Batch(
+        inputs=ModelInputs(inputs["input_ids"], inputs["attention_mask"], extra),
+        labels=inputs["labels"],
+        visual_mask=inputs["visual_mask"].bool(),
+        instruction_mask=inputs["instruction_mask"].bool(),
+        on_policy=inputs.get(ON_POLICY, False) is True,
+        teacher=split_batch(own) if own else None,
+    )
 
 
 @dataclass
-class DistillationConfig:
-    """What to distill and how (also a ``HfArgumentParser`` dataclass for the CLI).
+class PassOutput:
+    """One model's pass: ``states`` are ``[B, L, V]`` logits (``output="logits"``) or the
+    ``[B, L, H]`` hidden states entering the LM head (``"hidden"``), over the ground truth
+    (``L = T``) or the TPA expansion (``L = T2``, the ground truth first).
 
-    ``None`` fields take the value of the ``method`` preset (see the module docstring).
+    ``weights``: ``[B, T]`` IVA weights read at the captured layer (None when none was
+    captured). ``ground_truth``: the ``tokinteract.hf.GroundTruthOutput`` a cached candidate
+    block continues from (cached TPA only).
     """
 
-    method: str = field(default="align_ti", metadata={"help": f"preset: one of {sorted(METHODS)}"})
-    sft_weight: float | None = field(default=None, metadata={"help": "weight of SFT (None: preset)"})
-    kd_weight: float | None = field(default=None, metadata={"help": "weight of Vanilla KD (None: preset)"})
-    iva_weight: float | None = field(default=None, metadata={"help": "weight of IVA (None: preset)"})
-    tpa_weight: float | None = field(default=None, metadata={"help": "weight of TPA (None: preset)"})
-    divergence: str | None = field(default=None, metadata={"help": "fkl, rkl, jsd, skew_fkl, skew_rkl, tvd (None: preset, fkl)"})
-    temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the divergences"})
-    jsd_beta: float = field(default=0.5, metadata={"help": "beta of the generalized JSD"})
-    skew_alpha: float = field(default=0.1, metadata={"help": "alpha of the skew KLs"})
-    iva_layer: int | None = field(default=None, metadata={"help": "teacher layer l* for IVA (None: argmax IRS)"})
-    iva_weights: str | None = field(default=None, metadata={"help": "teacher, student or uniform (None: preset, teacher)"})
-    iva_student_layer: int | None = field(default=None, metadata={"help": "student layer for iva_weights=student (None: l* scaled by depth)"})
-    irs_num_pairs: int = field(default=16, metadata={"help": "sample pairs used to compute IRS when iva_layer is None"})
-    tpa_num_candidates: int = field(default=4, metadata={"help": "d, candidates per position"})
-    tpa_sampling: str = field(default="nucleus", metadata={"help": "nucleus, multinomial or greedy"})
-    tpa_top_p: float = field(default=0.95, metadata={"help": "nucleus mass"})
-    tpa_temperature: float = field(default=1.0, metadata={"help": "candidate sampling temperature"})
-    tpa_forward: str = field(default="cached", metadata={"help": "cached (KV cache reuse) or packed (Algorithm 1)"})
-    tpa_skip_token_ids: list[int] | None = field(
-        default=None,
-        metadata={"help": "beyond the paper: no TPA slot at positions whose ground-truth next token is one of "
-                          "these ids (e.g. the end-of-turn id <|im_end|>); None: every supervised position (Eq. 7)"},
-    )
-    on_policy: bool | None = field(default=None, metadata={"help": "GKD on-policy batches (None: preset)"})
-    gkd_lambda: float = field(default=0.5, metadata={"help": "probability of an on-policy batch (GKD)"})
-    gkd_max_new_tokens: int = field(default=32, metadata={"help": "length of student-generated responses (GKD)"})
-    gkd_temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the responses (GKD)"})
-    vocab_policy: str = field(default="error", metadata={"help": "error or shared_prefix (different vocab sizes)"})
-    image_token_policy: str = field(default="error", metadata={"help": "error or remap (different image-token ids)"})
-    sampling_seed: int = field(default=0, metadata={"help": "seed of candidate sampling and GKD coin flips"})
-    loss_impl: str = field(
-        default="fused",
-        metadata={"help": "fused (hidden states + LM head, logits only per chunk of supervised rows) or logits"},
-    )
-    loss_chunk_size: int | None = field(
-        default=None, metadata={"help": "rows per LM-head chunk with loss_impl=fused (None: 2**24 // vocab)"}
-    )
-    loss_backend: str = field(
-        default="tokinteract",
-        metadata={"help": "tokinteract or liger (loss_impl=fused only: KD and TPA through Liger-Kernel's fused "
-                          "linear JSD, divergence fkl/rkl/jsd; pip install 'tokinteract[liger]')"},
-    )
-    loss_liger_compiled: bool = field(
-        default=True, metadata={"help": "loss_backend=liger: let Liger torch.compile its chunk step (its default)"}
-    )
-    # faults (tokinteract.mllm.reliability; the trainer guide's "Faults" section)
-    bad_sample_limit: float = field(
-        default=0.01,
-        metadata={"help": "fraction of the data file's samples that may be skipped as bad (preflight and mid-run) "
-                          "before the run saves a checkpoint and stops"},
-    )
-    max_nonfinite_steps: int = field(
-        default=3, metadata={"help": "stop (after saving a checkpoint) after this many non-finite steps in a row"}
-    )
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "delete an earlier run's checkpoints and final model in output_dir and start again"}
-    )
+    states: Tensor
+    output: str
+    weights: Tensor | None = None
+    ground_truth: Any = None
 
-    def resolved(self) -> dict[str, Any]:
-        """The effective settings after applying the preset."""
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
-        p = METHODS[self.method]
-        out = {
-            "sft": p["sft"] if self.sft_weight is None else self.sft_weight,
-            "kd": p["kd"] if self.kd_weight is None else self.kd_weight,
-            "iva": p["iva"] if self.iva_weight is None else self.iva_weight,
-            "tpa": p["tpa"] if self.tpa_weight is None else self.tpa_weight,
-            "divergence": self.divergence or p.get("divergence", "fkl"),
-            "iva_weights": self.iva_weights or p.get("iva_weights", "teacher"),
-            "on_policy": p.get("on_policy", False) if self.on_policy is None else self.on_policy,
-        }
-        for k in ("sft", "kd", "iva", "tpa"):
-            if not (isinstance(out[k], (int, float)) and math.isfinite(out[k]) and out[k] >= 0):
-                raise ValueError(f"{k}_weight must be a finite number >= 0, got {out[k]!r}")
-        if out["iva_weights"] not in ("teacher", "student", "uniform"):
-            raise ValueError(f"iva_weights must be teacher, student or uniform, got {out['iva_weights']!r}")
-        if self.loss_impl not in LOSS_IMPLS:
-            raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
-        if self.loss_chunk_size is not None and (
-            isinstance(self.loss_chunk_size, bool) or not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1
-        ):
-            raise ValueError(f"loss_chunk_size must be None or an int >= 1, got {self.loss_chunk_size!r}")
-        from tokinteract.fused import BACKENDS
 
-        if self.loss_backend not in BACKENDS:
-            raise ValueError(f"loss_backend must be one of {BACKENDS}, got {self.loss_backend!r}")
-        if self.loss_backend != "tokinteract" and self.loss_impl != "fused":
-            raise ValueError(f"loss_backend={self.loss_backend!r} needs loss_impl='fused', got {self.loss_impl!r}")
-        if self.tpa_forward not in ("cached", "packed"):
-            raise ValueError(f"tpa_forward must be 'cached' or 'packed', got {self.tpa_forward!r}")
-        from tokinteract import SAMPLING_STRATEGIES
+def head_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor) -> Tensor:
+    """``[B, L, V]`` logits ``hidden @ weight.T + bias``, computed on the ``rows`` (bool ``[B, L]``).
 
-        if self.tpa_sampling not in SAMPLING_STRATEGIES:
-            raise ValueError(f"tpa_sampling must be one of {SAMPLING_STRATEGIES}, got {self.tpa_sampling!r}")
-        if isinstance(self.tpa_num_candidates, bool) or not isinstance(self.tpa_num_candidates, int) or self.tpa_num_candidates < 1:
-            raise ValueError(f"tpa_num_candidates must be an int >= 1, got {self.tpa_num_candidates!r}")
-        skip = self.tpa_skip_token_ids
-        if skip is not None and (
-            not isinstance(skip, (list, tuple))
-            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in skip)
-        ):
-            raise ValueError(f"tpa_skip_token_ids must be None or a list of token ids (ints >= 0), got {skip!r}")
-        for name in ("temperature", "tpa_temperature", "gkd_temperature"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-        if not (isinstance(self.bad_sample_limit, (int, float)) and 0.0 <= self.bad_sample_limit <= 1.0):
-            raise ValueError(f"bad_sample_limit must be a fraction in [0, 1], got {self.bad_sample_limit!r}")
-        m = self.max_nonfinite_steps
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"max_nonfinite_steps must be an int >= 1, got {m!r}")
-        if not 0.0 < self.tpa_top_p <= 1.0:
-            raise ValueError(f"tpa_top_p must lie in (0, 1], got {self.tpa_top_p!r}")
-        if self.iva_layer is not None and self.iva_layer < 0:
-            raise ValueError(f"iva_layer must be >= 0, got {self.iva_layer!r}")
-        if self.gkd_max_new_tokens < 1:
-            raise ValueError(f"gkd_max_new_tokens must be >= 1, got {self.gkd_max_new_tokens!r}")
-        if not 0.0 <= self.gkd_lambda <= 1.0:
-            raise ValueError(f"gkd_lambda must lie in [0, 1], got {self.gkd_lambda!r}")
-        if out["on_policy"] and out["kd"] <= 0:
-            raise ValueError("on_policy (GKD) needs kd_weight > 0: the on-policy loss is the KD divergence")
-        if out["on_policy"] and out["tpa"] > 0:
-            raise ValueError("on_policy (GKD) cannot be combined with TPA in this trainer; set tpa_weight=0")
-        if not any(out[k] > 0 for k in ("sft", "kd", "iva", "tpa")):
-            raise ValueError("every loss weight is 0; enable at least one of sft, kd, iva, tpa")
-        return out
+    When ``rows`` cover fewer than half of the positions, only they reach the head and the
+    other rows are NaN: a row the loss reads but ``rows`` missed makes the loss raise (it
+    refuses non-finite rows) instead of giving a wrong number. Otherwise every row is computed
+    (one matmul over all rows costs less than gathering most of them and scattering the result
+    back). Runs under no grad (the teacher's head).
+    """
+    if rows.shape != hidden.shape[:2]:
+        raise ValueError(f"rows must have shape {tuple(hidden.shape[:2])} (batch, len), got {tuple(rows.shape)}")
+    with torch.no_grad():
+        if 2 * int(rows.sum()) >= rows.numel():
+            return torch.nn.functional.linear(hidden, weight, bias)
+        values = torch.nn.functional.linear(hidden[rows], weight, bias)
+        out = values.new_full((*rows.shape, weight.shape[0]), float("nan"))
+        out[rows] = values
+    return out
+
+
+def _from_inference(x: Tensor | None) -> Tensor | None:
+    """A normal tensor with ``x``'s values (``x`` itself unless it was made under ``inference_mode``)."""
+    return x.clone() if x is not None and x.is_inference() else x
 
 
 def run_through_wrapper(wrapped: nn.Module, unwrapped: nn.Module, fn: Any) -> Any:
@@ -395,6 +381,7 @@ def _hf():
     return hf
 
 
+
 class DistillationTrainer(ReliableTrainerMixin, Trainer):
     """A ``Trainer`` whose ``compute_loss`` is tokinteract's ``AlignTILoss`` against a frozen teacher.
 
@@ -479,21 +466,12 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
             teacher.eval()
             dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
             teacher.to(device=self.args.device, **({"dtype": dtype} if dtype is not None else {}))
-        loss_kwargs = dict(
-            sft=s["sft"], kd=s["kd"], iva=s["iva"], tpa=s["tpa"], kind=s["divergence"],
-            temperature=self.distill.temperature, beta=self.distill.jsd_beta, alpha=self.distill.skew_alpha,
-            vocab_size=self.vocab_size,
-        )
-        self.fused = self.distill.loss_impl == "fused"
-        if self.fused:
-            from tokinteract.fused import FusedAlignTILoss
-
-            self.loss_fn: AlignTILoss = FusedAlignTILoss(
-                chunk_size=self.distill.loss_chunk_size, backend=self.distill.loss_backend,
-                liger_compiled=self.distill.loss_liger_compiled, **loss_kwargs,
-            )
-        else:
-            self.loss_fn = AlignTILoss(**loss_kwargs)
+        self.output = "hidden" if self.distill.loss_impl == "fused" else "logits"
+        """What the student's passes return: ``"hidden"`` (``loss_impl="fused"``) or ``"logits"``."""
+        self.teacher_output = "hidden" if teacher is None or _head_is_last(teacher) else "logits"
+        """What the teacher's pass returns: hidden states, unless its logits are more than its LM head's output."""
+        self.loss_fn = self._build_loss(sft=s["sft"], kd=s["kd"], iva=s["iva"], tpa=s["tpa"])
+        self.on_policy_loss_fn = self._build_loss(sft=0.0, kd=s["kd"], iva=0.0, tpa=0.0) if s["on_policy"] else None
         self.image_token_id = int(model.config.image_token_id)
         self.teacher_image_token_id = int(teacher.config.image_token_id) if teacher is not None else None
         # never sampled as TPA candidates: every visual placeholder id of both models
@@ -540,84 +518,6 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
                 raise ValueError(
                     "iva_layer is None: IRS layer selection on the teacher's own batches is not supported; set iva_layer"
                 )
-
-    def _pop_teacher_batch(
-        self, inputs: dict[str, Any], model: nn.Module, labels: Tensor, visual: Tensor, model_inputs: dict[str, Tensor]
-    ) -> Any:
-        """The teacher's own batch (the ``teacher_*`` keys, popped from ``inputs``) and the row maps
-        that carry its outputs onto the student's layout (:mod:`tokinteract.rowmap`); None when the
-        teacher reads the student's batch."""
-        from types import SimpleNamespace
-
-        from tokinteract.rowmap import response_row_map, visual_row_map
-
-        t = {k[len("teacher_"):]: inputs.pop(k) for k in [k for k in inputs if k.startswith("teacher_")]}
-        if self.teacher is None:
-            return None  # SFT only: nothing reads the teacher's batch
-        if bool(t) != self.teacher_own_inputs:
-            raise ValueError(
-                "the batch has teacher_* inputs but the trainer's data_collator has no teacher processor"
-                if t else "the data_collator has a teacher processor but the batch has no teacher_* inputs"
-            )
-        if not t:
-            return None
-        tb = SimpleNamespace(
-            ids=t.pop("input_ids"), att=t.pop("attention_mask"), labels=t.pop("labels"),
-            instr=t.pop("instruction_mask").bool(), visual=t.pop("visual_mask").bool(),
-        )
-        t.pop("response_mask", None)
-        tb.model_inputs = {k: v for k, v in t.items() if isinstance(v, Tensor)}
-        tb.rmap = response_row_map(labels, tb.labels)
-        tb.omap, tb.wmap = tb.rmap, None
-        if self.settings["iva"] > 0:
-            from tokinteract.hf.families import image_grids
-
-            s_grids = image_grids(model, model_inputs, visual)
-            t_grids = image_grids(self.teacher, tb.model_inputs, tb.visual)
-            vmean, tb.wmap = visual_row_map(visual, tb.visual, s_grids, t_grids)
-            tb.omap = tb.rmap + vmean
-        return tb
-
-    def _teacher_expansion(self, exp: Any, tb: Any) -> Any:
-        """The student's TPA candidates placed after the teacher's own prefix: the candidates at
-        the student's row ``t`` go to the teacher's row predicting the same response token."""
-        rmap = tb.rmap
-        B, Ts, d = exp.candidate_index.shape
-        dev = exp.input_ids.device
-        s2t = torch.full((B, Ts), -1, dtype=torch.long, device=dev)
-        s2t[rmap.b.to(dev), rmap.dst.to(dev)] = rmap.src.to(dev)
-        b, t = exp.candidate_mask.nonzero(as_tuple=True)
-        tt = s2t[b, t]
-        if bool((tt < 0).any()):
-            raise ValueError("a TPA candidate position of the student has no supervised teacher row")
-        cands = exp.input_ids.gather(1, exp.candidate_index.clamp(min=0).reshape(B, -1)).reshape(B, Ts, d)
-        Tt = tb.ids.shape[1]
-        cm = torch.zeros((B, Tt), dtype=torch.bool, device=dev)
-        cm[b, tt] = True
-        ct = torch.zeros((B, Tt, d), dtype=exp.input_ids.dtype, device=dev)
-        ct[b, tt] = cands[b, t]
-        return tpa_expand(tb.ids, ct, cm, tb.att.bool(), pad_token_id=self.pad_token_id)
-
-    def _teacher_outputs(
-        self, tb: Any, ids: Tensor, att: Tensor, instr: Tensor, visual: Tensor, exp: Any,
-        model_inputs: dict[str, Tensor], layer: int | None, output: str = "logits",
-    ) -> tuple[Tensor, Tensor | None]:
-        """:meth:`_teacher_pass` on the student's batch, or on the teacher's own batch ``tb`` with
-        its outputs (ground truth through ``tb.omap``; the candidate block, whose slots follow the
-        same order, as is) and IVA weights (``tb.wmap``) carried onto the student's layout."""
-        if tb is None:
-            return self._teacher_pass(ids, att, instr, visual, exp, model_inputs, layer, output=output)
-        t_exp = self._teacher_expansion(exp, tb) if exp is not None else None
-        out, w = self._teacher_pass(tb.ids, tb.att, tb.instr, tb.visual, t_exp, tb.model_inputs, layer, output=output)
-        Tt = tb.ids.shape[1]
-        mapped = tb.omap.apply(out[:, :Tt])
-        if exp is not None:
-            if out.shape[1] - Tt != exp.expanded_len - exp.seq_len:  # same candidate counts per row
-                raise RuntimeError("the teacher's candidate block does not match the student's")
-            mapped = torch.cat([mapped, out[:, Tt:]], 1)
-        if w is not None:
-            w = tb.wmap.apply(w[..., None])[..., 0]
-        return mapped, w
 
     @staticmethod
     def _pad_id(model: nn.Module, processing_class: Any) -> int:
@@ -703,18 +603,22 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
                     "Give the teacher an image-token id that the student's tokenizer never produces"
                 )
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        # reseeded per micro-batch from (seed, step, micro-batch, rank): exact on resume
+    def _next_micro_batch(self) -> None:
+        """Count one training micro-batch (:meth:`training_step`): its seeds are reseeded from
+        ``(sampling_seed, step, micro-batch, rank)``, so a resumed run redraws the same ones."""
         step = self.state.global_step
         if step != self._micro_step:
             self._micro_step, self._micro = step, 0
         self._micro += 1
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The current micro-batch's generator on this rank (TPA candidates)."""
         g = torch.Generator(device=device)
         g.manual_seed(self._seed(self.args.process_index))
         return g
 
     def _seed(self, rank: int) -> int:
-        """The current micro-batch's seed on ``rank`` (set by :meth:`_generator`)."""
+        """The current micro-batch's seed on ``rank`` (counted by :meth:`_next_micro_batch`)."""
         return (self.distill.sampling_seed * 1_000_003 + self._micro_step * 4099 + self._micro * 131 + rank) % (
             2**63 - 1
         )
@@ -745,13 +649,295 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
                 b[i] = torch.finfo(b.dtype).min
         return w, b
 
+    def _build_loss(self, **weights: float) -> AlignTILoss:
+        """The ``AlignTILoss`` with these part weights and the configured divergence and backend
+        (``"eager"`` on logits; ``"fused"`` or ``"liger"`` on hidden states)."""
+        d, s = self.distill, self.settings
+        backend = "eager" if self.output == "logits" else "fused" if d.loss_backend == "tokinteract" else "liger"
+        return AlignTILoss(
+            **weights, kind=s["divergence"], temperature=d.temperature, beta=d.jsd_beta, alpha=d.skew_alpha,
+            vocab_size=self.vocab_size, backend=backend,
+            chunk_size=d.loss_chunk_size if self.output == "hidden" else None, liger_compiled=d.loss_liger_compiled,
+        )
+
     def _teacher_ids(self, ids: Tensor) -> Tensor:
         t_img = self.teacher_image_token_id
         if t_img is None or t_img == self.image_token_id or self.teacher_own_inputs:
             return ids
         return torch.where(ids == self.image_token_id, torch.full_like(ids, t_img), ids)
 
-    # ---------------------------------------------------------------- the loss
+    # ---------------------------------------------------------------- the parts of a step
+    def batch_weights(self, batch: Batch) -> dict[str, float]:
+        """The part weights for ``batch``: the method's, or KD alone on an on-policy batch."""
+        s = self.settings
+        if batch.on_policy:
+            return {"sft": 0.0, "kd": s["kd"], "iva": 0.0, "tpa": 0.0}
+        return {k: s[k] for k in ("sft", "kd", "iva", "tpa")}
+
+    def _capture_layer(self, role: str, weights: dict[str, float]) -> int | None:
+        """The layer whose attention ``role`` ("student" or "teacher") gives the IVA weights, or None."""
+        if weights["iva"] > 0 and self.settings["iva_weights"] == role:
+            return self._weights_layer()
+        return None
+
+    def candidate_mask(self, batch: Batch) -> Tensor:
+        """Bool ``[B, T]``: the positions that get TPA candidates (supervised next token, not in
+        ``tpa_skip_token_ids``)."""
+        next_ids = shift_labels(batch.labels)  # [b, t]: the ground-truth token t + 1 that TPA's candidates at t replace
+        cmask = next_ids != -100
+        if self.distill.tpa_skip_token_ids:  # beyond the paper (opt-in): drop these slots, keep num_items
+            cmask &= ~torch.isin(next_ids, torch.tensor(self.distill.tpa_skip_token_ids, device=next_ids.device))
+        return cmask
+
+    def ground_truth_pass(self, model: nn.Module, inputs: ModelInputs, *, output: str, tpa: bool) -> PassOutput:
+        """``model``'s forward on the ground truth, returning ``output`` (``"logits"`` or ``"hidden"``).
+
+        Without TPA, the model's own forward (sequential position ids for plain families).
+        With TPA, ``tokinteract.hf.ground_truth_forward``: keeping its KV cache for the
+        candidate block (``tpa_forward="cached"``), or without cache and without gradients
+        (``"packed"``: only the candidates are drawn from it; the packed pass recomputes the
+        ground truth with gradients).
+        """
+        ids, att, extra = inputs.input_ids, inputs.attention_mask, inputs.extra
+        if not tpa:
+            kw = dict(input_ids=ids, attention_mask=att, **_plain_positions(model, att), **extra)
+            if output == "hidden":
+                from tokinteract.hf.packed import _base_model
+
+                return PassOutput(_base_model(model)(**kw).last_hidden_state, output)
+            return PassOutput(model(**kw).logits, output)
+        packed = self.distill.tpa_forward == "packed"
+        with torch.no_grad() if packed else nullcontext():
+            gt = _hf().ground_truth_forward(model, ids, att, use_cache=not packed, output=output, **extra)
+        return PassOutput(gt.hidden_states if output == "hidden" else gt.logits, output, ground_truth=gt)
+
+    def student_pass(self, model: nn.Module, batch: Batch, weights: dict[str, float]) -> PassOutput:
+        """The student's ground-truth pass (:meth:`ground_truth_pass`, with gradients), with its
+        detached attention at the IVA layer when ``iva_weights="student"``."""
+        layer = self._capture_layer("student", weights)
+        with _maybe_capture(model, layer, batch.instruction_mask) as cap:
+            out = self.ground_truth_pass(model, batch.inputs, output=self.output, tpa=weights["tpa"] > 0)
+        if layer is not None:
+            out.weights = cap.visual_importance(batch.visual_mask)[:, : batch.labels.shape[1]].detach()
+        return out
+
+    def candidates(
+        self, model: nn.Module, student: PassOutput, batch: Batch, generator: torch.Generator
+    ) -> TPAExpansion:
+        """TPA's expansion: ``tpa_num_candidates`` candidates per position of :meth:`candidate_mask`,
+        drawn from the student's detached ground-truth distribution (never an image token, never an
+        id beyond the shared vocabulary), packed by ``tokinteract.tpa_expand``.
+
+        From logits: ``tokinteract.sample_candidates``; from hidden states:
+        ``tokinteract.fused.fused_sample_candidates``, which applies the LM head to the
+        candidate positions only.
+        """
+        d = self.distill
+        cmask = self.candidate_mask(batch)
+        opts = dict(strategy=d.tpa_sampling, top_p=d.tpa_top_p, temperature=d.tpa_temperature, generator=generator)
+        if student.output == "hidden":
+            from tokinteract.fused import fused_sample_candidates
+
+            hw, hb = self._sampling_head(model)
+            gt = student.states[:, : batch.labels.shape[1]].detach().to(hw.dtype)
+            cand = fused_sample_candidates(
+                gt, hw, d.tpa_num_candidates, mask=cmask, student_bias=hb, chunk_size=d.loss_chunk_size, **opts
+            )
+        else:
+            cand = sample_candidates(self._sampling_logits(student.states), d.tpa_num_candidates, mask=cmask, **opts)
+        inputs = batch.inputs
+        return tpa_expand(inputs.input_ids, cand, cmask, inputs.attention_mask.bool(), pad_token_id=self.pad_token_id)
+
+    def expanded_pass(
+        self, model: nn.Module, expansion: TPAExpansion, inputs: ModelInputs, *, output: str,
+        ground_truth: PassOutput | None = None, mask_of: TPAExpansion | None = None,
+    ) -> Tensor:
+        """``model``'s ``[B, T2, *]`` states over the whole expansion: the ground truth's states
+        followed by the candidate block run over its KV cache (``tpa_forward="cached"``;
+        ``ground_truth`` from :meth:`ground_truth_pass`), or one packed pass with the ribbon mask
+        (``"packed"``; the FlexAttention ``BlockMask`` of ``mask_of``, default ``expansion``, is
+        built once per batch: the teacher passes the student's expansion, whose layout its copy
+        with remapped ids shares)."""
+        hf = _hf()
+        if self.distill.tpa_forward == "packed":
+            bm = self._block_mask(model, expansion if mask_of is None else mask_of)
+            return hf.packed_forward(model, expansion, output=output, block_mask=bm, **inputs.extra)
+        if ground_truth is None or ground_truth.ground_truth is None:
+            raise ValueError("tpa_forward='cached' needs the ground-truth pass (ground_truth_pass with tpa=True)")
+        block = hf.cached_candidate_forward(model, ground_truth.ground_truth, expansion)
+        return torch.cat([ground_truth.states, block], 1)
+
+    def teacher_inputs(self, batch: Batch) -> ModelInputs:
+        """The teacher's inputs by default: the student's, with the image-token id remapped
+        (``image_token_policy="remap"``) and floating tensors (pixel values) in the teacher's dtype."""
+        dtype = next(self.teacher.parameters()).dtype
+        inputs = batch.inputs
+        extra = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.extra.items()}
+        return ModelInputs(self._teacher_ids(inputs.input_ids), inputs.attention_mask, extra)
+
+    def teacher_pass(
+        self, batch: Batch, expansion: TPAExpansion | None, weights: dict[str, float],
+        inputs: ModelInputs | None = None,
+    ) -> PassOutput:
+        """The frozen teacher's pass on ``inputs`` (default :meth:`teacher_inputs`) and the
+        student's expansion, with its attention at ``l*`` when the IVA weights are the teacher's.
+
+        Returns the hidden states entering the teacher's LM head (the loss applies the head to
+        the rows it needs), or full logits when the teacher's family transforms its logits after
+        the head (final-logit softcapping; ``loss_impl="logits"`` only).
+
+        Runs under ``torch.inference_mode`` (no autograd bookkeeping, no version counters). The
+        hidden states and the IVA weights leave it as normal tensors (a copy of ``[B, L, H]`` and
+        ``[B, T]``): an inference tensor cannot be saved for the student's backward. The
+        full-logits case runs under ``torch.no_grad`` instead, where no ``[B, L, V]`` copy is needed.
+
+        With the teacher's own batch (``batch.teacher``) and ``inputs`` None: the pass runs on that
+        batch and its states and weights are carried onto the student's layout
+        (:meth:`teacher_row_maps`, :meth:`teacher_expansion`).
+        """
+        if inputs is None and (batch.teacher is not None or self.teacher_own_inputs):
+            return self._teacher_pass_own(batch, expansion, weights)
+        teacher = self.teacher
+        if teacher.training:
+            teacher.eval()
+        inputs = self.teacher_inputs(batch) if inputs is None else inputs
+        output = self.teacher_output
+        layer = self._capture_layer("teacher", weights)
+        t_exp = None
+        if expansion is not None:
+            t_exp = dataclasses.replace(expansion, input_ids=self._teacher_ids(expansion.input_ids))
+            if self.distill.tpa_forward == "packed":
+                self._block_mask(teacher, expansion)  # built outside inference mode (the student's, when both use flex)
+        mode = torch.inference_mode() if output == "hidden" else torch.no_grad()
+        with mode, _maybe_capture(teacher, layer, batch.instruction_mask) as cap:
+            # only the first forward at the captured layer is recorded: the ground-truth
+            # (cached) or packed pass, never the candidate block
+            packed = t_exp is not None and self.distill.tpa_forward == "packed"
+            gt = None if packed else self.ground_truth_pass(teacher, inputs, output=output, tpa=t_exp is not None)
+            if t_exp is None:
+                states = gt.states
+            else:
+                states = self.expanded_pass(
+                    teacher, t_exp, inputs, output=output, ground_truth=gt, mask_of=expansion
+                )
+            w = cap.visual_importance(batch.visual_mask)[:, : batch.labels.shape[1]] if layer is not None else None
+        return PassOutput(_from_inference(states), output, weights=_from_inference(w))
+
+    def teacher_row_maps(self, batch: Batch, weights: dict[str, float]) -> tuple[Any, Any, Any]:
+        """``(responses, outputs, iva_weights)``: the :class:`tokinteract.rowmap.RowMap` s from the
+        teacher's own batch onto the student's rows: the supervised rows (same tokens, in order);
+        those plus, with IVA, the visual rows resampled by area (mean); the IVA weights (mass)."""
+        from tokinteract.rowmap import response_row_map, visual_row_map
+
+        own = batch.teacher
+        rmap = response_row_map(batch.labels, own.labels)
+        if weights["iva"] <= 0:
+            return rmap, rmap, None
+        from tokinteract.hf.families import image_grids
+
+        s_grids = image_grids(self.accelerator.unwrap_model(self.model), batch.inputs.extra, batch.visual_mask)
+        t_grids = image_grids(self.teacher, own.inputs.extra, own.visual_mask)
+        vmean, vmass = visual_row_map(batch.visual_mask, own.visual_mask, s_grids, t_grids)
+        return rmap, rmap + vmean, vmass
+
+    def teacher_expansion(self, expansion: TPAExpansion, teacher_batch: Batch, responses: Any) -> TPAExpansion:
+        """The student's TPA candidates after the teacher's own prefix: the candidates at the
+        student's row ``t`` go to the teacher's row predicting the same response token
+        (``responses``, :meth:`teacher_row_maps`); the ranks of the rows, hence the candidate
+        slots after the ground truth, keep the student's order."""
+        B, Ts, d = expansion.candidate_index.shape
+        dev = expansion.input_ids.device
+        s2t = torch.full((B, Ts), -1, dtype=torch.long, device=dev)
+        s2t[responses.b.to(dev), responses.dst.to(dev)] = responses.src.to(dev)
+        b, t = expansion.candidate_mask.nonzero(as_tuple=True)
+        tt = s2t[b, t]
+        if bool((tt < 0).any()):
+            raise ValueError("a TPA candidate position of the student has no supervised teacher row")
+        cands = expansion.input_ids.gather(1, expansion.candidate_index.clamp(min=0).reshape(B, -1)).reshape(B, Ts, d)
+        ids = teacher_batch.inputs.input_ids
+        cm = torch.zeros(ids.shape, dtype=torch.bool, device=dev)
+        cm[b, tt] = True
+        ct = torch.zeros((*ids.shape, d), dtype=expansion.input_ids.dtype, device=dev)
+        ct[b, tt] = cands[b, t]
+        return tpa_expand(ids, ct, cm, teacher_batch.inputs.attention_mask.bool(), pad_token_id=self.pad_token_id)
+
+    def _teacher_pass_own(self, batch: Batch, expansion: TPAExpansion | None, weights: dict[str, float]) -> PassOutput:
+        """:meth:`teacher_pass` on the teacher's own batch (``batch.teacher``), its states and IVA
+        weights carried onto the student's layout (the module docstring)."""
+        own = batch.teacher
+        if own is None or not self.teacher_own_inputs:
+            raise ValueError(
+                "the batch has teacher_* inputs but the trainer's data_collator has no teacher processor"
+                if own is not None else "the data_collator has a teacher processor but the batch has no teacher_* inputs"
+            )
+        responses, outputs, iva_weights = self.teacher_row_maps(batch, weights)
+        t_exp = self.teacher_expansion(expansion, own, responses) if expansion is not None else None
+        out = self.teacher_pass(own, t_exp, weights, inputs=self.teacher_inputs(own))
+        Tt = own.labels.shape[1]
+        states = outputs.apply(out.states[:, :Tt])
+        if expansion is not None:
+            if out.states.shape[1] - Tt != expansion.expanded_len - expansion.seq_len:  # same counts per row
+                raise RuntimeError("the teacher's candidate block does not match the student's")
+            states = torch.cat([states, out.states[:, Tt:]], 1)
+        w = iva_weights.apply(out.weights[..., None])[..., 0] if out.weights is not None else None
+        return PassOutput(states, out.output, weights=w)
+
+    def teacher_rows(self, batch: Batch, expansion: TPAExpansion | None, weights: dict[str, float]) -> Tensor:
+        """Bool ``[B, L]``: the rows of the teacher's logits the loss reads (KD: supervised positions;
+        IVA: visual positions; TPA: the candidate slots)."""
+        B, T = batch.labels.shape
+        L = T if expansion is None else expansion.expanded_len
+        rows = torch.zeros((B, L), dtype=torch.bool, device=batch.labels.device)
+        if weights["kd"] > 0:
+            rows[:, :T] |= shift_labels(batch.labels) != -100
+        if weights["iva"] > 0:
+            rows[:, :T] |= batch.visual_mask
+        if weights["tpa"] > 0 and expansion is not None:
+            b, _, _, slot = expansion.candidate_slots()
+            rows[b.to(rows.device), slot.to(rows.device)] = True
+        return rows
+
+    def distill_loss(
+        self, model: nn.Module, student: PassOutput, teacher: PassOutput | None, batch: Batch,
+        expansion: TPAExpansion | None, weights: dict[str, float], counts: Any,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``AlignTILoss`` on both passes (on-policy batches: the KD-only loss).
+
+        Hidden states go in as ``HiddenStates`` with their LM head's weight and bias (student:
+        the parameters, with gradients); a teacher's hidden states meet full student logits
+        through :func:`head_rows` on :meth:`teacher_rows`. The IVA weights are the teacher's,
+        the student's (captured in their passes) or uniform over the visual tokens.
+        """
+        from tokinteract.hf.packed import lm_head_parameters
+
+        s_in: Tensor | HiddenStates = student.states
+        if student.output == "hidden":
+            sw, sb = lm_head_parameters(model)
+            s_in = HiddenStates(student.states.to(sw.dtype), sw, sb)
+        t_in: Tensor | HiddenStates | None = None
+        if teacher is not None:
+            t_in = teacher.states
+            if teacher.output == "hidden":
+                tw, tb = lm_head_parameters(self.teacher)
+                if student.output == "hidden":
+                    t_in = HiddenStates(teacher.states.to(tw.dtype), tw, tb)
+                else:
+                    t_in = head_rows(teacher.states, tw, tb, self.teacher_rows(batch, expansion, weights))
+        visual = None
+        if weights["iva"] > 0:
+            src = self.settings["iva_weights"]
+            if src == "uniform":
+                visual = uniform_visual_weights(batch.visual_mask)
+            else:
+                visual = (teacher if src == "teacher" else student).weights
+        loss_fn = self.on_policy_loss_fn if batch.on_policy else self.loss_fn
+        return loss_fn(
+            s_in, t_in, batch.labels, expansion=expansion, visual_weights=visual,
+            num_items=counts[0] if counts is not None else None,
+            num_sequences=counts[1] if counts is not None else None,
+        )
+
+    # ---------------------------------------------------------------- the step
     def compute_loss(
         self,
         model: nn.Module,
@@ -759,102 +945,63 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
-        inputs = dict(inputs)
-        labels = inputs.pop("labels")
-        visual = inputs.pop("visual_mask").bool()
-        instr = inputs.pop("instruction_mask").bool()
-        inputs.pop("response_mask", None)
-        ids, att = inputs.pop("input_ids"), inputs.pop("attention_mask")
-        t_keys = {k: inputs.pop(k) for k in [k for k in inputs if k.startswith("teacher_")]}
-        # every other tensor the collator made is a model input (pixel_values, image_grid_thw,
-        # mm_token_type_ids, token_type_ids, image_sizes, pixel_attention_mask, ...)
-        model_inputs = {k: v for k, v in inputs.items() if isinstance(v, Tensor)}
-        tb = self._pop_teacher_batch(t_keys, self.accelerator.unwrap_model(model), labels, visual.bool(), model_inputs)
-        px = model_inputs.get("pixel_values")
-        s = self.settings
+        """batch -> student pass -> candidates -> teacher pass -> loss (the module docstring).
+
+        The student's passes, the teacher's pass and the loss run inside one forward call of the
+        distributed wrapper (:func:`run_through_wrapper`). ``return_outputs`` adds the student's
+        ground-truth logits.
+        """
+        batch = split_batch(inputs)
         training = self.model.training
+        ids = batch.inputs.input_ids
         gen = self._generator(ids.device) if training else torch.Generator(device=ids.device).manual_seed(0)
-        if training and s["on_policy"]:
-            # one coin for all ranks (rank 0's seed): under FSDP every rank must run the same
-            # forwards (generation all-gathers the shards), so all go on-policy or none does
-            shared = torch.Generator(device=ids.device)
-            shared.manual_seed(self._seed(0))
-            coin = float(torch.rand((), generator=shared, device=ids.device))
-            if coin < self.distill.gkd_lambda:
-                return self._on_policy_loss(model, ids, att, labels, visual, px, return_outputs)
-        counts = self._counts if training else None
-        num_items = counts[0] if counts is not None else None
-        num_seqs = counts[1] if counts is not None else None
+        counts = self._counts if training and not batch.on_policy else None
+        weights = self.batch_weights(batch)
         unwrapped = self.accelerator.unwrap_model(model)
-        hf = _hf()
-        use_tpa = s["tpa"] > 0
-        next_ids = shift_labels(labels)  # [b, t]: the ground-truth token t + 1 that TPA's candidates at t replace
-        cmask = next_ids != -100
-        if self.distill.tpa_skip_token_ids:  # beyond the paper (opt-in): drop these slots, keep num_items
-            cmask &= ~torch.isin(next_ids, torch.tensor(self.distill.tpa_skip_token_ids, device=next_ids.device))
-        w_src = s["iva_weights"] if s["iva"] > 0 else None
-        layer = self._weights_layer() if w_src in ("teacher", "student") else None
-        if self.fused:
-            return self._fused_loss(
-                model, unwrapped, ids, att, labels, visual, instr, model_inputs, cmask, gen, layer, w_src, counts,
-                return_outputs, tb,
-            )
+        needs_teacher = self.teacher is not None and any(weights[k] > 0 for k in ("kd", "iva", "tpa"))
+        unsharded: list[nn.Module] = []
 
-        def student_pass() -> dict[str, Any]:
-            out: dict[str, Any] = {}
-            capture = w_src == "student"
-            if use_tpa:
-                packed = self.distill.tpa_forward == "packed"
-                with _maybe_capture(unwrapped, layer if capture else None, instr) as cap:
-                    with torch.no_grad() if packed else _null():
-                        gt = hf.ground_truth_forward(unwrapped, ids, att, use_cache=not packed, **model_inputs)
-                cand = sample_candidates(
-                    self._sampling_logits(gt.logits), self.distill.tpa_num_candidates,
-                    strategy=self.distill.tpa_sampling, top_p=self.distill.tpa_top_p,
-                    temperature=self.distill.tpa_temperature, generator=gen, mask=cmask,
+        def step() -> tuple[Tensor, dict[str, Tensor], PassOutput]:
+            if self.output == "hidden":
+                owner = _unshard_lm_head(unwrapped)  # FSDP2: the head's forward hook never runs here
+                if owner is not None:
+                    unsharded.append(owner)
+            student = self.student_pass(unwrapped, batch, weights)
+            exp = None
+            if weights["tpa"] > 0:
+                exp = self.candidates(unwrapped, student, batch, gen)
+                student.states = self.expanded_pass(
+                    unwrapped, exp, batch.inputs, output=self.output, ground_truth=student
                 )
-                exp = tpa_expand(ids, cand, cmask, att.bool(), pad_token_id=self.pad_token_id)
-                if packed:
-                    out["logits"] = hf.packed_forward(
-                        unwrapped, exp, block_mask=self._block_mask(unwrapped, exp), **model_inputs
-                    )
-                else:
-                    out["logits"] = torch.cat([gt.logits, hf.cached_candidate_forward(unwrapped, gt, exp)], 1)
-                out["expansion"] = exp
-            else:
-                with _maybe_capture(unwrapped, layer if capture else None, instr) as cap:
-                    o = unwrapped(input_ids=ids, attention_mask=att, **_plain_positions(unwrapped, att), **model_inputs)
-                out["logits"] = o.logits
-            if capture:
-                out["weights"] = cap.visual_importance(visual)[:, : ids.shape[1]].detach()
-            return out
+            teacher = self.teacher_pass(batch, exp, weights) if needs_teacher else None
+            loss, parts = self.distill_loss(unwrapped, student, teacher, batch, exp, weights, counts)
+            return loss, parts, student
 
-        so = run_through_wrapper(model, unwrapped, student_pass)
-        s_logits, exp = so["logits"], so.get("expansion")
-        t_logits = None
-        t_weights = None
-        if self.teacher is not None and (s["kd"] > 0 or s["iva"] > 0 or use_tpa):
-            t_logits, t_weights = self._teacher_outputs(
-                tb, ids, att, instr, visual, exp, model_inputs, layer if w_src == "teacher" else None
-            )
-        weights = None
-        if s["iva"] > 0:
-            if w_src == "uniform":
-                weights = uniform_visual_weights(visual)
-            else:
-                weights = t_weights if w_src == "teacher" else so["weights"]
-        loss, parts = self.loss_fn(
-            s_logits, t_logits, labels, expansion=exp, visual_weights=weights,
-            num_items=num_items, num_sequences=num_seqs,
-        )
-        loss = self._finish(loss, parts, counts)
+        loss, parts, student = run_through_wrapper(model, unwrapped, step)
+        if batch.on_policy:
+            loss = self._finish_on_policy(loss, parts)
+        else:
+            loss = self._finish(loss, parts, counts)
+        if unsharded and not loss.requires_grad:  # no backward will reshard the head (eval)
+            for owner in unsharded:
+                owner.reshard()
         if return_outputs:
-            gt_logits = exp.gather_gt(s_logits) if exp is not None else s_logits
-            return loss, {"logits": gt_logits}
+            return loss, {"logits": self._ground_truth_logits(unwrapped, student, batch)}
         return loss
 
+    def _ground_truth_logits(self, model: nn.Module, student: PassOutput, batch: Batch) -> Tensor:
+        """The student's ``[B, T, V]`` logits on the ground truth (from hidden states: under no grad)."""
+        gt = student.states[:, : batch.labels.shape[1]]
+        if student.output == "logits":
+            return gt
+        from tokinteract.hf.packed import lm_head_parameters
+
+        sw, sb = lm_head_parameters(model)
+        with torch.no_grad():
+            return torch.nn.functional.linear(gt.to(sw.dtype), sw, sb)
+
     def _finish(self, loss: Tensor, parts: dict[str, Tensor], counts: Any) -> Tensor:
-        """Scale for data parallelism and log the parts (shared by both loss implementations)."""
+        """Scale for data parallelism and log the parts."""
         scale = 1.0
         if counts is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
             scale = float(self.accelerator.num_processes)
@@ -865,95 +1012,12 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
             self._add_parts(parts, share)
         return loss
 
-    def _fused_loss(
-        self, model: nn.Module, unwrapped: nn.Module, ids: Tensor, att: Tensor, labels: Tensor, visual: Tensor,
-        instr: Tensor, model_inputs: dict[str, Tensor], cmask: Tensor, gen: torch.Generator, layer: int | None,
-        w_src: str | None, counts: Any, return_outputs: bool, t_batch: Any = None,
-    ) -> Any:
-        """``loss_impl="fused"``: hidden states from both models, LM heads applied per chunk in the loss.
-
-        Runs the student pass, the teacher pass and the loss inside one forward call of the
-        wrapper (the LM head's parameters are used there, which sharded wrappers need).
-        """
-        from tokinteract.fused import fused_sample_candidates
-        from tokinteract.hf.packed import _base_model, lm_head_parameters
-
-        hf = _hf()
-        s = self.settings
-        d = self.distill
-        use_tpa = s["tpa"] > 0
-        num_items = counts[0] if counts is not None else None
-        num_seqs = counts[1] if counts is not None else None
-
-        unsharded: list[nn.Module] = []
-
-        def step() -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor, Tensor | None, Any]:
-            owner = _unshard_lm_head(unwrapped)  # FSDP2: the head's forward hook never runs here
-            if owner is not None:
-                unsharded.append(owner)
-            capture = w_src == "student"
-            exp = None
-            with _maybe_capture(unwrapped, layer if capture else None, instr) as cap:
-                if use_tpa:
-                    packed = d.tpa_forward == "packed"
-                    with torch.no_grad() if packed else _null():
-                        gt = hf.ground_truth_forward(
-                            unwrapped, ids, att, use_cache=not packed, output="hidden", **model_inputs
-                        )
-                else:
-                    s_hidden = _base_model(unwrapped)(
-                        input_ids=ids, attention_mask=att, **_plain_positions(unwrapped, att), **model_inputs
-                    ).last_hidden_state
-            s_weights = cap.visual_importance(visual)[:, : ids.shape[1]].detach() if capture else None
-            sw, sb = lm_head_parameters(unwrapped)
-            if use_tpa:
-                hw, hb = self._sampling_head(unwrapped)
-                cand = fused_sample_candidates(
-                    gt.hidden_states.detach().to(hw.dtype), hw, d.tpa_num_candidates, mask=cmask, student_bias=hb,
-                    strategy=d.tpa_sampling, top_p=d.tpa_top_p, temperature=d.tpa_temperature, generator=gen,
-                    chunk_size=d.loss_chunk_size,
-                )
-                exp = tpa_expand(ids, cand, cmask, att.bool(), pad_token_id=self.pad_token_id)
-                if d.tpa_forward == "packed":
-                    s_hidden = hf.packed_forward(
-                        unwrapped, exp, output="hidden", block_mask=self._block_mask(unwrapped, exp), **model_inputs
-                    )
-                else:
-                    s_hidden = torch.cat([gt.hidden_states, hf.cached_candidate_forward(unwrapped, gt, exp)], 1)
-            t_hidden = tw = tb = None
-            t_weights = None
-            if self.teacher is not None and (s["kd"] > 0 or s["iva"] > 0 or use_tpa):
-                t_hidden, t_weights = self._teacher_outputs(
-                    t_batch, ids, att, instr, visual, exp, model_inputs, layer if w_src == "teacher" else None,
-                    output="hidden",
-                )
-                tw, tb = lm_head_parameters(self.teacher)
-                t_hidden = t_hidden.to(tw.dtype)
-            weights = None
-            if s["iva"] > 0:
-                if w_src == "uniform":
-                    weights = uniform_visual_weights(visual)
-                else:
-                    weights = t_weights if w_src == "teacher" else s_weights
-            s_hidden = s_hidden.to(sw.dtype)
-            loss, parts = self.loss_fn(
-                s_hidden, sw, t_hidden, tw, labels, student_bias=sb, teacher_bias=tb, expansion=exp,
-                visual_weights=weights, num_items=num_items, num_sequences=num_seqs,
-            )
-            return loss, parts, s_hidden, sw, sb, exp
-
-        loss, parts, s_hidden, sw, sb, exp = run_through_wrapper(model, unwrapped, step)
-        loss = self._finish(loss, parts, counts)
-        gt_logits = None
-        if return_outputs:
-            gt_hidden = s_hidden[:, : exp.seq_len] if exp is not None else s_hidden
-            with torch.no_grad():
-                gt_logits = torch.nn.functional.linear(gt_hidden, sw, sb)
-        if unsharded and not loss.requires_grad:  # no backward will reshard the head (eval)
-            for owner in unsharded:
-                owner.reshard()
-        if return_outputs:
-            return loss, {"logits": gt_logits}
+    def _finish_on_policy(self, loss: Tensor, parts: dict[str, Tensor]) -> Tensor:
+        """An on-policy batch's loss: its own mean over the generated tokens (the Trainer divides
+        by the accumulation steps), ``kd_weight * KD``; logged as ``loss_kd_on_policy``."""
+        self.loss_is_scaled_for_ga = False
+        self._on_policy_batches += 1
+        self._add_parts({"kd_on_policy": parts["kd"]}, 1.0 / max(self.current_gradient_accumulation_steps, 1))
         return loss
 
     @torch.no_grad()
@@ -972,74 +1036,43 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
             cached = self._block_mask_cache = (exp, dev, ribbon_block_mask(exp, device=dev))
         return cached[2]
 
-    def _teacher_pass(
-        self, ids: Tensor, att: Tensor, instr: Tensor, visual: Tensor, exp: Any, model_inputs: dict[str, Tensor],
-        layer: int | None, output: str = "logits",
-    ) -> tuple[Tensor, Tensor | None]:
-        """Teacher logits (same layout as the student's; with ``output="hidden"`` the LM head's
-        input instead) and, with ``layer``, IVA weights ``[B, T]``."""
-        hf = _hf()
-        teacher = self.teacher
-        if teacher.training:
-            teacher.eval()
-        t_ids = self._teacher_ids(ids)
-        dtype = next(teacher.parameters()).dtype  # pixel values follow the teacher's dtype; ids and masks stay
-        mi = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model_inputs.items()}
-        with _maybe_capture(teacher, layer, instr) as cap:
-            # only the first forward at the captured layer is recorded: the ground-truth
-            # (cached) or packed pass, never the candidate block
-            if exp is not None:
-                t_exp = dataclasses.replace(exp, input_ids=self._teacher_ids(exp.input_ids))
-                if self.distill.tpa_forward == "packed":
-                    bm = self._block_mask(teacher, exp)  # the student's, when both use flex_attention
-                    logits = hf.packed_forward(teacher, t_exp, output=output, block_mask=bm, **mi)
-                else:
-                    gt = hf.ground_truth_forward(teacher, t_ids, att, output=output, **mi)
-                    first = gt.hidden_states if output == "hidden" else gt.logits
-                    logits = torch.cat([first, hf.cached_candidate_forward(teacher, gt, t_exp)], 1)
-            elif output == "hidden":
-                from tokinteract.hf.packed import _base_model
 
-                logits = _base_model(teacher)(
-                    input_ids=t_ids, attention_mask=att, **_plain_positions(teacher, att), **mi
-                ).last_hidden_state
-            else:
-                logits = teacher(input_ids=t_ids, attention_mask=att, **_plain_positions(teacher, att), **mi).logits
-        weights = cap.visual_importance(visual)[:, : ids.shape[1]] if layer is not None else None
-        return logits, weights
+    # ---------------------------------------------------------------- GKD's on-policy batches
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Tensor:
+        """One training micro-batch. GKD (``on_policy``): with probability ``gkd_lambda`` the batch is
+        first replaced by the student's own responses (:meth:`on_policy_batch`), as TRL's
+        ``GKDTrainer`` does; the Trainer's step then runs :meth:`compute_loss` on it."""
+        self._next_micro_batch()
+        if self.settings["on_policy"] and self._on_policy_coin(self.args.device):  # where the batch will be
+            inputs = self.on_policy_batch(model, inputs)
+        return super().training_step(model, inputs, *args, **kwargs)
 
-    def _on_policy_loss(
-        self, model: nn.Module, ids: Tensor, att: Tensor, labels: Tensor, visual: Tensor,
-        px: Tensor | None, return_outputs: bool,
-    ) -> Any:
-        """GKD: sample responses from the student for each sample's first prompt, then
-        apply the KD divergence (JSD by default) on the generated tokens."""
+    def _on_policy_coin(self, device: torch.device) -> bool:
+        """Whether this micro-batch goes on-policy. One coin for all ranks (rank 0's seed): under
+        FSDP every rank must run the same forwards (generation all-gathers the shards), so all go
+        on-policy or none does."""
+        shared = torch.Generator(device=device)
+        shared.manual_seed(self._seed(0))
+        return float(torch.rand((), generator=shared, device=device)) < self.distill.gkd_lambda
+
+    def on_policy_batch(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``inputs`` replaced by the student's sampled responses (:meth:`_generate`): each sample's
+        first prompt (left-padded) and up to ``gkd_max_new_tokens`` generated tokens, labelled
+        only on the generated tokens, marked with :data:`ON_POLICY`."""
+        inputs = self._prepare_inputs(inputs)
         unwrapped = self.accelerator.unwrap_model(model)
-        seq, gatt, glabels, gpx = self._generate(unwrapped, ids, att, labels, visual, px)
-        mi = {"pixel_values": gpx} if gpx is not None else {}
-
-        def student_pass() -> Tensor:
-            return unwrapped(input_ids=seq, attention_mask=gatt, position_ids=_position_ids(gatt), **mi).logits
-
-        s_logits = run_through_wrapper(model, unwrapped, student_pass)
-        with torch.no_grad():
-            tmi = {"pixel_values": gpx.to(next(self.teacher.parameters()).dtype)} if gpx is not None else {}
-            t_logits = self.teacher(
-                input_ids=self._teacher_ids(seq), attention_mask=gatt, position_ids=_position_ids(gatt), **tmi
-            ).logits
-        from tokinteract import kd_loss
-
-        kd = kd_loss(
-            s_logits, t_logits, glabels, kind=self.settings["divergence"], temperature=self.distill.temperature,
-            beta=self.distill.jsd_beta, alpha=self.distill.skew_alpha, vocab_size=self.vocab_size,
-        )
-        loss = self.settings["kd"] * kd
-        self.loss_is_scaled_for_ga = False  # local mean: the Trainer divides by the accumulation steps
-        self._on_policy_batches += 1
-        self._add_parts({"kd_on_policy": kd.detach()}, 1.0 / max(self.current_gradient_accumulation_steps, 1))
-        if return_outputs:
-            return loss, {"logits": s_logits}
-        return loss
+        with self.compute_loss_context_manager():  # the autocast the loss runs under
+            seq, gatt, glabels, gpx = self._generate(
+                unwrapped, inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
+                inputs["visual_mask"].bool(), inputs.get("pixel_values"),
+            )
+        out: dict[str, Any] = {
+            "input_ids": seq, "attention_mask": gatt, "labels": glabels, "visual_mask": seq == self.image_token_id,
+            "instruction_mask": torch.zeros_like(seq, dtype=torch.bool), ON_POLICY: True,
+        }
+        if gpx is not None:
+            out["pixel_values"] = gpx
+        return out
 
     @torch.no_grad()
     def _generate(
@@ -1153,14 +1186,6 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         super().log(logs, *args, **kwargs)
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
 class _NoCapture:
     attention = None
 
@@ -1182,3 +1207,15 @@ def _irs_pairs(dataset: Any, n: int) -> list[tuple[dict[str, Any], dict[str, Any
     """Up to ``n`` (same image, different instruction) item pairs from ``dataset``."""
     finder = getattr(dataset, "instruction_pairs", None)
     return finder(n) if callable(finder) else []
+
+
+def _head_is_last(model: nn.Module) -> bool:
+    """Whether ``model``'s logits are its LM head's output on the hidden states ``output="hidden"``
+    returns (no final-logit softcapping after the head)."""
+    from tokinteract.hf.families import check_options
+
+    try:
+        check_options(model, output="hidden")
+    except ValueError:
+        return False
+    return True
