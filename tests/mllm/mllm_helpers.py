@@ -131,15 +131,28 @@ def train_recording_tpa(tr, monkeypatch) -> tuple[float, dict, torch.Tensor, tor
     """``tr.train()`` (one step, ``logging_steps=1``) recording what its TPA used:
     ``(logged loss_tpa, the batch compute_loss got, candidates [B, T, d], candidate mask [B, T],
     supervised [B, T])``; ``supervised[b, t]``: token ``t + 1`` is a label (the positions TPA may use)."""
-    import tokinteract.fused as fused_mod
-    import tokinteract.mllm.trainer as trainer_mod
-
-    rec: dict = {}
+    rec = record_candidates(monkeypatch)
     orig_loss = tr.compute_loss
 
     def compute_loss(model, inputs, *a, **kw):
         rec["batch"] = {k: v.detach().clone() for k, v in inputs.items()}
         return orig_loss(model, inputs, *a, **kw)
+
+    monkeypatch.setattr(tr, "compute_loss", compute_loss)
+    tr.train()
+    labels = rec["batch"]["labels"]
+    supervised = torch.zeros_like(rec["mask"])
+    supervised[:, :-1] = labels[:, 1:] != -100
+    return tr.state.log_history[0]["loss_tpa"], rec["batch"], rec["cand"], rec["mask"], supervised
+
+
+def record_candidates(monkeypatch) -> dict:
+    """Record the TPA candidates the trainer draws next (both samplers) in the returned dict:
+    ``"cand"`` ``[B, T, d]`` and ``"mask"`` ``[B, T]``."""
+    import tokinteract.fused as fused_mod
+    import tokinteract.mllm.trainer as trainer_mod
+
+    rec: dict = {}
 
     def recorder(fn):
         def wrapped(*a, **kw):
@@ -148,11 +161,6 @@ def train_recording_tpa(tr, monkeypatch) -> tuple[float, dict, torch.Tensor, tor
             return out
         return wrapped
 
-    monkeypatch.setattr(tr, "compute_loss", compute_loss)
     monkeypatch.setattr(trainer_mod, "sample_candidates", recorder(trainer_mod.sample_candidates))
     monkeypatch.setattr(fused_mod, "fused_sample_candidates", recorder(fused_mod.fused_sample_candidates))
-    tr.train()
-    labels = rec["batch"]["labels"]
-    supervised = torch.zeros_like(rec["mask"])
-    supervised[:, :-1] = labels[:, 1:] != -100
-    return tr.state.log_history[0]["loss_tpa"], rec["batch"], rec["cand"], rec["mask"], supervised
+    return rec

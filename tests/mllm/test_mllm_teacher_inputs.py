@@ -20,10 +20,8 @@ from transformers import TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
 import families as fx  # noqa: E402
-from mllm_helpers import one_step, processor_trainer, write_family_data  # noqa: E402
+from mllm_helpers import one_step, processor_trainer, record_candidates, write_family_data  # noqa: E402
 
-import tokinteract.fused as fused_mod  # noqa: E402
-import tokinteract.mllm.trainer as trainer_mod  # noqa: E402
 from tokinteract.hf.families import image_grids, visual_token_ids  # noqa: E402
 from tokinteract.mllm import DistillationConfig, DistillationTrainer  # noqa: E402
 from tokinteract.mllm.data import DataError  # noqa: E402
@@ -188,21 +186,6 @@ def test_kd_and_sft_equal_per_sample_forwards_on_each_models_own_sequence(tmp_pa
     assert any(".language_model." in k for k in grads)
 
 
-def _record_candidates(tr, monkeypatch) -> dict:
-    rec: dict = {}
-
-    def recorder(fn):
-        def wrapped(*a, **kw):
-            out = fn(*a, **kw)
-            rec["cand"], rec["mask"] = out.detach().clone(), kw["mask"].detach().clone()
-            return out
-        return wrapped
-
-    monkeypatch.setattr(trainer_mod, "sample_candidates", recorder(trainer_mod.sample_candidates))
-    monkeypatch.setattr(fused_mod, "fused_sample_candidates", recorder(fused_mod.fused_sample_candidates))
-    return rec
-
-
 @pytest.mark.parametrize("name,impl,forward", [
     ("llava", "logits", "cached"), ("llava", "fused", "packed"), ("qwen2_5_vl", "logits", "packed"),
     ("qwen2_5_vl", "fused", "cached"),
@@ -217,7 +200,7 @@ def test_tpa_equals_per_candidate_forwards_after_each_models_own_prefix(
         teacher.lm_head.weight.mul_(15.0)
     cfg = DistillationConfig(method="tpa", loss_impl=impl, tpa_forward=forward, tpa_num_candidates=d)
     tr = _trainer(tmp_path, data, name, student, teacher, cfg)
-    rec = _record_candidates(tr, monkeypatch)
+    rec = record_candidates(monkeypatch)
     batch = tr.data_collator([tr.train_dataset[i] for i in range(3)])
     _, parts, _ = one_step(tr, student, batch)
     cand, cmask = rec["cand"], rec["mask"]
