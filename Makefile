@@ -12,7 +12,7 @@ export NO_MKDOCS_2_WARNING := 1
 $(STAMP): pyproject.toml constraints.txt benchmarks/requirements-bench.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[hf,mllm,plot,dev,docs]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[hf,mllm,plot,study,dev,docs]'
 	# Liger-Kernel's chunked losses are plain PyTorch: --no-deps keeps Triton (~1 GB) and torch out
 	$(BIN)/pip install -q --no-deps 'liger-kernel==0.8.5'
 	# Benchmark peers (benchmarks/_peers.py): TRL's losses are plain PyTorch; --no-deps keeps datasets/pyarrow out

@@ -89,8 +89,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # not a DistillationTrainer variant: TRL's GKD step (see the module docstring); the entry gives its
     # compute model (full logits at every slot of both models, like kd_logits)
     "kd_trl": ("kd", {"loss_impl": "logits"}),
+    # the cached path as before the one-gradient-per-weight links (tokinteract.hf._shared off):
+    # the student's two calls give every shared weight two gradients that autograd adds
+    "align_ti_unshared": ("align_ti", {}),
+    "tpa_unshared": ("tpa", {}),
 }
 PEER_STEPS = ("kd_trl",)
+UNSHARED = ("align_ti_unshared", "tpa_unshared")
 
 # Qwen2 / Qwen2.5 shapes (hidden, layers, heads, kv heads, intermediate); SigLIP-so400m/14 at 384 px
 SHAPES = {
@@ -246,13 +251,16 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true",
                     help="time the parts of each step (student passes, teacher pass, sampling, loss, backward)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on a loaded machine)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time each step by the process's CPU time (time.process_time, all threads) instead of "
+                         "wall time: steadier on a shared machine; use with --threads 1 (no spinning threads)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     from _peers import trl_available
 
     if a.variants is None:
-        a.variants = [v for v in VARIANTS if v not in PEER_STEPS or trl_available()]
+        a.variants = [v for v in VARIANTS if (v not in PEER_STEPS or trl_available()) and v not in UNSHARED]
 
     from transformers import TrainingArguments
 
@@ -323,11 +331,18 @@ def main() -> None:
             loss.backward()
             student.zero_grad(set_to_none=True)
             return
-        loss = trainers[v].compute_loss(student, dict(batch))
-        loss.backward()
+        from tokinteract.hf import _shared
+
+        _shared.ENABLED = v not in UNSHARED
+        try:
+            loss = trainers[v].compute_loss(student, dict(batch))
+            loss.backward()
+        finally:
+            _shared.ENABLED = True
         student.zero_grad(set_to_none=True)
         trainers[v]._part_sums = {}
 
+    clock = time.process_time if a.cpu_time else time.perf_counter
     print(f"device={device} dtype={dtype} B={B} T={T} N={N} token_ratio={token_ratio:.3f} vocab={vocab} d={a.d}")
     load0 = tuple(round(x, 2) for x in os.getloadavg())
     if a.profile:
@@ -352,11 +367,11 @@ def main() -> None:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            t0 = time.perf_counter()
+            t0 = clock()
             step(v)
             if cuda:
                 torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             if cuda:
                 peak[v] = max(peak[v], (torch.cuda.max_memory_allocated() - base) / 2**20)
             if r > 0:
@@ -397,6 +412,10 @@ def main() -> None:
 
     check("align_ti", "kd", 1.05 * token_ratio, f"Align-TI (token_ratio {token_ratio:.3f} x 1.05)")
     check("iva", "kd", 1.03, "IVA")
+    # issue 16: within 5% (Align-TI) / 3% (IVA) of the compute model's ratio
+    for num, lim in (("align_ti", 1.05), ("align_ti_unshared", 1.05), ("iva", 1.03)):
+        if num in est and "kd" in est:
+            check(num, "kd", lim * est[num] / est["kd"], f"{num} vs the compute model x {lim:.2f}")
     check("iva", "uniform_va", 1.03, "IVA attention capture (teacher weights vs uniform, same rows)")
     check("align_ti_logits", "kd_logits", 1.05 * token_ratio, "Align-TI, loss_impl=logits")
     check("iva_logits", "kd_logits", 1.03, "IVA, loss_impl=logits")
@@ -413,6 +432,7 @@ def main() -> None:
               "vision": f"SigLIP H={vision['vision_hidden_size']} L={vision['vision_layers']} ({n_vis} tokens/image)",
               "batch": f"B={B}, real tokens T={T}, candidate slots N={N} (d={a.d}), token_ratio (T+N)/T={token_ratio:.3f}",
               "step": "compute_loss + backward + zero_grad, no optimizer update; best of interleaved rounds",
+              "time": "process CPU time (time.process_time, all threads)" if a.cpu_time else "wall time",
               "peak memory": "torch.cuda.max_memory_allocated() - memory_allocated() around the step" if cuda
               else "not measured on CPU (all variants share one process)",
               **({"kd_trl": f"TRL-style KD step: {_peers.TRL_SOURCE}; reference check |diff| = {trl_check:.2e}"}

@@ -38,6 +38,7 @@ __all__ = [
     "ref_irs_score",
     "ref_iva_loss",
     "ref_kd_loss",
+    "ref_nucleus_draw",
     "ref_position_ids",
     "ref_ribbon_layout",
     "ref_ribbon_mask",
@@ -63,6 +64,20 @@ def ref_softmax(logits: Tensor, temperature: float = 1.0) -> Tensor:
     x = x - x.max(dim=-1, keepdim=True).values.detach()
     e = torch.exp(x)
     return e / e.sum(dim=-1, keepdim=True)
+
+
+def ref_nucleus_draw(probs: Tensor, top_p: float, d: int, generator: torch.Generator | None) -> Tensor:
+    """Nucleus sampling by its definition: the whole row sorted descending (stable: equal
+    probabilities by increasing token id), the tokens whose preceding mass is ``< top_p`` kept
+    (the first always), ``d`` draws with replacement from the kept probabilities in one
+    ``torch.multinomial`` call over all rows (``probs [R, V]``, the library's dtype, not float64:
+    the draws themselves are compared). Returns token ids ``[R, d]``."""
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    keep = (sorted_p.cumsum(-1) - sorted_p) < top_p
+    keep[:, 0] = True
+    kept = torch.where(keep, sorted_p, torch.zeros((), dtype=sorted_p.dtype))
+    pos = torch.multinomial(kept, d, replacement=True, generator=generator)
+    return order.gather(1, pos)
 
 
 def _kl(p: Tensor, q: Tensor) -> Tensor:

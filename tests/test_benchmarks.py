@@ -108,3 +108,18 @@ def test_budget_skips_the_steps_it_cannot_start(tmp_path):
     rows = _rows(tmp_path / "suite.csv")
     assert [r["step"] for r in rows] == [s.name for s in _suite().steps(tmp_path, dry=True)]
     assert {r["status"] for r in rows} == {"skipped"} and proc.returncode == 1
+
+
+def test_shared_grads_benchmark_runs_at_toy_sizes(tmp_path):
+    """bench_shared_grads.py: three variants timed in one run, results written."""
+    name = tmp_path / "sg"
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "bench_shared_grads.py"), "--vocab", "512", "--shape", "32,2,4,2,64",
+         "--gt", "20", "--positions", "5", "--d", "2", "--rounds", "1", "--plain", "--name", str(name)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = _rows(name.with_suffix(".csv"))
+    assert [r["variant"] for r in rows] == ["plain", "unshared", "shared"]
+    assert all(float(r["time_s"]) > 0 for r in rows)
+    assert "shared / unshared" in name.with_suffix(".md").read_text()

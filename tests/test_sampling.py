@@ -199,3 +199,82 @@ def test_masked_minus_inf_logits_are_accepted_and_never_drawn(strategy):
         y[0, 0, 5:8] = float("-inf")  # one finite logit left
         with pytest.raises(ValueError, match="fewer than 3 finite"):
             ti.sample_candidates(y, 3, strategy=strategy)
+
+
+# ----------------------------------------------------------------------------- nucleus = its sort-based definition
+
+
+def _rows(kind: str, R: int, V: int, g: torch.Generator) -> torch.Tensor:
+    """Probability rows [R, V] of one shape of distribution."""
+    if kind == "flat":
+        logits = torch.randn(R, V, generator=g) * 0.01
+    elif kind == "peaked":
+        logits = torch.randn(R, V, generator=g) * 6.0
+    elif kind == "medium":  # a top-p set of a few dozen to a few hundred tokens
+        logits = torch.randn(R, V, generator=g) * 2.5
+    elif kind == "tied":  # many exactly equal probabilities, also across a top-k boundary
+        logits = torch.randint(0, 4, (R, V), generator=g).float()
+    elif kind == "masked":  # -inf logits: exact zeros
+        logits = torch.randn(R, V, generator=g)
+        logits[torch.rand(R, V, generator=g) < 0.7] = float("-inf")
+        logits[:, 0] = 0.0
+    else:  # "dyadic": probabilities 1/2, 1/4, ... whose cumulative sums hit top_p exactly
+        p = torch.zeros(R, V)
+        for r in range(R):
+            perm = torch.randperm(V, generator=g)
+            p[r, perm[: min(V, 20)]] = torch.tensor([2.0 ** -(i + 1) for i in range(min(V, 20))])
+            p[r, perm[0]] += 1.0 - float(p[r].sum())
+        return p
+    return torch.softmax(logits, dim=-1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    kind=st.sampled_from(["flat", "peaked", "medium", "tied", "masked", "dyadic"]),
+    V=st.sampled_from([3, 17, 64, 300, 2100]),
+    d=st.sampled_from([1, 2, 3, 5]),
+    top_p=st.sampled_from([0.05, 0.5, 0.75, 0.875, 0.9, 0.95, 0.999]),
+    topk=st.sampled_from([1, 4, 16, 256]),
+    fraction=st.sampled_from([1, 2, 8, 64]),
+)
+def test_nucleus_draws_equal_the_sort_based_reference(seed, kind, V, d, top_p, topk, fraction):
+    """Same ids, including the order of equal probabilities (stable), and the same generator state
+    afterwards, for every path: top-k prefixes, a grown k, the full sort (thresholds varied)."""
+    from unittest import mock
+
+    from reference import ref_nucleus_draw
+
+    from tokinteract import sampling
+
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.cat([_rows(kind, 3, V, g), _rows("peaked", 1, V, g)])
+    with mock.patch.object(sampling, "_NUCLEUS_TOPK", topk), mock.patch.object(sampling, "_FULL_SORT_FRACTION", fraction):
+        g1, g2 = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 1)
+        got = sampling._nucleus_draw(probs, top_p, d, g1)
+    want = ref_nucleus_draw(probs, top_p, d, g2)
+    assert torch.equal(got, want), (kind, V, d, top_p, topk, fraction)
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
+def test_nucleus_paths_top_k_grown_k_and_full_sort_equal_the_reference():
+    """At V = 8192 the three kinds of rows take the three paths (prefix lengths say which), and the
+    draws of sample_candidates equal the reference on softmax(logits)."""
+    from reference import ref_nucleus_draw
+
+    from tokinteract import sampling
+
+    V, top_p = 8192, 0.9
+    g = torch.Generator().manual_seed(31)
+    logits = torch.cat([torch.randn(2, V, generator=g) * 6.0, torch.randn(2, V, generator=g) * 3.0,
+                        torch.randn(2, V, generator=g) * 0.01])
+    probs = torch.softmax(logits, dim=-1)
+    _, _, length = sampling._sorted_prefixes(probs, top_p, full_width=False)
+    assert bool((length[:2] == sampling._NUCLEUS_TOPK).all())
+    assert bool(((length[2:4] > sampling._NUCLEUS_TOPK) & (length[2:4] < V)).all()), length
+    assert bool((length[4:] == V).all())
+    for d in (1, 4):
+        got = ti.sample_candidates(logits[None], d, strategy="nucleus", top_p=top_p,
+                                   generator=torch.Generator().manual_seed(5))[0]
+        want = ref_nucleus_draw(probs, top_p, d, torch.Generator().manual_seed(5))
+        assert torch.equal(got, want)

@@ -26,6 +26,7 @@ The evaluation helpers (``evaluate_generation``, ``heldout_kl``, ``exposure_curv
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -33,7 +34,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ __all__ = [
     "mean_std",
     "run_demo",
     "teacher_irs",
+    "torch_threads",
 ]
 
 
@@ -93,6 +95,21 @@ class DemoSettings:
         timing_steps: steps per method of the Table 4/13 timing pass.
         experiments: which tables/figures to run (keys of :data:`EXPERIMENTS`, plus
             ``fig4`` and ``table4``).
+        threads: torch CPU threads for every step of the run, whatever the machine has
+            (:func:`torch_threads`). On CPU the same seed gives bit-identical weights only at
+            the same thread count (some weight-gradient reductions split their sum by thread:
+            see the trainer guide's "Determinism on CPU"), so the count is part of the setting.
+        task: ``"shapes"`` (:mod:`tokinteract.mllm.synthetic`, the earlier study), or a task
+            of ``examples/study/tasks.py``: ``"scenes"`` (``min_objects``..``max_objects``
+            shapes on the grid) or ``"digits"`` (scikit-learn's handwritten digits).
+        n_irs: images with two questions each for the teacher's IRS curve.
+        vision_pretrain_steps: > 0: pre-train the vision tower on ``vision_images`` task
+            images (per-cell classification, ``vision_pretrain.py``) before any LLaVA stage
+            and freeze it for teacher and students (``teacher_trains_vision`` is then
+            ignored); 0: the earlier recipe.
+        vision_hidden, vision_layers: size of the SigLIP tower.
+        teacher_seed: initialisation and data-order seed of the teacher (another seed: a
+            replicate teacher, cached separately).
     """
 
     name: str
@@ -120,6 +137,17 @@ class DemoSettings:
     teacher_trains_vision: bool = True
     timing_steps: int = 12
     experiments: tuple[str, ...] = ()
+    threads: int = 1
+    task: str = "shapes"
+    min_objects: int = 1
+    n_irs: int = 64
+    vision_pretrain_steps: int = 0
+    vision_images: int = 3000
+    vision_lr: float = 2e-3
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    teacher_seed: int = 1000
+    max_length: int = 256
 
 
 @dataclass(frozen=True)
@@ -206,10 +234,53 @@ PRESETS: dict[str, DemoSettings] = {
         experiments=("table5", "table6", "fig4", "fig6", "table4"),
     ),
 }
+#: the tasks of examples/study/tasks.py (issue 15): what differs from the preset of the same scale.
+#: Calibration (teacher and SFT student only) decides these; see docs/results/calibration-tasks.md.
+TASK_SETTINGS: dict[str, dict[str, Any]] = {
+    "scenes": dict(task="scenes", grid=3, image_size=48, patch_size=8, min_objects=3, max_objects=8,
+                   vision_pretrain_steps=400, vision_images=3000, teacher_trains_vision=False, n_irs=64,
+                   exposure_steps=48, teacher_steps=2000),
+    "digits": dict(task="digits", grid=4, image_size=48, patch_size=12, vision_pretrain_steps=400,
+                   vision_images=3000, teacher_trains_vision=False, n_irs=64, exposure_steps=34, teacher_steps=2000),
+}
+#: smoke scale of the new tasks (CI): tiny everything
+_TASK_SMOKE: dict[str, Any] = dict(vision_pretrain_steps=3, vision_images=16, vision_hidden=16, vision_layers=1,
+                                   n_irs=4, exposure_steps=8, teacher_steps=PRESETS["smoke"].teacher_steps)
+
+
+def task_settings(task: str, preset: str) -> DemoSettings:
+    """``PRESETS[preset]`` on ``task``: ``"shapes"`` (the earlier study, unchanged), ``"scenes"`` or ``"digits"``."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if task == "shapes":
+        return PRESETS[preset]
+    if task not in TASK_SETTINGS:
+        raise ValueError(f"task must be one of {['shapes', *sorted(TASK_SETTINGS)]}, got {task!r}")
+    extra = _TASK_SMOKE if preset == "smoke" else {}
+    return dataclasses.replace(PRESETS[preset], name=f"{preset}-{task}", **{**TASK_SETTINGS[task], **extra})
+
+
 PRESETS["full"] = dataclasses.replace(
     PRESETS["quick"], name="full", seeds=(0, 1, 2, 3, 4),
     experiments=("table5", "fig4", "fig6", "table4", "table6", "table3", "table8", "table7", "fig5", "eot"),
 )
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads (``torch.set_num_threads``), restored after.
+
+    Raises:
+        ValueError: ``n`` is not an integer >= 1.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {n!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- data
@@ -390,24 +461,51 @@ class Demo:
         self.results: dict[str, Any] = {"settings": _jsonable(dataclasses.asdict(settings)), "runs": {}}
 
     # ------------------------------------------------------------- building blocks
+    def task(self) -> Any:
+        """The task object of ``examples/study/tasks.py`` (None for the earlier ``shapes`` task)."""
+        if self.s.task == "shapes":
+            return None
+        import tasks
+
+        if self.s.task == "scenes":
+            return tasks.SceneTask(image_size=self.s.image_size, grid=self.s.grid, min_objects=self.s.min_objects,
+                                   max_objects=self.s.max_objects)
+        return tasks.make_task(self.s.task, image_size=self.s.image_size, grid=self.s.grid)
+
     def prepare(self) -> None:
         from tokinteract.mllm import build_processor, build_word_tokenizer, vocabulary
         from tokinteract.mllm.data import LlavaCollator, LlavaJsonDataset
         from tokinteract.mllm.synthetic import SyntheticConfig, generate_dataset
 
         s = self.s
-        cfg = SyntheticConfig(image_size=s.image_size, grid=s.grid, max_objects=s.max_objects)
+        task = self.task()
         data_dir = self.dir / "data"
         stamp = data_dir / "settings.json"
-        key = json.dumps([s.n_train, s.n_test, s.n_captions, s.data_seed, dataclasses.asdict(cfg)])
+        if task is None:
+            cfg = SyntheticConfig(image_size=s.image_size, grid=s.grid, max_objects=s.max_objects)
+            key = json.dumps([s.n_train, s.n_test, s.n_captions, s.data_seed, dataclasses.asdict(cfg)])
+            irs_json = data_dir / "irs" / "train.json"
+        else:
+            key = json.dumps([s.task, s.n_train, s.n_test, s.n_captions, s.n_irs, s.data_seed, dataclasses.asdict(task)])
+            irs_json = data_dir / "irs.json"
         if not (stamp.exists() and stamp.read_text() == key):
-            self.log(f"writing the synthetic task to {data_dir} ...")
-            generate_dataset(data_dir, n_train=s.n_train, n_test=s.n_test, n_captions=s.n_captions,
-                             seed=s.data_seed, config=cfg)
-            pcfg = SyntheticConfig(image_size=s.image_size, grid=s.grid, max_objects=s.max_objects, turns=2)
-            generate_dataset(data_dir / "irs", n_train=64, n_test=0, seed=s.data_seed + 7, config=pcfg)
+            self.log(f"writing the {s.task} task to {data_dir} ...")
+            if task is None:
+                generate_dataset(data_dir, n_train=s.n_train, n_test=s.n_test, n_captions=s.n_captions,
+                                 seed=s.data_seed, config=cfg)
+                pcfg = SyntheticConfig(image_size=s.image_size, grid=s.grid, max_objects=s.max_objects, turns=2)
+                generate_dataset(data_dir / "irs", n_train=s.n_irs, n_test=0, seed=s.data_seed + 7, config=pcfg)
+            else:
+                import tasks
+
+                tasks.write_task(task, data_dir, n_train=s.n_train, n_test=s.n_test, n_captions=s.n_captions,
+                                 n_irs=s.n_irs, seed=s.data_seed)
             stamp.write_text(key)
-        self.tok = build_word_tokenizer(vocabulary(s.grid))
+        self.task_obj = task
+        self.long_type = "describe" if task is None else task.caption_type
+        self.short_types = ("color", "position", "count", "exist") if task is None else task.SHORT_TYPES
+        self.question_types = _TYPES if task is None else task.question_types
+        self.tok = build_word_tokenizer(vocabulary(s.grid) if task is None else task.vocabulary())
         self.image_token_id = int(self.tok.convert_tokens_to_ids("<image>"))
         self.n_vis = (s.image_size // s.patch_size) ** 2
         proto = self.build_model(s.student, seed=0)
@@ -416,15 +514,15 @@ class Demo:
         ip = self.processor.image_processor
 
         def ds(path: Path, limit: int | None = None) -> CachedDataset:
-            raw = LlavaJsonDataset(path, data_dir, self.tok, ip, num_image_tokens=self.n_vis, max_length=256)
+            raw = LlavaJsonDataset(path, data_dir, self.tok, ip, num_image_tokens=self.n_vis, max_length=s.max_length)
             return CachedDataset(raw, limit)
 
         self.train = ds(data_dir / "train.json")
         self.captions = ds(data_dir / "captions.json")
         self.test = ds(data_dir / "test.json", s.n_eval)
         self.test_meta = _meta(data_dir / "test.json")[: len(self.test)]
-        self.irs_raw = LlavaJsonDataset(data_dir / "irs" / "train.json", data_dir / "irs", self.tok, ip,
-                                        num_image_tokens=self.n_vis, max_length=256)
+        self.irs_raw = LlavaJsonDataset(irs_json, irs_json.parent, self.tok, ip, num_image_tokens=self.n_vis,
+                                        max_length=s.max_length)
         self.collator = LlavaCollator(int(self.tok.pad_token_id), self.image_token_id, self.n_vis)
         self.eos = int(self.tok.eos_token_id)
         self.pad = int(self.tok.pad_token_id)
@@ -433,8 +531,10 @@ class Demo:
             "vocab": len(self.tok), "visual_tokens": self.n_vis,
             "train": len(self.train), "captions": len(self.captions), "test_eval": len(self.test),
             "answer_tokens_mean": sum(lens) / len(lens), "answer_tokens_max": max(lens),
-            "describe_tokens_mean": _mean([n for n, m in zip(lens, self.test_meta) if m.get("type") == "describe"]),
+            "describe_tokens_mean": _mean([n for n, m in zip(lens, self.test_meta) if m.get("type") == self.long_type]),
             "seq_len_max": max(int(it["input_ids"].shape[0]) for it in self.train.items),
+            "name": s.task, "question_types": list(self.question_types), "short_types": list(self.short_types),
+            "long_type": self.long_type,
         }
 
     def build_model(self, size: ModelSize, *, seed: int) -> nn.Module:
@@ -444,7 +544,8 @@ class Demo:
             vocab_size=len(self.tok), image_token_id=self.image_token_id, hidden_size=size.hidden,
             num_layers=size.layers, num_heads=size.heads, num_kv_heads=size.kv_heads,
             image_size=self.s.image_size, patch_size=self.s.patch_size, pad_token_id=int(self.tok.pad_token_id),
-            eos_token_id=int(self.tok.eos_token_id), seed=seed,
+            eos_token_id=int(self.tok.eos_token_id), seed=seed, vision_hidden_size=self.s.vision_hidden,
+            vision_layers=self.s.vision_layers,
         )
 
     def fit(self, model: nn.Module, data: Any, *, steps: int, lr: float, seed: int, method: str = "sft",
@@ -475,26 +576,75 @@ class Demo:
         )
         trainer.meter = StepMeter(memory=memory)
         t0 = time.perf_counter()
-        trainer.train()
+        with torch_threads(self.s.threads):  # the setting's count, whatever the caller's
+            trainer.train()
         wall = time.perf_counter() - t0
         hist = [h for h in trainer.state.log_history if "loss" in h]
         model.eval()
-        return {"wall_s": wall, **trainer.meter.summary(), "log": hist}
+        return {"wall_s": wall, **trainer.meter.summary(), "log": hist, "threads": self.s.threads}
 
     # ------------------------------------------------------------- stages
-    def teacher_model(self) -> nn.Module:
+    def vision_tower(self) -> dict[str, Tensor] | None:
+        """The pre-trained vision tower's state dict (cached in ``run_dir/vision_tower``), or
+        None when ``vision_pretrain_steps == 0``. Records its probe accuracy (and a random
+        tower's, for reference) in ``results["vision"]``."""
+        s = self.s
+        if not s.vision_pretrain_steps:
+            return None
+        if self.task_obj is None:
+            raise ValueError("vision_pretrain_steps > 0 needs a task with per-cell labels (task 'scenes' or 'digits'), "
+                             f"got task {s.task!r}")
+        from safetensors.torch import load_file, save_file
+
+        import vision_pretrain as vp
+
+        path = self.dir / "vision_tower"
+        if not (path / "tower.safetensors").exists():
+            task, ip = self.task_obj, self.processor.image_processor
+            self.log(f"stage -1: vision tower pre-training ({s.vision_pretrain_steps} steps on {s.vision_images} images)")
+            t0 = time.perf_counter()
+            train = vp.labelled_images(task, s.vision_images, seed=s.data_seed + 4_000_003, split="train", image_processor=ip)
+            test = vp.labelled_images(task, 500, seed=s.data_seed + 5_000_003, split="test", image_processor=ip)
+            tower = self.build_model(s.student, seed=3000).model.vision_tower
+            kw = {"grid": s.grid, "patch_size": s.patch_size}
+            info: dict[str, Any] = {
+                "random_probe": vp.probe_accuracy(tower, train, test, task.label_classes(), **kw),
+                "random_signal_fraction": vp.image_signal_fraction(tower, test[0]),
+            }
+            out = vp.pretrain_vision_tower(tower, *train, task.label_classes(), steps=s.vision_pretrain_steps,
+                                           lr=s.vision_lr, seed=3000, **kw)
+            info.update({
+                "probe": vp.probe_accuracy(tower, train, test, task.label_classes(), **kw),
+                "signal_fraction": vp.image_signal_fraction(tower, test[0]),
+                "loss_first": out["loss"][0], "loss_last": out["loss"][-1], "steps": s.vision_pretrain_steps,
+                "images": s.vision_images, "probe_test_images": 500, "wall_s": time.perf_counter() - t0,
+            })
+            path.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, str(path / "tower.safetensors"))
+            (path / "info.json").write_text(json.dumps(_jsonable(info), indent=1))
+        self.results["vision"] = json.loads((path / "info.json").read_text())
+        return load_file(str(path / "tower.safetensors"))
+
+    def teacher_model(self, seed: int | None = None) -> nn.Module:
         from transformers import LlavaForConditionalGeneration
 
-        path = self.dir / "teacher"
+        seed = self.s.teacher_seed if seed is None else seed
+        path = self.dir / ("teacher" if seed == self.s.teacher_seed else f"teacher_seed{seed}")
         if (path / "config.json").exists():
             self.log(f"reusing the teacher checkpoint {path}")
             t = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa")
             meta = json.loads((path / "train_info.json").read_text())
+            if meta.get("threads") != self.s.threads:
+                self.log(f"note: the cached teacher was trained with threads={meta.get('threads')}, this run uses "
+                         f"{self.s.threads}: its weights are not the ones this setting gives bit for bit")
         else:
-            self.log(f"stage 0: teacher {self.s.teacher} SFT for {self.s.teacher_steps} steps")
-            t = self.build_model(self.s.teacher, seed=1000)
-            meta = self.fit(t, self.train, steps=self.s.teacher_steps, lr=self.s.teacher_lr, seed=1000, tag="teacher",
-                            train_vision=self.s.teacher_trains_vision)
+            self.log(f"stage 0: teacher {self.s.teacher} (seed {seed}) SFT for {self.s.teacher_steps} steps")
+            t = self.build_model(self.s.teacher, seed=seed)
+            tower = self.vision_tower()
+            if tower is not None:  # the pre-trained tower, frozen for teacher and students alike
+                t.model.vision_tower.load_state_dict(tower)
+            meta = self.fit(t, self.train, steps=self.s.teacher_steps, lr=self.s.teacher_lr, seed=seed,
+                            tag=path.name, train_vision=self.s.teacher_trains_vision and tower is None)
             t.save_pretrained(path)
             (path / "train_info.json").write_text(json.dumps(_jsonable(meta)))
         t.eval()
@@ -522,17 +672,28 @@ class Demo:
 
     def evaluate(self, model: nn.Module, teacher: nn.Module | None) -> dict[str, Any]:
         res = evaluate_generation(model, self.test.items, self.test_meta, eos=self.eos, pad=self.pad)
+        em, n = res["exact_match"], res["counts"]
+        short = [t for t in self.short_types if t in n]
+        if short:  # pooled over the samples of the short question types
+            res["short_overall"] = sum(em[t] * n[t] for t in short) / sum(n[t] for t in short)
+        splits = sorted({m["pope"] for m in self.test_meta if m.get("type") == "exist" and "pope" in m})
+        if splits:  # POPE's random / popular / adversarial splits, each with its own accuracy and F1
+            res["pope_by_split"] = {}
+            for sp in splits:
+                sel = [(it, m) for it, m in zip(self.test.items, self.test_meta) if m.get("pope") == sp]
+                sub = evaluate_generation(model, [it for it, _ in sel], [m for _, m in sel], eos=self.eos, pad=self.pad)
+                res["pope_by_split"][sp] = sub["pope"]
         if teacher is not None and model is not teacher:
             res["kl"] = heldout_kl(model, teacher, self.test.items, self.collator)
         return res
 
     def exposure(self, model: nn.Module, teacher: nn.Module) -> dict[str, list[float]]:
-        items = [it for it, m in zip(self.test.items, self.test_meta) if m.get("type") == "describe"]
+        items = [it for it, m in zip(self.test.items, self.test_meta) if m.get("type") == self.long_type]
         items = items[: self.s.n_exposure]
         return exposure_curve(model, teacher, items, steps=self.s.exposure_steps, pad=self.pad, eos=self.eos)
 
     def irs(self, teacher: nn.Module) -> Any:
-        pairs = self.irs_raw.instruction_pairs(64)
+        pairs = self.irs_raw.instruction_pairs(self.s.n_irs)
         return teacher_irs(teacher, pairs, self.collator)
 
 
@@ -601,6 +762,8 @@ def run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool = Tr
              skip_missing: bool = False, only_keys: Sequence[str] | None = None) -> dict[str, Any]:
     """Run every experiment of ``settings`` under ``run_dir``; returns (and writes) ``results.json``.
 
+    Every step runs with ``settings.threads`` torch CPU threads (restored on return).
+
     The teacher and the shared stage-1 student are cached in ``run_dir`` and reused.
     Student runs already in ``run_dir/runs/*.json`` are reused too (a resumed run skips them).
     With ``skip_missing`` nothing new is trained: only the saved runs are collected (to
@@ -608,6 +771,13 @@ def run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool = Tr
     restricts the student runs to these configurations (several processes can share one
     run dir, each with its own keys, once the teacher and stage-1 checkpoints exist).
     """
+    with torch_threads(settings.threads):
+        return _run_demo(settings, run_dir, progress=progress, log=log, only_calibration=only_calibration,
+                         skip_missing=skip_missing, only_keys=only_keys)
+
+
+def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, log: Callable[[str], None],
+              only_calibration: bool, skip_missing: bool, only_keys: Sequence[str] | None) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -692,6 +862,11 @@ def run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool = Tr
 # --------------------------------------------------------------------------- reporting
 _TYPES = ("color", "position", "count", "exist", "describe")
 
+
+def _types_of(res: dict[str, Any]) -> tuple[str, ...]:
+    """The question types of the run's task (the earlier shapes task's when not recorded)."""
+    return tuple(res.get("task", {}).get("question_types") or _TYPES)
+
 #: experiment -> (title, paper reference, run keys in row order)
 _TABLES: dict[str, tuple[str, str, list[str]]] = {
     "table5": ("Components (paper Table 5)", "SFT < +IVA, +TPA < Align-TI; TPA gains more than IVA",
@@ -728,13 +903,13 @@ def summarize(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
         seeds = run["seeds"]
         m: dict[str, list[float]] = {"overall": [], "kl": [], "pope_acc": [], "pope_f1": [], "step_ms": [],
                                      "peak_mib": [], "exaccerr_last": []}
-        for t in _TYPES:
+        for t in _types_of(res):
             m[t] = []
         for r in seeds:
             ev = r["eval"]
             m["overall"].append(ev["overall"])
             m["kl"].append(float(ev.get("kl", float("nan"))))
-            for t in _TYPES:
+            for t in _types_of(res):
                 if t in ev["exact_match"]:
                     m[t].append(ev["exact_match"][t])
             if "pope" in ev:
@@ -751,13 +926,13 @@ def summarize(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _metric_table(summary: dict[str, Any], keys: Sequence[str], teacher: dict[str, Any] | None = None,
-                  stage1: dict[str, Any] | None = None) -> str:
-    head = "| student | overall EM % | " + " | ".join(f"{t} %" for t in _TYPES) + " | POPE acc % | POPE F1 % | KL(T‖S) held-out |"
-    lines = [head, "|" + "---|" * (len(_TYPES) + 5)]
+                  stage1: dict[str, Any] | None = None, types: Sequence[str] = _TYPES) -> str:
+    head = "| student | overall EM % | " + " | ".join(f"{t} %" for t in types) + " | POPE acc % | POPE F1 % | KL(T‖S) held-out |"
+    lines = [head, "|" + "---|" * (len(types) + 5)]
 
     def fixed(label: str, ev: dict[str, Any]) -> str:
         cells = [f"{100 * ev['overall']:.1f}"] + [
-            f"{100 * ev['exact_match'][t]:.1f}" if t in ev["exact_match"] else "n/a" for t in _TYPES]
+            f"{100 * ev['exact_match'][t]:.1f}" if t in ev["exact_match"] else "n/a" for t in types]
         pope = ev.get("pope", {})
         cells += [f"{100 * pope['accuracy']:.1f}" if pope else "n/a", f"{100 * pope['f1']:.1f}" if pope else "n/a",
                   f"{ev['kl']:.3f}" if "kl" in ev else "—"]
@@ -771,7 +946,7 @@ def _metric_table(summary: dict[str, Any], keys: Sequence[str], teacher: dict[st
         if k not in summary:
             continue
         v = summary[k]["values"]
-        cells = [_ms(v["overall"], scale=100)] + [_ms(v[t], scale=100) for t in _TYPES]
+        cells = [_ms(v["overall"], scale=100)] + [_ms(v[t], scale=100) for t in types]
         cells += [_ms(v["pope_acc"], scale=100), _ms(v["pope_f1"], scale=100), _ms(v["kl"], "{:.3f}")]
         lines.append(f"| {summary[k]['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -894,10 +1069,13 @@ def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page
         "",
         "## Setting (frozen before any distillation run)",
         "",
-        f"* Task: {s['grid']}x{s['grid']} grid, 1..{s['max_objects']} objects, {s['image_size']} px images, "
+        f"* Task: {s.get('task', 'shapes')}, {s['grid']}x{s['grid']} grid, "
+        + ("a handwritten scikit-learn digit in every cell" if s.get("task") == "digits"
+           else f"{s.get('min_objects', 1)}..{s['max_objects']} objects") + f", {s['image_size']} px images, "
         f"{res['task']['visual_tokens']} visual tokens, vocabulary {res['task']['vocab']} words; "
         f"{s['n_train']} training samples, {s['n_captions']} captions (stage 1), answers "
-        f"{res['task']['answer_tokens_mean']:.1f} tokens on average (describe: {res['task']['describe_tokens_mean']:.1f}, "
+        f"{res['task']['answer_tokens_mean']:.1f} tokens on average ({res['task'].get('long_type', 'describe')}: "
+        f"{res['task']['describe_tokens_mean']:.1f}, "
         f"max {res['task']['answer_tokens_max']}).",
         f"* Teacher: hidden {s['teacher']['hidden']}, {s['teacher']['layers']} layers; SFT {s['teacher_steps']} steps, "
         f"batch {s['batch_size']}, lr {s['teacher_lr']}.",
@@ -906,7 +1084,7 @@ def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page
         f"{s['batch_size']}, lr {s['student_lr']}, cosine schedule. TPA d = {s['tpa_d']} (nucleus, top-p 0.95) unless stated.",
         "* Metrics: exact match of the greedy answer per question type; POPE-style accuracy/F1 on the yes/no "
         "existence probes (half about absent objects); KL(P_T‖P_S) per answer token, teacher-forced on the test "
-        "set; %ExAccErr (Appendix B.4) on 'describe' prompts with greedy prefixes.",
+        f"set; %ExAccErr (Appendix B.4) on '{res['task'].get('long_type', 'describe')}' prompts with greedy prefixes.",
         "",
     ]
     if res["claims"]:
@@ -915,11 +1093,11 @@ def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page
                "when it exceeds twice its standard error over seeds. Overall EM is over all question types.", "",
                _claims_markdown(res["claims"]), ""]
     md += ["## Teacher, stage-1 student and every student run", "",
-           _metric_table(summary, list(summary), res.get("teacher"), res.get("stage1")), ""]
+           _metric_table(summary, list(summary), res.get("teacher"), res.get("stage1"), _types_of(res)), ""]
     for e in exps:
         if e in _TABLES and any(k in summary for k in _TABLES[e][2]):
             t, claim, keys = _TABLES[e]
-            md += [f"## {t}", "", f"Paper: {claim}.", "", _metric_table(summary, keys), ""]
+            md += [f"## {t}", "", f"Paper: {claim}.", "", _metric_table(summary, keys, types=_types_of(res)), ""]
             if e == "fig5":
                 _plot_fig5(summary, out / "fig5_tpa_candidates.png", int(s["tpa_d"]))
                 if (out / "fig5_tpa_candidates.png").exists():
@@ -939,7 +1117,7 @@ def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page
         L = s["exposure_steps"]
         marks = sorted({min(8, L), min(16, L), min(20, L), L})
         md += ["## Exposure bias (paper Fig. 6)", "",
-               f"%ExAccErr(l) = (R(l) − E(l)) / E(l) · 100 (Appendix B.4) on {s['n_exposure']} held-out 'describe' "
+               f"%ExAccErr(l) = (R(l) − E(l)) / E(l) · 100 (Appendix B.4) on {s['n_exposure']} held-out '{res['task'].get('long_type', 'describe')}' "
                "prompts, greedy prefixes; R: student prefixes, E: teacher prefixes; each step's KL is averaged "
                "over the sequences still generating (EOS ends a sequence), so late steps rest on few sequences. "
                "Per seed, then mean ± std and median over seeds:", "",

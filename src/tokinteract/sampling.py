@@ -6,7 +6,8 @@
 Strategies:
 
 * ``"nucleus"``: restrict to the top-p set (the smallest prefix of the sorted distribution
-  whose mass reaches ``top_p``; the most likely token is always in it), renormalise, draw
+  whose mass reaches ``top_p``, equal probabilities in increasing token id order; the most
+  likely token is always in it), renormalise, draw
   ``d`` tokens **with replacement** (i.i.d.), so the mean over candidates is an unbiased
   Monte-Carlo estimate of the expectation in Eq. 5 over the truncated distribution.
 * ``"multinomial"``: ``d`` i.i.d. draws **with replacement** from the full distribution.
@@ -37,10 +38,11 @@ __all__ = ["SAMPLING_STRATEGIES", "sample_candidates"]
 SAMPLING_STRATEGIES = ("nucleus", "multinomial", "greedy")
 
 
-# Rows are first restricted to their top-k tokens; only a row whose top-k mass is below top_p
-# (a flat distribution) pays for a full-vocabulary sort, which costs far more than top-k at
-# a 152k vocabulary (benchmarks/ and the CHANGELOG have the numbers).
+# Rows are first restricted to their top-k tokens (k = 256, then a k bounded below by the mass
+# still missing over the k-th probability); a row whose top-p set needs more than V / 8 tokens
+# (a flat distribution) is sorted in full, where a partial selection costs as much as a sort.
 _NUCLEUS_TOPK = 256
+_FULL_SORT_FRACTION = 8
 
 
 def _nucleus_keep(sorted_p: Tensor, top_p: int | float) -> Tensor:
@@ -50,34 +52,127 @@ def _nucleus_keep(sorted_p: Tensor, top_p: int | float) -> Tensor:
     return keep
 
 
+def _sorted_prefixes(probs: Tensor, top_p: float, full_width: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(S, order, length)``: per row the shortest prefix of the descending order that holds the
+    top-p set: ``S [R, W]`` its values then zeros, ``order [R, W]`` its token ids then zeros,
+    ``length [R]`` its length; ``W`` is the longest prefix (``V`` with ``full_width``).
+
+    A prefix of ``k < V`` tokens comes from ``topk`` and is used only when its mass exceeds
+    ``top_p`` by a margin of 4 float eps (the last kept token is then inside it, whatever the
+    rounding of the full row's cumulative sum). The values of a prefix are exactly those of the
+    full descending sort; only the order of equal values may differ (see :func:`_stable_ids`).
+    """
+    R, V = probs.shape
+    dev = probs.device
+    margin = 1.0 - 4 * torch.finfo(probs.dtype).eps
+    pieces: list[tuple[Tensor, Tensor, Tensor, int]] = []
+    pending = [(torch.arange(R, device=dev), min(V, _NUCLEUS_TOPK))]
+    to_sort: list[Tensor] = []
+    while pending:
+        rows, k = pending.pop()
+        if k * _FULL_SORT_FRACTION > V:
+            to_sort.append(rows)
+            continue
+        sub = probs if rows.numel() == R else probs[rows]
+        vals, idx = sub.topk(k, dim=-1)
+        mass = vals.cumsum(-1)[:, -1]
+        done = mass * margin >= top_p
+        pieces.append((rows[done], vals[done], idx[done], k))
+        rest = ~done
+        if not bool(rest.any()):
+            continue
+        # every token outside the prefix has probability <= the k-th one: a lower bound on k
+        last = vals[rest, -1]
+        missing = (top_p - mass[rest]).clamp_min(0)
+        need = torch.where(last > 0, (missing / last.clamp_min(torch.finfo(probs.dtype).tiny)).ceil(), float("inf"))
+        need = torch.maximum(need + k + 1, torch.full_like(need, 4.0 * k))
+        flat = need * _FULL_SORT_FRACTION > V
+        if bool(flat.any()):
+            to_sort.append(rows[rest][flat])
+        if not bool(flat.all()):
+            pending.append((rows[rest][~flat], int(need[~flat].max())))
+    if to_sort:
+        rows = torch.cat(to_sort)
+        vals, idx = (probs if rows.numel() == R else probs[rows]).sort(dim=-1, descending=True)
+        pieces.append((rows, vals, idx, V))
+    W = V if full_width else max(k_ for *_, k_ in pieces)
+    pieces = [piece for piece in pieces if piece[0].numel()]
+    if len(pieces) == 1 and pieces[0][3] == W and torch.equal(pieces[0][0], torch.arange(R, device=dev)):
+        _, vals, idx, _ = pieces[0]  # one prefix length for every row, in row order: no copy
+        return vals, idx, torch.full((R,), W, dtype=torch.long, device=dev)
+    S = probs.new_zeros(R, W)
+    order = torch.zeros(R, W, dtype=torch.long, device=dev)
+    length = torch.empty(R, dtype=torch.long, device=dev)
+    for r, vals, idx, k_ in pieces:
+        S[r, :k_] = vals
+        order[r, :k_] = idx
+        length[r] = k_
+    return S, order, length
+
+
+def _stable_ids(probs: Tensor, S: Tensor, order: Tensor, length: Tensor, pos: Tensor) -> Tensor:
+    """Token ids of the drawn positions ``pos [R, d]`` in the *stable* descending order (equal
+    probabilities by increasing token id), as ``probs.sort(descending=True, stable=True)`` gives.
+
+    ``topk`` and an unstable sort may order equal values differently; the values at every
+    position are the same, so only a drawn value that occurs more than once in its row needs
+    its id recomputed: the ``r``-th smallest id among the tokens of that value, with ``r`` the
+    position minus the number of larger values.
+    """
+    V, W = probs.shape[1], S.shape[1]
+    ids = order.gather(1, pos)
+    v = S.gather(1, pos)
+    n = length[:, None].expand_as(pos)
+    left = (pos > 0) & (S.gather(1, (pos - 1).clamp_min(0)) == v)
+    right = (pos + 1 < n) & (S.gather(1, (pos + 1).clamp_max(W - 1)) == v)
+    edge = (n < V) & (S.gather(1, n - 1) == v)  # ties may continue outside a top-k prefix
+    tied = left | right | edge
+    if not bool(tied.any()):
+        return ids
+    # a tie group inside the prefix: its ids are order[first:last] (adjacent in S); sort them
+    inner = tied & ~edge
+    if bool(inner.any()):
+        neg = S.neg()
+        first = torch.searchsorted(neg, -v, right=False)
+        last = torch.searchsorted(neg, -v, right=True)
+        b, j = inner.nonzero(as_tuple=True)
+        lo, hi = first[b, j], last[b, j]
+        G = int((hi - lo).max())
+        slots = lo[:, None] + torch.arange(G, device=S.device)
+        group = order[b[:, None], slots.clamp_max(W - 1)]
+        group = torch.where(slots < hi[:, None], group, torch.full_like(group, V))
+        ids[b, j] = group.sort(dim=-1).values.gather(1, (pos[b, j] - lo)[:, None])[:, 0]
+    if bool(edge.any()):  # the group may continue outside a top-k prefix: search the whole row
+        b, j = edge.nonzero(as_tuple=True)
+        row, val = probs[b], v[b, j][:, None]
+        eq = row == val
+        rank = pos[b, j] - (row > val).sum(-1)
+        counts = eq.sum(-1)
+        cols = eq.nonzero()[:, 1]
+        ids[b, j] = cols[counts.cumsum(0) - counts + rank]
+    return ids
+
+
 def _nucleus_draw(probs: Tensor, top_p: int | float, d: int, generator: torch.Generator | None) -> Tensor:
     """``d`` i.i.d. draws per row from the renormalised top-p set of ``probs`` ``[rows, V]``.
 
-    Exact: the top-p set is a prefix of the sorted row, so when the top-k tokens already
-    hold ``top_p`` of the mass the set lies inside them (ties at the boundary may resolve
-    to a different, equally likely token than a full sort would pick).
+    Exactly the draws of the sort-based definition (``tests/reference.py``,
+    ``ref_nucleus_draw``): stable descending sort, keep the tokens whose preceding mass is
+    ``< top_p``, one ``torch.multinomial`` call over all rows for the same generator. Rows are
+    not sorted in full when a top-k prefix holds their top-p set (:func:`_sorted_prefixes`);
+    the kept-probability matrix given to ``multinomial`` is the same tensor (on CPU with
+    ``d >= 2`` without its trailing zero columns), and the ids of equal probabilities follow the
+    stable order (:func:`_stable_ids`).
     """
     if top_p >= 1.0:
         return torch.multinomial(probs, d, replacement=True, generator=generator)
-    V = probs.shape[-1]
-    k = min(V, _NUCLEUS_TOPK)
-    top_p_vals, top_idx = probs.topk(k, dim=-1)
-    covered = top_p_vals.sum(-1) >= top_p
-    if k == V:
-        covered = torch.ones_like(covered)
-    out = torch.empty(probs.shape[0], d, dtype=torch.long, device=probs.device)
-    if bool(covered.any()):
-        vals = top_p_vals[covered]
-        p = torch.where(_nucleus_keep(vals, top_p), vals, vals.new_zeros(()))
-        draws = torch.multinomial(p, d, replacement=True, generator=generator)
-        out[covered] = top_idx[covered].gather(1, draws)
-    if not bool(covered.all()):
-        flat = probs[~covered]
-        sorted_p, order = flat.sort(dim=-1, descending=True)
-        p = torch.where(_nucleus_keep(sorted_p, top_p), sorted_p, sorted_p.new_zeros(()))
-        draws = torch.multinomial(p, d, replacement=True, generator=generator)
-        out[~covered] = order.gather(1, draws)
-    return out
+    # a narrower matrix (zeros cut off) makes the same draws with the CPU kernel for d >= 2 (tested);
+    # elsewhere the matrix keeps the full width, so the call is literally the reference's
+    full_width = d == 1 or probs.device.type != "cpu"
+    S, order, length = _sorted_prefixes(probs, float(top_p), full_width)
+    p = torch.where(_nucleus_keep(S, top_p), S, S.new_zeros(()))
+    pos = torch.multinomial(p, d, replacement=True, generator=generator)
+    return _stable_ids(probs, S, order, length, pos)
 
 
 def _check_masked_logits(rows: Tensor, need: int) -> None:

@@ -1,4 +1,7 @@
-"""Worker for the 2-process DeepSpeed test: ``torchrun --nproc_per_node=2 deepspeed_worker.py CONFIG OUT``.
+"""Worker for the 2-process DeepSpeed test: ``torchrun --nproc_per_node=2 deepspeed_worker.py CONFIG OUT [INJECT]``.
+
+``INJECT`` (JSON, optional): ``{"rank", "steps", "kind"}`` makes that rank's loss non-finite
+on those steps (see ``guard_worker.py``); a ``TrainingStopped`` is then recorded, not raised.
 
 ``CONFIG`` is a CLI config with ``deepspeed:`` (ZeRO-2) and without ``use_cpu``. Trains with
 ``tokinteract.mllm.cli`` machinery, then every rank writes what the test checks to
@@ -19,6 +22,7 @@ communication backend starts (about 70 s on 2 cores the first time, then cached 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -27,11 +31,14 @@ from transformers import TrainerCallback
 
 
 class _Count(TrainerCallback):
-    def __init__(self, steps: list[int]) -> None:
-        self.steps = steps
+    """Records the optimizer steps this process ran and the student's weights after each."""
+
+    def __init__(self, steps: list[int], snaps: dict, trainer) -> None:  # type: ignore[no-untyped-def]
+        self.steps, self.snaps, self.trainer = steps, snaps, trainer
 
     def on_step_end(self, args, state, control, **kwargs):
         self.steps.append(state.global_step)
+        self.snaps[state.global_step] = {k: v.detach().clone() for k, v in self.trainer.model.state_dict().items()}
 
 
 def main() -> None:
@@ -50,10 +57,23 @@ def main() -> None:
     margs, dargs, dcfg, targs = parse_args([config])
     trainer = build_everything(margs, dargs, dcfg, targs)
     before = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    steps_run = []
-    trainer.add_callback(_Count(steps_run))
-    trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
-    trainer.save_model(targs.output_dir)  # as tokinteract.mllm.cli.main does
+    steps_run: list[int] = []
+    snaps: dict[int, dict[str, torch.Tensor]] = {}
+    trainer.add_callback(_Count(steps_run, snaps, trainer))
+    end: dict = {"outcome": "ok"}
+    if len(sys.argv) > 3:
+        from guard_worker import _inject
+
+        from tokinteract.mllm.reliability import TrainingStopped
+
+        _inject(trainer, **json.loads(sys.argv[3]))
+        try:
+            trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
+        except TrainingStopped as e:
+            end = {"outcome": "stopped", "message": str(e), "checkpoint": e.checkpoint}
+    else:
+        trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
+        trainer.save_model(targs.output_dir)  # as tokinteract.mllm.cli.main does
     engine = trainer.model_wrapped
     teacher = trainer.teacher
     from deepspeed.accelerator import get_accelerator
@@ -67,6 +87,9 @@ def main() -> None:
             "world_size": targs.world_size,
             "log": trainer.state.log_history,
             "steps_run": steps_run,  # optimizer steps taken by this process (2 when resumed at step 2)
+            "snaps": snaps,
+            "nonfinite_steps": list(trainer.nonfinite_steps),
+            **end,
             "engine": f"{type(engine).__module__}.{type(engine).__name__}",
             "zero_stage": engine.zero_optimization_stage(),
             "engine_world_size": engine.world_size,

@@ -56,20 +56,55 @@ def torchrun_two_ranks(worker: Path, *args: str, timeout: int = 300) -> None:
     the OS picks the port atomically and the ranks reuse that store. Choosing a "free" port here
     (bind to 0, close, pass ``--master_port``) left it free for seconds, while the launcher
     imported torch, for any other process on the machine to take: the launch then failed.
+
+    The launcher runs in its own process group; past ``timeout`` (ranks waiting on each other)
+    the whole group is killed, so no rank is left behind holding a core.
     """
     import os
+    import signal
     import subprocess
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
     env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)  # the ranks must reuse the launcher's store
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker), *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
     )
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        raise AssertionError(f"the 2-rank launch ran past {timeout} s (killed): {stderr[-4000:]}") from None
     if proc.returncode != 0:
-        raise AssertionError(proc.stderr[-4000:])
+        raise AssertionError(stderr[-4000:])
+
+
+def ddp_run_on_two_ranks(tmp_path: Path, synth, **kw) -> tuple[dict, dict, list[str]]:
+    """Train the tiny config (``kw`` overrides) with ``ddp_worker.py`` on 2 CPU ranks (gloo); assert both
+    ranks end with identical student weights. Returns both ranks' records and the names of changed weights."""
+    out = tmp_path / "ranks"
+    out.mkdir()
+    cfg = tiny_config(tmp_path, synth, "ddp.yaml", ddp_backend="gloo", output_dir=str(tmp_path / "ddp"), **kw)
+    torchrun_two_ranks(Path(__file__).parent / "ddp_worker.py", cfg, out)
+    r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    assert r0["world_size"] == r1["world_size"] == 2
+    for k in r0["after"]:
+        assert torch.equal(r0["after"][k], r1["after"][k]), k
+    return r0, r1, [k for k in r0["after"] if not torch.equal(r0["after"][k], r0["before"][k])]
+
+
+def save_pair(tmp_path: Path, make_model, make_processor) -> dict[str, Path]:
+    """``{"student": path, "teacher": path}``: ``make_model(seed=1)`` / ``make_model(seed=2)``, each saved with
+    ``make_processor()`` as a local checkpoint under ``tmp_path``."""
+    ckpts = {}
+    for role, seed in (("student", 1), ("teacher", 2)):
+        ckpts[role] = tmp_path / role
+        make_model(seed=seed).save_pretrained(ckpts[role])
+        make_processor().save_pretrained(ckpts[role])
+    return ckpts
 
 
 def one_step(tr, student: torch.nn.Module, batch: dict) -> tuple[float, dict[str, float], dict[str, torch.Tensor]]:
@@ -164,3 +199,29 @@ def record_candidates(monkeypatch) -> dict:
     monkeypatch.setattr(trainer_mod, "sample_candidates", recorder(trainer_mod.sample_candidates))
     monkeypatch.setattr(fused_mod, "fused_sample_candidates", recorder(fused_mod.fused_sample_candidates))
     return rec
+
+
+def truncated_image_data(tmp_path: Path, synth, index: int = 10) -> Path:
+    """A copy of the synthetic training data whose sample ``index`` has an image that keeps a
+    valid header (preflight passes) but is cut short (loading it fails mid-run)."""
+    raw = next(Path(synth.image_folder).rglob("*.png")).read_bytes()
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(raw[: len(raw) // 2])
+    s = json.loads(Path(synth.train).read_text())
+    s[index]["image"] = str(cut)
+    return write_json(tmp_path / "cut.json", s)
+
+
+def all_finite_checkpoint(path: Path) -> None:
+    """Every weight of ``path/model.safetensors`` and every tensor of the optimizer state
+    (``optimizer.pt``, or FSDP's ``optimizer.bin``) is finite."""
+    from safetensors.torch import load_file
+
+    for k, v in load_file(path / "model.safetensors").items():
+        assert torch.isfinite(v).all(), k
+    opt_file = path / "optimizer.pt" if (path / "optimizer.pt").is_file() else path / "optimizer.bin"
+    opt = torch.load(opt_file, weights_only=False)
+    assert opt["state"], opt_file
+    for s in opt["state"].values():
+        for k, v in s.items():
+            assert not torch.is_tensor(v) or torch.isfinite(v).all(), k

@@ -9,7 +9,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, TrainerCa
 
 from tokinteract.mllm.cli import build_everything, main, parse_args
 from mllm_helpers import tiny_config as _config
-from mllm_helpers import torchrun_two_ranks
+from mllm_helpers import ddp_run_on_two_ranks
 
 HERE = Path(__file__).parent
 
@@ -56,13 +56,10 @@ class _StopAt(TrainerCallback):
             raise _Interrupt(f"simulated crash before step {self.step + 1}")
 
 
-def test_resume_reaches_the_same_final_loss(tmp_path, synth) -> None:
-    """Interrupted after the step-2 checkpoint and resumed == uninterrupted (TPA sampling included).
-
-    Tolerance: 1e-6 relative on the final logged loss, 1e-6 absolute on every weight (CPU runs
-    are deterministic; the candidates are reseeded per step, so resuming redraws the same ones).
-    """
-    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+def full_and_resumed(tmp_path, synth, **kw):
+    """``(full, first, resumed)`` trainers of a 4-step tiny run saving every 2 steps: uninterrupted in
+    ``tmp_path/a``; in ``tmp_path/b`` interrupted after the step-2 checkpoint, then resumed from it."""
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, **kw)
     full = build_everything(*parse_args([str(_config(tmp_path, synth, "a.yaml", output_dir=str(tmp_path / "a"), **kw))]))
     full.train()
     cfg_b = _config(tmp_path, synth, "b.yaml", output_dir=str(tmp_path / "b"), **kw)
@@ -73,6 +70,16 @@ def test_resume_reaches_the_same_final_loss(tmp_path, synth) -> None:
     assert (tmp_path / "b" / "checkpoint-2").is_dir() and not (tmp_path / "b" / "checkpoint-4").exists()
     resumed = build_everything(*parse_args([str(cfg_b)]))
     resumed.train(resume_from_checkpoint=True)
+    return full, first, resumed
+
+
+def test_resume_reaches_the_same_final_loss(tmp_path, synth) -> None:
+    """Interrupted after the step-2 checkpoint and resumed == uninterrupted (TPA sampling included).
+
+    Tolerance: 1e-6 relative on the final logged loss, 1e-6 absolute on every weight (CPU runs
+    are deterministic; the candidates are reseeded per step, so resuming redraws the same ones).
+    """
+    full, _, resumed = full_and_resumed(tmp_path, synth, per_device_train_batch_size=2, gradient_accumulation_steps=2)
     loss_a = [h["loss"] for h in full.state.log_history if "loss" in h]
     loss_b = [h["loss"] for h in resumed.state.log_history if "loss" in h]
     assert resumed.state.global_step == 4 and len(loss_a) == 4
@@ -93,15 +100,7 @@ def test_ddp_two_processes_gloo_identical_weights(tmp_path, synth) -> None:
     """torchrun --nproc_per_node=2 on CPU (gloo): both ranks end with identical student weights,
     and the first step's SFT/KD/IVA parts equal a single-process run on the same global batch
     (global counts across ranks)."""
-    out = tmp_path / "ranks"
-    out.mkdir()
-    cfg = _config(tmp_path, synth, "ddp.yaml", ddp_backend="gloo", output_dir=str(tmp_path / "ddp"))
-    torchrun_two_ranks(HERE / "ddp_worker.py", cfg, out)
-    r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
-    assert r0["world_size"] == r1["world_size"] == 2
-    for k in r0["after"]:
-        assert torch.equal(r0["after"][k], r1["after"][k]), k
-    changed = [k for k in r0["after"] if not torch.equal(r0["after"][k], r0["before"][k])]
+    r0, r1, changed = ddp_run_on_two_ranks(tmp_path, synth)
     assert any("language_model" in k for k in changed) and not any("vision_tower" in k for k in changed)
     assert all(torch.equal(v, r1["teacher"][k]) for k, v in r0["teacher"].items())
     single = build_everything(*parse_args([str(_config(tmp_path, synth, "one.yaml", per_device_train_batch_size=4,

@@ -8,6 +8,7 @@ fp16 are off because the run is fp32). See ``deepspeed_worker.py`` for the two C
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install
 if shutil.which("c++") is None and shutil.which("g++") is None:  # DeepSpeed JIT-builds its CPU ops
     pytest.skip("DeepSpeed's CPU accelerator needs a C++ compiler", allow_module_level=True)
 
+from tokinteract.mllm.checkpoints import latest_checkpoint  # noqa: E402
 from tokinteract.mllm.cli import build_everything, parse_args  # noqa: E402
 from mllm_helpers import torchrun_two_ranks  # noqa: E402
 
@@ -42,9 +44,9 @@ def _config(tmp_path: Path, synth, name: str, **kw) -> Path:
     return path
 
 
-def _launch(cfg: Path, out: Path) -> list[dict]:
+def _launch(cfg: Path, out: Path, *inject: str) -> list[dict]:
     out.mkdir()
-    torchrun_two_ranks(HERE / "deepspeed_worker.py", cfg, out)
+    torchrun_two_ranks(HERE / "deepspeed_worker.py", cfg, out, *inject)
     return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
 
 
@@ -118,3 +120,22 @@ def test_deepspeed_zero2_two_processes_match_one_process(tmp_path, synth) -> Non
     for k in r0["after"]:
         assert torch.equal(s0["after"][k], s1["after"][k]), k
         torch.testing.assert_close(s0["after"][k], r0["after"][k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_deepspeed_zero2_a_non_finite_step_on_one_rank_stops_every_rank(tmp_path, synth) -> None:
+    """ZeRO-2, rank 1's loss NaN at step 2 (so every reduced gradient): DeepSpeed skips the update
+    (its overflow check), and the guard stops both ranks at that step, naming it, without a new
+    checkpoint: checkpoint-1 stays the newest complete one and the weights are step 1's, finite."""
+    ds = dict(deepspeed=str(DS_CONFIG), accelerator_config={"use_configured_state": True},
+              per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    out = tmp_path / "run"
+    cfg = _config(tmp_path, synth, "nan.yaml", output_dir=str(out), save_strategy="steps", save_steps=1, **ds)
+    r0, r1 = _launch(cfg, tmp_path / "ranks", json.dumps({"rank": 1, "steps": [2], "kind": "nan"}))
+    for r in (r0, r1):
+        assert r["outcome"] == "stopped" and r["checkpoint"] is None and r["steps_run"] == [1]
+        assert r["message"].startswith("step 2: non-finite") and "DeepSpeed owns the gradients" in r["message"]
+        assert "(non-finite on rank(s) [0, 1] of 2)" in r["message"]  # DeepSpeed's grad norm is global: inf
+        assert all(torch.equal(v, r["snaps"][1][k]) and torch.isfinite(v).all() for k, v in r["after"].items())
+    assert "non-finite loss [nan, nan]" in r1["message"]  # its 2 micro-batches
+    assert latest_checkpoint(out) == out / "checkpoint-1" and not (out / "checkpoint-2").exists()
+    assert not list(out.glob("tmp-checkpoint-*"))

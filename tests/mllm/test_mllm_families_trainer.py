@@ -13,7 +13,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
 import families as fx  # noqa: E402
-from mllm_helpers import one_step, processor_trainer, write_family_data  # noqa: E402
+from mllm_helpers import one_step, processor_trainer, save_pair, write_family_data  # noqa: E402
 
 from tokinteract.hf.families import visual_token_ids  # noqa: E402
 from tokinteract.mllm import DistillationConfig  # noqa: E402
@@ -112,11 +112,7 @@ def test_cli_trains_a_gemma3_pair_and_the_student_reloads_with_transformers_alon
 
     from tokinteract.mllm.cli import main
 
-    ckpts = {}
-    for role, seed in (("student", 1), ("teacher", 2)):
-        ckpts[role] = tmp_path / role
-        fx.make_model("gemma3", seed=seed).save_pretrained(ckpts[role])
-        fx.make_processor("gemma3").save_pretrained(ckpts[role])
+    ckpts = save_pair(tmp_path, lambda seed: fx.make_model("gemma3", seed=seed), lambda: fx.make_processor("gemma3"))
     out = tmp_path / "out"
     cfg = dict(
         student_checkpoint=str(ckpts["student"]), teacher_checkpoint=str(ckpts["teacher"]), method="align_ti",

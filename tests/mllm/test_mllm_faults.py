@@ -15,7 +15,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from mllm_helpers import make_model, tiny_config, write_json
+from mllm_helpers import (
+    all_finite_checkpoint,
+    make_model,
+    tiny_config,
+    truncated_image_data,
+    write_json,
+)
 from safetensors.torch import load_file
 
 from tokinteract.mllm import DistillationConfig
@@ -129,18 +135,8 @@ def test_preflight_scan_is_parallel_and_cached_by_fingerprint(tmp_path, synth, t
 
 
 # ---------------------------------------------------------------- 2. bad samples mid-run
-def _truncated_image_data(tmp_path, synth, index: int = 10) -> Path:
-    """Sample ``index``'s image keeps a valid header (preflight passes) but is cut short (loading fails)."""
-    raw = _png(synth).read_bytes()
-    cut = tmp_path / "cut.png"
-    cut.write_bytes(raw[: len(raw) // 2])
-    s = _samples(synth)
-    s[index]["image"] = str(cut)
-    return write_json(tmp_path / "cut.json", s)
-
-
 def test_bad_sample_mid_run_is_skipped_counted_and_logged(tmp_path, synth, caplog) -> None:
-    data = _truncated_image_data(tmp_path, synth)
+    data = truncated_image_data(tmp_path, synth)
     cfg = tiny_config(tmp_path, synth, method="kd", data_path=str(data), max_steps=3, per_device_train_batch_size=4,
                       bad_sample_limit=0.1, train_sampling_strategy="sequential")
     tr = _build(cfg)
@@ -152,7 +148,7 @@ def test_bad_sample_mid_run_is_skipped_counted_and_logged(tmp_path, synth, caplo
 
 
 def test_bad_samples_past_the_limit_stop_after_a_checkpoint(tmp_path, synth) -> None:
-    data = _truncated_image_data(tmp_path, synth)
+    data = truncated_image_data(tmp_path, synth)
     out = tmp_path / "run"
     cfg = tiny_config(tmp_path, synth, method="kd", data_path=str(data), max_steps=3, per_device_train_batch_size=4,
                       train_sampling_strategy="sequential", output_dir=str(out))  # default limit: 1 % of 12
@@ -202,15 +198,6 @@ def _snapshots(tr) -> dict[int, dict[str, torch.Tensor]]:
     return snaps
 
 
-def _all_finite_checkpoint(path: Path) -> None:
-    for k, v in load_file(path / "model.safetensors").items():
-        assert torch.isfinite(v).all(), k
-    opt = torch.load(path / "optimizer.pt", weights_only=False)
-    for s in opt["state"].values():
-        for k, v in s.items():
-            assert not torch.is_tensor(v) or torch.isfinite(v).all(), k
-
-
 def test_a_non_finite_step_is_not_applied_and_logged(tmp_path, synth, caplog) -> None:
     cfg = tiny_config(tmp_path, synth, method="kd", max_steps=4, save_strategy="steps", save_steps=1)
     tr = _build(cfg)
@@ -228,7 +215,7 @@ def test_a_non_finite_step_is_not_applied_and_logged(tmp_path, synth, caplog) ->
     assert all(math.isfinite(h["loss"]) for h in tr.state.log_history if "loss" in h)
     assert [h.get("nonfinite_steps_skipped", 0) for h in tr.state.log_history if "loss" in h] == [0, 1, 0, 0]
     for step in (1, 2, 3, 4):
-        _all_finite_checkpoint(Path(tmp_path / "out" / f"checkpoint-{step}"))
+        all_finite_checkpoint(Path(tmp_path / "out" / f"checkpoint-{step}"))
 
 
 def test_non_finite_steps_in_a_row_stop_with_a_finite_checkpoint(tmp_path, synth) -> None:
@@ -240,7 +227,7 @@ def test_non_finite_steps_in_a_row_stop_with_a_finite_checkpoint(tmp_path, synth
                                               r"non-finite loss .*loss_kd.*parameter") as err:
         tr.train()
     assert err.value.checkpoint == str(out / "checkpoint-3")
-    _all_finite_checkpoint(out / "checkpoint-3")
+    all_finite_checkpoint(out / "checkpoint-3")
 
 
 def test_no_checkpoint_holds_a_non_finite_tensor(tmp_path, synth) -> None:
@@ -377,3 +364,26 @@ def test_same_seed_bit_identical_weights_across_processes_and_thread_counts(tmp_
     assert got[1].keys() == got[2].keys()
     for k in got[1]:
         assert torch.equal(got[1][k], got[2][k]), k
+
+
+@pytest.mark.slow
+def test_demo_scale_runs_repeat_bit_for_bit_whatever_the_environment_threads(tmp_path) -> None:
+    """The demo at its quick preset's model sizes (teacher 128 x 4 with its vision tower
+    trained, Align-TI student 48 x 2, batch 16): two processes with the same seeds, one with
+    ``OMP_NUM_THREADS=1`` and one with ``2`` (and different hash seeds), end with bit-identical
+    teacher and student weights, because ``Demo.fit`` trains with the setting's thread count.
+    (With 1 and 2 training threads the teacher's vision-tower weights differ after one step.)"""
+    got = {}
+    for threads in (1, 2):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONHASHSEED": str(threads)}
+        out = tmp_path / f"demo{threads}.pt"
+        proc = subprocess.run([sys.executable, str(HERE / "determinism_worker.py"), "--demo", str(tmp_path / "run"),
+                               str(out), "8"], capture_output=True, text=True, timeout=600, env=env, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got[threads] = torch.load(out)
+    assert (got[1]["threads_in_env"], got[2]["threads_in_env"]) == (1, 2)  # the environments did differ
+    for model in ("teacher", "student"):
+        a, b = got[1][model], got[2][model]
+        assert a.keys() == b.keys() and len(a) > 50
+        for k in a:
+            assert torch.equal(a[k], b[k]), (model, k)

@@ -301,3 +301,26 @@ def test_one_step_is_unchanged_by_splitting_the_config(tmp_path, synth, tok, pro
         steps.append(one_step(tr, student, _batch(tr, 2)))
     assert steps[0][0] == steps[1][0] and steps[0][1] == steps[1][1]
     assert all(torch.equal(steps[0][2][k], steps[1][2][k]) for k in steps[0][2])
+
+
+def test_a_teacher_with_logit_softcapping_returns_full_logits_under_no_grad(tmp_path, synth, tok, processor) -> None:
+    """A teacher whose logits are more than its LM head's output (final-logit softcapping, read from
+    its config) gives its own logits on the logits path, never hidden states + head."""
+    student, teacher = make_model(tok, seed=1), make_model(tok, seed=2, hidden=48, layers=3)
+    teacher.config.text_config.final_logit_softcapping = 30.0
+    tr = _trainer(tmp_path, synth, tok, processor, student, teacher, DistillationConfig(method="kd", loss_impl="logits"))
+    assert tr.teacher_output == "logits"
+    b = split_batch(_batch(tr))
+    modes = []
+    hook = teacher.lm_head.register_forward_hook(
+        lambda *_: modes.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+    )
+    try:
+        out = tr.teacher_pass(b, None, tr.batch_weights(b))
+    finally:
+        hook.remove()
+    assert out.output == "logits" and modes == [(False, False)] and not out.states.is_inference()
+    with torch.no_grad():
+        want = teacher(input_ids=b.inputs.input_ids, attention_mask=b.inputs.attention_mask, **b.inputs.extra).logits
+    real = b.inputs.attention_mask.bool()
+    torch.testing.assert_close(out.states[real], want[real], rtol=1e-5, atol=1e-5)

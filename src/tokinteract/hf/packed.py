@@ -37,6 +37,7 @@ result is the same function; only the saving is lost.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,7 @@ from tokinteract._checks import check_bool, check_choice, check_integer, check_t
 from tokinteract.expansion import TPAExpansion, tpa_expand
 from tokinteract.ribbon import ribbon_dense
 from tokinteract.hf import _attn, _plan, families
+from tokinteract.hf._shared import SharedTape
 
 __all__ = [
     "OUTPUTS",
@@ -354,6 +356,8 @@ class GroundTruthOutput:
         outputs: the model's full output object (hidden states, attentions when asked).
         hidden_states: ``[B, T, H]`` input of the LM head (after the final norm) when the pass
             ran with ``output="hidden"``, else None.
+        shared: links of the pass's weights for the candidate pass (one gradient per weight,
+            see :mod:`tokinteract.hf._shared`); None when the pass ran without gradients or cache.
     """
 
     logits: Float[Tensor, "batch seq vocab"] | None
@@ -364,6 +368,7 @@ class GroundTruthOutput:
     outputs: Any = None
     hidden_states: Float[Tensor, "batch seq hidden"] | None = None
     layout: Any = None
+    shared: SharedTape | None = field(default=None, repr=False)
 
     @property
     def output(self) -> str:
@@ -437,7 +442,10 @@ def ground_truth_forward(
 
         extra["cache"] = DynamicCache()
     T = input_ids.shape[1]
-    out = _forward_plan(model, exp.input_ids, p, 0, T, output, **extra, **fwd)
+    # with gradients, the candidate pass adds its weight gradients into this pass's (one per weight)
+    tape = SharedTape(model) if keep and SharedTape.active() else None
+    with tape.ground_truth() if tape is not None else contextlib.nullcontext():
+        out = _forward_plan(model, exp.input_ids, p, 0, T, output, **extra, **fwd)
     cache = getattr(out, "cache", None) if keep else None
     if cache is None:
         cache = getattr(out, "past_key_values", None) if keep else None
@@ -445,7 +453,7 @@ def ground_truth_forward(
     return GroundTruthOutput(
         logits=None if hidden else out.logits, cache=cache, input_ids=input_ids, attention_mask=am,
         model_inputs=dict(model_inputs), outputs=out, hidden_states=out.last_hidden_state if hidden else None,
-        layout=layout,
+        layout=layout, shared=tape,
     )
 
 
@@ -530,19 +538,21 @@ def cached_candidate_forward(
     p = _plan.plan(model, exp, ground_truth.layout)
     ids = exp.input_ids[:, T:]
     T2 = exp.expanded_len
+    tape = ground_truth.shared
     try:
-        if attention == "prefix_self":
-            _attn.ensure_prefix_self_registered()
-            target = _base_model(model) if output == "hidden" else model
-            with _attn.use_attn_implementation(model, _attn.PREFIX_SELF):
-                masks = {lt: _plan.dense(r, B, T, N, T, dev) for lt, r in p.rules.items()}
-                am = next(iter(masks.values())) if len(masks) == 1 else masks
-                out = target(
-                    input_ids=ids, attention_mask=am, position_ids=_plan.model_position_ids(p, T),
-                    cache=cache, use_cache=True,
-                )
-        else:
-            out = _forward_plan(model, ids, p, T, T2, output, cache=cache, use_cache=True)
+        with tape.candidates() if tape is not None else contextlib.nullcontext():
+            if attention == "prefix_self":
+                _attn.ensure_prefix_self_registered()
+                target = _base_model(model) if output == "hidden" else model
+                with _attn.use_attn_implementation(model, _attn.PREFIX_SELF):
+                    masks = {lt: _plan.dense(r, B, T, N, T, dev) for lt, r in p.rules.items()}
+                    am = next(iter(masks.values())) if len(masks) == 1 else masks
+                    out = target(
+                        input_ids=ids, attention_mask=am, position_ids=_plan.model_position_ids(p, T),
+                        cache=cache, use_cache=True,
+                    )
+            else:
+                out = _forward_plan(model, ids, p, T, T2, output, cache=cache, use_cache=True)
     finally:
         grown = cache.get_seq_length() - T
         if grown > 0:

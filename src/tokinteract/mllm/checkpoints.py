@@ -36,7 +36,9 @@ _WEIGHTS = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
     "adapter_model.safetensors", "adapter_model.bin",
 )
-_FINAL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "trainer_state.json")
+_FINAL_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors", "trainer_state.json",
+)
 
 
 class OutputDirError(ValueError):

@@ -48,6 +48,12 @@ class ModelArguments:
     Trainable parts (:func:`tokinteract.mllm.model.set_trainable_parts`): the vision tower
     is frozen unless ``train_vision_tower``; ``train_projector`` (default: true) and
     ``train_language_model`` (default: ``stage == "finetune"``) override the stage.
+
+    LoRA (``lora_r > 0``, :mod:`tokinteract.mllm.lora`): adapters on the language model's
+    ``lora_target_modules``; the language model and the vision tower stay frozen (setting
+    ``train_language_model`` or ``train_vision_tower`` is an error), the projector trains in
+    full unless ``train_projector: false``. ``output_dir`` then holds the adapter;
+    ``lora_merge_on_save`` also writes the merged standard checkpoint to ``output_dir/merged``.
     """
 
     stage: str = field(default="finetune", metadata={"help": "pretrain (projector only) or finetune (projector + LLM)"})
@@ -67,6 +73,18 @@ class ModelArguments:
     train_projector: bool | None = field(default=None, metadata={"help": "train the projector (None: true)"})
     train_language_model: bool | None = field(
         default=None, metadata={"help": "train the language model and LM head (None: stage == finetune)"}
+    )
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank of the student's language-model adapters (0: no LoRA, "
+                                                     "full training of the chosen parts; needs peft)"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (the update is alpha / r * B A x)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA adapters' input"})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "last names of the language model's linear layers to adapt (None: q_proj k_proj "
+                                        "v_proj o_proj gate_proj up_proj down_proj); never the vision tower"}
+    )
+    lora_merge_on_save: bool = field(
+        default=False, metadata={"help": "after training, also save the merged student (adapters folded in) to "
+                                         "output_dir/merged, a standard checkpoint"}
     )
     tiny: bool = field(default=False, metadata={"help": "random tiny models + synthetic-task tokenizer (tests, demo)"})
     tiny_family: str = field(default="qwen2", metadata={"help": "qwen2 or qwen3"})
@@ -184,8 +202,10 @@ def build_everything(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, check_exi
 
     from tokinteract.mllm import model as mm
     from tokinteract.mllm.data import LlavaCollator, LlavaJsonDataset
+    from tokinteract.mllm.lora import check_lora_arguments, unwrap_peft
     from tokinteract.mllm.trainer import DistillationTrainer
 
+    check_lora_arguments(margs, targs)  # before any model loads
     sources = [bool(margs.student_checkpoint), bool(margs.student_language_model), bool(margs.tiny)]
     if sum(sources) != 1:
         raise ValueError(
@@ -226,11 +246,19 @@ def build_everything(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, check_exi
         processor = mm.build_processor(tok, student)
     if margs.stage not in ("pretrain", "finetune"):
         raise ValueError(f"stage must be 'pretrain' or 'finetune', got {margs.stage!r}")
-    mm.set_trainable_parts(
-        student, vision_tower=margs.train_vision_tower,
-        projector=True if margs.train_projector is None else margs.train_projector,
-        language_model=margs.stage == "finetune" if margs.train_language_model is None else margs.train_language_model,
-    )
+    projector = True if margs.train_projector is None else margs.train_projector
+    if margs.lora_r:
+        from tokinteract.mllm.lora import apply_lora
+
+        student = apply_lora(
+            student, r=margs.lora_r, alpha=margs.lora_alpha, dropout=margs.lora_dropout,
+            target_modules=margs.lora_target_modules, train_projector=projector, seed=targs.seed,
+        )
+    else:
+        mm.set_trainable_parts(
+            student, vision_tower=margs.train_vision_tower, projector=projector,
+            language_model=margs.stage == "finetune" if margs.train_language_model is None else margs.train_language_model,
+        )
     logger.info("student: %d trainable parameters (stage %s)", mm.count_trainable(student), margs.stage)
     needs_teacher = any(settings[k] > 0 for k in ("kd", "iva", "tpa")) or settings["on_policy"]
     teacher = t_processor = None
@@ -252,8 +280,8 @@ def build_everything(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, check_exi
             )
         else:
             raise ValueError(f"method {dcfg.method!r} needs teacher_checkpoint")
-    mm.check_pair(student, teacher, output="hidden" if dcfg.loss_impl == "fused" else "logits")
-    if t_processor is not None and mm.teacher_needs_own_inputs(student, teacher, processor, t_processor):
+    mm.check_pair(unwrap_peft(student), teacher, output="hidden" if dcfg.loss_impl == "fused" else "logits")
+    if t_processor is not None and mm.teacher_needs_own_inputs(unwrap_peft(student), teacher, processor, t_processor):
         logger.info("the teacher reads its own processor's batch (another image processor or vision tower)")
         return _processor_trainer(student, teacher, processor, dargs, dcfg, targs, teacher_processor=t_processor)
     if student.config.model_type != "llava":
@@ -323,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(targs.output_dir)
     trainer.save_state()
+    if margs.lora_r and margs.lora_merge_on_save and trainer.is_world_process_zero():
+        from tokinteract.mllm.lora import merge_and_save
+
+        out = merge_and_save(trainer.model, Path(targs.output_dir) / "merged", trainer.processing_class)
+        logger.info("merged student (LoRA folded in): %s", out)
     skipped = len(getattr(trainer.train_dataset, "skipped", [])) + len(trainer.skipped_samples)
     if skipped and trainer.is_world_process_zero():
         logger.warning("skipped %d bad sample(s) (see the preflight report and the warnings above)", skipped)

@@ -36,6 +36,12 @@ What it adds to ``transformers.Trainer`` (see the trainer guide's "Faults" secti
   ``bad_sample_limit`` of the data file's samples the run saves a checkpoint and stops with
   :class:`TrainingStopped`.
 
+* **Several processes** (DDP, FSDP2, DeepSpeed): every decision is collective
+  (:meth:`ReliableTrainerMixin._ranks_with`): a step non-finite on one rank is skipped by all,
+  the bad-sample counts are summed over the ranks, a non-finite optimizer state on one rank
+  (ZeRO partitions it) makes every rank refuse the save; only the main process renames a
+  staged checkpoint, between two barriers.
+
 The mixin reads ``self.distill.max_nonfinite_steps``, ``bad_sample_limit`` and
 ``overwrite_output_dir`` (:class:`tokinteract.mllm.trainer.DistillationConfig`) and, when
 present, the trainer's per-part loss sums ``self._part_sums``.
@@ -207,15 +213,20 @@ class ReliableTrainerMixin:
         self._guard_step(model, grad_norm)
         return grad_norm
 
+    def _ranks_with(self, local: bool) -> list[int]:
+        """The ranks where ``local`` is true (a collective: call it on every rank)."""
+        if self.args.world_size <= 1:
+            return [0] if local else []
+        flags = self.accelerator.gather(torch.tensor([float(local)], device=self.args.device))
+        return [r for r, f in enumerate(flags.tolist()) if f]
+
     def _guard_step(self, model: nn.Module, grad_norm: Any) -> None:
         st = self._reliability_state()
         scaler = getattr(self.accelerator, "scaler", None)
         norm = float(grad_norm) if grad_norm is not None else 0.0
         grad_bad = not math.isfinite(norm) and scaler is None
-        flag = torch.tensor([float(bool(st["loss_bad"]) or grad_bad)], device=self.args.device)
-        if self.args.world_size > 1:
-            flag = self.accelerator.gather(flag).max()
-        if not bool(flag):
+        ranks = self._ranks_with(bool(st["loss_bad"]) or grad_bad)  # one rank's bad loss skips the step on all
+        if not ranks:
             st["run"] = 0
             return
         step = self.state.global_step + 1
@@ -223,12 +234,15 @@ class ReliableTrainerMixin:
         params = [n for n, p in unwrapped.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
         parts = sorted({p for _, ps in st["loss_bad"] for p in ps})
         losses = [v for v, _ in st["loss_bad"]]
+        if losses:
+            what = f"loss {losses} (loss parts: {', '.join('loss_' + p for p in parts) or 'none non-finite'})"
+        else:
+            what = "gradient" if grad_bad else "loss or gradient on another rank"
         msg = (
-            f"step {step}: non-finite "
-            + (f"loss {losses} (loss parts: {', '.join('loss_' + p for p in parts) or 'none non-finite'})" if losses
-               else "gradient")
+            f"step {step}: non-finite {what}"
             + f", gradient norm {norm}, non-finite gradients in {len(params)} parameter(s)"
             + (f": {_names(params)}" if params else "")
+            + (f" (non-finite on rank(s) {ranks} of {self.args.world_size})" if self.args.world_size > 1 else "")
         )
         if self.is_deepspeed_enabled:
             self._stop_run(msg + "; DeepSpeed owns the gradients, so the run stops at the first non-finite step",
@@ -293,11 +307,15 @@ class ReliableTrainerMixin:
 
         step = self.state.global_step
         if not self.args.save_only_model:
+            # every rank checks its own optimizer state (ZeRO partitions it) and all agree, so no
+            # rank writes or waits at a barrier while another refuses
             bad = nonfinite_tensors(_optimizer_tensors(self.optimizer))
-            if bad:
+            ranks = self._ranks_with(bool(bad))
+            if ranks:
+                where = f" ({_names(bad)})" if bad else ""
                 raise NonFiniteError(
-                    f"refusing to save checkpoint-{step}: {len(bad)} optimizer state tensor(s) hold NaN or infinite "
-                    f"values ({_names(bad)})"
+                    f"refusing to save checkpoint-{step}: optimizer state tensor(s) hold NaN or infinite values on "
+                    f"rank(s) {ranks}{where}"
                 )
         run_dir = self._get_output_dir(trial)
         staging = os.path.join(run_dir, f"{STAGING_PREFIX}{step}")

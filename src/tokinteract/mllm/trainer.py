@@ -145,6 +145,7 @@ from tokinteract import (
 )
 from tokinteract.hf.families import visual_token_ids
 from tokinteract.mllm.config import LOSS_IMPLS, METHODS, DistillationConfig  # re-exported: their earlier home
+from tokinteract.mllm.lora import unwrap_peft
 from tokinteract.mllm.model import check_teacher_student, num_image_tokens
 from tokinteract.mllm.reliability import ReliableTrainerMixin
 
@@ -957,7 +958,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         gen = self._generator(ids.device) if training else torch.Generator(device=ids.device).manual_seed(0)
         counts = self._counts if training and not batch.on_policy else None
         weights = self.batch_weights(batch)
-        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped = unwrap_peft(self.accelerator.unwrap_model(model))  # LoRA: the adapted model inside
         needs_teacher = self.teacher is not None and any(weights[k] > 0 for k in ("kd", "iva", "tpa"))
         unsharded: list[nn.Module] = []
 
@@ -1060,7 +1061,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         first prompt (left-padded) and up to ``gkd_max_new_tokens`` generated tokens, labelled
         only on the generated tokens, marked with :data:`ON_POLICY`."""
         inputs = self._prepare_inputs(inputs)
-        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped = unwrap_peft(self.accelerator.unwrap_model(model))  # LoRA: the adapted model inside
         with self.compute_loss_context_manager():  # the autocast the loss runs under
             seq, gatt, glabels, gpx = self._generate(
                 unwrapped, inputs["input_ids"], inputs["attention_mask"], inputs["labels"],

@@ -1,0 +1,287 @@
+"""Calibration of a study task (issue 15): teacher(s) and SFT student only, before any distillation run.
+
+    python examples/study/calibrate.py --task scenes                  # the task's quick setting
+    python examples/study/calibrate.py --task digits --teacher-seeds 1000 1001 --student-seeds 0
+    python examples/study/calibrate.py --task scenes --set teacher_steps=3000 --set n_train=12000
+
+Steps (each cached in ``--run-dir``, so a killed calibration resumes): write the task,
+pre-train and freeze the vision tower (probe accuracy recorded), train the first teacher of
+``--teacher-seeds`` (exact match per question type, POPE per split, the IRS curve), the
+shared stage-1 student, one SFT student per ``--student-seeds``, then the replicate
+teachers (IRS stability). ``calibration.json`` is rewritten after every stage, so a killed
+run leaves what it measured (``--page-only`` writes its page). The targets of issue 15
+are checked and written to ``--page`` with every number and the command (a target not
+measured is reported as not met):
+
+* the first teacher >= 85 % exact match on each short question type (and pooled);
+* the teacher >= 15 points above the SFT student (mean over seeds) in overall exact match;
+* every teacher's IRS curve with max/min >= 3, and the same l* (or neighbouring layers)
+  across teachers.
+
+Nothing here picks a distillation method: only teacher and SFT numbers decide the setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+import demo_study as dm  # noqa: E402
+
+TARGET_SHORT_EM = 0.85
+TARGET_GAP = 0.15
+TARGET_IRS_RATIO = 3.0
+
+
+def _parse_set(items: list[str], settings: dm.DemoSettings) -> dict[str, Any]:
+    fields = {f.name: f for f in dataclasses.fields(settings)}
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields or name in ("teacher", "student", "seeds", "experiments"):
+            raise ValueError(f"--set takes NAME=VALUE with NAME a scalar field of DemoSettings, got {item!r}")
+        old = getattr(settings, name)
+        out[name] = (value.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(value)
+    return out
+
+
+def irs_ratio(scores: list[float]) -> float:
+    """max / min of an IRS curve (inf when the minimum is <= 0: no finite ratio)."""
+    lo, hi = min(scores), max(scores)
+    return hi / lo if lo > 0 else float("inf")
+
+
+def check_targets(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """The calibration targets of issue 15, each with its measured value and whether it is met."""
+    rows: list[dict[str, Any]] = []
+    teachers = res["teachers"]
+    t0 = teachers[0]["eval"]
+    for t in res["task"]["short_types"]:
+        name = f"teacher EM on '{t}' >= {TARGET_SHORT_EM:.0%}"
+        if t in t0["exact_match"]:
+            v = t0["exact_match"][t]
+            rows.append({"target": name, "value": v, "met": v >= TARGET_SHORT_EM})
+        else:  # not measured is not met
+            rows.append({"target": name, "value": "no such question in the test set", "met": False})
+    if "short_overall" in t0:
+        v = t0["short_overall"]
+        rows.append({"target": f"teacher EM on the short types, pooled, >= {TARGET_SHORT_EM:.0%}", "value": v,
+                     "met": v >= TARGET_SHORT_EM})
+    sft = [r["eval"]["overall"] for r in res.get("sft", [])]
+    name = f"teacher - SFT student overall EM >= {TARGET_GAP * 100:.0f} points"
+    if sft:
+        gap = t0["overall"] - sum(sft) / len(sft)
+        rows.append({"target": name, "value": gap, "met": gap >= TARGET_GAP})
+    else:
+        rows.append({"target": name, "value": "not measured (no SFT student)", "met": False})
+    for k, t in enumerate(teachers):
+        r = irs_ratio(t["irs"]["scores"])
+        rows.append({"target": f"teacher {k} (seed {t['seed']}) IRS max/min >= {TARGET_IRS_RATIO:.0f}", "value": r,
+                     "met": r >= TARGET_IRS_RATIO})
+    ls = [t["irs"]["best_layer"] for t in teachers]
+    rows.append({"target": "same l* (or neighbouring layers) across teachers",
+                 "value": ls if len(ls) > 1 else "not measured (one teacher)", "met": len(ls) > 1 and max(ls) - min(ls) <= 1})
+    return rows
+
+
+def calibrate(settings: dm.DemoSettings, run_dir: Path, *, teacher_seeds: list[int], student_seeds: list[int],
+              progress: bool = False, log=print, command: str = "") -> dict[str, Any]:
+    """Run the calibration (module docstring); returns every number (also written to ``run_dir/calibration.json``)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    t_start = time.perf_counter()
+    settings = dataclasses.replace(settings, teacher_seed=teacher_seeds[0])
+    demo = dm.Demo(settings, run_dir, progress=progress, log=log)
+    res = demo.results
+    res["machine_start"] = dm.machine_info()
+    res["command"] = command
+    demo.prepare()
+    log(f"task: {res['task']}")
+    if settings.vision_pretrain_steps:
+        demo.vision_tower()
+        log(f"vision tower: {res['vision']}")
+    out_json = demo.dir / "calibration.json"
+
+    def save() -> None:  # after every stage: a killed calibration leaves what it measured
+        res["targets"] = check_targets(res)
+        res["wall_s"] = time.perf_counter() - t_start
+        res["machine_end"] = dm.machine_info()
+        out_json.write_text(json.dumps(dm._jsonable(res), indent=1))
+
+    def teacher_record(seed: int) -> tuple[Any, dict[str, Any]]:
+        teacher = demo.teacher_model(seed)
+        train = res.pop("teacher_train")
+        cached = demo.dir / f"teacher_eval_seed{seed}.json"
+        if cached.exists():
+            return teacher, json.loads(cached.read_text())
+        t0 = time.perf_counter()
+        ev = demo.evaluate(teacher, None)
+        curve = demo.irs(teacher)
+        rec = dm._jsonable({"seed": seed, "eval": ev, "train": train, "irs": {
+            "scores": [float(x) for x in curve.scores.tolist()], "best_layer": int(curve.best_layer),
+            "num_pairs": curve.num_pairs}, "eval_wall_s": time.perf_counter() - t0})
+        cached.write_text(json.dumps(rec, indent=1))
+        return teacher, rec
+
+    res["teachers"], res["sft"] = [], []
+    first, rec = teacher_record(teacher_seeds[0])
+    res["teachers"].append(rec)
+    log(f"teacher seed {rec['seed']}: {rec['eval']['exact_match']} IRS {rec['irs']['scores']}")
+    save()
+    demo.stage1_student(first)
+    stage1 = demo.load_stage1()
+    res["stage1"] = demo.evaluate(stage1, first)
+    del stage1
+    for seed in student_seeds:
+        out = demo.dir / "runs" / f"sft_seed{seed}.json"
+        if out.exists():
+            rec = json.loads(out.read_text())
+        else:
+            log(f"SFT student seed {seed} ({settings.student_steps} steps)")
+            model = demo.load_stage1()
+            torch.manual_seed(seed)
+            tr = demo.fit(model, demo.train, steps=settings.student_steps, lr=settings.student_lr, seed=seed,
+                          tag=f"sft_{seed}")
+            rec = dm._jsonable({"key": "sft", "seed": seed, "method": "sft", "overrides": {}, "train": tr,
+                                "eval": demo.evaluate(model, first)})
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(rec, indent=1))
+        res["sft"].append(rec)
+        log(f"SFT seed {seed}: overall {rec['eval']['overall']:.3f} {rec['eval']['exact_match']}")
+        save()
+    for seed in teacher_seeds[1:]:  # replicate teachers: IRS stability
+        teacher, rec = teacher_record(seed)
+        del teacher
+        res["teachers"].append(rec)
+        log(f"teacher seed {seed}: {rec['eval']['exact_match']} IRS {rec['irs']['scores']}")
+        save()
+    return res
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def calibration_markdown(res: dict[str, Any], *, command: str) -> str:
+    """The calibration page: setting, vision tower, teachers, SFT students, targets."""
+    s, task = res["settings"], res["task"]
+    types = task["question_types"]
+    ms = res.get("machine_start", {})
+    md = [f"# Calibration: the `{task['name']}` task", "",
+          f"Command: `{command}`. Wall time {res['wall_s'] / 60:.1f} min on {ms.get('cpu_count')} CPU(s), torch "
+          f"{ms.get('torch')} with {ms.get('torch_threads')} thread(s), load average at start "
+          f"{dm._fmt_load(ms)} (a shared machine). Every number is in `calibration.json` of the run dir.", "",
+          "## Setting", "",
+          f"* Task `{task['name']}`: {s['grid']}x{s['grid']} grid, {s['image_size']} px, patch {s['patch_size']} -> "
+          f"{task['visual_tokens']} visual tokens; {s['n_train']} training samples, {s['n_captions']} captions "
+          f"(stage 1), {task['test_eval']} held-out test samples; question types {', '.join(types)} (short: "
+          f"{', '.join(task['short_types'])}); answers {task['answer_tokens_mean']:.1f} tokens on average, "
+          f"'{task['long_type']}' {task['describe_tokens_mean']:.1f}, max {task['answer_tokens_max']}.",
+          f"* Teacher: hidden {s['teacher']['hidden']}, {s['teacher']['layers']} layers; SFT {s['teacher_steps']} steps, "
+          f"batch {s['batch_size']}, lr {s['teacher_lr']}.",
+          f"* Student: hidden {s['student']['hidden']}, {s['student']['layers']} layers; stage 1 {s['stage1_steps']} "
+          f"steps on captions; SFT {s['student_steps']} steps, lr {s['student_lr']}.", ""]
+    v = res.get("vision")
+    if v:
+        md += ["## Vision tower (stand-in for a pretrained SigLIP)", "",
+               f"SigLIP {s['vision_hidden']}-d x {s['vision_layers']} layers, pre-trained {v['steps']} steps on "
+               f"{v['images']} task images (per-cell attribute classification), then frozen for teacher and students "
+               f"(loss {v['loss_first']:.3f} -> {v['loss_last']:.3f}). Linear probe per cell on the frozen features, "
+               f"{v['probe_test_images']} held-out images:", "",
+               "| tower | " + " | ".join(f"probe {k} %" for k in v["probe"]) + " | image-signal fraction |",
+               "|---|" + "---|" * (len(v["probe"]) + 1),
+               "| random (before) | " + " | ".join(_pct(v["random_probe"][k]) for k in v["probe"])
+               + f" | {v['random_signal_fraction']:.3f} |",
+               "| pre-trained (used) | " + " | ".join(_pct(v["probe"][k]) for k in v["probe"])
+               + f" | {v['signal_fraction']:.3f} |", "",
+               "Image-signal fraction: the standard deviation across images of the features the projector reads over "
+               "their RMS (near 0: a component common to all images dominates).", ""]
+    md += ["## Teachers and SFT students (exact match %, held-out)", "",
+           "| model | overall | short pooled | " + " | ".join(types) + " | POPE acc | IRS per layer | l* | max/min |",
+           "|---|---|---|" + "---|" * len(types) + "---|---|---|---|"]
+    for t in res["teachers"]:
+        ev = t["eval"]
+        pope = ev.get("pope", {})
+        md.append(f"| teacher seed {t['seed']} | {_pct(ev['overall'])} | {_pct(ev.get('short_overall', float('nan')))} | "
+                  + " | ".join(_pct(ev["exact_match"][k]) if k in ev["exact_match"] else "n/a" for k in types)
+                  + f" | {_pct(pope['accuracy']) if pope else 'n/a'} | "
+                  + ", ".join(f"{x:.4f}" for x in t["irs"]["scores"])
+                  + f" | {t['irs']['best_layer']} | {irs_ratio(t['irs']['scores']):.2f} |")
+    students = ([("student stage 1", res["stage1"])] if "stage1" in res else []) + [
+        (f"SFT student seed {r['seed']}", r["eval"]) for r in res["sft"]]
+    for label, ev in students:
+        pope = ev.get("pope", {})
+        md.append(f"| {label} | {_pct(ev['overall'])} | {_pct(ev.get('short_overall', float('nan')))} | "
+                  + " | ".join(_pct(ev["exact_match"][k]) if k in ev["exact_match"] else "n/a" for k in types)
+                  + f" | {_pct(pope['accuracy']) if pope else 'n/a'} | — | — | — |")
+    splits = res["teachers"][0]["eval"].get("pope_by_split")
+    if splits:
+        md += ["", "POPE per split (first teacher): " + "; ".join(
+            f"{k}: acc {_pct(p['accuracy'])}, F1 {_pct(p['f1'])}, yes-rate {_pct(p['yes_rate'])} (n={p['n']})"
+            for k, p in splits.items()) + "."]
+    md += ["", "## Targets (issue 15)", "", "| target | measured | met |", "|---|---|---|"]
+    for r in res["targets"]:
+        val = r["value"]
+        shown = (f"{val:.2f}" if "max/min" in r["target"] else _pct(val)) if isinstance(val, float) else str(val)
+        md.append(f"| {r['target']} | {shown} | {'yes' if r['met'] else '**no**'} |")
+    md += ["", "Teacher SFT wall time (cached checkpoints are not retrained; the wall time above is this process's): "
+           + ", ".join(f"seed {t['seed']}: {t['train']['wall_s'] / 60:.1f} min" for t in res["teachers"]) + "."]
+    md += ["", "Teacher training loss (logged): " + ", ".join(
+        f"seed {t['seed']}: " + " -> ".join(f"{h['loss']:.3f}" if isinstance(h['loss'], float) else str(h['loss'])
+                                      for h in t["train"]["log"]) for t in res["teachers"]) + "."]
+    return "\n".join(md) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=sorted(dm.TASK_SETTINGS), required=True)
+    p.add_argument("--preset", default="quick", choices=sorted(dm.PRESETS))
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a DemoSettings field")
+    p.add_argument("--teacher-size", type=int, nargs=2, default=None, metavar=("HIDDEN", "LAYERS"))
+    p.add_argument("--student-size", type=int, nargs=2, default=None, metavar=("HIDDEN", "LAYERS"))
+    p.add_argument("--teacher-seeds", type=int, nargs="+", default=[1000, 1001])
+    p.add_argument("--student-seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--run-dir", type=Path, default=None, help="default: runs/calibration/<task>")
+    p.add_argument("--page", type=Path, default=None, help="write the Markdown page here (default: run dir)")
+    p.add_argument("--page-only", action="store_true", help="train nothing: write the page of the saved calibration.json")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    settings = dm.task_settings(a.task, a.preset)
+    settings = dataclasses.replace(settings, **_parse_set(a.set, settings))
+    if a.teacher_size:
+        settings = dataclasses.replace(settings, teacher=dm.ModelSize(*a.teacher_size))
+    if a.student_size:
+        settings = dataclasses.replace(settings, student=dm.ModelSize(*a.student_size))
+    run_dir = a.run_dir or ROOT / "runs" / "calibration" / a.task
+    command = "python examples/study/calibrate.py" + "".join(
+        f" {shlex.quote(x)}" for x in (argv if argv is not None else sys.argv[1:]))
+    page = a.page or run_dir / "calibration.md"
+    if a.page_only:  # the page of what a (killed or running) calibration has saved so far
+        res = json.loads((run_dir / "calibration.json").read_text())
+    else:
+        res = calibrate(settings, run_dir, teacher_seeds=a.teacher_seeds, student_seeds=a.student_seeds, command=command)
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(calibration_markdown(res, command=res.get("command") or command))
+    print(f"\n{page}\n")
+    for r in res["targets"]:
+        print(f"{'MET ' if r['met'] else 'MISS'} {r['target']}: {r['value']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

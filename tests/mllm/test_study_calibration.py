@@ -1,0 +1,96 @@
+"""The study's new tasks wired into the demo (examples/study/demo_study.py, calibrate.py; issue 15):
+task settings, the pre-trained vision tower shared and frozen, the calibration targets and page."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "examples" / "study"))
+import calibrate as cal  # noqa: E402
+import demo_study as dm  # noqa: E402
+
+pytest.importorskip("sklearn")
+
+
+def test_task_settings() -> None:
+    assert dm.task_settings("shapes", "quick") is dm.PRESETS["quick"]  # the earlier study is unchanged
+    s = dm.task_settings("scenes", "quick")
+    assert (s.task, s.grid, s.image_size, s.patch_size) == ("scenes", 3, 48, 8)
+    assert s.vision_pretrain_steps > 0 and not s.teacher_trains_vision
+    assert (s.image_size // s.patch_size) ** 2 >= 16
+    assert dm.task_settings("digits", "full").seeds == dm.PRESETS["full"].seeds
+    smoke = dm.task_settings("scenes", "smoke")  # the smoke budget stays tiny on every task
+    for f in ("teacher_steps", "stage1_steps", "student_steps", "n_train", "n_eval"):
+        assert getattr(smoke, f) == getattr(dm.PRESETS["smoke"], f), f
+    with pytest.raises(ValueError, match="task must be one of"):
+        dm.task_settings("mnist", "quick")
+    with pytest.raises(ValueError, match="preset must be one of"):
+        dm.task_settings("scenes", "huge")
+
+
+def test_irs_ratio_and_targets_can_fail() -> None:
+    assert cal.irs_ratio([0.1, 0.5, 0.2]) == pytest.approx(5.0)
+    assert cal.irs_ratio([0.0, 0.5]) == float("inf")
+
+    def res(short: float, sft: float, irs: list[list[float]]) -> dict:
+        ev = {"exact_match": {"a": short, "b": short, "long": 0.5}, "short_overall": short, "overall": 0.7}
+        return {"task": {"short_types": ["a", "b"]},
+                "teachers": [{"seed": k, "eval": ev, "irs": {"scores": c, "best_layer": c.index(max(c))}}
+                             for k, c in enumerate(irs)],
+                "sft": [{"eval": {"overall": sft}}]}
+
+    good = cal.check_targets(res(0.9, 0.5, [[0.1, 0.4, 0.2], [0.1, 0.2, 0.5]]))
+    assert all(r["met"] for r in good), good
+    bad = cal.check_targets(res(0.8, 0.6, [[0.1, 0.2, 0.25], [0.25, 0.1, 0.12]]))
+    assert not any(r["met"] for r in bad), bad
+    missing = cal.check_targets({**res(0.9, 0.5, [[0.1, 0.4]]), "task": {"short_types": ["a", "c"]}})
+    assert [r["met"] for r in missing if "'c'" in r["target"]] == [False]  # not measured is not met
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["scenes", "digits"])
+def test_calibration_smoke_shares_one_frozen_pretrained_tower(tmp_path: Path, task: str) -> None:
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    torch.set_num_threads(1)
+    page = tmp_path / "cal.md"
+    assert cal.main(["--task", task, "--preset", "smoke", "--run-dir", str(tmp_path / "run"), "--page", str(page),
+                     "--teacher-seeds", "5", "6", "--student-seeds", "0"]) == 0
+    res = json.loads((tmp_path / "run" / "calibration.json").read_text())
+    assert [t["seed"] for t in res["teachers"]] == [5, 6]
+    assert len(res["sft"]) == 1 and res["task"]["name"] == task
+    v = res["vision"]
+    assert set(v["probe"]) == set(v["random_probe"]) and all(0.0 <= x <= 1.0 for x in v["probe"].values())
+    tower = load_file(str(tmp_path / "run" / "vision_tower" / "tower.safetensors"))
+    for path in ("teacher", "teacher_seed6", "student_stage1"):  # every model holds the pre-trained tower, unchanged
+        m = LlavaForConditionalGeneration.from_pretrained(tmp_path / "run" / path)
+        for k, w in m.model.vision_tower.state_dict().items():
+            assert torch.equal(w, tower[k]), (path, k)
+    text = page.read_text()
+    assert "## Targets (issue 15)" in text and "probe" in text
+    assert len(res["targets"]) == len(res["task"]["short_types"]) + 1 + 1 + 2 + 1
+
+
+@pytest.mark.slow
+def test_demo_smoke_on_the_scenes_task(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    settings = dm.task_settings("scenes", "smoke")
+    res = dm.run_demo(settings, tmp_path / "run", progress=False, log=lambda *_: None)
+    assert res["task"]["name"] == "scenes" and res["task"]["visual_tokens"] == 36
+    settings_types = ("color", "shape", "position", "count", "exist", "describe", "list_color", "count_colors")
+    assert tuple(res["task"]["question_types"]) == settings_types
+    assert "probe" in res["vision"]
+    for key in dm.EXPERIMENTS["table5"]:
+        ev = res["runs"][key]["seeds"][0]["eval"]
+        assert sum(ev["counts"].values()) == res["task"]["test_eval"]
+        assert set(ev["exact_match"]) <= set(settings_types)
+    page = dm.write_report(res, tmp_path / "out", command="smoke", page=tmp_path / "page.md")
+    text = page.read_text()
+    assert "| list_color % |" in text and "'describe' prompts" in text and "3..8 objects" in text

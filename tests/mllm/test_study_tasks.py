@@ -1,0 +1,186 @@
+"""The study's tasks (examples/study/tasks.py, issue 15): determinism, answers parsed back against the
+world, held-out splits, POPE splits, token lengths and visual-token counts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "examples" / "study"))
+import tasks as T  # noqa: E402  (the study lives in examples/, outside the package)
+
+pytest.importorskip("sklearn")  # the digits task reads scikit-learn's bundled data set
+
+TASK_NAMES = ("scenes", "digits")
+
+
+def _qa(sample: dict) -> tuple[str, str]:
+    return sample["conversations"][0]["value"].replace("<image>\n", ""), sample["conversations"][1]["value"]
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path, name: str) -> None:
+    task = T.make_task(name)
+    a = T.write_task(task, tmp_path / "a", n_train=6, n_test=3, n_captions=2, n_irs=2, seed=7)
+    b = T.write_task(task, tmp_path / "b", n_train=6, n_test=3, n_captions=2, n_irs=2, seed=7)
+    c = T.write_task(task, tmp_path / "c", n_train=6, n_test=3, n_captions=2, n_irs=2, seed=8)
+    for split in ("train", "test", "captions", "irs"):
+        assert a[split].read_text() == b[split].read_text()
+        for s in json.loads(a[split].read_text()):
+            assert (tmp_path / "a" / s["image"]).read_bytes() == (tmp_path / "b" / s["image"]).read_bytes()
+    assert a["train"].read_text() != c["train"].read_text()
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_every_answer_parses_back_to_the_world_and_wrong_ones_fail(name: str) -> None:
+    task = T.make_task(name)
+    samples, worlds = T.make_samples(task, 600, seed=3)
+    types = Counter(s["meta"]["type"] for s in samples)
+    assert set(types) == set(task.question_types)
+    wrong_checked = Counter()
+    for sample, world in zip(samples, worlds):
+        q, a = _qa(sample)
+        assert task.check_answer(world, q, a, sample["meta"]), (q, a)
+        # another sample's answer of the same type, when it differs, must be judged wrong
+        for other, ow in zip(samples, worlds):
+            oq, oa = _qa(other)
+            if other["meta"]["type"] == sample["meta"]["type"] and oa != a and ow.key() != world.key():
+                if not task.check_answer(world, q, oa, sample["meta"]):
+                    wrong_checked[sample["meta"]["type"]] += 1
+                break
+    assert set(wrong_checked) == set(task.question_types)
+
+
+def test_scene_pixels_show_every_object_in_its_cell_and_colour() -> None:
+    task = T.SceneTask()
+    _, worlds = T.make_samples(task, 50, seed=1)
+    cell = task.image_size // task.grid
+    for scene in worlds:
+        img = task.render(scene)
+        occupied = {(r, k) for _, _, r, k in scene.objects}
+        for r in range(task.grid):
+            for k in range(task.grid):
+                px = {img.getpixel((k * cell + x, r * cell + y)) for x in range(cell) for y in range(cell)}
+                hit = scene.at(r, k)
+                if hit is None:
+                    assert px == {T._BACKGROUND}
+                else:
+                    assert T.COLORS[hit[0]] in px and (r, k) in occupied
+
+
+def test_digit_boards_paste_the_sklearn_digits_and_test_uses_held_out_handwriting() -> None:
+    task = T.DigitTask()
+    _, train = T.make_samples(task, 40, seed=0, split="train")
+    _, test = T.make_samples(task, 40, seed=1, split="test")
+    n = len(T._digits()[1])
+    cut = n - int(round(n * task.test_fraction))
+    assert all(i < cut for b in train for i in b.indices)
+    assert all(i >= cut for b in test for i in b.indices)
+    board = train[0]
+    img = task.render(board)
+    cell = task.image_size // task.grid
+    tile = task.digit_tile(board.indices[5], cell - 2)
+    r, c = divmod(5, task.grid)
+    assert img.crop((c * cell + 1, r * cell + 1, c * cell + cell - 1, r * cell + cell - 1)).tobytes() == tile.tobytes()
+    assert list(board.labels) == [int(T._digits()[1][i]) for i in board.indices]
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_test_split_never_repeats_a_training_world(tmp_path: Path, name: str) -> None:
+    task = T.make_task(name)
+    _, train = T.make_samples(task, 200, seed=0)
+    keys = {w.key() for w in train}
+    _, test = T.make_samples(task, 100, seed=1, split="test", exclude=keys)
+    assert not keys & {w.key() for w in test}
+    assert len({w.key() for w in test}) == 100
+
+
+def test_pope_splits_random_popular_adversarial() -> None:
+    task = T.SceneTask(question_types=("exist",))
+    samples, worlds = T.make_samples(task, 900, seed=2)
+    splits = Counter((s["meta"]["pope"], s["meta"]["answer"]) for s in samples)
+    for split in T.SceneTask.POPE_SPLITS:  # every split, with present and absent probes (about half each)
+        assert 0.35 < splits[(split, "yes")] / (splits[(split, "yes")] + splits[(split, "no")]) < 0.65
+    weight = {(c, s): cw * sw for c, cw in zip(T.COLORS, T.COLOR_WEIGHTS) for s, sw in zip(T.SHAPES, T.SHAPE_WEIGHTS)}
+    adv_both = adv = 0
+    for s, scene in zip(samples, worlds):
+        m = s["meta"]
+        if m["answer"] != "no":
+            continue
+        c, sh = m["probe"].split()
+        present = {(o[0], o[1]) for o in scene.objects}
+        assert (c, sh) not in present
+        if m["pope"] == "popular":
+            assert weight[(c, sh)] == max(w for p, w in weight.items() if p not in present)
+        if m["pope"] == "adversarial":
+            adv += 1
+            adv_both += c in {p[0] for p in present} and sh in {p[1] for p in present}
+    assert adv_both / adv > 0.8  # colour and shape both in the image, on different objects
+
+
+def test_answer_token_lengths_and_closed_vocabulary() -> None:
+    from tokinteract.mllm import build_word_tokenizer
+
+    for name, long_type, min_mean in (("scenes", "describe", 30), ("digits", "read", 30)):
+        task = T.make_task(name)
+        tok = build_word_tokenizer(task.vocabulary())
+        unk = tok.unk_token_id
+        samples, _ = T.make_samples(task, 400, seed=4)
+        lens: dict[str, list[int]] = {}
+        for s in samples:
+            q, a = _qa(s)
+            qi, ai = tok(q)["input_ids"], tok(a)["input_ids"]
+            assert unk not in qi and unk not in ai, (q, a)
+            assert tok.decode(ai) == a  # one token per word: the answer text is recovered exactly
+            lens.setdefault(s["meta"]["type"], []).append(len(ai))
+        long = lens[long_type]
+        assert sum(long) / len(long) >= min_mean, (name, sum(long) / len(long))
+        for t in task.SHORT_TYPES:
+            assert max(lens[t]) <= 4, (t, max(lens[t]))
+    desc = [len(T.SceneTask.parse_objects(_qa(s)[1])) for s in T.make_samples(T.SceneTask(), 300, seed=5)[0]
+            if s["meta"]["type"] == "describe"]
+    assert max(desc) >= 6  # "up to 6-8 objects"
+
+
+@pytest.mark.parametrize(("name", "patch", "tokens"), [("scenes", 8, 36), ("scenes", 12, 16), ("digits", 12, 16)])
+def test_visual_token_count_through_the_llava_pipeline(tmp_path: Path, name: str, patch: int, tokens: int) -> None:
+    from tokinteract.mllm import build_processor, build_tiny_llava, build_word_tokenizer
+    from tokinteract.mllm.data import LlavaJsonDataset
+
+    task = T.make_task(name)
+    paths = T.write_task(task, tmp_path, n_train=4, n_test=2, n_irs=3, seed=0)
+    tok = build_word_tokenizer(task.vocabulary())
+    img_id = tok.convert_tokens_to_ids("<image>")
+    model = build_tiny_llava(vocab_size=len(tok), image_token_id=img_id, image_size=task.image_size, patch_size=patch,
+                             hidden_size=32, num_layers=1, vision_hidden_size=16, vision_layers=1)
+    proc = build_processor(tok, model)
+    ds = LlavaJsonDataset(paths["train"], tmp_path, tok, proc.image_processor, num_image_tokens=tokens, max_length=256)
+    for k in range(len(ds)):
+        it = ds[k]
+        assert int((it["input_ids"] == img_id).sum()) == tokens >= 16
+        assert tuple(it["pixel_values"].shape) == (1, 3, task.image_size, task.image_size)
+    irs = LlavaJsonDataset(paths["irs"], tmp_path, tok, proc.image_processor, num_image_tokens=tokens, max_length=256)
+    pairs = irs.instruction_pairs(3)
+    assert len(pairs) == 3  # two different questions about one image
+    for a, b in pairs:
+        assert not (a["input_ids"].shape == b["input_ids"].shape and bool((a["input_ids"] == b["input_ids"]).all()))
+
+
+def test_bad_settings_are_refused_with_the_argument_named() -> None:
+    with pytest.raises(ValueError, match="grid must be one of"):
+        T.SceneTask(grid=2)
+    with pytest.raises(ValueError, match="max_objects must be an int in"):
+        T.SceneTask(max_objects=10)
+    with pytest.raises(ValueError, match="image_size must be a multiple of grid"):
+        T.DigitTask(image_size=50)
+    with pytest.raises(ValueError, match="question_types must be a non-empty subset"):
+        T.DigitTask(question_types=("describe",))
+    with pytest.raises(ValueError, match="task must be one of"):
+        T.make_task("mnist")
+    with pytest.raises(ValueError, match="turns must be <="):
+        T.make_samples(T.DigitTask(question_types=("read",)), 2, seed=0, turns=2)
