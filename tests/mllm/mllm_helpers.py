@@ -120,19 +120,74 @@ def one_step(tr, student: torch.nn.Module, batch: dict) -> tuple[float, dict[str
     return float(loss.detach()), parts, grads
 
 
+FAMILY_SAMPLES = [
+    {"image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat is this picture"}, {"from": "gpt", "value": "a cat sat on the mat"}]},
+    {"image": ["b.png", "a.png"], "conversations": [
+        {"from": "human", "value": "<image> see the red dog <image> and the blue cat"},
+        {"from": "gpt", "value": "two red"},
+        {"from": "human", "value": "what is the dog"}, {"from": "gpt", "value": "yes it is here"}]},
+    {"conversations": [{"from": "human", "value": "what is it"}, {"from": "gpt", "value": "no the dog is red"}]},
+]
+"""Three LLaVA-format samples for the family tests: one image, two images over two turns, text only."""
+
+
+def write_family_data(root: Path) -> Path:
+    """:data:`FAMILY_SAMPLES` as ``root/data.json`` with their two random images (16x24, 24x16)."""
+    import numpy as np
+    from PIL import Image
+
+    for i, (name, (h, w)) in enumerate({"a.png": (16, 24), "b.png": (24, 16)}.items()):
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name)
+    return write_json(root / "data.json", FAMILY_SAMPLES)
+
+
+def processor_trainer(tmp_path: Path, data: Path, processor, student, teacher, distill, collator):
+    """A one-step ``DistillationTrainer`` over :func:`write_family_data`'s samples (batch 3, CPU)."""
+    from transformers import TrainingArguments
+
+    from tokinteract.mllm import DistillationTrainer
+    from tokinteract.mllm.model import set_trainable_parts
+    from tokinteract.mllm.processor_data import ProcessorDataset
+
+    set_trainable_parts(student)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=1, learning_rate=1e-3, report_to="none",
+        use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+    )
+    return DistillationTrainer(
+        student, args, teacher=teacher, distill=distill, train_dataset=ProcessorDataset(data, data.parent, processor),
+        data_collator=collator, processing_class=processor,
+    )
+
+
 def train_recording_tpa(tr, monkeypatch) -> tuple[float, dict, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``tr.train()`` (one step, ``logging_steps=1``) recording what its TPA used:
     ``(logged loss_tpa, the batch compute_loss got, candidates [B, T, d], candidate mask [B, T],
     supervised [B, T])``; ``supervised[b, t]``: token ``t + 1`` is a label (the positions TPA may use)."""
-    import tokinteract.fused as fused_mod
-    import tokinteract.mllm.trainer as trainer_mod
-
-    rec: dict = {}
+    rec = record_candidates(monkeypatch)
     orig_loss = tr.compute_loss
 
     def compute_loss(model, inputs, *a, **kw):
         rec["batch"] = {k: v.detach().clone() for k, v in inputs.items()}
         return orig_loss(model, inputs, *a, **kw)
+
+    monkeypatch.setattr(tr, "compute_loss", compute_loss)
+    tr.train()
+    labels = rec["batch"]["labels"]
+    supervised = torch.zeros_like(rec["mask"])
+    supervised[:, :-1] = labels[:, 1:] != -100
+    return tr.state.log_history[0]["loss_tpa"], rec["batch"], rec["cand"], rec["mask"], supervised
+
+
+def record_candidates(monkeypatch) -> dict:
+    """Record the TPA candidates the trainer draws next (both samplers) in the returned dict:
+    ``"cand"`` ``[B, T, d]`` and ``"mask"`` ``[B, T]``."""
+    import tokinteract.fused as fused_mod
+    import tokinteract.mllm.trainer as trainer_mod
+
+    rec: dict = {}
 
     def recorder(fn):
         def wrapped(*a, **kw):
@@ -141,14 +196,9 @@ def train_recording_tpa(tr, monkeypatch) -> tuple[float, dict, torch.Tensor, tor
             return out
         return wrapped
 
-    monkeypatch.setattr(tr, "compute_loss", compute_loss)
     monkeypatch.setattr(trainer_mod, "sample_candidates", recorder(trainer_mod.sample_candidates))
     monkeypatch.setattr(fused_mod, "fused_sample_candidates", recorder(fused_mod.fused_sample_candidates))
-    tr.train()
-    labels = rec["batch"]["labels"]
-    supervised = torch.zeros_like(rec["mask"])
-    supervised[:, :-1] = labels[:, 1:] != -100
-    return tr.state.log_history[0]["loss_tpa"], rec["batch"], rec["cand"], rec["mask"], supervised
+    return rec
 
 
 def truncated_image_data(tmp_path: Path, synth, index: int = 10) -> Path:

@@ -3,60 +3,34 @@ the session brief = the issue's item 6, first bullet)."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import transformers
 from PIL import Image
-from transformers import TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
 import families as fx  # noqa: E402
-from mllm_helpers import one_step, save_pair  # noqa: E402
+from mllm_helpers import one_step, processor_trainer, save_pair, write_family_data  # noqa: E402
 
 from tokinteract.hf.families import visual_token_ids  # noqa: E402
-from tokinteract.mllm import DistillationConfig, DistillationTrainer  # noqa: E402
-from tokinteract.mllm.model import set_trainable_parts  # noqa: E402
-from tokinteract.mllm.processor_data import ProcessorCollator, ProcessorDataset  # noqa: E402
+from tokinteract.mllm import DistillationConfig  # noqa: E402
+from tokinteract.mllm.processor_data import ProcessorCollator  # noqa: E402
 
-SAMPLES = [
-    {"image": "a.png", "conversations": [
-        {"from": "human", "value": "<image>\nwhat is this picture"}, {"from": "gpt", "value": "a cat sat on the mat"}]},
-    {"image": ["b.png", "a.png"], "conversations": [
-        {"from": "human", "value": "<image> see the red dog <image> and the blue cat"},
-        {"from": "gpt", "value": "two red"},
-        {"from": "human", "value": "what is the dog"}, {"from": "gpt", "value": "yes it is here"}]},
-    {"conversations": [{"from": "human", "value": "what is it"}, {"from": "gpt", "value": "no the dog is red"}]},
-]
 FAMILIES = ["qwen2_5_vl", "gemma3"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fam-data")
-    for i, (name, (h, w)) in enumerate({"a.png": (16, 24), "b.png": (24, 16)}.items()):
-        rng = np.random.default_rng(i)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name)
-    path = root / "data.json"
-    path.write_text(json.dumps(SAMPLES))
-    return path
+    return write_family_data(tmp_path_factory.mktemp("fam-data"))
 
 
 def _trainer(tmp_path, data, name, student, teacher, distill):
     proc = fx.make_processor(name)
-    set_trainable_parts(student)
-    args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=1, learning_rate=1e-3, report_to="none",
-        use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
-    )
-    return DistillationTrainer(
-        student, args, teacher=teacher, distill=distill, train_dataset=ProcessorDataset(data, data.parent, proc),
-        data_collator=ProcessorCollator(proc, visual_token_ids(student)), processing_class=proc,
-    )
+    col = ProcessorCollator(proc, visual_token_ids(student))
+    return processor_trainer(tmp_path, data, proc, student, teacher, distill, col)
 
 
 def _one_step(tmp_path, data, name, student, teacher, distill):

@@ -34,7 +34,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FAMILIES", "Family", "check_options", "family_of", "supported_model_types", "visual_token_ids"]
+__all__ = [
+    "FAMILIES", "Family", "check_options", "family_of", "image_grids", "supported_model_types", "visual_token_ids",
+]
 
 
 @dataclass(frozen=True)
@@ -267,3 +269,74 @@ def check_options(model: nn.Module, *, output: str = "logits", attention: str | 
             "prefix_self candidate attention; use attention='dense'"
         )
     return fam
+
+
+# --- visual grids ------------------------------------------------------------------------------
+
+GRID_MODEL_TYPES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+"""Families whose images are each one grid of visual tokens, row-major (:func:`image_grids`)."""
+
+
+def image_grids(model: nn.Module, inputs: Mapping[str, Any], visual_mask: Tensor) -> list[list[tuple[int, int]]]:
+    """``(height, width)`` of the visual-token grid of each image of each sample, in sequence order.
+
+    * LLaVA: every image is the vision tower's square patch grid ``(image_size // patch_size)``
+      squared (SigLIP with ``vision_feature_select_strategy="full"``, or a CLS tower with
+      ``"default"``, which drops the CLS token); the images of a sample are its consecutive runs
+      of that many visual tokens.
+    * Qwen2-VL / Qwen2.5-VL / Qwen3-VL: image ``i`` is ``image_grid_thw[i] = (t, h, w)`` in
+      patches, ``(h / m, w / m)`` tokens after the ``m x m`` spatial merge (``t`` must be 1).
+
+    Raises:
+        ValueError: any other family (anyres tiles, pooled or cropped layouts), videos, another
+            CLS / feature-selection layout, or visual-token counts the grids do not account for,
+            naming the family and the sample.
+    """
+    cfg = model.config
+    mt = getattr(cfg, "model_type", None)
+    fam = family_of(model).name
+    if mt not in GRID_MODEL_TYPES:
+        raise ValueError(
+            f"{fam} (model_type {mt!r}) does not show each image as one grid of visual tokens to tokinteract; "
+            f"resampling a teacher's visual map needs one of {list(GRID_MODEL_TYPES)}"
+        )
+    vm = visual_mask.bool()
+    counts = [int(c) for c in vm.sum(1).tolist()]
+    out: list[list[tuple[int, int]]] = []
+    if mt == "llava":
+        vc = cfg.vision_config
+        side = vc.image_size // vc.patch_size
+        has_cls = vc.model_type != "siglip_vision_model"
+        if (vc.image_size % vc.patch_size) or has_cls != (cfg.vision_feature_select_strategy == "default"):
+            raise ValueError(
+                f"{fam}: vision tower {vc.model_type!r} (image_size {vc.image_size}, patch_size {vc.patch_size}) with "
+                f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} does not yield a square "
+                "patch grid per image"
+            )
+        for b, n in enumerate(counts):
+            if n % (side * side):
+                raise ValueError(f"{fam}: sample {b} has {n} visual tokens, not a multiple of the {side}x{side} grid")
+            out.append([(side, side)] * (n // (side * side)))
+        return out
+    if inputs.get("video_grid_thw") is not None or inputs.get("pixel_values_videos") is not None:
+        raise ValueError(f"{fam}: videos are not resampled onto another grid (only single images)")
+    grid = inputs.get("image_grid_thw")
+    m = int(cfg.vision_config.spatial_merge_size)
+    rows = [] if grid is None else [tuple(int(v) for v in r) for r in grid.tolist()]
+    k = 0
+    for b, n in enumerate(counts):
+        mine: list[tuple[int, int]] = []
+        while n > 0 and k < len(rows):
+            t, h, w = rows[k]
+            if t != 1 or h % m or w % m:
+                raise ValueError(f"{fam}: image {k} has grid (t, h, w) = {(t, h, w)}; only single images (t = 1) "
+                                 f"with sides divisible by the merge size {m} are resampled")
+            mine.append((h // m, w // m))
+            n -= (h // m) * (w // m)
+            k += 1
+        if n != 0:
+            raise ValueError(f"{fam}: sample {b}'s visual tokens do not match image_grid_thw {rows}")
+        out.append(mine)
+    if k != len(rows):
+        raise ValueError(f"{fam}: image_grid_thw holds {len(rows)} images but the batch's visual tokens cover {k}")
+    return out

@@ -261,7 +261,7 @@ def build_everything(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, check_exi
         )
     logger.info("student: %d trainable parameters (stage %s)", mm.count_trainable(student), margs.stage)
     needs_teacher = any(settings[k] > 0 for k in ("kd", "iva", "tpa")) or settings["on_policy"]
-    teacher = None
+    teacher = t_processor = None
     if needs_teacher:
         if margs.teacher_checkpoint:
             teacher, t_processor = mm.load_pretrained(margs.teacher_checkpoint, role="teacher", **load)
@@ -281,6 +281,9 @@ def build_everything(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, check_exi
         else:
             raise ValueError(f"method {dcfg.method!r} needs teacher_checkpoint")
     mm.check_pair(unwrap_peft(student), teacher, output="hidden" if dcfg.loss_impl == "fused" else "logits")
+    if t_processor is not None and mm.teacher_needs_own_inputs(unwrap_peft(student), teacher, processor, t_processor):
+        logger.info("the teacher reads its own processor's batch (another image processor or vision tower)")
+        return _processor_trainer(student, teacher, processor, dargs, dcfg, targs, teacher_processor=t_processor)
     if student.config.model_type != "llava":
         return _processor_trainer(student, teacher, processor, dargs, dcfg, targs)
     tok = processor.tokenizer
@@ -304,9 +307,11 @@ def build_everything(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, check_exi
     )
 
 
-def _processor_trainer(student: Any, teacher: Any, processor: Any, dargs: Any, dcfg: Any, targs: Any) -> Any:
-    """The trainer of a non-LLaVA family: data through the family's own processor
-    (:mod:`tokinteract.mllm.processor_data`)."""
+def _processor_trainer(
+    student: Any, teacher: Any, processor: Any, dargs: Any, dcfg: Any, targs: Any, teacher_processor: Any = None
+) -> Any:
+    """The trainer of a non-LLaVA family, or of a teacher with its own processor: data through the
+    family's own processor (:mod:`tokinteract.mllm.processor_data`)."""
     from tokinteract.hf.families import visual_token_ids
     from tokinteract.mllm.processor_data import ProcessorCollator, ProcessorDataset
     from tokinteract.mllm.trainer import DistillationTrainer
@@ -314,14 +319,18 @@ def _processor_trainer(student: Any, teacher: Any, processor: Any, dargs: Any, d
     if dargs.on_bad_image != "error":
         raise ValueError(
             f"on_bad_image={dargs.on_bad_image!r}: skipping bad samples is supported only with a LLaVA student "
-            f"for now (student model_type {student.config.model_type!r}); use on_bad_image='error'"
+            f"reading the teacher's inputs for now (student model_type {student.config.model_type!r}); use "
+            "on_bad_image='error'"
         )
     train = ProcessorDataset(dargs.data_path, dargs.image_folder, processor, system_prompt=dargs.system_prompt)
     evald = (
         ProcessorDataset(dargs.eval_data_path, dargs.image_folder, processor, system_prompt=dargs.system_prompt)
         if dargs.eval_data_path else None
     )
-    collator = ProcessorCollator(processor, visual_token_ids(student), max_length=dargs.max_length)
+    teacher_kw = {} if teacher_processor is None else dict(
+        teacher_processor=teacher_processor, teacher_visual_token_ids=visual_token_ids(teacher)
+    )
+    collator = ProcessorCollator(processor, visual_token_ids(student), max_length=dargs.max_length, **teacher_kw)
     return DistillationTrainer(
         student, targs, teacher=teacher, distill=dcfg, train_dataset=train, eval_dataset=evald,
         data_collator=collator, processing_class=processor,

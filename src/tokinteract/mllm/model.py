@@ -50,6 +50,7 @@ __all__ = [
     "save_pretrained_student",
     "set_trainable",
     "set_trainable_parts",
+    "teacher_needs_own_inputs",
 ]
 
 MODEL_FAMILIES = ("qwen2", "qwen3")
@@ -354,7 +355,8 @@ def _check_same_vision(student: nn.Module, teacher: nn.Module) -> None:
     ``pixel_values``), so the families, the visual token ids, the vision configs (all keys
     but the output width ``out_hidden_size``, which follows each language model) and the
     projector geometry (:data:`_VISION_GEOMETRY`) must be equal. Different towers or token
-    counts (e.g. a teacher at a higher resolution) are not supported yet.
+    counts (e.g. a teacher at a higher resolution) need the teacher to read its own batch
+    (``check_teacher_student(own_inputs=True)``).
 
     Raises:
         ValueError: naming the first difference.
@@ -375,7 +377,8 @@ def _check_same_vision(student: nn.Module, teacher: nn.Module) -> None:
         if a != b:
             raise ValueError(
                 f"teacher and student turn images into visual tokens differently ({k}: student {a!r}, teacher {b!r}); "
-                "a different vision tower or image-token count is not supported yet"
+                "a different vision tower or image-token count is not supported with one shared batch: give the "
+                "teacher its own processor (ProcessorCollator(teacher_processor=...))"
             )
     svc, tvc = getattr(sc, "vision_config", None), getattr(tc, "vision_config", None)
     sd = {k: v for k, v in (svc.to_dict() if svc is not None else {}).items() if k not in _VISION_IGNORED}
@@ -383,8 +386,9 @@ def _check_same_vision(student: nn.Module, teacher: nn.Module) -> None:
     if sd != td:
         diff = {k: (sd.get(k), td.get(k)) for k in sorted(set(sd) | set(td)) if sd.get(k) != td.get(k)}
         raise ValueError(
-            f"teacher and student have different vision towers ((student, teacher): {diff}); both read the same "
-            "pixel_values and visual tokens, so a different vision tower is not supported yet"
+            f"teacher and student have different vision towers ((student, teacher): {diff}); with one shared batch "
+            "both read the same pixel_values and visual tokens: give the teacher its own processor "
+            "(ProcessorCollator(teacher_processor=...))"
         )
 
 
@@ -395,8 +399,14 @@ def check_teacher_student(
     vocab_policy: str = "error",
     image_token_policy: str = "error",
     tokenizer: Any = None,
+    own_inputs: bool = False,
 ) -> int | None:
     """Refuse teacher/student pairs that cannot be distilled token by token.
+
+    With ``own_inputs`` (the teacher reads its own processor's batch:
+    :class:`tokinteract.mllm.processor_data.ProcessorCollator` with a ``teacher_processor``),
+    vision towers, image-token ids and counts may differ: only the family (``model_type``) and
+    the vocabulary are checked; the shared tokenizer is checked by the collator.
 
     Args:
         vocab_policy: ``"error"`` (vocabulary sizes must be equal) or ``"shared_prefix"``
@@ -425,7 +435,13 @@ def check_teacher_student(
     if image_token_policy not in ("error", "remap"):
         raise ValueError(f"image_token_policy must be 'error' or 'remap', got {image_token_policy!r}")
     sc, tc = student.config, teacher.config
-    if sc.model_type != "llava" or tc.model_type != "llava":
+    if own_inputs:
+        if sc.model_type != tc.model_type:
+            raise ValueError(
+                f"teacher and student are of different families (student model_type {sc.model_type!r}, teacher "
+                f"{tc.model_type!r}); with their own processors tokinteract.mllm distills within one family for now"
+            )
+    elif sc.model_type != "llava" or tc.model_type != "llava":
         _check_same_vision(student, teacher)
     vs, vt = sc.get_text_config().vocab_size, tc.get_text_config().vocab_size
     vocab_size = None
@@ -437,7 +453,7 @@ def check_teacher_student(
                 "(valid only if both share one tokenizer)"
             )
         vocab_size = min(vs, vt)
-    if sc.image_token_id != tc.image_token_id:
+    if sc.image_token_id != tc.image_token_id and not own_inputs:
         if image_token_policy == "error":
             raise ValueError(
                 f"teacher and student use different image-token ids (student {sc.image_token_id}, teacher "
@@ -452,8 +468,8 @@ def check_teacher_student(
             )
     if vocab_size is not None and max(sc.image_token_id, tc.image_token_id) >= vocab_size:
         pass  # image positions are never supervised: the token itself is never a KD target
-    if sc.model_type != "llava":
-        return vocab_size  # same vision side: checked by _check_same_vision
+    if sc.model_type != "llava" or own_inputs:
+        return vocab_size  # same vision side (checked by _check_same_vision), or each model its own inputs
     ns, nt = num_image_tokens(student), num_image_tokens(teacher)
     if ns != nt:
         raise ValueError(
@@ -547,6 +563,23 @@ def check_same_tokenizer(student: Any, teacher: Any, *, student_name: str = "stu
         raise ValueError(
             f"{both} have different chat templates; both must render a conversation to the same tokens"
         )
+
+
+def teacher_needs_own_inputs(student: nn.Module, teacher: nn.Module, processor: Any, teacher_processor: Any) -> bool:
+    """Whether the teacher must read its own processor's batch: both of one family, with image
+    processors that differ (another resolution, ``min_pixels`` / ``max_pixels``, ...) or vision
+    sides that :func:`_check_same_vision` tells apart (another tower, image-token count). False
+    for different families (refused later, naming both)."""
+    sp, tp = getattr(processor, "image_processor", None), getattr(teacher_processor, "image_processor", None)
+    if student.config.model_type != teacher.config.model_type:
+        return False
+    if (sp.to_dict() if sp is not None else None) != (tp.to_dict() if tp is not None else None):
+        return True
+    try:
+        _check_same_vision(student, teacher)
+    except ValueError:
+        return True
+    return False
 
 
 def check_pair(student: nn.Module, teacher: nn.Module | None, *, output: str = "logits") -> None:

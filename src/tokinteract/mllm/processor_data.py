@@ -36,6 +36,17 @@ Masks per token (``[B, T]`` bool, on the processor's padded layout):
 
 A sample longer than ``max_length`` (after expansion) is refused: cutting it would cut
 through a family-specific image layout.
+
+**A teacher with its own processor** (``ProcessorCollator(..., teacher_processor=...)``: another
+image resolution, another vision tower, hence other image-token counts): the same samples (the
+same rendered text and images) also go through the teacher's processor, and every tensor it makes
+(with its own labels and masks, derived as above) is added under a ``teacher_`` prefix
+(``teacher_input_ids``, ``teacher_attention_mask``, ``teacher_pixel_values``,
+``teacher_image_grid_thw``, ``teacher_labels``, ``teacher_visual_mask``, ...). Both processors
+must share the tokenizer and the chat template
+(:func:`tokinteract.mllm.model.check_same_tokenizer`), and each sample's supervised tokens must
+be the same in both sequences (different prefixes, same responses), else :class:`DataError`
+naming the sample.
 """
 
 from __future__ import annotations
@@ -212,15 +223,24 @@ class ProcessorCollator:
         max_length: samples longer than this after expansion are refused (None: no limit).
         padding_side: ``"right"`` or ``"left"``.
 
+        teacher_processor: the teacher's processor when it differs from the student's (module
+            docstring): its batch is added under ``teacher_`` keys. None: the teacher reads
+            the student's batch.
+        teacher_visual_token_ids: the teacher model's image/video token ids (required with
+            ``teacher_processor``).
+
     Raises:
         DataError: the processor fails on a sample (naming its index and image files), a
             sample is longer than ``max_length``, or the processor's tokens do not align with
-            the chat template's (naming the sample).
+            the chat template's (naming the sample); the teacher's sequence of a sample
+            supervises other tokens than the student's.
+        ValueError: (at construction) a teacher processor with another tokenizer or chat
+            template, naming both.
     """
 
     def __init__(
         self, processor: Any, visual_token_ids: Sequence[int], *, max_length: int | None = None,
-        padding_side: str = "right",
+        padding_side: str = "right", teacher_processor: Any = None, teacher_visual_token_ids: Sequence[int] | None = None,
     ) -> None:
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
@@ -233,6 +253,20 @@ class ProcessorCollator:
         self.visual_token_ids = torch.tensor(vis, dtype=torch.long)
         self.max_length = max_length
         self.padding_side = padding_side
+        self.teacher: ProcessorCollator | None = None
+        if teacher_processor is None:
+            if teacher_visual_token_ids is not None:
+                raise ValueError("teacher_visual_token_ids is given but teacher_processor is None")
+        else:
+            from tokinteract.mllm.model import check_same_tokenizer
+
+            if teacher_visual_token_ids is None:
+                raise ValueError("teacher_processor needs teacher_visual_token_ids (the teacher model's image token ids)")
+            check_same_tokenizer(processor, teacher_processor, student_name=type(processor).__name__,
+                                 teacher_name=type(teacher_processor).__name__)
+            self.teacher = ProcessorCollator(
+                teacher_processor, teacher_visual_token_ids, max_length=max_length, padding_side=padding_side
+            )
 
     def _run(self, texts: list[str], images: list[list[Any]]) -> dict[str, Tensor]:
         kw: dict[str, Any] = dict(text=texts, padding=True, padding_side=self.padding_side, return_tensors="pt")
@@ -290,4 +324,15 @@ class ProcessorCollator:
                 "it would be both an image token and text"
             )
         out.update(labels=labels, visual_mask=visual, instruction_mask=instr, response_mask=labels != IGNORE_INDEX)
+        if self.teacher is not None:
+            t_out = self.teacher(features)
+            for b, f in enumerate(features):
+                s_resp, t_resp = labels[b][labels[b] != IGNORE_INDEX], t_out["labels"][b][t_out["labels"][b] != IGNORE_INDEX]
+                if not torch.equal(s_resp, t_resp):
+                    raise DataError(
+                        f"{f['where']}: the teacher's processor gives other supervised tokens than the student's "
+                        f"({t_resp.tolist()[:8]} vs {s_resp.tolist()[:8]}); teacher and student must share every "
+                        "response token"
+                    )
+            out.update({f"teacher_{k}": v for k, v in t_out.items()})
         return out

@@ -45,6 +45,20 @@ the models' ``output``:
   only (:func:`head_rows`). Same loss, parts and gradients as ``"fused"`` up to fp32 matmul
   rounding: it is the reference the tests compare the fused path with.
 
+**A teacher with its own inputs** (the collator is a
+:class:`tokinteract.mllm.processor_data.ProcessorCollator` with a ``teacher_processor``: another
+vision tower or image resolution, hence other image-token counts and positions): the batch's
+``teacher_*`` tensors become :attr:`Batch.teacher`, the teacher runs on them, and its outputs are
+carried onto the student's layout by :mod:`tokinteract.rowmap` before the loss
+(:meth:`~DistillationTrainer.teacher_pass`). SFT and KD compare the rows that predict the same
+response token; TPA's candidates, sampled by the student at its response row ``t``, are placed
+at the teacher's row of the same token (the teacher's own ribbon expansion) and its candidate
+slots come in the student's order; IVA needs both families to show each image as one grid
+(:func:`tokinteract.hf.families.image_grids`): the teacher's outputs at the student's visual
+tokens are the area-weighted mean over the teacher's overlapping cells, its weights the
+area-split attention mass. Refused there: IRS layer selection (give ``iva_layer``), GKD,
+teachers of another family, IVA on non-grid families.
+
 Normalisation under gradient accumulation and data parallelism: the trainer counts the
 supervised positions (``labels[:, 1:] != -100``) and the sequences of the whole
 accumulation window, summed over ranks when ``average_tokens_across_devices`` (the
@@ -157,6 +171,8 @@ sets it to ``True``); :meth:`DistillationTrainer.compute_loss` then applies only
 
 _BATCH_KEYS = ("input_ids", "attention_mask", "labels", "visual_mask", "instruction_mask")
 _NOT_MODEL_INPUTS = frozenset((*_BATCH_KEYS, "response_mask", ON_POLICY))
+TEACHER_PREFIX = "teacher_"
+"""Prefix of the teacher's own batch in a collated dict (``ProcessorCollator(teacher_processor=...)``)."""
 
 
 @dataclass(frozen=True)
@@ -190,6 +206,8 @@ class Batch:
         visual_mask: bool ``[B, T]``, True on visual tokens.
         instruction_mask: bool ``[B, T]``, True on instruction tokens (IVA's query rows).
         on_policy: whether the batch holds student-generated responses.
+        teacher: the teacher's own batch of the same samples (its ``teacher_*`` keys), None
+            when the teacher reads the student's.
     """
 
     inputs: ModelInputs
@@ -197,15 +215,19 @@ class Batch:
     visual_mask: Tensor
     instruction_mask: Tensor
     on_policy: bool = False
+    teacher: "Batch | None" = None
 
 
 def split_batch(inputs: Mapping[str, Any]) -> Batch:
     """The :class:`Batch` of a collator's dict: its five named tensors, and every other tensor
-    (but ``response_mask``) as a model input.
+    (but ``response_mask``) as a model input; the ``teacher_*`` keys, without their prefix, as
+    :attr:`Batch.teacher`.
 
     Raises:
         ValueError: a named tensor is missing.
     """
+    own = {k[len(TEACHER_PREFIX):]: v for k, v in inputs.items() if k.startswith(TEACHER_PREFIX)}
+    inputs = {k: v for k, v in inputs.items() if not k.startswith(TEACHER_PREFIX)}
     missing = [k for k in _BATCH_KEYS if k not in inputs]
     if missing:
         raise ValueError(
@@ -219,6 +241,7 @@ def split_batch(inputs: Mapping[str, Any]) -> Batch:
         visual_mask=inputs["visual_mask"].bool(),
         instruction_mask=inputs["instruction_mask"].bool(),
         on_policy=inputs.get(ON_POLICY, False) is True,
+        teacher=split_batch(own) if own else None,
     )
 
 
@@ -398,8 +421,10 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
 
     Raises:
         ValueError: before training, for a missing teacher, mismatched vocabularies or
-            image-token ids (unless a policy is set), different visual-token counts, or a
-            dataset whose ``num_image_tokens`` differs from the student's vision tower.
+            image-token ids (unless a policy is set), different visual-token counts (unless the
+            collator gives the teacher its own batch), or a dataset whose ``num_image_tokens``
+            differs from the student's vision tower; with a teacher on its own batch, what it
+            does not support (module docstring).
     """
 
     def __init__(
@@ -424,12 +449,17 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
                 "needs a teacher model, got teacher=None"
             )
         self.vocab_size: int | None = None
+        # the collator makes the teacher its own batch (teacher_* keys): another processor/vision tower
+        self.teacher_own_inputs = teacher is not None and getattr(kwargs.get("data_collator"), "teacher", None) is not None
         if teacher is not None:
             self.vocab_size = check_teacher_student(
                 model, teacher, vocab_policy=self.distill.vocab_policy,
                 image_token_policy=self.distill.image_token_policy,
                 tokenizer=getattr(kwargs.get("processing_class"), "tokenizer", kwargs.get("processing_class")),
+                own_inputs=self.teacher_own_inputs,
             )
+        if self.teacher_own_inputs:
+            self._check_own_inputs(model, teacher)
         if s["on_policy"] and model.config.model_type != "llava":
             raise ValueError(
                 f"on_policy (GKD) generation supports only LLaVA students for now, got model_type "
@@ -488,6 +518,27 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
                 raise ValueError(f"IVA layer must lie in [0, {n_layers}) for the {s['iva_weights']}, got {layer}")
 
     # ---------------------------------------------------------------- helpers
+    def _check_own_inputs(self, model: nn.Module, teacher: nn.Module) -> None:
+        """Refuse, before training, what a teacher reading its own batch does not support (module
+        docstring, "A teacher with its own inputs")."""
+        from tokinteract.hf.families import GRID_MODEL_TYPES
+
+        s = self.settings
+        if s["on_policy"]:
+            raise ValueError("on_policy (GKD) is not supported with a teacher that reads its own processor's batch")
+        if s["iva"] > 0:
+            both = {"student": model.config.model_type, "teacher": teacher.config.model_type}
+            if any(mt not in GRID_MODEL_TYPES for mt in both.values()):
+                raise ValueError(
+                    f"IVA with a teacher on its own visual tokens needs both models to show each image as one grid "
+                    f"(model types {list(GRID_MODEL_TYPES)}), got {both}; set iva_weight=0"
+                )
+            student_layer_given = s["iva_weights"] == "student" and self.distill.iva_student_layer is not None
+            if s["iva_weights"] != "uniform" and self.distill.iva_layer is None and not student_layer_given:
+                raise ValueError(
+                    "iva_layer is None: IRS layer selection on the teacher's own batches is not supported; set iva_layer"
+                )
+
     @staticmethod
     def _pad_id(model: nn.Module, processing_class: Any) -> int:
         tok = getattr(processing_class, "tokenizer", processing_class)
@@ -560,7 +611,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         """With ``image_token_policy="remap"``, a batch whose text holds the teacher's image-token
         id would give the teacher more image tokens than images: refuse it before its forward."""
         t_img = self.teacher_image_token_id
-        if t_img is None or t_img == self.image_token_id:
+        if t_img is None or t_img == self.image_token_id or self.teacher_own_inputs:
             return
         for b in batch_samples:
             hit = b["input_ids"] == t_img
@@ -631,7 +682,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
 
     def _teacher_ids(self, ids: Tensor) -> Tensor:
         t_img = self.teacher_image_token_id
-        if t_img is None or t_img == self.image_token_id:
+        if t_img is None or t_img == self.image_token_id or self.teacher_own_inputs:
             return ids
         return torch.where(ids == self.image_token_id, torch.full_like(ids, t_img), ids)
 
@@ -759,7 +810,13 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         hidden states and the IVA weights leave it as normal tensors (a copy of ``[B, L, H]`` and
         ``[B, T]``): an inference tensor cannot be saved for the student's backward. The
         full-logits case runs under ``torch.no_grad`` instead, where no ``[B, L, V]`` copy is needed.
+
+        With the teacher's own batch (``batch.teacher``) and ``inputs`` None: the pass runs on that
+        batch and its states and weights are carried onto the student's layout
+        (:meth:`teacher_row_maps`, :meth:`teacher_expansion`).
         """
+        if inputs is None and (batch.teacher is not None or self.teacher_own_inputs):
+            return self._teacher_pass_own(batch, expansion, weights)
         teacher = self.teacher
         if teacher.training:
             teacher.eval()
@@ -785,6 +842,65 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
                 )
             w = cap.visual_importance(batch.visual_mask)[:, : batch.labels.shape[1]] if layer is not None else None
         return PassOutput(_from_inference(states), output, weights=_from_inference(w))
+
+    def teacher_row_maps(self, batch: Batch, weights: dict[str, float]) -> tuple[Any, Any, Any]:
+        """``(responses, outputs, iva_weights)``: the :class:`tokinteract.rowmap.RowMap` s from the
+        teacher's own batch onto the student's rows: the supervised rows (same tokens, in order);
+        those plus, with IVA, the visual rows resampled by area (mean); the IVA weights (mass)."""
+        from tokinteract.rowmap import response_row_map, visual_row_map
+
+        own = batch.teacher
+        rmap = response_row_map(batch.labels, own.labels)
+        if weights["iva"] <= 0:
+            return rmap, rmap, None
+        from tokinteract.hf.families import image_grids
+
+        s_grids = image_grids(self.accelerator.unwrap_model(self.model), batch.inputs.extra, batch.visual_mask)
+        t_grids = image_grids(self.teacher, own.inputs.extra, own.visual_mask)
+        vmean, vmass = visual_row_map(batch.visual_mask, own.visual_mask, s_grids, t_grids)
+        return rmap, rmap + vmean, vmass
+
+    def teacher_expansion(self, expansion: TPAExpansion, teacher_batch: Batch, responses: Any) -> TPAExpansion:
+        """The student's TPA candidates after the teacher's own prefix: the candidates at the
+        student's row ``t`` go to the teacher's row predicting the same response token
+        (``responses``, :meth:`teacher_row_maps`); the ranks of the rows, hence the candidate
+        slots after the ground truth, keep the student's order."""
+        B, Ts, d = expansion.candidate_index.shape
+        dev = expansion.input_ids.device
+        s2t = torch.full((B, Ts), -1, dtype=torch.long, device=dev)
+        s2t[responses.b.to(dev), responses.dst.to(dev)] = responses.src.to(dev)
+        b, t = expansion.candidate_mask.nonzero(as_tuple=True)
+        tt = s2t[b, t]
+        if bool((tt < 0).any()):
+            raise ValueError("a TPA candidate position of the student has no supervised teacher row")
+        cands = expansion.input_ids.gather(1, expansion.candidate_index.clamp(min=0).reshape(B, -1)).reshape(B, Ts, d)
+        ids = teacher_batch.inputs.input_ids
+        cm = torch.zeros(ids.shape, dtype=torch.bool, device=dev)
+        cm[b, tt] = True
+        ct = torch.zeros((*ids.shape, d), dtype=expansion.input_ids.dtype, device=dev)
+        ct[b, tt] = cands[b, t]
+        return tpa_expand(ids, ct, cm, teacher_batch.inputs.attention_mask.bool(), pad_token_id=self.pad_token_id)
+
+    def _teacher_pass_own(self, batch: Batch, expansion: TPAExpansion | None, weights: dict[str, float]) -> PassOutput:
+        """:meth:`teacher_pass` on the teacher's own batch (``batch.teacher``), its states and IVA
+        weights carried onto the student's layout (the module docstring)."""
+        own = batch.teacher
+        if own is None or not self.teacher_own_inputs:
+            raise ValueError(
+                "the batch has teacher_* inputs but the trainer's data_collator has no teacher processor"
+                if own is not None else "the data_collator has a teacher processor but the batch has no teacher_* inputs"
+            )
+        responses, outputs, iva_weights = self.teacher_row_maps(batch, weights)
+        t_exp = self.teacher_expansion(expansion, own, responses) if expansion is not None else None
+        out = self.teacher_pass(own, t_exp, weights, inputs=self.teacher_inputs(own))
+        Tt = own.labels.shape[1]
+        states = outputs.apply(out.states[:, :Tt])
+        if expansion is not None:
+            if out.states.shape[1] - Tt != expansion.expanded_len - expansion.seq_len:  # same counts per row
+                raise RuntimeError("the teacher's candidate block does not match the student's")
+            states = torch.cat([states, out.states[:, Tt:]], 1)
+        w = iva_weights.apply(out.weights[..., None])[..., 0] if out.weights is not None else None
+        return PassOutput(states, out.output, weights=w)
 
     def teacher_rows(self, batch: Batch, expansion: TPAExpansion | None, weights: dict[str, float]) -> Tensor:
         """Bool ``[B, L]``: the rows of the teacher's logits the loss reads (KD: supervised positions;
