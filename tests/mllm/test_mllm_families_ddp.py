@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from family_ddp_worker import make_trainer
-from mllm_helpers import torchrun_two_ranks
-from test_mllm_families_trainer import SAMPLES, data  # noqa: F401  (the module's data fixture)
+from mllm_helpers import FAMILY_SAMPLES as SAMPLES, torchrun_two_ranks
+from test_mllm_families_trainer import data  # noqa: F401  (the module's data fixture)
 
 HERE = Path(__file__).parent
 PARTS = ("loss_sft", "loss_kd", "loss_iva", "loss_tpa")
