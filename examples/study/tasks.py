@@ -50,7 +50,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tokinteract.mllm.synthetic import COLORS, NUMBERS  # the earlier shapes task's colours and number words
+from tokinteract.mllm.synthetic import COLORS, NUMBERS, draw_shape  # the earlier shapes task's colours, words, shapes
 
 __all__ = [
     "COLORS",
@@ -186,20 +186,12 @@ class SceneTask:
             b = (x0 + m, y0 + m, x0 + cell - m - 1, y0 + cell - m - 1)
             cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
             rgb = COLORS[colour]
-            if shape == "circle":
-                draw.ellipse(b, fill=rgb)
-            elif shape == "square":
-                draw.rectangle(b, fill=rgb)
-            elif shape == "triangle":
-                draw.polygon([(cx, b[1]), (b[0], b[3]), (b[2], b[3])], fill=rgb)
-            elif shape == "cross":
-                w = (b[2] - b[0]) / 3
-                draw.rectangle((b[0] + w, b[1], b[2] - w, b[3]), fill=rgb)
-                draw.rectangle((b[0], b[1] + w, b[2], b[3] - w), fill=rgb)
-            elif shape == "diamond":
+            if shape == "diamond":
                 draw.polygon([(cx, b[1]), (b[2], cy), (cx, b[3]), (b[0], cy)], fill=rgb)
-            else:  # ring
+            elif shape == "ring":
                 draw.ellipse(b, outline=rgb, width=max(2, cell // 6))
+            else:  # circle, square, triangle, cross: as the shapes task draws them
+                draw_shape(draw, shape, b, rgb)
         return img
 
     def cell_labels(self, scene: Scene) -> dict[str, list[int]]:

@@ -94,3 +94,13 @@ def test_tokenizer_covers_every_generated_word(tok) -> None:
 def test_bad_config_is_refused(kw) -> None:
     with pytest.raises(ValueError):
         SyntheticConfig(**kw)
+
+
+def test_draw_shape_refuses_an_unknown_shape() -> None:
+    from PIL import Image, ImageDraw
+
+    from tokinteract.mllm.synthetic import draw_shape
+
+    draw = ImageDraw.Draw(Image.new("RGB", (8, 8)))
+    with pytest.raises(ValueError, match="shape must be one of circle, square, triangle, cross, got 'hexagon'"):
+        draw_shape(draw, "hexagon", (1, 1, 6, 6), (255, 0, 0))

@@ -34,6 +34,7 @@ __all__ = [
     "Scene",
     "SyntheticConfig",
     "generate_dataset",
+    "draw_shape",
     "make_samples",
     "render_scene",
     "vocabulary",
@@ -126,6 +127,24 @@ def _random_scene(rng: random.Random, cfg: SyntheticConfig) -> Scene:
     return Scene(tuple(sorted(objs, key=lambda o: (o[2], o[3]))), cfg.grid)
 
 
+def draw_shape(draw: Any, shape: str, box: tuple[int | float, ...], rgb: tuple[int, int, int]) -> None:
+    """Fill one of :data:`SHAPES` (circle, square, triangle pointing up, cross of thirds) into
+    ``box = (x0, y0, x1, y1)`` on a ``PIL.ImageDraw.Draw``; another name is a ``ValueError``."""
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=rgb)
+    elif shape == "square":
+        draw.rectangle(box, fill=rgb)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=rgb)
+    elif shape == "cross":
+        w = (x1 - x0) / 3
+        draw.rectangle((x0 + w, y0, x1 - w, y1), fill=rgb)
+        draw.rectangle((x0, y0 + w, x1, y1 - w), fill=rgb)
+    else:
+        raise ValueError(f"shape must be one of circle, square, triangle, cross, got {shape!r}")
+
+
 def render_scene(scene: Scene, image_size: int):  # -> PIL.Image.Image
     """Draw ``scene`` as an RGB PIL image (dark background, one shape per cell)."""
     from PIL import Image, ImageDraw
@@ -137,17 +156,7 @@ def render_scene(scene: Scene, image_size: int):  # -> PIL.Image.Image
         x0, y0 = col * cell, row * cell
         m = cell * 0.15
         box = (x0 + m, y0 + m, x0 + cell - m, y0 + cell - m)
-        rgb = COLORS[colour]
-        if shape == "circle":
-            draw.ellipse(box, fill=rgb)
-        elif shape == "square":
-            draw.rectangle(box, fill=rgb)
-        elif shape == "triangle":
-            draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=rgb)
-        else:  # cross
-            w = (box[2] - box[0]) / 3
-            draw.rectangle((box[0] + w, box[1], box[2] - w, box[3]), fill=rgb)
-            draw.rectangle((box[0], box[1] + w, box[2], box[3] - w), fill=rgb)
+        draw_shape(draw, shape, box, COLORS[colour])
     return img
 
 
