@@ -427,13 +427,18 @@ def make_model(name: str, attn: str = "sdpa", seed: int = 0, **overrides: Any) -
     return model.eval()
 
 
-def make_processor(name: str) -> Any:
-    """The family's real processor class, offline (see the module docstring for the video slot)."""
+def make_processor(name: str, image_processor: Any = None, **processor_kwargs: Any) -> Any:
+    """The family's real processor class, offline (see the module docstring for the video slot).
+
+    ``image_processor`` (default: the family's) and ``processor_kwargs`` (over the family's
+    ``processor_kwargs``) make another resolution or image-token count of the same family.
+    """
     f = family(name)
     cls = getattr(transformers, f.processor_cls)
     kwargs = dict(
-        image_processor=f.image_processor(), tokenizer=make_tokenizer(name),
-        chat_template=_chat_template(f.placeholder), **f.processor_kwargs,
+        image_processor=image_processor if image_processor is not None else f.image_processor(),
+        tokenizer=make_tokenizer(name), chat_template=_chat_template(f.placeholder),
+        **{**f.processor_kwargs, **processor_kwargs},
     )
     if not f.has_video_slot:
         return cls(**kwargs)

@@ -1,11 +1,17 @@
-"""A teacher with its own processor and image-token count (issue 13, item 3).
+"""A teacher with its own processor and image-token count (issue 13, item 3), on every family of
+``tests/hf/families.py``.
 
-Pairs: a LLaVA teacher whose tower reads 32 px images (4x4 = 16 visual tokens per image) and a LLaVA
-student at 16 px (2x2 = 4); a Qwen2.5-VL teacher whose processor upsamples images to at least 1536 px^2
-(4 times the student's visual tokens). The trainer's parts are compared with naive per-sample forwards:
-each model on its own sequence of the sample (the processor's output for that sample alone), KD on the
-rows that predict the same response token, TPA with one plain forward per candidate after each model's
-own prefix, IVA with the teacher's eager attention map and logits pooled onto the student's grid.
+Teachers (:func:`teacher_processor`, :func:`teacher_model`): twice the student's resolution per side where
+the family's processor allows it: LLaVA a 32 px tower (4x4 tokens per image vs 2x2); Qwen2-VL / Qwen2.5-VL a
+processor upsampling to at least 1536 px^2 (4x the tokens); Gemma 3 a 32 px tower with 16
+``mm_tokens_per_image`` (vs 4); LLaVA-NeXT / OneVision a 32 px tower with the anyres pinpoints doubled;
+Idefics3 / SmolVLM 32 px tiles with ``image_seq_len`` 16; InternVL 32 px tiles with 16 tokens each; Qwen3-VL
+another vision tower (depth, width) at the same resolution. The trainer's parts are compared with naive
+per-sample forwards: each model on its own sequence of the sample (the processor's output for that sample
+alone), SFT and KD on the rows that predict the same response token, TPA with one plain forward per
+candidate after each model's own prefix (loss, parts and gradients); IVA (LLaVA, Qwen2.5-VL) with the
+teacher's eager attention map and logits pooled onto the student's grid; IVA refused for every family
+without one grid per image.
 """
 
 from __future__ import annotations
@@ -22,14 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
 import families as fx  # noqa: E402
 from mllm_helpers import one_step, processor_trainer, record_candidates, write_family_data  # noqa: E402
 
-from tokinteract.hf.families import image_grids, visual_token_ids  # noqa: E402
+from tokinteract.hf.families import GRID_MODEL_TYPES, image_grids, visual_token_ids  # noqa: E402
 from tokinteract.mllm import DistillationConfig, DistillationTrainer  # noqa: E402
 from tokinteract.mllm.data import DataError  # noqa: E402
 from tokinteract.mllm.processor_data import ProcessorCollator, ProcessorDataset  # noqa: E402
 
 pytestmark = pytest.mark.slow  # trains tiny models
 
-NAMES = ["llava", "qwen2_5_vl"]
+NAMES = ["llava", "qwen2_5_vl"]  # the pairs of the collator and IVA tests
+SAMPLES = (0, 1)  # one image; two images over two turns (the per-family test)
 FACTOR = 2  # the teacher's grid is 2x the student's on each side, for every image of both pairs
 NOT_INPUTS = ("labels", "visual_mask", "instruction_mask", "response_mask")
 
@@ -39,41 +46,68 @@ def data(tmp_path_factory) -> Path:
     return write_family_data(tmp_path_factory.mktemp("teacher-inputs"))
 
 
+_BIG_PINPOINTS = [[2 * h, 2 * w] for h, w in fx._PINPOINTS]
+
+
 def teacher_processor(name: str):
-    """The family's processor with a higher image resolution (the image processor only);
-    Qwen3-VL's unchanged (its teacher differs in the vision tower only, as 8B and 2B do)."""
-    proc = fx.make_processor(name)
+    """The family's processor at twice the student's resolution per side (4x the visual tokens per image or
+    tile); Qwen3-VL's unchanged (its teacher differs in the vision tower only, as 8B and 2B do)."""
     if name == "qwen3_vl":
-        return proc
+        return fx.make_processor(name)
     if name == "llava":
         from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-
-        proc.image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
-    else:
+        return fx.make_processor(name, SiglipImageProcessorPil(size={"height": 32, "width": 32}))
+    if name in ("qwen2_vl", "qwen2_5_vl"):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        proc.image_processor = Qwen2VLImageProcessorPil(
-            patch_size=4, temporal_patch_size=2, merge_size=2, size={"shortest_edge": 1536, "longest_edge": 4096}
+        return fx.make_processor(name, Qwen2VLImageProcessorPil(
+            patch_size=4, temporal_patch_size=2, merge_size=2, size={"shortest_edge": 1536, "longest_edge": 4096}))
+    if name == "gemma3":
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+        return fx.make_processor(name, Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), image_seq_length=16)
+    if name == "llava_next":
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+        return fx.make_processor(name, LlavaNextImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=_BIG_PINPOINTS))
+    if name == "llava_onevision":
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
         )
-    return proc
+        return fx.make_processor(name, LlavaOnevisionImageProcessorPil(
+            size={"height": 32, "width": 32}, image_grid_pinpoints=_BIG_PINPOINTS), num_image_tokens=16)
+    if name in ("idefics3", "smolvlm"):
+        mod = "idefics3" if name == "idefics3" else "smolvlm"
+        cls = getattr(__import__(f"transformers.models.{mod}.image_processing_pil_{mod}", fromlist=["x"]),
+                      "Idefics3ImageProcessorPil" if name == "idefics3" else "SmolVLMImageProcessorPil")
+        return fx.make_processor(name, cls(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}),
+                                 image_seq_len=16)
+    if name == "internvl":
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+        return fx.make_processor(name, GotOcr2ImageProcessorPil(
+            size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4), image_seq_length=16)
+    raise ValueError(name)
 
 
 def teacher_model(name: str, seed: int = 2):
-    if name == "llava":  # a tower for 32 px images: 4x4 patches of 8 px
-        cfg = fx.family("llava").config(fx._token_ids("llava"))
-        cfg.vision_config.image_size = 32
-        torch.manual_seed(seed)
-        return transformers.LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa",
-                                                                       dtype=torch.float32).eval()
+    f = fx.family(name)
+    cfg = f.config(fx._token_ids(name))
+    vc = cfg.vision_config
     if name == "qwen3_vl":  # another vision tower (depth, width) with the same patches and merge
-        cfg = fx.family(name).config(fx._token_ids(name))
-        cfg.vision_config.depth, cfg.vision_config.hidden_size, cfg.vision_config.intermediate_size = 3, 48, 96
-        cfg.vision_config.deepstack_visual_indexes = [1]
-        torch.manual_seed(seed)
-        return transformers.Qwen3VLForConditionalGeneration._from_config(
-            cfg, attn_implementation="sdpa", dtype=torch.float32
-        ).eval()
-    return fx.make_model(name, seed=seed)
+        vc.depth, vc.hidden_size, vc.intermediate_size = 3, 48, 96
+        vc.deepstack_visual_indexes = [1]
+    elif name in ("qwen2_vl", "qwen2_5_vl"):
+        pass  # the same tower, more patches
+    elif name == "internvl":
+        vc.image_size = [32, 32]
+        cfg.image_seq_length = 16
+    else:
+        vc.image_size = 32
+        if name == "gemma3":
+            cfg.mm_tokens_per_image = 16
+        if name in ("llava_next", "llava_onevision"):
+            cfg.image_grid_pinpoints = _BIG_PINPOINTS
+    torch.manual_seed(seed)
+    impl = {"": "sdpa", "text_config": "sdpa", "vision_config": "sdpa"}
+    return getattr(transformers, f.model_cls)._from_config(cfg, attn_implementation=impl, dtype=torch.float32).eval()
 
 
 def collator(name: str, student, teacher) -> ProcessorCollator:
@@ -107,19 +141,9 @@ def _rows(labels: torch.Tensor) -> torch.Tensor:
     return (labels[0, 1:] != -100).nonzero().flatten()
 
 
-def _prefix(inputs: dict, t: int, token: int) -> dict:
-    """Tokens 0..t of one unpadded sample plus ``token`` (every image lies in the prefix)."""
-    out = dict(inputs)
-    for k, fill in (("input_ids", token), ("attention_mask", 1), ("mm_token_type_ids", 0), ("token_type_ids", 0)):
-        if k in out:
-            v = out[k]
-            out[k] = torch.cat([v[:, : t + 1], torch.full((1, 1), fill, dtype=v.dtype)], 1)
-    return out
-
-
-def _singles(tr) -> list[tuple[dict, dict]]:
-    """Each sample alone through the collator (student part, teacher part): no padding."""
-    return [_split(tr.data_collator([tr.train_dataset[i]])) for i in range(len(tr.train_dataset))]
+def _singles(tr, samples=None) -> list[tuple[dict, dict]]:
+    """Each sample (default: every one) alone through the collator (student part, teacher part): no padding."""
+    return [_split(tr.data_collator([tr.train_dataset[i]])) for i in (samples or range(len(tr.train_dataset)))]
 
 
 def test_the_collator_adds_the_teachers_own_batch(data) -> None:
@@ -170,70 +194,77 @@ def test_bad_teacher_processors_and_responses_are_refused(data) -> None:
         col([ds[i] for i in range(3)])
 
 
-@pytest.mark.parametrize("name", [*NAMES, "qwen3_vl"])
-@pytest.mark.parametrize("impl", ["logits", "fused"])
-def test_kd_and_sft_equal_per_sample_forwards_on_each_models_own_sequence(tmp_path, data, name, impl) -> None:
-    student, teacher = fx.make_model(name, seed=1), teacher_model(name)
-    tr = _trainer(tmp_path, data, name, student, teacher, DistillationConfig(method="kd", loss_impl=impl))
-    batch = tr.data_collator([tr.train_dataset[i] for i in range(3)])
-    loss, parts, grads = one_step(tr, student, batch)
-    student.eval()
-    kd = sft = 0.0
-    n = 0
-    with torch.no_grad():
-        for s, t in _singles(tr):
-            sl = student(**_inputs(s)).logits[0].float()
-            tl = teacher(**_inputs(t)).logits[0].float()
-            rs, rt = _rows(s["labels"]), _rows(t["labels"])
-            assert torch.equal(s["labels"][0, rs + 1], t["labels"][0, rt + 1])  # the same tokens ...
-            if name in NAMES and int(s["visual_mask"].sum()):  # ... at other positions (text-only and
-                assert bool((rt > rs).all())  # Qwen3-VL's equal token counts: the same positions)
-            kd += float(_kl(tl[rt], sl[rs]).sum())
-            sft += float(torch.nn.functional.cross_entropy(sl[rs], s["labels"][0, rs + 1], reduction="sum"))
-            n += len(rs)
-    assert parts["kd"] == pytest.approx(kd / n, rel=1e-5) and parts["kd"] > 0
-    assert parts["sft"] == pytest.approx(sft / n, rel=1e-5)
-    assert loss == pytest.approx((kd + sft) / n, rel=1e-5)
-    assert any(".language_model." in k for k in grads)
+def _prefix(inputs: dict, t: int, token: int) -> dict:
+    """Tokens 0..t of one unpadded sample plus ``token`` (every image lies in the prefix): the per-token
+    inputs cut and extended with the text values, the per-image / per-sample ones unchanged."""
+    out = dict(inputs)
+    for k in fx.TOKEN_KEYS:
+        if k in out:
+            v = out[k]
+            fill = token if k == "input_ids" else int(k == "attention_mask")
+            out[k] = torch.cat([v[:, : t + 1], torch.full((1, 1), fill, dtype=v.dtype)], 1)
+    return out
 
 
-@pytest.mark.parametrize("name,impl,forward", [
-    ("llava", "logits", "cached"), ("llava", "fused", "packed"), ("qwen2_5_vl", "logits", "packed"),
-    ("qwen2_5_vl", "fused", "cached"),
-])
-def test_tpa_equals_per_candidate_forwards_after_each_models_own_prefix(
-    tmp_path, data, name, impl, forward, monkeypatch
-) -> None:
+@pytest.mark.parametrize("name", fx.FAMILIES)
+def test_sft_kd_and_tpa_equal_per_sample_forwards_on_each_models_own_sequence(tmp_path, data, name, monkeypatch) -> None:
+    """One step of ``tpa`` (SFT + KD + TPA), logits loss with the cached TPA forward and fused loss with the
+    packed one, on two samples (one image; two images over two turns): loss, parts and every student
+    gradient equal the naive reference built from plain per-sample forwards of each model on its own
+    sequence (SFT and KD on the rows predicting the same response token) and one plain forward per
+    candidate after each model's own prefix (TPA)."""
     d = 2
     student, teacher = fx.make_model(name, seed=1), teacher_model(name)
-    with torch.no_grad():  # sharper distributions: a KL of order 1, so that errors show
+    with torch.no_grad():  # sharper distributions: KLs of order 1, so that errors show
         student.lm_head.weight.mul_(10.0)
         teacher.lm_head.weight.mul_(15.0)
-    cfg = DistillationConfig(method="tpa", loss_impl=impl, tpa_forward=forward, tpa_num_candidates=d)
-    tr = _trainer(tmp_path, data, name, student, teacher, cfg)
-    rec = record_candidates(monkeypatch)
-    batch = tr.data_collator([tr.train_dataset[i] for i in range(3)])
-    _, parts, _ = one_step(tr, student, batch)
-    cand, cmask = rec["cand"], rec["mask"]
+    steps = {}
+    for impl, forward in (("logits", "cached"), ("fused", "packed")):
+        cfg = DistillationConfig(method="tpa", loss_impl=impl, tpa_forward=forward, tpa_num_candidates=d)
+        tr = _trainer(tmp_path / impl, data, name, student, teacher, cfg)
+        rec = record_candidates(monkeypatch)
+        steps[impl] = (*one_step(tr, student, tr.data_collator([tr.train_dataset[i] for i in SAMPLES])), rec)
+    cand, cmask = steps["logits"][3]["cand"], steps["logits"][3]["mask"]
+    assert torch.equal(steps["fused"][3]["cand"], cand) and torch.equal(steps["fused"][3]["mask"], cmask)
+    singles = _singles(tr, SAMPLES)
+    n = sum(len(_rows(s["labels"])) for s, _ in singles)
+    ref = {"sft": 0.0, "kd": 0.0, "tpa": 0.0}
     student.eval()
-    total, n_pos = 0.0, 0
-    with torch.no_grad():
-        for b, (s, t) in enumerate(_singles(tr)):
-            rs, rt = _rows(s["labels"]), _rows(t["labels"])
-            assert cmask[b].nonzero().flatten().tolist() == rs.tolist()  # right padding: the same rows
-            for k, (ts, tt) in enumerate(zip(rs.tolist(), rt.tolist())):
-                n_pos += 1
-                for u in range(d):
-                    tok = int(cand[b, ts, u])
-                    si, ti = _prefix(_inputs(s), ts, tok), _prefix(_inputs(t), tt, tok)
-                    assert int(s["visual_mask"][0, : ts + 1].sum()) == int(s["visual_mask"].sum())
-                    assert int(t["visual_mask"][0, : tt + 1].sum()) == int(t["visual_mask"].sum())
-                    sl = student(**si).logits[0, -1].float()
-                    tl = teacher(**ti).logits[0, -1].float()
-                    total += float(_kl(tl, sl))
-    ref = total / (d * n_pos)
-    assert ref > 0.05
-    assert parts["tpa"] == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    student.zero_grad(set_to_none=True)
+    for b, (s, t) in enumerate(singles):
+        rs, rt = _rows(s["labels"]), _rows(t["labels"])
+        assert torch.equal(s["labels"][0, rs + 1], t["labels"][0, rt + 1])  # the same tokens ...
+        ns, nt = int(s["visual_mask"].sum()), int(t["visual_mask"].sum())
+        assert ns > 0 and (nt == ns if name == "qwen3_vl" else nt > ns)  # ... after other image-token counts
+        assert cmask[b].nonzero().flatten().tolist() == rs.tolist()  # right padding: the single sample's rows
+        sl = student(**_inputs(s)).logits[0].float()
+        with torch.no_grad():
+            tl = teacher(**_inputs(t)).logits[0].float()
+        kd = _kl(tl[rt], sl[rs]).sum() / n
+        sft = torch.nn.functional.cross_entropy(sl[rs], s["labels"][0, rs + 1], reduction="sum") / n
+        (kd + sft).backward()
+        ref["kd"] += float(kd)
+        ref["sft"] += float(sft)
+        for ts, tt in zip(rs.tolist(), rt.tolist()):
+            for u in range(d):
+                tok = int(cand[b, ts, u])
+                last = student(**_prefix(_inputs(s), ts, tok)).logits[0, -1].float()
+                with torch.no_grad():
+                    t_last = teacher(**_prefix(_inputs(t), tt, tok)).logits[0, -1].float()
+                tpa = _kl(t_last, last) / (d * n)
+                tpa.backward()
+                ref["tpa"] += float(tpa)
+    ref_grads = {k: p.grad.detach().clone() for k, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad(set_to_none=True)
+    assert min(ref.values()) > 0.05
+    for impl, (loss, parts, grads, _) in steps.items():
+        for k in ref:
+            assert parts[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-6), (impl, k)
+        assert loss == pytest.approx(sum(ref.values()), rel=1e-4), impl
+        assert grads.keys() == ref_grads.keys() and any(".language_model." in k or ".text_model." in k for k in grads)
+        for k, g in ref_grads.items():
+            torch.testing.assert_close(grads[k], g, rtol=1e-4, atol=max(1e-6, 1e-5 * float(g.abs().max())),
+                                       msg=lambda m, impl=impl, k=k: f"{impl} {k}: {m}")
 
 
 def _pool(x: torch.Tensor, grid: tuple[int, int], how: str) -> torch.Tensor:
@@ -292,11 +323,16 @@ def test_trainer_refuses_what_a_teacher_on_its_own_inputs_cannot_do(tmp_path, da
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     col = ProcessorCollator(proc, visual_token_ids(g_student), teacher_processor=fx.make_processor("gemma3"),
                             teacher_visual_token_ids=visual_token_ids(g_teacher))
-    with pytest.raises(ValueError, match=r"IVA with a teacher on its own visual tokens needs both models to show each "
-                                         r"image as one grid .*'gemma3'"):
-        DistillationTrainer(g_student, args, teacher=g_teacher, distill=DistillationConfig(method="iva", iva_layer=1),
-                            train_dataset=ProcessorDataset(data, data.parent, proc), data_collator=col,
-                            processing_class=proc)
+    for name in (n for n in fx.FAMILIES if n not in GRID_MODEL_TYPES):  # every family without one grid per image
+        st, te = fx.make_model(name, seed=1), teacher_model(name)
+        p_n = fx.make_processor(name)
+        col_n = ProcessorCollator(p_n, visual_token_ids(st), teacher_processor=teacher_processor(name),
+                                  teacher_visual_token_ids=visual_token_ids(te))
+        with pytest.raises(ValueError, match=r"IVA with a teacher on its own visual tokens needs both models to show "
+                                             rf"each image as one grid .*'{name}'"):
+            DistillationTrainer(st, args, teacher=te, distill=DistillationConfig(method="align_ti", iva_layer=1),
+                                train_dataset=ProcessorDataset(data, data.parent, p_n), data_collator=col_n,
+                                processing_class=p_n)
     with pytest.raises(ValueError, match=r"different families \(student model_type 'gemma3', teacher 'llava'\); with "
                                          r"their own processors"):
         DistillationTrainer(g_student, args, teacher=teacher, distill=DistillationConfig(method="kd"),
