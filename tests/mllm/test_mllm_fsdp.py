@@ -36,6 +36,9 @@ VARIANTS = {
     "gkd": ({"method": "gkd", "gkd_lambda": 0.5, "gkd_max_new_tokens": 4, "max_steps": 4}, False),
 }
 
+# a LoRA student (issue 13): align_ti, default fused loss, 2 steps, the adapter saved at the end
+LORA = dict(lora_r=4, lora_alpha=8.0, learning_rate=1e-2, max_steps=2, eval_strategy="no")
+
 
 def _config(tmp: Path, synth, name: str, **kw) -> Path:
     cfg = dict(
@@ -62,6 +65,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, synth) -> SimpleNamespace:
             "name": f"fsdp_{variant}", "tie": tie, "save": str(tmp / f"saved_{variant}"),
             "config": str(_config(tmp, synth, f"fsdp_{variant}", fsdp=True, fsdp_config=dict(FSDP_CONFIG), **kw, **ckpt)),
         })
+    specs.append({"name": "fsdp_lora", "save": str(tmp / "saved_lora"),
+                  "config": str(_config(tmp, synth, "fsdp_lora", fsdp=True, fsdp_config=dict(FSDP_CONFIG), **LORA))})
     specs.append({"name": "fsdp_resumed", "resume": str(tmp / "fsdp_untied" / "checkpoint-2"),
                   "config": str(_config(tmp, synth, "fsdp_resumed", fsdp=True, fsdp_config=dict(FSDP_CONFIG)))})
     (tmp / "runs.json").write_text(json.dumps(specs))
@@ -168,3 +173,53 @@ def test_fsdp2_resume_from_an_fsdp_checkpoint(runs) -> None:
         assert b[3][key] == pytest.approx(a[3][key], rel=1e-6), key
     for k, v in full["after"].items():
         torch.testing.assert_close(resumed["after"][k], v, rtol=0, atol=1e-7, msg=k)
+
+
+def test_fsdp2_trains_a_lora_student_equal_to_one_process(runs, synth) -> None:
+    """FSDP2 with a ``peft`` LoRA student (align_ti, fused loss, TPA on): every parameter of the PeftModel is
+    sharded (the LoRA matrices too) and the teacher is not; both ranks end with identical weights, in which
+    only the adapters and the projector's trained copy moved; they equal (exactly; tolerance atol 1e-7) one
+    process training the same global batches as 2 accumulation steps of the ranks' micro-batches, drawing
+    the ranks' TPA candidates (the candidate generator of accumulation step ``k`` seeded as rank ``k``'s, a
+    test-only patch; without it the TPA part and the weights differ). The adapter saved under FSDP2
+    (FULL_STATE_DICT) loads with ``PeftModel.from_pretrained`` on the untrained base to the trained weights."""
+    import copy
+
+    from peft import PeftModel
+
+    f0, f1 = runs.fsdp_lora
+    info = f0["info"]
+    assert info["distributed_type"] == "DistributedType.FSDP" and info["fsdp_version"] == 2 and info["is_fsdp_module"]
+    assert set(info["sharding"]) == set(info["params"]) and any("lora_A" in n for n in info["sharding"])
+    assert not info["teacher_is_fsdp_module"] and not info["teacher_dtensors"]
+    for k in f0["after"]:
+        assert torch.equal(f0["after"][k], f1["after"][k]), k
+    changed = [k for k in f0["after"] if not torch.equal(f0["after"][k], f0["before"][k])]
+    assert any("lora_B" in k for k in changed) and all("lora_" in k or ".modules_to_save." in k for k in changed)
+    cfg = _config(runs.tmp, synth, "one_lora", gradient_accumulation_steps=2, ddp_backend=None, **LORA)
+    single = build_everything(*parse_args([str(cfg)]))
+    base = copy.deepcopy(single.model).unload()  # the untrained base model, without the adapters
+
+    def generator(device: torch.device) -> torch.Generator:  # accumulation step k draws as rank k would
+        micro = single._micro
+        single._micro = 1
+        try:
+            return torch.Generator(device=device).manual_seed(single._seed(micro - 1))
+        finally:
+            single._micro = micro
+
+    single._generator = generator
+    single.train()
+    got, ref = _train_logs(f0["log"]), _train_logs(single.state.log_history)
+    assert len(got) == len(ref) == 2 and all(g["loss_tpa"] > 0 for g in got)
+    for g, e in zip(got, ref):
+        for key in ("loss", "grad_norm", "loss_sft", "loss_kd", "loss_iva", "loss_tpa"):
+            assert g[key] == pytest.approx(e[key], rel=1e-6, abs=1e-8), (g["step"], key)
+    one = single.model.state_dict()
+    assert set(one) == set(f0["after"])
+    for k, v in one.items():
+        torch.testing.assert_close(f0["after"][k], v, rtol=0, atol=1e-7, msg=k)
+    loaded = PeftModel.from_pretrained(base, runs.tmp / "saved_lora").state_dict()
+    assert set(loaded) == set(f0["after"])
+    for k, v in loaded.items():
+        assert torch.equal(v, f0["after"][k]), k

@@ -243,8 +243,8 @@ def test_sft_kd_and_tpa_equal_per_sample_forwards_on_each_models_own_sequence(tm
         kd = _kl(tl[rt], sl[rs]).sum() / n
         sft = torch.nn.functional.cross_entropy(sl[rs], s["labels"][0, rs + 1], reduction="sum") / n
         (kd + sft).backward()
-        ref["kd"] += float(kd)
-        ref["sft"] += float(sft)
+        ref["kd"] += float(kd.detach())
+        ref["sft"] += float(sft.detach())
         for ts, tt in zip(rs.tolist(), rt.tolist()):
             for u in range(d):
                 tok = int(cand[b, ts, u])
@@ -253,7 +253,7 @@ def test_sft_kd_and_tpa_equal_per_sample_forwards_on_each_models_own_sequence(tm
                     t_last = teacher(**_prefix(_inputs(t), tt, tok)).logits[0, -1].float()
                 tpa = _kl(t_last, last) / (d * n)
                 tpa.backward()
-                ref["tpa"] += float(tpa)
+                ref["tpa"] += float(tpa.detach())
     ref_grads = {k: p.grad.detach().clone() for k, p in student.named_parameters() if p.grad is not None}
     student.zero_grad(set_to_none=True)
     assert min(ref.values()) > 0.05
