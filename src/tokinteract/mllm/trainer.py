@@ -110,7 +110,9 @@ Notes:
       fp32; accelerate only enables FSDP on GPU-type devices, so the test forces its CPU gate;
       ``tests/mllm/test_mllm_fsdp.py``): align_ti with the fused loss (LM head tied or not)
       and GKD give the DDP run's per-step losses and final weights, and ``save_model``
-      writes a ``from_pretrained`` checkpoint; not run on GPUs (bf16, NCCL). FSDP2 does not
+      writes a ``from_pretrained`` checkpoint; a LoRA (``peft``) student trains to the weights
+      of one process and its saved adapter loads with ``PeftModel.from_pretrained``; not run
+      on GPUs (bf16, NCCL). FSDP2 does not
       wrap the model, so :func:`run_through_wrapper` still calls the root module to run its
       hooks, and the fused loss unshards the LM head's FSDP2 unit (its forward never runs;
       FSDP2 reduce-scatters the head's gradient after backward). FSDP1 was not run. The
