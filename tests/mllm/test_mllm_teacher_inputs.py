@@ -55,17 +55,25 @@ def teacher_processor(name: str):
     if name == "qwen3_vl":
         return fx.make_processor(name)
     if name == "llava":
-        from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+        from transformers.models.siglip.image_processing_pil_siglip import (
+            SiglipImageProcessorPil,
+        )
         return fx.make_processor(name, SiglipImageProcessorPil(size={"height": 32, "width": 32}))
     if name in ("qwen2_vl", "qwen2_5_vl"):
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
         return fx.make_processor(name, Qwen2VLImageProcessorPil(
             patch_size=4, temporal_patch_size=2, merge_size=2, size={"shortest_edge": 1536, "longest_edge": 4096}))
     if name == "gemma3":
-        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+        from transformers.models.gemma3.image_processing_pil_gemma3 import (
+            Gemma3ImageProcessorPil,
+        )
         return fx.make_processor(name, Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), image_seq_length=16)
     if name == "llava_next":
-        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+        from transformers.models.llava_next.image_processing_pil_llava_next import (
+            LlavaNextImageProcessorPil,
+        )
         return fx.make_processor(name, LlavaNextImageProcessorPil(
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=_BIG_PINPOINTS))
     if name == "llava_onevision":
@@ -74,14 +82,21 @@ def teacher_processor(name: str):
         )
         return fx.make_processor(name, LlavaOnevisionImageProcessorPil(
             size={"height": 32, "width": 32}, image_grid_pinpoints=_BIG_PINPOINTS), num_image_tokens=16)
-    if name in ("idefics3", "smolvlm"):
-        mod = "idefics3" if name == "idefics3" else "smolvlm"
-        cls = getattr(__import__(f"transformers.models.{mod}.image_processing_pil_{mod}", fromlist=["x"]),
-                      "Idefics3ImageProcessorPil" if name == "idefics3" else "SmolVLMImageProcessorPil")
+    if name in ("idefics3", "smolvlm"):  # 32 px tiles (images up to 64 px, split), 16 tokens per tile
+        from transformers.models.idefics3.image_processing_pil_idefics3 import (
+            Idefics3ImageProcessorPil,
+        )
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import (
+            SmolVLMImageProcessorPil,
+        )
+
+        cls = Idefics3ImageProcessorPil if name == "idefics3" else SmolVLMImageProcessorPil
         return fx.make_processor(name, cls(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}),
                                  image_seq_len=16)
     if name == "internvl":
-        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
+            GotOcr2ImageProcessorPil,
+        )
         return fx.make_processor(name, GotOcr2ImageProcessorPil(
             size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4), image_seq_length=16)
     raise ValueError(name)
