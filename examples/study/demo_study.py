@@ -110,6 +110,12 @@ class DemoSettings:
         vision_hidden, vision_layers: size of the SigLIP tower.
         teacher_seed: initialisation and data-order seed of the teacher (another seed: a
             replicate teacher, cached separately).
+        question_types: the task's question types (empty: all of the task's).
+        question_weights: their relative frequencies in the training split (empty: uniform;
+            the test split is uniform).
+        vision_position: the vision tower's pre-training also classifies each patch's grid
+            cell (``vision_pretrain.py``), so that visual tokens keep where they are.
+        compact_positions: positions are one token (``"r2c3"``) in questions and answers.
     """
 
     name: str
@@ -148,6 +154,10 @@ class DemoSettings:
     vision_layers: int = 2
     teacher_seed: int = 1000
     max_length: int = 256
+    question_types: tuple[str, ...] = ()
+    question_weights: tuple[float, ...] = ()
+    vision_position: bool = False
+    compact_positions: bool = False
 
 
 @dataclass(frozen=True)
@@ -467,10 +477,14 @@ class Demo:
             return None
         import tasks
 
+        kw: dict[str, Any] = {"question_weights": tuple(self.s.question_weights),
+                              "compact_positions": self.s.compact_positions}
+        if self.s.question_types:
+            kw["question_types"] = tuple(self.s.question_types)
         if self.s.task == "scenes":
             return tasks.SceneTask(image_size=self.s.image_size, grid=self.s.grid, min_objects=self.s.min_objects,
-                                   max_objects=self.s.max_objects)
-        return tasks.make_task(self.s.task, image_size=self.s.image_size, grid=self.s.grid)
+                                   max_objects=self.s.max_objects, **kw)
+        return tasks.make_task(self.s.task, image_size=self.s.image_size, grid=self.s.grid, **kw)
 
     def prepare(self) -> None:
         from tokinteract.mllm import build_processor, build_word_tokenizer, vocabulary
@@ -610,13 +624,15 @@ class Demo:
             info: dict[str, Any] = {
                 "random_probe": vp.probe_accuracy(tower, train, test, task.label_classes(), **kw),
                 "random_signal_fraction": vp.image_signal_fraction(tower, test[0]),
+                "random_position_probe": vp.position_probe_accuracy(tower, train[0][:1000], test[0], **kw),
             }
             out = vp.pretrain_vision_tower(tower, *train, task.label_classes(), steps=s.vision_pretrain_steps,
-                                           lr=s.vision_lr, seed=3000, **kw)
+                                           lr=s.vision_lr, seed=3000, position=s.vision_position, **kw)
             info.update({
                 "probe": vp.probe_accuracy(tower, train, test, task.label_classes(), **kw),
                 "signal_fraction": vp.image_signal_fraction(tower, test[0]),
-                "loss_first": out["loss"][0], "loss_last": out["loss"][-1], "steps": s.vision_pretrain_steps,
+                "position_probe": vp.position_probe_accuracy(tower, train[0][:1000], test[0], **kw),
+                "position_head": s.vision_position, "loss_first": out["loss"][0], "loss_last": out["loss"][-1], "steps": s.vision_pretrain_steps,
                 "images": s.vision_images, "probe_test_images": 500, "wall_s": time.perf_counter() - t0,
             })
             path.mkdir(parents=True, exist_ok=True)
