@@ -51,9 +51,14 @@ def _parse_set(items: list[str], settings: dm.DemoSettings) -> dict[str, Any]:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or name not in fields or name in ("teacher", "student", "seeds", "experiments"):
-            raise ValueError(f"--set takes NAME=VALUE with NAME a scalar field of DemoSettings, got {item!r}")
+            raise ValueError(f"--set takes NAME=VALUE with NAME a scalar field of DemoSettings (or question_types / "
+                             f"question_weights, comma-separated), got {item!r}")
         old = getattr(settings, name)
-        out[name] = (value.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(value)
+        if isinstance(old, tuple):  # comma-separated, typed by the field (question_types: str, weights: float)
+            kind = float if name == "question_weights" else str
+            out[name] = tuple(kind(x) for x in value.split(",") if x)
+        else:
+            out[name] = (value.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(value)
     return out
 
 

@@ -247,15 +247,19 @@ PRESETS: dict[str, DemoSettings] = {
 #: the tasks of examples/study/tasks.py (issue 15): what differs from the preset of the same scale.
 #: Calibration (teacher and SFT student only) decides these; see docs/results/calibration-tasks.md.
 TASK_SETTINGS: dict[str, dict[str, Any]] = {
-    "scenes": dict(task="scenes", grid=3, image_size=48, patch_size=8, min_objects=3, max_objects=8,
+    # scenes: 4x4 grid, one 12 px patch per cell (16 visual tokens), one-token positions, a position-aware
+    # tower, training weighted towards the lookup types (docs/results/calibration-log.md)
+    "scenes": dict(task="scenes", grid=4, image_size=48, patch_size=12, min_objects=3, max_objects=8,
                    vision_pretrain_steps=400, vision_images=3000, teacher_trains_vision=False, n_irs=64,
-                   exposure_steps=48, teacher_steps=2000),
+                   exposure_steps=48, teacher_steps=3000, n_train=10000, compact_positions=True,
+                   vision_position=True, question_weights=(3.0, 3.0, 3.0, 2.0, 2.0, 1.0, 1.0, 1.0)),
     "digits": dict(task="digits", grid=4, image_size=48, patch_size=12, vision_pretrain_steps=400,
                    vision_images=3000, teacher_trains_vision=False, n_irs=64, exposure_steps=34, teacher_steps=2000),
 }
 #: smoke scale of the new tasks (CI): tiny everything
 _TASK_SMOKE: dict[str, Any] = dict(vision_pretrain_steps=3, vision_images=16, vision_hidden=16, vision_layers=1,
-                                   n_irs=4, exposure_steps=8, teacher_steps=PRESETS["smoke"].teacher_steps)
+                                   n_irs=4, exposure_steps=8, teacher_steps=PRESETS["smoke"].teacher_steps,
+                                   n_train=PRESETS["smoke"].n_train)
 
 
 def task_settings(task: str, preset: str) -> DemoSettings:
@@ -613,7 +617,14 @@ class Demo:
         import vision_pretrain as vp
 
         path = self.dir / "vision_tower"
-        if not (path / "tower.safetensors").exists():
+        images = {k: v for k, v in dataclasses.asdict(self.task_obj).items()  # what the images depend on
+                  if k not in ("question_types", "question_weights", "caption_type", "compact_positions")}
+        key = json.loads(json.dumps([images, s.vision_pretrain_steps, s.vision_images,
+                                     s.vision_lr, s.vision_hidden, s.vision_layers, s.patch_size, s.vision_position,
+                                     s.data_seed]))
+        cached = path / "info.json"
+        if not ((path / "tower.safetensors").exists() and cached.exists()
+                and json.loads(cached.read_text()).get("key") == key):  # another setting: pre-train again
             task, ip = self.task_obj, self.processor.image_processor
             self.log(f"stage -1: vision tower pre-training ({s.vision_pretrain_steps} steps on {s.vision_images} images)")
             t0 = time.perf_counter()
@@ -633,7 +644,7 @@ class Demo:
                 "signal_fraction": vp.image_signal_fraction(tower, test[0]),
                 "position_probe": vp.position_probe_accuracy(tower, train[0][:1000], test[0], **kw),
                 "position_head": s.vision_position, "loss_first": out["loss"][0], "loss_last": out["loss"][-1], "steps": s.vision_pretrain_steps,
-                "images": s.vision_images, "probe_test_images": 500, "wall_s": time.perf_counter() - t0,
+                "images": s.vision_images, "probe_test_images": 500, "wall_s": time.perf_counter() - t0, "key": key,
             })
             path.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, str(path / "tower.safetensors"))

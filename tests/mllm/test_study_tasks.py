@@ -238,6 +238,17 @@ def test_question_weights_shape_the_training_split_only(tmp_path: Path, name: st
         T.make_samples(task, 2, seed=0, turns=2, weights=task.question_weights)
 
 
+def test_frozen_scene_setting_keeps_long_answers_long() -> None:
+    # the calibrated setting (4x4 grid, one-token positions) still has describe answers of 30+ tokens
+    from tokinteract.mllm import build_word_tokenizer
+
+    task = T.SceneTask(grid=4, compact_positions=True)
+    tok = build_word_tokenizer(task.vocabulary())
+    samples, _ = T.make_samples(task, 200, seed=4, question_types=("describe",))
+    lens = [len(tok(_qa(s)[1])["input_ids"]) for s in samples]
+    assert sum(lens) / len(lens) >= 30 and max(lens) >= 45, (sum(lens) / len(lens), max(lens))
+
+
 def test_irs_pairs_use_every_type_when_the_task_has_one(tmp_path: Path) -> None:
     task = T.SceneTask(question_types=("color",))
     paths = T.write_task(task, tmp_path, n_train=4, n_test=2, n_irs=10, seed=0)
