@@ -51,9 +51,14 @@ def _parse_set(items: list[str], settings: dm.DemoSettings) -> dict[str, Any]:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or name not in fields or name in ("teacher", "student", "seeds", "experiments"):
-            raise ValueError(f"--set takes NAME=VALUE with NAME a scalar field of DemoSettings, got {item!r}")
+            raise ValueError(f"--set takes NAME=VALUE with NAME a scalar field of DemoSettings (or question_types / "
+                             f"question_weights, comma-separated), got {item!r}")
         old = getattr(settings, name)
-        out[name] = (value.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(value)
+        if isinstance(old, tuple):  # comma-separated, typed by the field (question_types: str, weights: float)
+            kind = float if name == "question_weights" else str
+            out[name] = tuple(kind(x) for x in value.split(",") if x)
+        else:
+            out[name] = (value.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(value)
     return out
 
 
@@ -190,7 +195,11 @@ def calibration_markdown(res: dict[str, Any], *, command: str) -> str:
           f"{task['visual_tokens']} visual tokens; {s['n_train']} training samples, {s['n_captions']} captions "
           f"(stage 1), {task['test_eval']} held-out test samples; question types {', '.join(types)} (short: "
           f"{', '.join(task['short_types'])}); answers {task['answer_tokens_mean']:.1f} tokens on average, "
-          f"'{task['long_type']}' {task['describe_tokens_mean']:.1f}, max {task['answer_tokens_max']}.",
+          f"'{task['long_type']}' {task['describe_tokens_mean']:.1f}, max {task['answer_tokens_max']}; positions "
+          + ("one token ('r2c3')" if s.get("compact_positions") else "in words ('row two column three')")
+          + "; training question weights "
+          + (", ".join(f"{t} {w:g}" for t, w in zip(types, s["question_weights"])) if s.get("question_weights")
+             else "uniform") + " (test split uniform).",
           f"* Teacher: hidden {s['teacher']['hidden']}, {s['teacher']['layers']} layers; SFT {s['teacher_steps']} steps, "
           f"batch {s['batch_size']}, lr {s['teacher_lr']}.",
           f"* Student: hidden {s['student']['hidden']}, {s['student']['layers']} layers; stage 1 {s['stage1_steps']} "
@@ -199,17 +208,21 @@ def calibration_markdown(res: dict[str, Any], *, command: str) -> str:
     if v:
         md += ["## Vision tower (stand-in for a pretrained SigLIP)", "",
                f"SigLIP {s['vision_hidden']}-d x {s['vision_layers']} layers, pre-trained {v['steps']} steps on "
-               f"{v['images']} task images (per-cell attribute classification), then frozen for teacher and students "
+               f"{v['images']} task images (per-cell attribute classification"
+               + (", plus each patch's cell index" if v.get("position_head") else "")
+               + f"), then frozen for teacher and students "
                f"(loss {v['loss_first']:.3f} -> {v['loss_last']:.3f}). Linear probe per cell on the frozen features, "
                f"{v['probe_test_images']} held-out images:", "",
-               "| tower | " + " | ".join(f"probe {k} %" for k in v["probe"]) + " | image-signal fraction |",
-               "|---|" + "---|" * (len(v["probe"]) + 1),
+               "| tower | " + " | ".join(f"probe {k} %" for k in v["probe"]) + " | position probe % | image-signal fraction |",
+               "|---|" + "---|" * (len(v["probe"]) + 2),
                "| random (before) | " + " | ".join(_pct(v["random_probe"][k]) for k in v["probe"])
+               + f" | {_pct(v['random_position_probe']) if 'random_position_probe' in v else 'n/a'}"
                + f" | {v['random_signal_fraction']:.3f} |",
                "| pre-trained (used) | " + " | ".join(_pct(v["probe"][k]) for k in v["probe"])
-               + f" | {v['signal_fraction']:.3f} |", "",
-               "Image-signal fraction: the standard deviation across images of the features the projector reads over "
-               "their RMS (near 0: a component common to all images dominates).", ""]
+               + f" | {_pct(v['position_probe']) if 'position_probe' in v else 'n/a'} | {v['signal_fraction']:.3f} |", "",
+               "Position probe: a fresh linear probe naming, from each patch's own feature, the grid cell holding the "
+               "patch. Image-signal fraction: the standard deviation across images of the features the projector reads "
+               "over their RMS (near 0: a component common to all images dominates).", ""]
     md += ["## Teachers and SFT students (exact match %, held-out)", "",
            "| model | overall | short pooled | " + " | ".join(types) + " | POPE acc | IRS per layer | l* | max/min |",
            "|---|---|---|" + "---|" * len(types) + "---|---|---|---|"]

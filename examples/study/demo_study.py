@@ -110,6 +110,12 @@ class DemoSettings:
         vision_hidden, vision_layers: size of the SigLIP tower.
         teacher_seed: initialisation and data-order seed of the teacher (another seed: a
             replicate teacher, cached separately).
+        question_types: the task's question types (empty: all of the task's).
+        question_weights: their relative frequencies in the training split (empty: uniform;
+            the test split is uniform).
+        vision_position: the vision tower's pre-training also classifies each patch's grid
+            cell (``vision_pretrain.py``), so that visual tokens keep where they are.
+        compact_positions: positions are one token (``"r2c3"``) in questions and answers.
     """
 
     name: str
@@ -148,6 +154,10 @@ class DemoSettings:
     vision_layers: int = 2
     teacher_seed: int = 1000
     max_length: int = 256
+    question_types: tuple[str, ...] = ()
+    question_weights: tuple[float, ...] = ()
+    vision_position: bool = False
+    compact_positions: bool = False
 
 
 @dataclass(frozen=True)
@@ -237,15 +247,19 @@ PRESETS: dict[str, DemoSettings] = {
 #: the tasks of examples/study/tasks.py (issue 15): what differs from the preset of the same scale.
 #: Calibration (teacher and SFT student only) decides these; see docs/results/calibration-tasks.md.
 TASK_SETTINGS: dict[str, dict[str, Any]] = {
-    "scenes": dict(task="scenes", grid=3, image_size=48, patch_size=8, min_objects=3, max_objects=8,
+    # scenes: 4x4 grid, one 12 px patch per cell (16 visual tokens), one-token positions, a position-aware
+    # tower, training weighted towards the lookup types (docs/results/calibration-log.md)
+    "scenes": dict(task="scenes", grid=4, image_size=48, patch_size=12, min_objects=3, max_objects=8,
                    vision_pretrain_steps=400, vision_images=3000, teacher_trains_vision=False, n_irs=64,
-                   exposure_steps=48, teacher_steps=2000),
+                   exposure_steps=48, teacher_steps=3000, n_train=10000, compact_positions=True,
+                   vision_position=True, question_weights=(3.0, 3.0, 3.0, 2.0, 2.0, 1.0, 1.0, 1.0)),
     "digits": dict(task="digits", grid=4, image_size=48, patch_size=12, vision_pretrain_steps=400,
                    vision_images=3000, teacher_trains_vision=False, n_irs=64, exposure_steps=34, teacher_steps=2000),
 }
 #: smoke scale of the new tasks (CI): tiny everything
 _TASK_SMOKE: dict[str, Any] = dict(vision_pretrain_steps=3, vision_images=16, vision_hidden=16, vision_layers=1,
-                                   n_irs=4, exposure_steps=8, teacher_steps=PRESETS["smoke"].teacher_steps)
+                                   n_irs=4, exposure_steps=8, teacher_steps=PRESETS["smoke"].teacher_steps,
+                                   n_train=PRESETS["smoke"].n_train)
 
 
 def task_settings(task: str, preset: str) -> DemoSettings:
@@ -467,10 +481,14 @@ class Demo:
             return None
         import tasks
 
+        kw: dict[str, Any] = {"question_weights": tuple(self.s.question_weights),
+                              "compact_positions": self.s.compact_positions}
+        if self.s.question_types:
+            kw["question_types"] = tuple(self.s.question_types)
         if self.s.task == "scenes":
             return tasks.SceneTask(image_size=self.s.image_size, grid=self.s.grid, min_objects=self.s.min_objects,
-                                   max_objects=self.s.max_objects)
-        return tasks.make_task(self.s.task, image_size=self.s.image_size, grid=self.s.grid)
+                                   max_objects=self.s.max_objects, **kw)
+        return tasks.make_task(self.s.task, image_size=self.s.image_size, grid=self.s.grid, **kw)
 
     def prepare(self) -> None:
         from tokinteract.mllm import build_processor, build_word_tokenizer, vocabulary
@@ -599,7 +617,14 @@ class Demo:
         import vision_pretrain as vp
 
         path = self.dir / "vision_tower"
-        if not (path / "tower.safetensors").exists():
+        images = {k: v for k, v in dataclasses.asdict(self.task_obj).items()  # what the images depend on
+                  if k not in ("question_types", "question_weights", "caption_type", "compact_positions")}
+        key = json.loads(json.dumps([images, s.vision_pretrain_steps, s.vision_images,
+                                     s.vision_lr, s.vision_hidden, s.vision_layers, s.patch_size, s.vision_position,
+                                     s.data_seed]))
+        cached = path / "info.json"
+        if not ((path / "tower.safetensors").exists() and cached.exists()
+                and json.loads(cached.read_text()).get("key") == key):  # another setting: pre-train again
             task, ip = self.task_obj, self.processor.image_processor
             self.log(f"stage -1: vision tower pre-training ({s.vision_pretrain_steps} steps on {s.vision_images} images)")
             t0 = time.perf_counter()
@@ -610,14 +635,16 @@ class Demo:
             info: dict[str, Any] = {
                 "random_probe": vp.probe_accuracy(tower, train, test, task.label_classes(), **kw),
                 "random_signal_fraction": vp.image_signal_fraction(tower, test[0]),
+                "random_position_probe": vp.position_probe_accuracy(tower, train[0][:1000], test[0], **kw),
             }
             out = vp.pretrain_vision_tower(tower, *train, task.label_classes(), steps=s.vision_pretrain_steps,
-                                           lr=s.vision_lr, seed=3000, **kw)
+                                           lr=s.vision_lr, seed=3000, position=s.vision_position, **kw)
             info.update({
                 "probe": vp.probe_accuracy(tower, train, test, task.label_classes(), **kw),
                 "signal_fraction": vp.image_signal_fraction(tower, test[0]),
-                "loss_first": out["loss"][0], "loss_last": out["loss"][-1], "steps": s.vision_pretrain_steps,
-                "images": s.vision_images, "probe_test_images": 500, "wall_s": time.perf_counter() - t0,
+                "position_probe": vp.position_probe_accuracy(tower, train[0][:1000], test[0], **kw),
+                "position_head": s.vision_position, "loss_first": out["loss"][0], "loss_last": out["loss"][-1], "steps": s.vision_pretrain_steps,
+                "images": s.vision_images, "probe_test_images": 500, "wall_s": time.perf_counter() - t0, "key": key,
             })
             path.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, str(path / "tower.safetensors"))

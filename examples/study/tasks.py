@@ -73,14 +73,27 @@ _BACKGROUND = (20, 20, 20)
 _GRIDS = (3, 4)
 
 
-def _pos(row: int, col: int) -> str:
+def _pos(row: int, col: int, compact: bool = False) -> str:
+    """``"row two column three"``, or with ``compact`` the one-token cell name ``"r2c3"``."""
+    if compact:
+        return f"r{row + 1}c{col + 1}"
     return f"row {NUMBERS[row + 1]} column {NUMBERS[col + 1]}"
 
 
+def _cell_words(grid: int) -> list[str]:
+    return [_pos(r, c, True) for r in range(grid) for c in range(grid)]
+
+
+#: a position in either format (``_pos``)
+_POS = r"row \w+ column \w+|r\d+c\d+"
 _POS_RE = re.compile(r"row (\w+) column (\w+)")
+_CELL_RE = re.compile(r"r(\d+)c(\d+)")
 
 
 def _parse_pos(text: str) -> tuple[int, int]:
+    m = _CELL_RE.fullmatch(text.strip())
+    if m is not None:
+        return int(m.group(1)) - 1, int(m.group(2)) - 1
     m = _POS_RE.fullmatch(text.strip())
     if m is None:
         raise ValueError(f"not a position: {text!r}")
@@ -109,6 +122,15 @@ def _check_types(name: str, given: Sequence[str], allowed: Sequence[str]) -> tup
     return given
 
 
+def _check_weights(weights: Sequence[float], types: Sequence[str]) -> tuple[float, ...]:
+    weights = tuple(weights)
+    if weights and (len(weights) != len(types) or any(isinstance(w, bool) or not isinstance(w, (int, float))
+                                                      or not w > 0 for w in weights)):
+        raise ValueError(f"question_weights must be empty or one positive number per question type "
+                         f"({len(types)}: {tuple(types)}), got {weights!r}")
+    return tuple(float(w) for w in weights)
+
+
 # --------------------------------------------------------------------------- scenes
 @dataclass(frozen=True)
 class Scene:
@@ -132,8 +154,11 @@ class SceneTask:
         image_size: side of the square PNG in pixels (a multiple of ``grid``, >= 12 px per cell).
         grid: 3 or 4 cells per side.
         min_objects, max_objects: objects per image (1 <= min <= max <= grid**2).
-        question_types: drawn uniformly per question.
+        question_types: drawn per question (uniformly in the test split).
+        question_weights: relative frequencies of ``question_types`` in the *training* split
+            (empty: uniform); the test split stays uniform.
         caption_type: the question type of the stage-1 caption split (a long answer).
+        compact_positions: a position is one token ``"r2c3"`` instead of ``"row two column three"``.
     """
 
     image_size: int = 48
@@ -143,6 +168,8 @@ class SceneTask:
     question_types: tuple[str, ...] = (
         "color", "shape", "position", "count", "exist", "describe", "list_color", "count_colors")
     caption_type: str = "describe"
+    question_weights: tuple[float, ...] = ()
+    compact_positions: bool = False
 
     name = "scenes"
     ALL_TYPES = ("color", "shape", "position", "count", "exist", "describe", "list_color", "count_colors")
@@ -155,12 +182,14 @@ class SceneTask:
         _check_int("min_objects", self.min_objects, 1, self.max_objects)
         object.__setattr__(self, "question_types", _check_types("question_types", self.question_types, self.ALL_TYPES))
         _check_types("caption_type", (self.caption_type,), self.ALL_TYPES)
+        object.__setattr__(self, "question_weights", _check_weights(self.question_weights, self.question_types))
 
     # ---------------------------------------------------------------- vocabulary, world, image
     def vocabulary(self) -> list[str]:
         words = ("what color is the object at shape where how many objects are there in image describe a "
                  "list count of each none row column yes no ? . , :").split()
-        return list(dict.fromkeys(words + list(COLORS) + list(SHAPES) + list(NUMBERS)))
+        cells = _cell_words(self.grid) if self.compact_positions else []
+        return list(dict.fromkeys(words + list(COLORS) + list(SHAPES) + list(NUMBERS) + cells))
 
     def sample_world(self, rng: random.Random, split: str) -> Scene:  # noqa: ARG002 - one distribution for both splits
         n = rng.randint(self.min_objects, self.max_objects)
@@ -207,20 +236,20 @@ class SceneTask:
         return {"color": 1 + len(COLORS), "shape": 1 + len(SHAPES)}
 
     # ---------------------------------------------------------------- questions
-    @staticmethod
-    def _phrase(c: str, s: str, r: int, k: int) -> str:
-        return f"a {c} {s} at {_pos(r, k)}"
+    def _phrase(self, c: str, s: str, r: int, k: int) -> str:
+        return f"a {c} {s} at {_pos(r, k, self.compact_positions)}"
 
     def question(self, rng: random.Random, scene: Scene, qtype: str) -> tuple[str, str, dict[str, Any]]:
         objs = scene.objects
+        cp = self.compact_positions
         if qtype in ("color", "shape"):
             c, s, r, k = rng.choice(objs)
             if qtype == "color":
-                return f"what color is the object at {_pos(r, k)} ?", c, {"cell": [r, k]}
-            return f"what shape is at {_pos(r, k)} ?", s, {"cell": [r, k]}
+                return f"what color is the object at {_pos(r, k, cp)} ?", c, {"cell": [r, k]}
+            return f"what shape is at {_pos(r, k, cp)} ?", s, {"cell": [r, k]}
         if qtype == "position":
             c, s, r, k = rng.choice(objs)
-            return f"where is the {c} {s} ?", _pos(r, k), {"object": f"{c} {s}"}
+            return f"where is the {c} {s} ?", _pos(r, k, cp), {"object": f"{c} {s}"}
         if qtype == "count":
             if rng.random() < 0.3:
                 return "how many objects are there ?", NUMBERS[len(objs)], {}
@@ -278,7 +307,7 @@ class SceneTask:
             return []
         out = []
         for part in body.split(" , "):
-            m = re.fullmatch(r"a (\w+) (\w+) at (row \w+ column \w+)", part)
+            m = re.fullmatch(rf"a (\w+) (\w+) at ({_POS})", part)
             if m is None or m.group(1) not in COLORS or m.group(2) not in SHAPES:
                 raise ValueError(f"not an object phrase: {part!r} in {text!r}")
             out.append((m.group(1), m.group(2), *_parse_pos(m.group(3))))
@@ -289,7 +318,7 @@ class SceneTask:
         t = meta["type"]
         objs = list(scene.objects)
         if t in ("color", "shape"):
-            m = re.search(r"at (row \w+ column \w+) \?$", question)
+            m = re.search(rf"at ({_POS}) \?$", question)
             hit = scene.at(*_parse_pos(m.group(1))) if m else None
             return hit is not None and answer == hit[0 if t == "color" else 1]
         if t == "position":
@@ -346,8 +375,11 @@ class DigitTask:
     Attributes:
         image_size: side of the PNG (a multiple of ``grid``; each 8x8 digit is resized to a cell).
         grid: 3 or 4 cells per side.
-        question_types: drawn uniformly per question.
+        question_types: drawn per question (uniformly in the test split).
+        question_weights: relative frequencies of ``question_types`` in the *training* split
+            (empty: uniform); the test split stays uniform.
         test_fraction: the last fraction of ``load_digits`` (other writers) only the test split uses.
+        compact_positions: a position is one token ``"r2c3"`` instead of ``"row two column three"``.
     """
 
     image_size: int = 48
@@ -355,6 +387,8 @@ class DigitTask:
     question_types: tuple[str, ...] = ("read", "digit_at", "sum", "compare")
     caption_type: str = "read"
     test_fraction: float = 0.2
+    question_weights: tuple[float, ...] = ()
+    compact_positions: bool = False
 
     name = "digits"
     ALL_TYPES = ("read", "digit_at", "sum", "compare")
@@ -364,13 +398,15 @@ class DigitTask:
         _check_geometry(self.grid, self.image_size, 8)
         object.__setattr__(self, "question_types", _check_types("question_types", self.question_types, self.ALL_TYPES))
         _check_types("caption_type", (self.caption_type,), self.ALL_TYPES)
+        object.__setattr__(self, "question_weights", _check_weights(self.question_weights, self.question_types))
         if not isinstance(self.test_fraction, float) or not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be a float in (0, 1), got {self.test_fraction!r}")
 
     def vocabulary(self) -> list[str]:
         words = ("read the digits what digit is at row column sum of and compare with "
                  "larger smaller equal ? . , :").split()
-        return list(dict.fromkeys(words + list(NUMBERS) + list(DIGIT_WORDS)))
+        cells = _cell_words(self.grid) if self.compact_positions else []
+        return list(dict.fromkeys(words + list(NUMBERS) + list(DIGIT_WORDS) + cells))
 
     def _pool(self, split: str) -> range:
         n = len(_digits()[1])
@@ -409,25 +445,26 @@ class DigitTask:
         return {"digit": 10}
 
     def question(self, rng: random.Random, board: DigitBoard, qtype: str) -> tuple[str, str, dict[str, Any]]:
-        g = self.grid
+        g, cp = self.grid, self.compact_positions
         if qtype == "read":
             rows = [f"row {NUMBERS[r + 1]} : " + " ".join(str(board.digit(r, c)) for c in range(g)) for r in range(g)]
             return "read the digits .", " , ".join(rows) + " .", {}
         if qtype == "digit_at":
             r, c = rng.randrange(g), rng.randrange(g)
-            return f"what digit is at {_pos(r, c)} ?", str(board.digit(r, c)), {"cell": [r, c]}
+            return f"what digit is at {_pos(r, c, cp)} ?", str(board.digit(r, c)), {"cell": [r, c]}
         a, b = rng.sample(range(g * g), 2)
         (ra, ca), (rb, cb) = divmod(a, g), divmod(b, g)
         da, db = board.digit(ra, ca), board.digit(rb, cb)
         if qtype == "sum":
-            return (f"what is the sum of the digits at {_pos(ra, ca)} and {_pos(rb, cb)} ?", str(da + db),
+            return (f"what is the sum of the digits at {_pos(ra, ca, cp)} and {_pos(rb, cb, cp)} ?", str(da + db),
                     {"cells": [[ra, ca], [rb, cb]]})
         ans = "larger" if da > db else "smaller" if da < db else "equal"
-        return f"compare the digit at {_pos(ra, ca)} with the digit at {_pos(rb, cb)} .", ans, {"cells": [[ra, ca], [rb, cb]]}
+        return (f"compare the digit at {_pos(ra, ca, cp)} with the digit at {_pos(rb, cb, cp)} .", ans,
+                {"cells": [[ra, ca], [rb, cb]]})
 
     def check_answer(self, board: DigitBoard, question: str, answer: str, meta: dict[str, Any]) -> bool:
         t = meta["type"]
-        pos = [_parse_pos(p) for p in re.findall(r"row \w+ column \w+", question)]
+        pos = [_parse_pos(p) for p in re.findall(_POS, question)]
         if t == "read":
             rows = answer[:-2].split(" , ") if answer.endswith(" .") else []
             got = []
@@ -461,17 +498,22 @@ def make_task(name: str, **kw: Any) -> SceneTask | DigitTask:
 def make_samples(
     task: SceneTask | DigitTask, n: int, *, seed: int, split: str = "train", prefix: str = "s",
     turns: int = 1, question_types: Sequence[str] | None = None, exclude: set[str] | None = None,
+    weights: Sequence[float] = (),
 ) -> tuple[list[dict[str, Any]], list[Any]]:
     """``n`` LLaVA-format samples and their worlds (scenes / digit boards), images not written.
 
     Worlds whose key is in ``exclude`` are redrawn (held-out splits); with ``turns > 1``
     each sample asks ``turns`` questions of different types about one image (IRS pairs).
     ``meta`` holds ``task``, ``type`` and what the answer depends on (per turn for
-    multi-turn samples).
+    multi-turn samples). ``weights``: relative frequencies of the question types of a
+    single-turn sample (empty: uniform).
     """
     _check_int("n", n, 0)
     _check_int("turns", turns, 1)
     types = _check_types("question_types", question_types or task.question_types, task.ALL_TYPES)
+    weights = _check_weights(weights, types)
+    if weights and turns > 1:
+        raise ValueError(f"weights apply to single-turn samples only, got turns={turns!r}")
     if turns > len(types):
         raise ValueError(f"turns must be <= the {len(types)} question types (one type per turn), got {turns!r}")
     rng = random.Random(seed)
@@ -486,7 +528,8 @@ def make_samples(
             raise ValueError(f"could not draw a world outside the {len(exclude)} excluded ones after 1000 tries")
         exclude.add(world.key())
         conv, metas = [], []
-        for turn, qtype in enumerate(rng.sample(types, turns) if turns > 1 else [rng.choice(types)]):
+        drawn = rng.sample(types, turns) if turns > 1 else rng.choices(types, weights) if weights else [rng.choice(types)]
+        for turn, qtype in enumerate(drawn):
             q, a, meta = task.question(rng, world, qtype)
             metas.append({"task": task.name, "type": qtype, **meta})
             conv.append({"from": "human", "value": ("<image>\n" + q) if turn == 0 else q})
@@ -503,15 +546,15 @@ def write_task(
     task: SceneTask | DigitTask, out_dir: str | Path, *, n_train: int, n_test: int, n_captions: int = 0,
     n_irs: int = 0, seed: int = 0,
 ) -> dict[str, Path]:
-    """Write ``train.json``, ``test.json`` (worlds never seen in training; digits from held-out
-    handwriting), ``captions.json`` (``task.caption_type`` only, stage 1) and ``irs.json``
+    """Write ``train.json`` (question types drawn with ``task.question_weights``), ``test.json``
+    (uniform question types; worlds never seen in training; digits from held-out handwriting), ``captions.json`` (``task.caption_type`` only, stage 1) and ``irs.json``
     (two questions per image, for IRS) with their PNGs under ``out_dir/images``.
 
     Returns ``{"train": path, "test": path[, "captions": path][, "irs": path], "image_folder": out_dir}``.
     """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    train = make_samples(task, n_train, seed=seed, split="train", prefix="train")
+    train = make_samples(task, n_train, seed=seed, split="train", prefix="train", weights=task.question_weights)
     splits = {"train": train}
     seen = {w.key() for w in train[1]}
     splits["test"] = make_samples(task, n_test, seed=seed + 1_000_003, split="test", prefix="test", exclude=seen)
@@ -519,7 +562,9 @@ def write_task(
         splits["captions"] = make_samples(task, n_captions, seed=seed + 2_000_003, split="train", prefix="cap",
                                           question_types=(task.caption_type,))
     if n_irs:
-        splits["irs"] = make_samples(task, n_irs, seed=seed + 3_000_003, split="train", prefix="irs", turns=2)
+        irs_types = task.question_types if len(task.question_types) >= 2 else task.ALL_TYPES  # two types per image
+        splits["irs"] = make_samples(task, n_irs, seed=seed + 3_000_003, split="train", prefix="irs", turns=2,
+                                     question_types=irs_types)
     paths: dict[str, Path] = {}
     for name, (samples, worlds) in splits.items():
         for sample, world in zip(samples, worlds):

@@ -10,6 +10,13 @@ over the patches whose centre lies in each grid cell, and one linear head per at
 
     loss = sum_attr mean_cells CE(W_attr · mean_{p in cell} h_p + b_attr, label_attr(cell))
 
+With ``position=True`` a further linear head classifies, from every patch's own feature
+(not pooled), the grid cell holding that patch (``cell_of_patch``): the visual tokens then
+keep *where* they are as well as *what* they show, so that the language model can look a
+cell up by content ("row two column three" -> the tokens of that cell):
+
+    loss += mean_patches CE(W_pos · h_p + b_pos, cell(p))
+
 The heads are then dropped and the tower frozen for teacher and students.
 
 :func:`probe_accuracy` measures what the frozen features hold: a *fresh* linear probe of
@@ -28,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "cell_of_patch", "image_signal_fraction", "labelled_images", "pooled_cell_features", "pretrain_vision_tower",
-    "probe_accuracy",
+    "cell_of_patch", "image_signal_fraction", "labelled_images", "pooled_cell_features", "position_probe_accuracy",
+    "pretrain_vision_tower", "probe_accuracy",
 ]
 
 
@@ -54,7 +61,11 @@ def _features(tower: nn.Module, pixel_values: Tensor, layer: int) -> Tensor:
 
 def pooled_cell_features(tower: nn.Module, pixel_values: Tensor, cells: Tensor, grid: int, *, layer: int = -1) -> Tensor:
     """``[N, grid*grid, D]``: the tower's ``hidden_states[layer]`` mean-pooled per cell."""
-    h = _features(tower, pixel_values, layer)  # [N, P, D]
+    return _pool_cells(_features(tower, pixel_values, layer), cells, grid)
+
+
+def _pool_cells(h: Tensor, cells: Tensor, grid: int) -> Tensor:
+    """``h [N, P, D]`` mean-pooled over the patches of each cell -> ``[N, grid*grid, D]``."""
     if h.shape[1] != cells.numel():
         raise ValueError(f"the tower yields {h.shape[1]} patches per image but cells maps {cells.numel()}")
     onehot = torch.nn.functional.one_hot(cells, grid * grid).to(h.dtype)  # [P, C]
@@ -93,10 +104,12 @@ def pretrain_vision_tower(
     batch_size: int = 64,
     seed: int = 0,
     layer: int = -1,
+    position: bool = False,
     progress: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
-    """Train ``tower`` in place on per-cell classification (module docstring); returns
-    ``{"loss": [per-step losses], "steps": steps}``. AdamW, cosine decay, gradients clipped at 1."""
+    """Train ``tower`` in place on per-cell classification, plus per-patch cell-index
+    classification with ``position`` (module docstring); returns ``{"loss": [per-step
+    losses], "steps": steps}``. AdamW, cosine decay, gradients clipped at 1."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     missing = set(classes) ^ set(labels)
@@ -108,9 +121,10 @@ def pretrain_vision_tower(
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     heads = _heads(int(tower.config.hidden_size), classes)
+    pos_head = nn.Linear(int(tower.config.hidden_size), grid * grid) if position else None
     tower.train()
     tower.requires_grad_(True)
-    params = [*tower.parameters(), *heads.parameters()]
+    params = [*tower.parameters(), *heads.parameters(), *(pos_head.parameters() if pos_head is not None else ())]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -119,8 +133,10 @@ def pretrain_vision_tower(
     n = pixel_values.shape[0]
     for step in range(steps):
         idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
-        feats = pooled_cell_features(tower, pixel_values[idx], cells, grid, layer=layer)
-        loss = _loss(heads, feats, {k: v[idx] for k, v in labels.items()})
+        h = _features(tower, pixel_values[idx], layer)
+        loss = _loss(heads, _pool_cells(h, cells, grid), {k: v[idx] for k, v in labels.items()})
+        if pos_head is not None:
+            loss = loss + nn.functional.cross_entropy(pos_head(h).flatten(0, 1), cells.repeat(h.shape[0]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -173,6 +189,35 @@ def probe_accuracy(
             opt.step()
     with torch.no_grad():
         return {k: float((heads[k](fte).argmax(-1) == test[1][k]).float().mean()) for k in classes}
+
+
+def position_probe_accuracy(
+    tower: nn.Module, train: Tensor, test: Tensor, *, grid: int, patch_size: int, steps: int = 300, lr: float = 1e-2,
+    seed: int = 0, layer: int = -1,
+) -> float:
+    """Accuracy, over the held-out images' patches, of a fresh linear probe that reads each
+    patch's own (standardized) feature and names the grid cell holding the patch: whether
+    the visual tokens still say *where* they are. Trained full-batch with Adam on ``train``
+    (``pixel_values``), scored on ``test``; the tower is not changed."""
+    cells = cell_of_patch(int(train.shape[-1]), patch_size, grid)
+    with torch.no_grad():
+        tower.eval()
+        ftr = torch.cat([_features(tower, train[i:i + 128], layer) for i in range(0, len(train), 128)]).float()
+        fte = torch.cat([_features(tower, test[i:i + 128], layer) for i in range(0, len(test), 128)]).float()
+    mu, sd = ftr.mean((0, 1)), ftr.std((0, 1)).clamp_min(1e-6)
+    ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
+    torch.manual_seed(seed)
+    head = nn.Linear(ftr.shape[-1], grid * grid)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    target = cells.repeat(ftr.shape[0])
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = nn.functional.cross_entropy(head(ftr).flatten(0, 1), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return float((head(fte).argmax(-1) == cells[None]).float().mean())
 
 
 @torch.no_grad()

@@ -21,7 +21,8 @@ pytest.importorskip("sklearn")
 def test_task_settings() -> None:
     assert dm.task_settings("shapes", "quick") is dm.PRESETS["quick"]  # the earlier study is unchanged
     s = dm.task_settings("scenes", "quick")
-    assert (s.task, s.grid, s.image_size, s.patch_size) == ("scenes", 3, 48, 8)
+    assert (s.task, s.grid, s.image_size, s.patch_size) == ("scenes", 4, 48, 12)  # one patch per cell
+    assert s.compact_positions and s.vision_position and len(s.question_weights) == 8
     assert s.vision_pretrain_steps > 0 and not s.teacher_trains_vision
     assert (s.image_size // s.patch_size) ** 2 >= 16
     assert dm.task_settings("digits", "full").seeds == dm.PRESETS["full"].seeds
@@ -32,6 +33,18 @@ def test_task_settings() -> None:
         dm.task_settings("mnist", "quick")
     with pytest.raises(ValueError, match="preset must be one of"):
         dm.task_settings("scenes", "huge")
+
+
+def test_set_parses_tuple_fields_and_refuses_unknown_ones() -> None:
+    s = dm.task_settings("scenes", "smoke")
+    got = cal._parse_set(["question_weights=3,1.5", "question_types=color,shape", "compact_positions=true",
+                          "teacher_steps=7"], s)
+    assert got == {"question_weights": (3.0, 1.5), "question_types": ("color", "shape"), "compact_positions": True,
+                   "teacher_steps": 7}
+    with pytest.raises(ValueError, match="--set takes NAME=VALUE"):
+        cal._parse_set(["teacher=3"], s)
+    with pytest.raises(ValueError, match="--set takes NAME=VALUE"):
+        cal._parse_set(["nonsense=1"], s)
 
 
 def test_irs_ratio_and_targets_can_fail() -> None:
@@ -83,7 +96,7 @@ def test_demo_smoke_on_the_scenes_task(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     settings = dm.task_settings("scenes", "smoke")
     res = dm.run_demo(settings, tmp_path / "run", progress=False, log=lambda *_: None)
-    assert res["task"]["name"] == "scenes" and res["task"]["visual_tokens"] == 36
+    assert res["task"]["name"] == "scenes" and res["task"]["visual_tokens"] == 16
     settings_types = ("color", "shape", "position", "count", "exist", "describe", "list_color", "count_colors")
     assert tuple(res["task"]["question_types"]) == settings_types
     assert "probe" in res["vision"]

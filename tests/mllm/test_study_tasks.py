@@ -184,3 +184,74 @@ def test_bad_settings_are_refused_with_the_argument_named() -> None:
         T.make_task("mnist")
     with pytest.raises(ValueError, match="turns must be <="):
         T.make_samples(T.DigitTask(question_types=("read",)), 2, seed=0, turns=2)
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_compact_positions_are_one_token_and_parse_back(name: str) -> None:
+    from tokinteract.mllm import build_word_tokenizer
+
+    task = T.make_task(name, compact_positions=True)
+    tok = build_word_tokenizer(task.vocabulary())
+    samples, worlds = T.make_samples(task, 300, seed=6)
+    seen_cells = 0
+    for sample, world in zip(samples, worlds):
+        q, a = _qa(sample)
+        assert "row" not in q.split() or name == "digits"  # digits' "read" answer keeps its row labels
+        assert task.check_answer(world, q, a, sample["meta"]), (q, a)
+        for text in (q, a):
+            for cell in __import__("re").findall(r"r\d+c\d+", text):
+                seen_cells += 1
+                assert len(tok(cell)["input_ids"]) == 1 and tok.unk_token_id not in tok(text)["input_ids"]
+    assert seen_cells > 100
+    r, c = 1, 2  # row two, column three
+    assert T._pos(r, c, True) == "r2c3" and T._parse_pos("r2c3") == T._parse_pos("row two column three") == (r, c)
+    if name == "scenes":  # a wrong cell is judged wrong
+        scene = worlds[0]
+        o = scene.objects[0]
+        empty = next((i, j) for i in range(3) for j in range(3) if scene.at(i, j) is None) if len(scene.objects) < 9 else None
+        if empty is not None:
+            assert not task.check_answer(scene, f"where is the {o[0]} {o[1]} ?", T._pos(*empty, True), {"type": "position"})
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_question_weights_shape_the_training_split_only(tmp_path: Path, name: str) -> None:
+    base = T.make_task(name)
+    types = base.question_types
+    weights = tuple(8.0 if k == 1 else 1.0 for k in range(len(types)))
+    task = T.make_task(name, question_weights=weights)
+    samples, _ = T.make_samples(task, 800, seed=0, weights=task.question_weights)
+    freq = Counter(s["meta"]["type"] for s in samples)
+    share = freq[types[1]] / 800
+    expected = 8.0 / (8.0 + len(types) - 1)
+    assert abs(share - expected) < 0.06, (share, expected)
+    paths = T.write_task(task, tmp_path, n_train=200, n_test=200, seed=0)
+    test_freq = Counter(s["meta"]["type"] for s in json.loads(paths["test"].read_text()))
+    train_freq = Counter(s["meta"]["type"] for s in json.loads(paths["train"].read_text()))
+    assert train_freq[types[1]] > 100 and test_freq[types[1]] < 100  # weighted train, uniform test
+    # without weights the draws (and so the files) are the earlier ones
+    assert T.make_samples(base, 20, seed=0)[0] == T.make_samples(base, 20, seed=0, weights=())[0]
+    with pytest.raises(ValueError, match="question_weights must be empty or one positive number per question type"):
+        T.make_task(name, question_weights=(1.0,))
+    with pytest.raises(ValueError, match="question_weights must be empty or one positive number per question type"):
+        T.make_task(name, question_weights=tuple(0.0 for _ in types))
+    with pytest.raises(ValueError, match="weights apply to single-turn samples only"):
+        T.make_samples(task, 2, seed=0, turns=2, weights=task.question_weights)
+
+
+def test_frozen_scene_setting_keeps_long_answers_long() -> None:
+    # the calibrated setting (4x4 grid, one-token positions) still has describe answers of 30+ tokens
+    from tokinteract.mllm import build_word_tokenizer
+
+    task = T.SceneTask(grid=4, compact_positions=True)
+    tok = build_word_tokenizer(task.vocabulary())
+    samples, _ = T.make_samples(task, 200, seed=4, question_types=("describe",))
+    lens = [len(tok(_qa(s)[1])["input_ids"]) for s in samples]
+    assert sum(lens) / len(lens) >= 30 and max(lens) >= 45, (sum(lens) / len(lens), max(lens))
+
+
+def test_irs_pairs_use_every_type_when_the_task_has_one(tmp_path: Path) -> None:
+    task = T.SceneTask(question_types=("color",))
+    paths = T.write_task(task, tmp_path, n_train=4, n_test=2, n_irs=10, seed=0)
+    assert {s["meta"]["type"] for s in json.loads(paths["train"].read_text())} == {"color"}
+    irs = json.loads(paths["irs"].read_text())
+    assert len(irs) == 10 and all(len({t["type"] for t in s["meta"]["turns"]}) == 2 for s in irs)

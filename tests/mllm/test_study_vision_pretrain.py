@@ -92,3 +92,20 @@ def test_bad_arguments_are_refused() -> None:
         vp.pretrain_vision_tower(tower, pv, labels, task.label_classes(), grid=3, patch_size=12, steps=0)
     with pytest.raises(ValueError, match="labels and classes must name the same attributes"):
         vp.pretrain_vision_tower(tower, pv, labels, {"digit": 10}, grid=3, patch_size=12, steps=1)
+
+
+def test_position_head_keeps_each_patch_cell_readable() -> None:
+    torch.set_num_threads(1)
+    task, tower, ip = _toy()
+    train = vp.labelled_images(task, 64, seed=0, split="train", image_processor=ip)
+    test = vp.labelled_images(task, 32, seed=1, split="test", image_processor=ip)
+    out = vp.pretrain_vision_tower(tower, *train, task.label_classes(), grid=task.grid, patch_size=12, steps=30,
+                                   lr=3e-3, batch_size=32, seed=0, position=True)
+    assert sum(out["loss"][-5:]) < sum(out["loss"][:5])
+    acc = vp.position_probe_accuracy(tower, train[0], test[0], grid=task.grid, patch_size=12, steps=200)
+    assert acc > 0.9, acc  # chance: the largest cell's share of patches (4 of 16 here)
+    # without the head the loss is the attribute loss alone: the two objectives differ from the first step
+    _, tower2, _ = _toy()
+    out2 = vp.pretrain_vision_tower(tower2, *train, task.label_classes(), grid=task.grid, patch_size=12, steps=1,
+                                    lr=3e-3, batch_size=32, seed=0)
+    assert out2["loss"][0] < out["loss"][0]

@@ -1,0 +1,122 @@
+"""Fast diagnosis of what makes a study task learnable (issue 15, calibration): a teacher trained
+with a plain loop, greedy exact match per question type every ``--eval-every`` steps.
+
+    python examples/study/diagnose.py --task scenes --types color --steps 400 --eval-every 100
+    python examples/study/diagnose.py --task scenes --types color --set vision_position=true --lr 3e-3
+
+Same data, model, vision tower and loss as the calibration (``demo_study.Demo``); only the
+training loop is a plain AdamW loop (warm-up then cosine or constant learning rate) so that
+accuracy can be measured during training. One JSON line per evaluation goes to
+``--out`` (appended) with the command, so every experiment of the calibration log is
+reproducible. Not the calibration: numbers here are for choosing its setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+import calibrate as cal  # noqa: E402
+import demo_study as dm  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=sorted(dm.TASK_SETTINGS), required=True)
+    p.add_argument("--types", nargs="+", default=None, help="question types (default: the task's)")
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="their training frequencies")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a DemoSettings field")
+    p.add_argument("--teacher-size", type=int, nargs=2, default=None, metavar=("HIDDEN", "LAYERS"))
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--n-eval", type=int, default=120)
+    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--irs", action="store_true", help="also the IRS curve at the end")
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "diagnose.jsonl")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    s = dm.task_settings(a.task, "quick")
+    s = dataclasses.replace(s, **cal._parse_set(a.set, s))
+    if a.types:
+        s = dataclasses.replace(s, question_types=tuple(a.types))
+    if a.weights:
+        s = dataclasses.replace(s, question_weights=tuple(a.weights))
+    if a.teacher_size:
+        s = dataclasses.replace(s, teacher=dm.ModelSize(*a.teacher_size))
+    command = "python examples/study/diagnose.py" + "".join(
+        f" {shlex.quote(x)}" for x in (argv if argv is not None else sys.argv[1:]))
+    from transformers.utils import logging as hf_logging
+
+    from tokinteract.mllm import set_trainable
+
+    hf_logging.set_verbosity_error()
+    demo = dm.Demo(s, a.run_dir, progress=False)
+    demo.prepare()
+    tower = demo.vision_tower()
+    print("task", demo.results["task"], "\nvision", demo.results.get("vision"), flush=True)
+    model = demo.build_model(s.teacher, seed=a.seed)
+    if tower is not None:
+        model.model.vision_tower.load_state_dict(tower)
+    set_trainable(model, "finetune")
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
+    warm = max(1, a.steps // 20)
+
+    def lr_at(step: int) -> float:
+        w = min(1.0, (step + 1) / warm)
+        return w if a.schedule == "constant" else w * 0.5 * (1 + math.cos(math.pi * step / a.steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    gen = torch.Generator().manual_seed(a.seed)
+    items, n = demo.train.items, len(demo.train.items)
+    test, meta = demo.test.items[: a.n_eval], demo.test_meta[: a.n_eval]
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    t0, losses = time.perf_counter(), []
+    for step in range(1, a.steps + 1):
+        model.train()
+        model.model.vision_tower.eval()
+        idx = torch.randint(0, n, (a.batch,), generator=gen).tolist()
+        b = demo.collator([items[i] for i in idx])
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
+                    labels=b["labels"])
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(out.loss.item())
+        if step % a.eval_every == 0 or step == a.steps:
+            train_s = time.perf_counter() - t0
+            ev = dm.evaluate_generation(model, test, meta, eos=demo.eos, pad=demo.pad)
+            rec = {"command": command, "step": step, "train_s": round(train_s, 1),
+                   "loss": round(sum(losses[-a.eval_every:]) / len(losses[-a.eval_every:]), 4),
+                   "em": {k: round(v, 3) for k, v in ev["exact_match"].items()}, "overall": round(ev["overall"], 3)}
+            if step == a.steps and a.irs:
+                curve = demo.irs(model)
+                rec["irs"] = [round(float(x), 4) for x in curve.scores.tolist()]
+                rec["irs_ratio"] = round(cal.irs_ratio(rec["irs"]), 2)
+            rec["wall_s"] = round(time.perf_counter() - t0, 1)
+            print(json.dumps(rec), flush=True)
+            with a.out.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
