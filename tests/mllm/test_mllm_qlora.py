@@ -141,3 +141,55 @@ def test_a_quantised_student_without_adapters_is_refused(tmp_path, data) -> None
     q4 = _quantised(_checkpoint(tmp_path))
     with pytest.raises(ValueError, match="(?i)quantized model"):
         _trainer(tmp_path, data, NAME, q4, fx.make_model(NAME, seed=2), DistillationConfig(method="kd"))
+
+
+def test_merging_into_a_quantised_base_is_refused(tmp_path) -> None:
+    from tokinteract.mllm.lora import merge_and_save
+
+    student = _lora(_quantised(_checkpoint(tmp_path)))
+    with pytest.raises(ValueError, match=r"^model: cannot merge LoRA adapters into the quantised "
+                                         r"Qwen2_5_VLForConditionalGeneration: the merged weights would be re-quantised"):
+        merge_and_save(student, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_cli_trains_a_lora_on_a_prequantised_gemma3_checkpoint(tmp_path, data) -> None:  # noqa: F811
+    """A checkpoint saved 4-bit (its config holds the quantization_config) loads quantised through the CLI's
+    AutoModelForImageTextToText; with lora_r the run trains adapters and saves them; lora_merge_on_save is
+    refused before training, and so is a run without adapters."""
+    import yaml
+
+    from mllm_helpers import save_pair
+    from tokinteract.mllm.cli import main
+
+    ckpts = save_pair(tmp_path, lambda seed: fx.make_model("gemma3", seed=seed), lambda: fx.make_processor("gemma3"))
+    q4 = _quantised(ckpts["student"], skip=["model.vision_tower", "model.multi_modal_projector", "lm_head"])
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in q4.modules())
+    student4 = tmp_path / "student4"
+    q4.save_pretrained(student4)
+    fx.make_processor("gemma3").save_pretrained(student4)
+    out = tmp_path / "out"
+    cfg = dict(
+        student_checkpoint=str(student4), teacher_checkpoint=str(ckpts["teacher"]), method="align_ti",
+        iva_layer=1, data_path=str(data), image_folder=str(data.parent), output_dir=str(out),
+        per_device_train_batch_size=3, max_steps=1, logging_steps=1, save_strategy="no", report_to="none",
+        use_cpu=True, learning_rate=1e-2, disable_tqdm=True, seed=0, preflight_cache_dir="", lora_r=4, lora_alpha=8.0,
+    )
+
+    def run(**kw) -> int:
+        (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({**cfg, **kw}))
+        return main([str(tmp_path / "cfg.yaml")])
+
+    with pytest.raises(ValueError, match=rf"^student_checkpoint '{student4}' \(lora_merge_on_save\): cannot merge"):
+        run(lora_merge_on_save=True)
+    with pytest.raises(ValueError, match=rf"^student_checkpoint '{student4}' is quantised .* set lora_r >= 1"):
+        run(lora_r=0)
+    assert not out.exists() or not any(out.iterdir())
+    assert run() == 0
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    log = [h for h in yaml.safe_load((out / "trainer_state.json").read_text())["log_history"] if "loss_tpa" in h]
+    assert len(log) == 1 and all(log[0][k] > 0 for k in ("loss_sft", "loss_kd", "loss_iva", "loss_tpa"))
+    base = AutoModelForImageTextToText.from_pretrained(student4)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in base.modules())
+    adapted = PeftModel.from_pretrained(base, out)
+    assert any(float(p.abs().max()) > 0 for n, p in adapted.named_parameters() if "lora_B" in n)  # B left 0: it trained
