@@ -39,7 +39,9 @@ __all__ = [
     "apply_lora",
     "check_lora_arguments",
     "check_mergeable",
+    "check_4bit_layers",
     "check_quantised_student",
+    "exact_4bit_layers",
     "is_peft_model",
     "is_quantised",
     "lora_target_regex",
@@ -272,6 +274,50 @@ def check_mergeable(model: nn.Module, checkpoint: str | Path | None = None) -> N
         "(PeftModel.from_pretrained on the same quantised base), or merge it into an unquantised base knowing "
         "that this model differs from the trained one"
     )
+
+
+def exact_4bit_layers(model: nn.Module, role: str) -> list[nn.Module]:
+    """Keep ``model``'s bitsandbytes 4-bit layers on their exact CPU path; return them.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight at the layer's first
+    eval-mode, no-grad forward and from then on multiplies it with a bf16 kernel that ignores
+    ``bnb_4bit_compute_dtype`` and has no backward: in training mode too, no gradient flows
+    through that layer to the adapters below it, silently. This turns that path off on every
+    4-bit layer (``support_avx512bf16_for_cpu = False``: the layer then dequantises its weight
+    and multiplies in the compute dtype, in every mode). A layer already repacked (a no-grad
+    eval forward before training) is refused. GPU kernels are not affected.
+
+    Raises:
+        ValueError: a layer already repacked, naming it and ``role`` ("student" / "teacher").
+    """
+    import sys
+
+    bnb = sys.modules.get("bitsandbytes")  # never imported here: a 4-bit model has imported it
+    if bnb is None:
+        return []
+    layers = []
+    for name, m in unwrap_peft(model).named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            check_4bit_layers([m], role, name)
+            m.support_avx512bf16_for_cpu = False
+            layers.append(m)
+    return layers
+
+
+def check_4bit_layers(layers: list[nn.Module], role: str, name: str | None = None) -> None:
+    """Refuse 4-bit layers whose weight bitsandbytes repacked for its bf16 CPU inference kernel
+    (see :func:`exact_4bit_layers`): their outputs are bf16-rounded and they pass no gradient.
+
+    Raises:
+        ValueError: naming the layer (``name``, else its class) and ``role``.
+    """
+    for m in layers:
+        if getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False):
+            raise ValueError(
+                f"{role}: the 4-bit layer {name or type(m).__name__} was repacked by bitsandbytes for its bf16 CPU "
+                "inference kernel (an eval-mode forward without gradients ran on it), which computes in bf16 and "
+                "passes no gradient; reload the model and build the trainer before running it"
+            )
 
 
 def check_quantised_student(model: nn.Module, checkpoint: str | Path, lora_r: int, merge_on_save: bool) -> None:

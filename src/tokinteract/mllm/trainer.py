@@ -145,7 +145,7 @@ from tokinteract import (
 )
 from tokinteract.hf.families import visual_token_ids
 from tokinteract.mllm.config import LOSS_IMPLS, METHODS, DistillationConfig  # re-exported: their earlier home
-from tokinteract.mllm.lora import unwrap_peft
+from tokinteract.mllm.lora import check_4bit_layers, exact_4bit_layers, unwrap_peft
 from tokinteract.mllm.model import check_teacher_student, num_image_tokens
 from tokinteract.mllm.reliability import ReliableTrainerMixin
 
@@ -480,6 +480,10 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         if getattr(args, "remove_unused_columns", False):
             args.remove_unused_columns = False
         super().__init__(model=model, args=args, **kwargs)
+        # bitsandbytes 4-bit layers (QLoRA): off their bf16 CPU inference kernel, which passes no gradient
+        self._student_4bit = exact_4bit_layers(model, "student")
+        if teacher is not None:
+            exact_4bit_layers(teacher, "teacher")
         self.teacher = teacher
         if teacher is not None:
             teacher.requires_grad_(False)
@@ -971,6 +975,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         distributed wrapper (:func:`run_through_wrapper`). ``return_outputs`` adds the student's
         ground-truth logits.
         """
+        check_4bit_layers(self._student_4bit, "student")
         batch = split_batch(inputs)
         training = self.model.training
         ids = batch.inputs.input_ids
