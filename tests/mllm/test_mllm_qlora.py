@@ -239,3 +239,25 @@ def test_cli_trains_a_lora_on_a_prequantised_gemma3_checkpoint(tmp_path, data) -
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in base.modules())
     adapted = PeftModel.from_pretrained(base, out)
     assert any(float(p.abs().max()) > 0 for n, p in adapted.named_parameters() if "lora_B" in n)  # B left 0: it trained
+
+
+def test_a_4bit_teacher_is_not_cast_by_bf16_training(tmp_path, data) -> None:  # noqa: F811
+    """transformers refuses ``.to(dtype)`` on a bitsandbytes model: with ``bf16`` the trainer casts the
+    teacher only when it is not quantised; a 4-bit teacher keeps the dtypes it was loaded with."""
+    from transformers import TrainingArguments
+
+    from tokinteract.mllm import DistillationTrainer
+
+    t4 = _quantised(_checkpoint(tmp_path, seed=2))
+    with pytest.raises(ValueError, match="cannot cast a bitsandbytes model"):
+        t4.to(dtype=torch.bfloat16)
+    proc = fx.make_processor(NAME)
+    student = _lora(fx.make_model(NAME, seed=1))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, max_steps=1,
+                             report_to="none", use_cpu=True, bf16=True, save_strategy="no", disable_tqdm=True)
+    tr = DistillationTrainer(
+        student, args, teacher=t4, distill=DistillationConfig(method="kd"),
+        train_dataset=ProcessorDataset(data, data.parent, proc),
+        data_collator=ProcessorCollator(proc, visual_token_ids(unwrap_peft(student))), processing_class=proc,
+    )
+    assert tr.teacher is t4 and t4.lm_head.weight.dtype == torch.float32

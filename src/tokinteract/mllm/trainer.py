@@ -145,7 +145,7 @@ from tokinteract import (
 )
 from tokinteract.hf.families import visual_token_ids
 from tokinteract.mllm.config import LOSS_IMPLS, METHODS, DistillationConfig  # re-exported: their earlier home
-from tokinteract.mllm.lora import check_4bit_layers, exact_4bit_layers, unwrap_peft
+from tokinteract.mllm.lora import check_4bit_layers, exact_4bit_layers, is_quantised, unwrap_peft
 from tokinteract.mllm.model import check_teacher_student, num_image_tokens
 from tokinteract.mllm.reliability import ReliableTrainerMixin
 
@@ -489,6 +489,8 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
             teacher.requires_grad_(False)
             teacher.eval()
             dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+            if is_quantised(teacher):  # transformers refuses to cast it: it keeps the dtypes it was loaded with
+                dtype = None
             teacher.to(device=self.args.device, **({"dtype": dtype} if dtype is not None else {}))
         self.output = "hidden" if self.distill.loss_impl == "fused" else "logits"
         """What the student's passes return: ``"hidden"`` (``loss_impl="fused"``) or ``"logits"``."""
