@@ -37,9 +37,9 @@ from torch import nn
 __all__ = [
     "DEFAULT_TARGET_MODULES",
     "apply_lora",
+    "check_4bit_layers",
     "check_lora_arguments",
     "check_mergeable",
-    "check_4bit_layers",
     "check_quantised_student",
     "exact_4bit_layers",
     "is_peft_model",
@@ -276,8 +276,8 @@ def check_mergeable(model: nn.Module, checkpoint: str | Path | None = None) -> N
     )
 
 
-def exact_4bit_layers(model: nn.Module, role: str) -> list[nn.Module]:
-    """Keep ``model``'s bitsandbytes 4-bit layers on their exact CPU path; return them.
+def exact_4bit_layers(model: nn.Module, role: str) -> dict[str, nn.Module]:
+    """Keep ``model``'s bitsandbytes 4-bit layers on their exact CPU path; return them by name.
 
     On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight at the layer's first
     eval-mode, no-grad forward and from then on multiplies it with a bf16 kernel that ignores
@@ -294,27 +294,25 @@ def exact_4bit_layers(model: nn.Module, role: str) -> list[nn.Module]:
 
     bnb = sys.modules.get("bitsandbytes")  # never imported here: a 4-bit model has imported it
     if bnb is None:
-        return []
-    layers = []
-    for name, m in unwrap_peft(model).named_modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            check_4bit_layers([m], role, name)
-            m.support_avx512bf16_for_cpu = False
-            layers.append(m)
+        return {}
+    layers = {n: m for n, m in unwrap_peft(model).named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    check_4bit_layers(layers, role)
+    for m in layers.values():
+        m.support_avx512bf16_for_cpu = False
     return layers
 
 
-def check_4bit_layers(layers: list[nn.Module], role: str, name: str | None = None) -> None:
-    """Refuse 4-bit layers whose weight bitsandbytes repacked for its bf16 CPU inference kernel
-    (see :func:`exact_4bit_layers`): their outputs are bf16-rounded and they pass no gradient.
+def check_4bit_layers(layers: dict[str, nn.Module], role: str) -> None:
+    """Refuse 4-bit layers (by name) whose weight bitsandbytes repacked for its bf16 CPU inference
+    kernel (see :func:`exact_4bit_layers`): their outputs are bf16-rounded and they pass no gradient.
 
     Raises:
-        ValueError: naming the layer (``name``, else its class) and ``role``.
+        ValueError: naming the first such layer and ``role``.
     """
-    for m in layers:
+    for name, m in layers.items():
         if getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False):
             raise ValueError(
-                f"{role}: the 4-bit layer {name or type(m).__name__} was repacked by bitsandbytes for its bf16 CPU "
+                f"{role}: the 4-bit layer {name} was repacked by bitsandbytes for its bf16 CPU "
                 "inference kernel (an eval-mode forward without gradients ran on it), which computes in bf16 and "
                 "passes no gradient; reload the model and build the trainer before running it"
             )

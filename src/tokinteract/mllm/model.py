@@ -486,7 +486,8 @@ def check_teacher_student(
 
 
 _TORCHVISION_HINT = (
-    "This family's processor has a video processor, which transformers builds with torchvision only. Install the "
+    "transformers needs torchvision for this processor (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, SmolVLM and "
+    "InternVL: for their video processor, which it always builds). Install the "
     "torchvision release built for this torch ({torch}), of the same build (CPU or the same CUDA version): a "
     "CUDA build of torchvision does not import beside a CPU-only torch (its compiled ops need libtorch_cuda.so)."
 )
