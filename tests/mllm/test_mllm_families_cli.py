@@ -3,14 +3,17 @@
 Families whose processor has no video slot load with ``AutoProcessor`` offline: the CLI trains a tiny
 local pair end to end and saves a student that transformers reloads (Gemma 3 is in
 ``test_mllm_families_trainer.py``; LLaVA-NeXT and Idefics3 here). The others (Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL, LLaVA-OneVision, SmolVLM, InternVL) need torchvision for ``AutoProcessor``; no torchvision
-wheel runs beside the project's CPU torch 2.13.0 (the one built for it is a CUDA build), so here the CLI
-must stop before training with an ImportError naming the checkpoint.
+Qwen3-VL, LLaVA-OneVision, SmolVLM, InternVL) need torchvision for ``AutoProcessor``: it always builds
+the processor's video processor, and transformers 5.24 has video processors with a torchvision backend
+only (their image processors alone load without it, as the PIL classes). No torchvision wheel runs beside
+the project's CPU torch 2.13.0 (the one built for it is a CUDA build), so here the CLI must stop before
+training with an ImportError naming the checkpoint and what to install.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -80,6 +83,7 @@ def test_cli_trains_a_local_pair_and_saves_a_reloadable_student(tmp_path, data, 
 def test_cli_stops_before_training_naming_the_checkpoint_whose_processor_needs_torchvision(tmp_path, data, name) -> None:  # noqa: F811
     ckpts = _checkpoints(tmp_path, name, whole_processor=False)
     with pytest.raises(ImportError, match=rf"^student_checkpoint '{ckpts['student']}': its processor cannot be built "
-                                          r"here: [\s\S]*(?i:torchvision)"):
+                                          r"here: [\s\S]*(?i:torchvision)[\s\S]*Install the torchvision release built "
+                                          rf"for this torch \({re.escape(torch.__version__)}\), of the same build"):
         main([_config(tmp_path, data, ckpts)])
     assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -159,11 +159,24 @@ def lm_head_parameters(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     With tied embeddings the weight *is* the input embedding matrix (the same Parameter), so
     gradients computed through it reach the embedding. Feed these, with hidden states from
     ``output="hidden"``, to :class:`tokinteract.fused.FusedAlignTILoss`.
+
+    Raises:
+        ValueError: no LM head weight, or a quantised one (bitsandbytes 4-bit / 8-bit): its
+            stored tensor holds packed integers, not the ``[V, H]`` matrix the head applies,
+            so hidden states times it would be wrong; keep the head unquantised (transformers'
+            default, ``llm_int8_skip_modules`` containing ``lm_head``) or use the logits loss.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
     if not isinstance(weight, Tensor):
         raise ValueError(f"model must have an LM head with a weight (get_output_embeddings()), got {type(model).__name__}")
+    if not weight.dtype.is_floating_point or hasattr(weight, "quant_state") or hasattr(weight, "SCB"):
+        raise ValueError(
+            f"{type(model).__name__}'s LM head is quantised ({type(head).__name__}, weight {type(weight).__name__} of "
+            f"dtype {weight.dtype}): the fused loss multiplies hidden states by the head's weight matrix, which a "
+            "quantised head does not hold; keep lm_head unquantised (e.g. BitsAndBytesConfig(llm_int8_skip_modules="
+            "[..., 'lm_head'])) or use loss_impl='logits'"
+        )
     bias = getattr(head, "bias", None)
     return weight, bias if isinstance(bias, Tensor) else None
 

@@ -223,6 +223,9 @@ def build_everything(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, check_exi
     load = dict(dtype=dtype, attn_implementation=margs.attn_implementation)
     if margs.student_checkpoint:
         student, processor = mm.load_pretrained(margs.student_checkpoint, role="student", **load)
+        from tokinteract.mllm.lora import check_quantised_student
+
+        check_quantised_student(student, margs.student_checkpoint, margs.lora_r, margs.lora_merge_on_save)
     elif margs.tiny:
         from tokinteract.mllm.synthetic import vocabulary
         from tokinteract.mllm.tokenizer import build_word_tokenizer

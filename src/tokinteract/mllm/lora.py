@@ -37,8 +37,13 @@ from torch import nn
 __all__ = [
     "DEFAULT_TARGET_MODULES",
     "apply_lora",
+    "check_4bit_layers",
     "check_lora_arguments",
+    "check_mergeable",
+    "check_quantised_student",
+    "exact_4bit_layers",
     "is_peft_model",
+    "is_quantised",
     "lora_target_regex",
     "merge_and_save",
     "projector_modules",
@@ -77,6 +82,12 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
     instead of its base, silently. Every pass therefore runs on this inner model.
     """
     return model.get_base_model() if is_peft_model(model) else model
+
+
+def is_quantised(model: nn.Module) -> bool:
+    """Whether ``model`` (or the model inside a ``PeftModel``) was loaded quantised by transformers
+    (``hf_quantizer`` set: bitsandbytes 4-bit / 8-bit, ...)."""
+    return getattr(unwrap_peft(model), "hf_quantizer", None) is not None
 
 
 def _language_model_prefixes(model: nn.Module) -> list[str]:
@@ -245,6 +256,87 @@ def check_lora_arguments(margs: Any, targs: Any = None) -> None:
         )
 
 
+def check_mergeable(model: nn.Module, checkpoint: str | Path | None = None) -> None:
+    """Refuse merging adapters into a quantised (QLoRA) base: folding them into 4-bit / 8-bit
+    weights re-quantises those, so the merged model would not compute what was trained.
+    ``checkpoint`` names the student in the error (the CLI checks ``lora_merge_on_save``
+    before training).
+
+    Raises:
+        ValueError: ``model`` is quantised.
+    """
+    if not is_quantised(model):
+        return
+    who = f"student_checkpoint {str(checkpoint)!r} (lora_merge_on_save)" if checkpoint is not None else "model"
+    raise ValueError(
+        f"{who}: cannot merge LoRA adapters into the quantised {type(unwrap_peft(model)).__name__}: the merged "
+        "weights would be re-quantised and the model would no longer compute what was trained; keep the adapter "
+        "(PeftModel.from_pretrained on the same quantised base), or merge it into an unquantised base knowing "
+        "that this model differs from the trained one"
+    )
+
+
+def exact_4bit_layers(model: nn.Module, role: str) -> dict[str, nn.Module]:
+    """Keep ``model``'s bitsandbytes 4-bit layers on their exact CPU path; return them by name.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight at the layer's first
+    eval-mode, no-grad forward and from then on multiplies it with a bf16 kernel that ignores
+    ``bnb_4bit_compute_dtype`` and has no backward: in training mode too, no gradient flows
+    through that layer to the adapters below it, silently. This turns that path off on every
+    4-bit layer (``support_avx512bf16_for_cpu = False``: the layer then dequantises its weight
+    and multiplies in the compute dtype, in every mode). A layer already repacked (a no-grad
+    eval forward before training) is refused. GPU kernels are not affected.
+
+    Raises:
+        ValueError: a layer already repacked, naming it and ``role`` ("student" / "teacher").
+    """
+    import sys
+
+    bnb = sys.modules.get("bitsandbytes")  # never imported here: a 4-bit model has imported it
+    if bnb is None:
+        return {}
+    layers = {n: m for n, m in unwrap_peft(model).named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    check_4bit_layers(layers, role)
+    for m in layers.values():
+        m.support_avx512bf16_for_cpu = False
+    return layers
+
+
+def check_4bit_layers(layers: dict[str, nn.Module], role: str) -> None:
+    """Refuse 4-bit layers (by name) whose weight bitsandbytes repacked for its bf16 CPU inference
+    kernel (see :func:`exact_4bit_layers`): their outputs are bf16-rounded and they pass no gradient.
+
+    Raises:
+        ValueError: naming the first such layer and ``role``.
+    """
+    for name, m in layers.items():
+        if getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False):
+            raise ValueError(
+                f"{role}: the 4-bit layer {name} was repacked by bitsandbytes for its bf16 CPU "
+                "inference kernel (an eval-mode forward without gradients ran on it), which computes in bf16 and "
+                "passes no gradient; reload the model and build the trainer before running it"
+            )
+
+
+def check_quantised_student(model: nn.Module, checkpoint: str | Path, lora_r: int, merge_on_save: bool) -> None:
+    """The CLI's check of a student loaded quantised (a QLoRA base), before training: it trains only
+    through LoRA adapters (its 4-bit / 8-bit weights take no gradient), and its adapters cannot be
+    merged on save (:func:`check_mergeable`). Nothing for an unquantised student.
+
+    Raises:
+        ValueError: ``lora_r`` 0 or ``merge_on_save`` with a quantised student, naming the checkpoint.
+    """
+    if not is_quantised(model):
+        return
+    if not lora_r:
+        raise ValueError(
+            f"student_checkpoint {str(checkpoint)!r} is quantised ({type(model).__name__}); its quantised weights "
+            "cannot be trained: set lora_r >= 1 to train LoRA adapters on it (QLoRA), or load an unquantised student"
+        )
+    if merge_on_save:
+        check_mergeable(model, checkpoint)
+
+
 def merge_and_save(model: nn.Module, out_dir: str | Path, processor: Any = None) -> Path:
     """Fold the LoRA adapters of the ``PeftModel`` ``model`` into its weights
     (``merge_and_unload``) and save a standard checkpoint (with ``processor``) to ``out_dir``.
@@ -253,9 +345,12 @@ def merge_and_save(model: nn.Module, out_dir: str | Path, processor: Any = None)
 
     Raises:
         TypeError: ``model`` is not a ``PeftModel``.
+        ValueError: its base is quantised (QLoRA): folding the adapters into 4-bit / 8-bit
+            weights re-quantises them, so the merged model would not compute what was trained.
     """
     if not is_peft_model(model):
         raise TypeError(f"model must be a peft.PeftModel to merge, got {type(model).__name__}")
+    check_mergeable(model)
     from tokinteract.mllm.model import save_pretrained_student
 
     merged = model.merge_and_unload()

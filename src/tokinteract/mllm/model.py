@@ -485,6 +485,14 @@ def check_teacher_student(
     return vocab_size
 
 
+_TORCHVISION_HINT = (
+    "transformers needs torchvision for this processor (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, SmolVLM and "
+    "InternVL: for their video processor, which it always builds). Install the "
+    "torchvision release built for this torch ({torch}), of the same build (CPU or the same CUDA version): a "
+    "CUDA build of torchvision does not import beside a CPU-only torch (its compiled ops need libtorch_cuda.so)."
+)
+
+
 def load_pretrained(
     checkpoint: str | Path,
     *,
@@ -498,10 +506,16 @@ def load_pretrained(
     any family transformers maps there (LLaVA included). ``role`` names the checkpoint in
     errors (``"student"`` / ``"teacher"``). ``dtype`` None keeps transformers' default.
 
+    Processors with a video slot (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, SmolVLM,
+    InternVL) need torchvision: ``AutoProcessor.from_pretrained`` always builds the
+    processor's ``video_processor`` through ``AutoVideoProcessor``, whose classes have a
+    torchvision backend only (``use_fast=False`` / ``backend="pil"`` choose the *image*
+    processor's backend, not the video one's, and no argument skips the slot). No image-only
+    stand-in is built here: the error says what to install.
+
     Raises:
-        ImportError: the family's processor cannot be built in this environment (e.g.
-            Qwen-VL and InternVL processors need torchvision for their video processor),
-            naming the checkpoint.
+        ImportError: the family's processor cannot be built in this environment (a missing
+            torchvision), naming the checkpoint and what to install.
         ValueError: the processor has no tokenizer (not a multimodal processor).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -510,9 +524,16 @@ def load_pretrained(
         processor = AutoProcessor.from_pretrained(checkpoint)
     except (ImportError, ValueError) as e:
         # a missing optional package surfaces as ImportError, or as ValueError for some video processors
-        if isinstance(e, ValueError) and "torchvision" not in str(e).lower():
-            raise
-        raise ImportError(f"{role}_checkpoint {str(checkpoint)!r}: its processor cannot be built here: {str(e).strip()}") from e
+        # (InternVL: with torchvision absent its video-processor class resolves to None)
+        text = str(e).strip()
+        from transformers.utils import is_torchvision_available
+
+        if "torchvision" in text.lower() or ("video processor" in text.lower() and not is_torchvision_available()):
+            raise ImportError(
+                f"{role}_checkpoint {str(checkpoint)!r}: its processor cannot be built here: {text}\n"
+                f"{_TORCHVISION_HINT.format(torch=torch.__version__)}"
+            ) from e
+        raise
     if getattr(processor, "tokenizer", None) is None:
         raise ValueError(
             f"{role}_checkpoint {str(checkpoint)!r}: AutoProcessor gave {type(processor).__name__}, which has no "

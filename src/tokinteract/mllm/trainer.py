@@ -147,7 +147,7 @@ from tokinteract import (
 )
 from tokinteract.hf.families import visual_token_ids
 from tokinteract.mllm.config import LOSS_IMPLS, METHODS, DistillationConfig  # re-exported: their earlier home
-from tokinteract.mllm.lora import unwrap_peft
+from tokinteract.mllm.lora import check_4bit_layers, exact_4bit_layers, is_quantised, unwrap_peft
 from tokinteract.mllm.model import check_teacher_student, num_image_tokens
 from tokinteract.mllm.reliability import ReliableTrainerMixin
 
@@ -482,11 +482,17 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         if getattr(args, "remove_unused_columns", False):
             args.remove_unused_columns = False
         super().__init__(model=model, args=args, **kwargs)
+        # bitsandbytes 4-bit layers (QLoRA): off their bf16 CPU inference kernel, which passes no gradient
+        self._student_4bit = exact_4bit_layers(model, "student")
+        if teacher is not None:
+            exact_4bit_layers(teacher, "teacher")
         self.teacher = teacher
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
             dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+            if is_quantised(teacher):  # transformers refuses to cast it: it keeps the dtypes it was loaded with
+                dtype = None
             teacher.to(device=self.args.device, **({"dtype": dtype} if dtype is not None else {}))
         self.output = "hidden" if self.distill.loss_impl == "fused" else "logits"
         """What the student's passes return: ``"hidden"`` (``loss_impl="fused"``) or ``"logits"``."""
@@ -973,6 +979,7 @@ class DistillationTrainer(ReliableTrainerMixin, Trainer):
         distributed wrapper (:func:`run_through_wrapper`). ``return_outputs`` adds the student's
         ground-truth logits.
         """
+        check_4bit_layers(self._student_4bit, "student")
         batch = split_batch(inputs)
         training = self.model.training
         ids = batch.inputs.input_ids
