@@ -124,6 +124,78 @@ def build_model(vocab: int, image_token: int, shape: tuple[int, ...], vision: di
     return m.to(device=device, dtype=dtype)
 
 
+def _repeat_first_layer(layers: torch.nn.ModuleList, n: int) -> None:
+    """Grow ``layers`` (holding one layer) to ``n`` layers that all use the first layer's parameter
+    tensors (module copies with their own ``layer_idx``; no parameter is copied)."""
+    import copy
+
+    first = layers[0]
+    keep = {id(p): p for p in first.parameters()}  # shared, not copied: the weights and the configs (the
+    keep.update({id(m.config): m.config for m in first.modules() if hasattr(m, "config")})  # attention switch)
+    for i in range(1, n):
+        layer = copy.deepcopy(first, memo=dict(keep))
+        for mod in layer.modules():
+            if hasattr(mod, "layer_idx"):
+                mod.layer_idx = i
+        layers.append(layer)
+
+
+def _vision_layers(tower: torch.nn.Module) -> torch.nn.ModuleList:
+    inner = getattr(tower, "vision_model", tower)
+    return inner.encoder.layers
+
+
+def build_model_shared(vocab: int, image_token: int, shape: tuple[int, ...], vision: dict, seed: int, dtype, device,
+                       share_text: bool):
+    """``build_model`` with the frozen parts' layers sharing one set of weights (``--share-frozen-layers``).
+
+    The vision tower's ``vision_layers`` layers (frozen in every variant) and, with ``share_text``
+    (the teacher), the language model's decoder layers are built once and repeated: every layer
+    runs the same shapes and the same work as an independent one, with its own ``layer_idx`` (KV
+    cache, attention capture), but the weights of only one layer are resident. Timings are those
+    of independent layers as long as one layer's matrices do not stay in cache from one layer to
+    the next (a Qwen2-1.5B layer holds 188 MB of fp32 weights); a layer's weight gradients would
+    not be (shared tensors accumulate), hence never the student's decoder.
+    """
+    h, n, heads, kv, inter = shape
+    m = build_model(vocab, image_token, (h, 1 if share_text else n, heads, kv, inter), {**vision, "vision_layers": 1},
+                    seed, dtype, device)
+    _repeat_first_layer(_vision_layers(m.model.vision_tower), vision["vision_layers"])
+    m.config.vision_config.num_hidden_layers = vision["vision_layers"]
+    if share_text:
+        lm = m.model.language_model
+        _repeat_first_layer(lm.layers, n)
+        for cfg in {id(c): c for c in (m.config.text_config, lm.config)}.values():
+            cfg.num_hidden_layers = n
+            if getattr(cfg, "layer_types", None):
+                cfg.layer_types = [cfg.layer_types[0]] * n
+    return m
+
+
+def peak_rss_gb() -> float:
+    """The process's resident-set high-water mark (``VmHWM``), GiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def rss_guard(limit_gb: float) -> None:
+    """Exit the process (status 3) as soon as its resident set exceeds ``limit_gb`` GiB (checked
+    every 0.2 s in a daemon thread): a benchmark on a shared machine must not push others out."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmRSS:") and int(line.split()[1]) / 2**20 > limit_gb:
+                    print(f"resident set over --max-rss-gb {limit_gb}: stopping", file=sys.stderr, flush=True)
+                    os._exit(3)
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def build_batch(B: int, n_vis: int, n_instr: int, n_resp: int, vocab: int, image_token: int, image_size: int,
                 seed: int, device, dtype) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -254,6 +326,12 @@ def main() -> None:
     ap.add_argument("--cpu-time", action="store_true",
                     help="time each step by the process's CPU time (time.process_time, all threads) instead of "
                          "wall time: steadier on a shared machine; use with --threads 1 (no spinning threads)")
+    ap.add_argument("--share-frozen-layers", action="store_true",
+                    help="the frozen parts (both vision towers, the teacher's decoder layers) repeat one layer's "
+                         "weights: same work per layer, ~9 GiB instead of ~20 GiB at --real-shapes --batch 1 on CPU "
+                         "(see build_model_shared)")
+    ap.add_argument("--max-rss-gb", type=float, default=None,
+                    help="stop the run (exit status 3) when the process's resident set exceeds this many GiB")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -298,9 +376,15 @@ def main() -> None:
         return
     if a.attn == "flex_attention" and not cuda:
         raise SystemExit("--attn flex_attention needs --device cuda (FlexAttention has no backward on CPU)")
+    if a.max_rss_gb:
+        rss_guard(a.max_rss_gb)
     with torch.device(device):  # initialise on the device: a 7B-shaped model is slow to build on the host
-        student = build_model(vocab, image_token, s_shape, vision, 1, dtype, device)
-        teacher = build_model(vocab, image_token, t_shape, vision, 2, dtype, device)
+        if a.share_frozen_layers:
+            student = build_model_shared(vocab, image_token, s_shape, vision, 1, dtype, device, share_text=False)
+            teacher = build_model_shared(vocab, image_token, t_shape, vision, 2, dtype, device, share_text=True)
+        else:
+            student = build_model(vocab, image_token, s_shape, vision, 1, dtype, device)
+            teacher = build_model(vocab, image_token, t_shape, vision, 2, dtype, device)
     for m in (student, teacher):
         m.set_attn_implementation({"text_config": a.attn})
     set_trainable(student, "finetune")
@@ -343,6 +427,8 @@ def main() -> None:
         trainers[v]._part_sums = {}
 
     clock = time.process_time if a.cpu_time else time.perf_counter
+    models_note = ("random weights; frozen parts (both vision towers, the teacher's decoder layers) repeat one layer's "
+                   "weights (--share-frozen-layers)" if a.share_frozen_layers else "random weights, independent layers")
     print(f"device={device} dtype={dtype} B={B} T={T} N={N} token_ratio={token_ratio:.3f} vocab={vocab} d={a.d}")
     load0 = tuple(round(x, 2) for x in os.getloadavg())
     if a.profile:
@@ -352,8 +438,9 @@ def main() -> None:
         info = {**machine_info(str(device)), "command": "python " + " ".join(sys.argv),
                 "student": f"Qwen2 H={s_shape[0]} L={s_shape[1]}", "teacher": f"Qwen2 H={t_shape[0]} L={t_shape[1]}",
                 "batch": f"B={B}, T={T} real tokens, N={N} candidate slots, vocab {vocab}",
-                "load average (1/5/15 min) at start": str(load0)}
-        breakdown(names, trainers, student, batch, a.rounds, cuda, a.name and a.name + "_breakdown", info)
+                "load average (1/5/15 min) at start": str(load0), "models": models_note,
+                "time": "process CPU time (time.process_time, all threads)" if a.cpu_time else "wall time"}
+        breakdown(names, trainers, student, batch, a.rounds, cuda, a.name and a.name + "_breakdown", info, clock)
         return
     if a.count_syncs:
         count_syncs(names, step, cuda, a.name or f"bench_step_{device.type}_syncs",
@@ -437,6 +524,8 @@ def main() -> None:
               else "not measured on CPU (all variants share one process)",
               **({"kd_trl": f"TRL-style KD step: {_peers.TRL_SOURCE}; reference check |diff| = {trl_check:.2e}"}
                  if trl_check is not None else {}),
+              "models": models_note,
+              "peak resident set (VmHWM)": f"{peak_rss_gb():.2f} GiB" if not cuda else "n/a",
               "load average (1/5/15 min) at start / end": f"{load0} / {tuple(round(x, 2) for x in os.getloadavg())}"}
     name = a.name or f"bench_step_{device.type}"
     paths = write_results(name, rows, header, verdicts)
@@ -516,7 +605,7 @@ def trl_reference_check() -> float:
 
 
 def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: int, cuda: bool,
-              name: str | None = None, header: dict[str, str] | None = None) -> None:
+              name: str | None = None, header: dict[str, str] | None = None, clock=time.perf_counter) -> None:
     """Seconds per part of one step (best round per variant), by wrapping the functions the trainer calls.
 
     ``teacher``: ``teacher_pass`` (its forwards, under inference mode); ``teacher_head``: the
@@ -543,10 +632,10 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
     def timed(key: str, f):
         def g(*args, **kw):
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             out = f(*args, **kw)
             sync()
-            acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
+            acc[key] = acc.get(key, 0.0) + clock() - t0
             return out
 
         return g
@@ -573,13 +662,13 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
             for v in names:
                 acc.clear()
                 sync()
-                t0 = time.perf_counter()
+                t0 = clock()
                 loss = trainers[v].compute_loss(student, dict(batch))
                 sync()
-                t1 = time.perf_counter()
+                t1 = clock()
                 loss.backward()
                 sync()
-                t2 = time.perf_counter()
+                t2 = clock()
                 student.zero_grad(set_to_none=True)
                 trainers[v]._part_sums = {}
                 parts = dict(acc)
@@ -610,6 +699,8 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
     if name:
         from _common import RESULTS
 
+        header = {**(header or {}), "peak resident set (VmHWM)": f"{peak_rss_gb():.2f} GiB" if not cuda else "n/a",
+                  "load average (1/5/15 min) at end": str(tuple(round(x, 2) for x in os.getloadavg()))}
         lines = [f"# {Path(name).name}: seconds per part of one step", ""]
         lines += [f"- **{k}**: {v}" for k, v in (header or {}).items()]
         lines += ["- **parts**: see `breakdown` in bench_step.py; `t.*` are inside `teacher`; best round per variant", "",
