@@ -52,6 +52,23 @@ def _nucleus_keep(sorted_p: Tensor, top_p: int | float) -> Tensor:
     return keep
 
 
+def _sort_descending(probs: Tensor) -> tuple[Tensor, Tensor]:
+    """``probs.sort(dim=-1, descending=True, stable=True)`` of probabilities ``[R, V]`` (``>= 0``).
+
+    On CPU with fp32, each row is sorted as one 1-D ``int32`` tensor of keys
+    ``INT32_MAX - bits(p)``: the bit pattern of a non-negative float is monotone in its value, so
+    ascending keys are descending probabilities, and a stable sort orders equal probabilities by
+    increasing token id. A 1-D integer sort is the kernel's radix sort (a float sort compares),
+    ~3x faster at ``V = 151,936``. The values are gathered back (the same floats). Elsewhere (CUDA
+    sorts by radix already; other dtypes) the float sort itself.
+    """
+    if probs.device.type != "cpu" or probs.dtype != torch.float32:
+        return probs.sort(dim=-1, descending=True, stable=True)
+    keys = torch.iinfo(torch.int32).max - probs.contiguous().view(torch.int32)
+    idx = torch.stack([row.sort(stable=True).indices for row in keys]) if keys.shape[0] else keys.long()
+    return probs.gather(1, idx), idx
+
+
 def _sorted_prefixes(probs: Tensor, top_p: float, full_width: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(S, order, length)``: per row the shortest prefix of the descending order that holds the
     top-p set: ``S [R, W]`` its values then zeros, ``order [R, W]`` its token ids then zeros,
@@ -93,7 +110,7 @@ def _sorted_prefixes(probs: Tensor, top_p: float, full_width: bool) -> tuple[Ten
             pending.append((rows[rest][~flat], int(need[~flat].max())))
     if to_sort:
         rows = torch.cat(to_sort)
-        vals, idx = (probs if rows.numel() == R else probs[rows]).sort(dim=-1, descending=True)
+        vals, idx = _sort_descending(probs if rows.numel() == R else probs[rows])
         pieces.append((rows, vals, idx, V))
     W = V if full_width else max(k_ for *_, k_ in pieces)
     pieces = [piece for piece in pieces if piece[0].numel()]
