@@ -60,6 +60,7 @@ synchronisation warnings (CUDA only; on CPU the count is written as ``n/a``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -93,9 +94,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # the student's two calls give every shared weight two gradients that autograd adds
     "align_ti_unshared": ("align_ti", {}),
     "tpa_unshared": ("tpa", {}),
+    # Align-TI as before issue 16 item 1's last changes: the ground-truth pass always with the dense
+    # ribbon-block mask (tokinteract.hf.packed.CAUSAL_GROUND_TRUTH off) and the float sort for flat
+    # nucleus rows (tokinteract.sampling._KEY_SORT off)
+    "align_ti_prev": ("align_ti", {}),
 }
 PEER_STEPS = ("kd_trl",)
 UNSHARED = ("align_ti_unshared", "tpa_unshared")
+PREVIOUS = ("align_ti_prev",)
 
 # Qwen2 / Qwen2.5 shapes (hidden, layers, heads, kv heads, intermediate); SigLIP-so400m/14 at 384 px
 SHAPES = {
@@ -165,6 +171,7 @@ def build_model_shared(vocab: int, image_token: int, shape: tuple[int, ...], vis
     if share_text:
         lm = m.model.language_model
         _repeat_first_layer(lm.layers, n)
+        lm.embed_tokens.weight = m.lm_head.weight  # tied, as Qwen2-0.5B/1.5B are: the teacher only looks rows up
         for cfg in {id(c): c for c in (m.config.text_config, lm.config)}.values():
             cfg.num_hidden_layers = n
             if getattr(cfg, "layer_types", None):
@@ -194,6 +201,20 @@ def rss_guard(limit_gb: float) -> None:
             time.sleep(0.2)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+@contextlib.contextmanager
+def variant_switches(v: str):
+    """The library's switches for variant ``v`` (``*_unshared``, ``*_prev``), restored afterwards."""
+    from tokinteract import sampling
+    from tokinteract.hf import _shared, packed
+
+    _shared.ENABLED = v not in UNSHARED
+    packed.CAUSAL_GROUND_TRUTH = sampling._KEY_SORT = v not in PREVIOUS
+    try:
+        yield
+    finally:
+        _shared.ENABLED = packed.CAUSAL_GROUND_TRUTH = sampling._KEY_SORT = True
 
 
 def build_batch(B: int, n_vis: int, n_instr: int, n_resp: int, vocab: int, image_token: int, image_size: int,
@@ -330,6 +351,9 @@ def main() -> None:
                     help="the frozen parts (both vision towers, the teacher's decoder layers) repeat one layer's "
                          "weights: same work per layer, ~9 GiB instead of ~20 GiB at --real-shapes --batch 1 on CPU "
                          "(see build_model_shared)")
+    ap.add_argument("--sampling-cost", action="store_true",
+                    help="only time TPA's candidate sampling at this batch's candidate rows (random hidden states, "
+                         "a random [V, H] student head; no models): head alone, full-distribution draws, nucleus")
     ap.add_argument("--max-rss-gb", type=float, default=None,
                     help="stop the run (exit status 3) when the process's resident set exceeds this many GiB")
     a = ap.parse_args()
@@ -338,7 +362,7 @@ def main() -> None:
     from _peers import trl_available
 
     if a.variants is None:
-        a.variants = [v for v in VARIANTS if (v not in PEER_STEPS or trl_available()) and v not in UNSHARED]
+        a.variants = [v for v in VARIANTS if (v not in PEER_STEPS or trl_available()) and v not in UNSHARED + PREVIOUS]
 
     from transformers import TrainingArguments
 
@@ -373,6 +397,9 @@ def main() -> None:
             base = "kd_logits" if v.endswith("_logits") else "kd"
             share = estimated_macs(v, st, te, b, a.d, vocab, teacher_only=True) / est[v]
             print(f"  {v:>16}: estimated ratio vs {base} {est[v] / est[base]:.3f}, teacher's share of the step {share:.1%}")
+        return
+    if a.sampling_cost:
+        sampling_cost(B, n_vis, a, s_shape, t_shape, vision, vocab, image_token, dtype, device)
         return
     if a.attn == "flex_attention" and not cuda:
         raise SystemExit("--attn flex_attention needs --device cuda (FlexAttention has no backward on CPU)")
@@ -415,14 +442,9 @@ def main() -> None:
             loss.backward()
             student.zero_grad(set_to_none=True)
             return
-        from tokinteract.hf import _shared
-
-        _shared.ENABLED = v not in UNSHARED
-        try:
+        with variant_switches(v):
             loss = trainers[v].compute_loss(student, dict(batch))
             loss.backward()
-        finally:
-            _shared.ENABLED = True
         student.zero_grad(set_to_none=True)
         trainers[v]._part_sums = {}
 
@@ -532,6 +554,85 @@ def main() -> None:
     print("wrote", *paths)
 
 
+def sampling_cost(B: int, n_vis: int, a: Any, s_shape, t_shape, vision: dict, vocab: int, image_token: int, dtype,
+                  device) -> None:
+    """Seconds of TPA's candidate sampling at the batch's ``R`` candidate rows, best of ``--rounds``.
+
+    What any implementation of TPA must do there, beyond the compute model (which counts the
+    transformers and the loss's LM-head rows): the student's distribution at every candidate row
+    (the LM head on ``R`` rows, ``R * V * H`` MACs, no gradient) and ``d`` draws from it
+    (``strategy="multinomial"``: head + softmax + draws). Nucleus (top-p, the trainer's default)
+    adds the selection of the top-p set, exactly as the sort-based definition: on flat rows (random
+    weights) a full sort of each row (``key sort``: the int32 key sort of ``tokinteract.sampling``;
+    ``float sort``: the previous one). Random hidden states ``N(0, 1)`` (unit RMS, like a final
+    norm's output) and a random head ``N(0, 0.02)`` as the benchmark's models have, so the rows
+    are as flat as in the step. Also prints the compute model's ratios with the sampling head added.
+    """
+    from tokinteract import sampling
+    from tokinteract.fused import fused_sample_candidates
+
+    batch = build_batch(B, n_vis, a.instruction, a.response, vocab, image_token, vision["image_size"], 0, "cpu", dtype)
+    from tokinteract import shift_labels
+
+    cmask = shift_labels(batch["labels"]) != -100
+    R = int(cmask.sum())
+    H = s_shape[0]
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(*cmask.shape, H, generator=g).to(device=device, dtype=dtype)
+    head = (torch.randn(vocab, H, generator=g) * 0.02).to(device=device, dtype=dtype)
+    cm = cmask.to(device)
+    clock = time.process_time if a.cpu_time else time.perf_counter
+
+    def run(strategy: str, key_sort: bool = True):
+        sampling._KEY_SORT = key_sort
+        try:
+            return fused_sample_candidates(hidden, head, a.d, mask=cm, strategy=strategy,
+                                           generator=torch.Generator(device=device).manual_seed(1))
+        finally:
+            sampling._KEY_SORT = True
+
+    cases = {
+        "head only (R x V x H)": lambda: torch.nn.functional.linear(hidden[cm], head),
+        "multinomial (head + softmax + draws)": lambda: run("multinomial"),
+        "nucleus, key sort (default)": lambda: run("nucleus"),
+        "nucleus, float sort (previous)": lambda: run("nucleus", False),
+    }
+    best = {k: float("inf") for k in cases}
+    for r in range(a.rounds + 1):
+        for k, f in cases.items():
+            t0 = clock()
+            f()
+            dt = clock() - t0
+            if r > 0:
+                best[k] = min(best[k], dt)
+    assert torch.equal(run("nucleus"), run("nucleus", False)), "key sort and float sort must draw the same candidates"
+    with torch.device("meta"):
+        st = build_model(vocab, image_token, s_shape, vision, None, dtype, "meta")
+        te = build_model(vocab, image_token, t_shape, vision, None, dtype, "meta")
+    est = {v: estimated_macs(v, st, te, batch, a.d, vocab) for v in ("kd", "iva", "align_ti")}
+    head_macs = R * vocab * H
+    lines = [f"R={R} candidate rows, V={vocab}, H={H}, d={a.d}, {dtype}, {device}; best of {a.rounds} rounds "
+             f"({'process CPU time' if a.cpu_time else 'wall time'}, {torch.get_num_threads()} thread(s))"]
+    lines += [f"{k}: {best[k]:.3f} s" for k in cases]
+    lines += [
+        f"compute model: align_ti / kd = {est['align_ti'] / est['kd']:.3f}; with the sampling head (R x V x H = "
+        f"{head_macs / 1e9:.1f} GMAC, {head_macs / est['kd']:.2%} of KD's step): "
+        f"{(est['align_ti'] + head_macs) / est['kd']:.3f}",
+        "method-inclusive ratio = compute-model ratio (with the sampling head) + the rest of sampling's seconds "
+        "(softmax, draws, top-p selection) / KD's measured step: see benchmarks/results/SUMMARY.md",
+    ]
+    print("\n".join(lines))
+    if a.name:
+        from _common import RESULTS
+
+        hdr = {**machine_info(str(device)), "command": "python " + " ".join(sys.argv),
+               "load average (1/5/15 min) at end": str(tuple(round(x, 2) for x in os.getloadavg()))}
+        md = [f"# {a.name}: TPA's candidate sampling at the step's rows", ""] + [f"- **{k}**: {v}" for k, v in hdr.items()]
+        md += ["", "```", *lines, "```", ""]
+        (RESULTS / f"{a.name}.md").write_text("\n".join(md))
+        print("wrote", RESULTS / f"{a.name}.md")
+
+
 def trl_kd_loss(student, teacher, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """TRL's GKD step without Liger (``GKDTrainer.compute_loss``): full logits of both models at every
     position, shifted, and TRL's ``generalized_jsd_loss(beta=0)`` over the supervised positions."""
@@ -613,6 +714,9 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
     (``fused_sample_candidates`` / ``sample_candidates``); ``expand``: ``tpa_expand``; ``loss``:
     the loss module (the fused loss also computes the LM-head gradients here); ``student+rest``:
     the rest of ``compute_loss`` (the student's forwards); ``backward``: ``loss.backward()``.
+    Inside ``student+rest`` (nested): ``s.ground_truth`` (``student_pass``: the student's vision
+    tower and ground-truth pass) and ``s.candidates`` (its candidate block over the KV cache,
+    ``cached_candidate_forward``); ``t.candidates`` is the teacher's candidate block, inside ``t.decoder``.
 
     Inside ``teacher`` (nested, not added to the total again): ``t.vision`` (the teacher's vision
     tower and projector), ``t.decoder`` (its language model's forwards: the ground-truth pass, the
@@ -644,12 +748,21 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
         (fused_mod, "fused_sample_candidates"), (tr_mod, "sample_candidates"), (tr_mod, "tpa_expand"),
         (tr_mod.DistillationTrainer, "teacher_pass"), (tr_mod, "head_rows"),
     ]
+    import tokinteract.hf as hf_pkg
+
+    saved += [(tr_mod.DistillationTrainer, "student_pass"), (hf_pkg, "cached_candidate_forward")]
     originals = [(m, n, getattr(m, n)) for m, n in saved]
     keys = {"fused_sample_candidates": "sampling", "sample_candidates": "sampling", "tpa_expand": "expand",
-            "teacher_pass": "teacher", "head_rows": "teacher_head"}
+            "teacher_pass": "teacher", "head_rows": "teacher_head", "student_pass": "s.ground_truth",
+            "cached_candidate_forward": "candidates"}
+
+    def by_model(f):  # the candidate block of the student (s.*, inside student+rest) or of the teacher (t.*)
+        ts, tt = timed("s.candidates", f), timed("t.candidates", f)
+        return lambda model, *a, **k: (ts if model is student else tt)(model, *a, **k)
+
     try:
         for m, n, f in originals:
-            setattr(m, n, timed(keys[n], f))
+            setattr(m, n, by_model(f) if n == "cached_candidate_forward" else timed(keys[n], f))
         for tr in trainers.values():
             tr.loss_fn.forward = timed("loss", tr.loss_fn.forward)
         teacher = next(tr.teacher for tr in trainers.values() if tr.teacher is not None)
@@ -662,17 +775,18 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
             for v in names:
                 acc.clear()
                 sync()
-                t0 = clock()
-                loss = trainers[v].compute_loss(student, dict(batch))
-                sync()
-                t1 = clock()
-                loss.backward()
-                sync()
-                t2 = clock()
+                with variant_switches(v):
+                    t0 = clock()
+                    loss = trainers[v].compute_loss(student, dict(batch))
+                    sync()
+                    t1 = clock()
+                    loss.backward()
+                    sync()
+                    t2 = clock()
                 student.zero_grad(set_to_none=True)
                 trainers[v]._part_sums = {}
                 parts = dict(acc)
-                parts["student+rest"] = (t1 - t0) - sum(v for k, v in parts.items() if not k.startswith("t."))
+                parts["student+rest"] = (t1 - t0) - sum(x for k, x in parts.items() if not k.startswith(("t.", "s.")))
                 parts["backward"] = t2 - t1
                 parts["total"] = t2 - t0
                 if r > 0 and (v not in best or parts["total"] < best[v]["total"]):
@@ -684,8 +798,8 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
             tr.loss_fn.__dict__.pop("forward", None)
         for mod, _ in inner:
             mod.__dict__.pop("forward", None)
-    cols = ["student+rest", "sampling", "expand", "teacher", "t.vision", "t.decoder", "t.lm_head", "teacher_head", "loss",
-            "backward", "total"]
+    cols = ["student+rest", "s.ground_truth", "s.candidates", "sampling", "expand", "teacher", "t.vision", "t.decoder",
+            "t.candidates", "t.lm_head", "teacher_head", "loss", "backward", "total"]
     table = [f"{'variant':>16} " + " ".join(f"{c:>12}" for c in cols)]
     table += [f"{v:>16} " + " ".join(f"{best[v].get(c, 0.0):>12.4f}" for c in cols) for v in names]
     shares = [f"{v}: teacher {(best[v].get('teacher', 0.0) + best[v].get('teacher_head', 0.0)) / best[v]['total']:.1%} "

@@ -43,6 +43,8 @@ SAMPLING_STRATEGIES = ("nucleus", "multinomial", "greedy")
 # (a flat distribution) is sorted in full, where a partial selection costs as much as a sort.
 _NUCLEUS_TOPK = 256
 _FULL_SORT_FRACTION = 8
+_KEY_SORT = True  # off: the full sort is the float sort on CPU too (for benchmarks)
+_KEY_SORT_MIN = 32_768  # the CPU kernel sorts a 1-D integer tensor by radix from this length (its grain size)
 
 
 def _nucleus_keep(sorted_p: Tensor, top_p: int | float) -> Tensor:
@@ -53,17 +55,18 @@ def _nucleus_keep(sorted_p: Tensor, top_p: int | float) -> Tensor:
 
 
 def _sort_descending(probs: Tensor) -> tuple[Tensor, Tensor]:
-    """``probs.sort(dim=-1, descending=True, stable=True)`` of probabilities ``[R, V]`` (``>= 0``).
+    """Probabilities ``[R, V]`` (``>= 0``) sorted descending: ``(values, ids)``.
 
     On CPU with fp32, each row is sorted as one 1-D ``int32`` tensor of keys
     ``INT32_MAX - bits(p)``: the bit pattern of a non-negative float is monotone in its value, so
     ascending keys are descending probabilities, and a stable sort orders equal probabilities by
-    increasing token id. A 1-D integer sort is the kernel's radix sort (a float sort compares),
-    ~3x faster at ``V = 151,936``. The values are gathered back (the same floats). Elsewhere (CUDA
-    sorts by radix already; other dtypes) the float sort itself.
+    increasing token id. A 1-D integer sort of at least 32,768 elements is the kernel's radix sort
+    (a float sort compares), ~3x faster at ``V = 151,936``; shorter rows use the float sort. The values are gathered back (the same floats). Elsewhere (CUDA
+    sorts by radix already; other dtypes) the float sort itself, unstable (the values are the
+    same; :func:`_stable_ids` orders the ids of equal values).
     """
-    if probs.device.type != "cpu" or probs.dtype != torch.float32:
-        return probs.sort(dim=-1, descending=True, stable=True)
+    if not _KEY_SORT or probs.device.type != "cpu" or probs.dtype != torch.float32 or probs.shape[1] < _KEY_SORT_MIN:
+        return probs.sort(dim=-1, descending=True)  # unstable: _stable_ids orders equal values
     keys = torch.iinfo(torch.int32).max - probs.contiguous().view(torch.int32)
     idx = torch.stack([row.sort(stable=True).indices for row in keys]) if keys.shape[0] else keys.long()
     return probs.gather(1, idx), idx
