@@ -55,17 +55,20 @@ def _nucleus_keep(sorted_p: Tensor, top_p: int | float) -> Tensor:
 
 
 def _sort_descending(probs: Tensor) -> tuple[Tensor, Tensor]:
-    """Probabilities ``[R, V]`` (``>= 0``) sorted descending: ``(values, ids)``.
+    """Probabilities ``[R, V]`` (``>= 0``, softmax outputs: no ``-0.0``, no NaN) sorted
+    descending: ``(values, ids)``.
 
-    On CPU with fp32, each row is sorted as one 1-D ``int32`` tensor of keys
-    ``INT32_MAX - bits(p)``: the bit pattern of a non-negative float is monotone in its value, so
-    ascending keys are descending probabilities, and a stable sort orders equal probabilities by
-    increasing token id. A 1-D integer sort of at least 32,768 elements is the kernel's radix sort
-    (a float sort compares), ~3x faster at ``V = 151,936``; shorter rows use the float sort. The values are gathered back (the same floats). Elsewhere (CUDA
-    sorts by radix already; other dtypes) the float sort itself, unstable (the values are the
-    same; :func:`_stable_ids` orders the ids of equal values).
+    On CPU with fp32 and at least 32,768 columns, each row is sorted as one 1-D ``int32`` tensor
+    of keys ``INT32_MAX - bits(p)``: the bit pattern of a non-negative float is monotone in its
+    value, so ascending keys are descending probabilities, and a stable sort orders equal
+    probabilities by increasing token id, exactly as ``sort(descending=True, stable=True)``. A 1-D
+    integer sort of that length is the kernel's radix sort, where a float sort compares. The
+    values are gathered back (the same floats). Elsewhere (CUDA sorts by radix already; other
+    dtypes; short rows) the float sort itself, unstable (the values are the same;
+    :func:`_stable_ids` orders the ids of equal values).
     """
-    if not _KEY_SORT or probs.device.type != "cpu" or probs.dtype != torch.float32 or probs.shape[1] < _KEY_SORT_MIN:
+    cpu_fp32 = probs.device.type == "cpu" and probs.dtype == torch.float32
+    if not (_KEY_SORT and cpu_fp32 and probs.shape[1] >= _KEY_SORT_MIN):
         return probs.sort(dim=-1, descending=True)  # unstable: _stable_ids orders equal values
     keys = torch.iinfo(torch.int32).max - probs.contiguous().view(torch.int32)
     idx = torch.stack([row.sort(stable=True).indices for row in keys]) if keys.shape[0] else keys.long()
