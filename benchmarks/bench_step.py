@@ -19,6 +19,9 @@ the student's second full pass; no suffix: the trainer defaults, ``loss_impl="fu
     sft, kd, iva, tpa, align_ti, kd_logits, iva_logits, tpa_logits, align_ti_logits, tpa_packed,
     align_ti_packed
 
+``align_ti_unshared`` (the cached path without one gradient per shared weight) and ``align_ti_prev``
+(the ground-truth pass with the dense ribbon-block mask and the float sort for flat nucleus rows,
+as before issue 16 item 1's last changes) switch library behaviour off for comparison;
 and ``kd_trl``, a TRL-style KD step outside ``DistillationTrainer``, as TRL's GKD trainer computes
 it without Liger (``GKDTrainer.compute_loss``): the student's and the teacher's full logits at
 every position (teacher under ``no_grad``), then TRL's own ``generalized_jsd_loss`` with
@@ -43,6 +46,10 @@ forward in the cached path (the student's second full pass of Algorithm 1 remove
     .venv/bin/python benchmarks/bench_step.py --quick --profile tpa  # where the TPA step's time goes
     .venv/bin/python benchmarks/bench_step.py --quick --breakdown    # seconds per part of each step
     .venv/bin/python benchmarks/bench_step.py --device cuda --teacher 7b --estimate  # compute model only
+    # CPU at the realistic shapes within ~11 GiB (frozen layers share weights), issue 16 item 1:
+    .venv/bin/python benchmarks/bench_step.py --real-shapes --batch 1 --share-frozen-layers --max-rss-gb 11 \
+        --rounds 1 --threads 1 --cpu-time --breakdown --variants kd iva align_ti align_ti_prev
+    .venv/bin/python benchmarks/bench_step.py --real-shapes --batch 1 --sampling-cost --cpu-time --threads 1
     # GPU (not run here: no GPU on this machine): Qwen2-0.5B-shaped student, Qwen2-1.5B / 7B-shaped teacher
     .venv/bin/python benchmarks/bench_step.py --device cuda --dtype bf16 --teacher 1.5b
     .venv/bin/python benchmarks/bench_step.py --device cuda --dtype bf16 --teacher 7b
