@@ -19,6 +19,9 @@ the student's second full pass; no suffix: the trainer defaults, ``loss_impl="fu
     sft, kd, iva, tpa, align_ti, kd_logits, iva_logits, tpa_logits, align_ti_logits, tpa_packed,
     align_ti_packed
 
+``align_ti_unshared`` (the cached path without one gradient per shared weight) and ``align_ti_prev``
+(the ground-truth pass with the dense ribbon-block mask and the float sort for flat nucleus rows,
+as before issue 16 item 1's last changes) switch library behaviour off for comparison;
 and ``kd_trl``, a TRL-style KD step outside ``DistillationTrainer``, as TRL's GKD trainer computes
 it without Liger (``GKDTrainer.compute_loss``): the student's and the teacher's full logits at
 every position (teacher under ``no_grad``), then TRL's own ``generalized_jsd_loss`` with
@@ -43,6 +46,10 @@ forward in the cached path (the student's second full pass of Algorithm 1 remove
     .venv/bin/python benchmarks/bench_step.py --quick --profile tpa  # where the TPA step's time goes
     .venv/bin/python benchmarks/bench_step.py --quick --breakdown    # seconds per part of each step
     .venv/bin/python benchmarks/bench_step.py --device cuda --teacher 7b --estimate  # compute model only
+    # CPU at the realistic shapes within ~11 GiB (frozen layers share weights), issue 16 item 1:
+    .venv/bin/python benchmarks/bench_step.py --real-shapes --batch 1 --share-frozen-layers --max-rss-gb 11 \
+        --rounds 1 --threads 1 --cpu-time --breakdown --variants kd iva align_ti align_ti_prev
+    .venv/bin/python benchmarks/bench_step.py --real-shapes --batch 1 --sampling-cost --cpu-time --threads 1
     # GPU (not run here: no GPU on this machine): Qwen2-0.5B-shaped student, Qwen2-1.5B / 7B-shaped teacher
     .venv/bin/python benchmarks/bench_step.py --device cuda --dtype bf16 --teacher 1.5b
     .venv/bin/python benchmarks/bench_step.py --device cuda --dtype bf16 --teacher 7b
@@ -60,6 +67,7 @@ synchronisation warnings (CUDA only; on CPU the count is written as ``n/a``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -93,9 +101,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # the student's two calls give every shared weight two gradients that autograd adds
     "align_ti_unshared": ("align_ti", {}),
     "tpa_unshared": ("tpa", {}),
+    # Align-TI as before issue 16 item 1's last changes: the ground-truth pass always with the dense
+    # ribbon-block mask (tokinteract.hf.packed.CAUSAL_GROUND_TRUTH off) and the float sort for flat
+    # nucleus rows (tokinteract.sampling._KEY_SORT off)
+    "align_ti_prev": ("align_ti", {}),
 }
 PEER_STEPS = ("kd_trl",)
 UNSHARED = ("align_ti_unshared", "tpa_unshared")
+PREVIOUS = ("align_ti_prev",)
 
 # Qwen2 / Qwen2.5 shapes (hidden, layers, heads, kv heads, intermediate); SigLIP-so400m/14 at 384 px
 SHAPES = {
@@ -122,6 +135,93 @@ def build_model(vocab: int, image_token: int, shape: tuple[int, ...], vision: di
         eos_token_id=EOS, seed=seed, **vision,
     )
     return m.to(device=device, dtype=dtype)
+
+
+def _repeat_first_layer(layers: torch.nn.ModuleList, n: int) -> None:
+    """Grow ``layers`` (holding one layer) to ``n`` layers that all use the first layer's parameter
+    tensors (module copies with their own ``layer_idx``; no parameter is copied)."""
+    import copy
+
+    first = layers[0]
+    keep = {id(p): p for p in first.parameters()}  # shared, not copied: the weights and the configs (the
+    keep.update({id(m.config): m.config for m in first.modules() if hasattr(m, "config")})  # attention switch)
+    for i in range(1, n):
+        layer = copy.deepcopy(first, memo=dict(keep))
+        for mod in layer.modules():
+            if hasattr(mod, "layer_idx"):
+                mod.layer_idx = i
+        layers.append(layer)
+
+
+def _vision_layers(tower: torch.nn.Module) -> torch.nn.ModuleList:
+    inner = getattr(tower, "vision_model", tower)
+    return inner.encoder.layers
+
+
+def build_model_shared(vocab: int, image_token: int, shape: tuple[int, ...], vision: dict, seed: int, dtype, device,
+                       share_text: bool):
+    """``build_model`` with the frozen parts' layers sharing one set of weights (``--share-frozen-layers``).
+
+    The vision tower's ``vision_layers`` layers (frozen in every variant) and, with ``share_text``
+    (the teacher), the language model's decoder layers are built once and repeated: every layer
+    runs the same shapes and the same work as an independent one, with its own ``layer_idx`` (KV
+    cache, attention capture), but the weights of only one layer are resident. Timings are those
+    of independent layers as long as one layer's matrices do not stay in cache from one layer to
+    the next (a Qwen2-1.5B layer holds 188 MB of fp32 weights); a layer's weight gradients would
+    not be (shared tensors accumulate), hence never the student's decoder.
+    """
+    h, n, heads, kv, inter = shape
+    m = build_model(vocab, image_token, (h, 1 if share_text else n, heads, kv, inter), {**vision, "vision_layers": 1},
+                    seed, dtype, device)
+    _repeat_first_layer(_vision_layers(m.model.vision_tower), vision["vision_layers"])
+    m.config.vision_config.num_hidden_layers = vision["vision_layers"]
+    if share_text:
+        lm = m.model.language_model
+        _repeat_first_layer(lm.layers, n)
+        lm.embed_tokens.weight = m.lm_head.weight  # tied, as Qwen2-0.5B/1.5B are: the teacher only looks rows up
+        for cfg in {id(c): c for c in (m.config.text_config, lm.config)}.values():
+            cfg.num_hidden_layers = n
+            if getattr(cfg, "layer_types", None):
+                cfg.layer_types = [cfg.layer_types[0]] * n
+    return m
+
+
+def peak_rss_gb() -> float:
+    """The process's resident-set high-water mark (``VmHWM``), GiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def rss_guard(limit_gb: float) -> None:
+    """Exit the process (status 3) as soon as its resident set exceeds ``limit_gb`` GiB (checked
+    every 0.2 s in a daemon thread): a benchmark on a shared machine must not push others out."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmRSS:") and int(line.split()[1]) / 2**20 > limit_gb:
+                    print(f"resident set over --max-rss-gb {limit_gb}: stopping", file=sys.stderr, flush=True)
+                    os._exit(3)
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+@contextlib.contextmanager
+def variant_switches(v: str):
+    """The library's switches for variant ``v`` (``*_unshared``, ``*_prev``), restored afterwards."""
+    from tokinteract import sampling
+    from tokinteract.hf import _shared, packed
+
+    _shared.ENABLED = v not in UNSHARED
+    packed.CAUSAL_GROUND_TRUTH = sampling._KEY_SORT = v not in PREVIOUS
+    try:
+        yield
+    finally:
+        _shared.ENABLED = packed.CAUSAL_GROUND_TRUTH = sampling._KEY_SORT = True
 
 
 def build_batch(B: int, n_vis: int, n_instr: int, n_resp: int, vocab: int, image_token: int, image_size: int,
@@ -254,13 +354,22 @@ def main() -> None:
     ap.add_argument("--cpu-time", action="store_true",
                     help="time each step by the process's CPU time (time.process_time, all threads) instead of "
                          "wall time: steadier on a shared machine; use with --threads 1 (no spinning threads)")
+    ap.add_argument("--share-frozen-layers", action="store_true",
+                    help="the frozen parts (both vision towers, the teacher's decoder layers) repeat one layer's "
+                         "weights: same work per layer, a peak of ~11 GiB instead of ~20 GiB at --real-shapes --batch 1 on CPU "
+                         "(see build_model_shared)")
+    ap.add_argument("--sampling-cost", action="store_true",
+                    help="only time TPA's candidate sampling at this batch's candidate rows (random hidden states, "
+                         "a random [V, H] student head; no models): head alone, full-distribution draws, nucleus")
+    ap.add_argument("--max-rss-gb", type=float, default=None,
+                    help="stop the run (exit status 3) when the process's resident set exceeds this many GiB")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     from _peers import trl_available
 
     if a.variants is None:
-        a.variants = [v for v in VARIANTS if (v not in PEER_STEPS or trl_available()) and v not in UNSHARED]
+        a.variants = [v for v in VARIANTS if (v not in PEER_STEPS or trl_available()) and v not in UNSHARED + PREVIOUS]
 
     from transformers import TrainingArguments
 
@@ -296,11 +405,20 @@ def main() -> None:
             share = estimated_macs(v, st, te, b, a.d, vocab, teacher_only=True) / est[v]
             print(f"  {v:>16}: estimated ratio vs {base} {est[v] / est[base]:.3f}, teacher's share of the step {share:.1%}")
         return
+    if a.sampling_cost:
+        sampling_cost(B, n_vis, a, s_shape, t_shape, vision, vocab, image_token, dtype, device)
+        return
     if a.attn == "flex_attention" and not cuda:
         raise SystemExit("--attn flex_attention needs --device cuda (FlexAttention has no backward on CPU)")
+    if a.max_rss_gb:
+        rss_guard(a.max_rss_gb)
     with torch.device(device):  # initialise on the device: a 7B-shaped model is slow to build on the host
-        student = build_model(vocab, image_token, s_shape, vision, 1, dtype, device)
-        teacher = build_model(vocab, image_token, t_shape, vision, 2, dtype, device)
+        if a.share_frozen_layers:
+            student = build_model_shared(vocab, image_token, s_shape, vision, 1, dtype, device, share_text=False)
+            teacher = build_model_shared(vocab, image_token, t_shape, vision, 2, dtype, device, share_text=True)
+        else:
+            student = build_model(vocab, image_token, s_shape, vision, 1, dtype, device)
+            teacher = build_model(vocab, image_token, t_shape, vision, 2, dtype, device)
     for m in (student, teacher):
         m.set_attn_implementation({"text_config": a.attn})
     set_trainable(student, "finetune")
@@ -331,18 +449,15 @@ def main() -> None:
             loss.backward()
             student.zero_grad(set_to_none=True)
             return
-        from tokinteract.hf import _shared
-
-        _shared.ENABLED = v not in UNSHARED
-        try:
+        with variant_switches(v):
             loss = trainers[v].compute_loss(student, dict(batch))
             loss.backward()
-        finally:
-            _shared.ENABLED = True
         student.zero_grad(set_to_none=True)
         trainers[v]._part_sums = {}
 
     clock = time.process_time if a.cpu_time else time.perf_counter
+    models_note = ("random weights; frozen parts (both vision towers, the teacher's decoder layers) repeat one layer's "
+                   "weights (--share-frozen-layers)" if a.share_frozen_layers else "random weights, independent layers")
     print(f"device={device} dtype={dtype} B={B} T={T} N={N} token_ratio={token_ratio:.3f} vocab={vocab} d={a.d}")
     load0 = tuple(round(x, 2) for x in os.getloadavg())
     if a.profile:
@@ -352,8 +467,9 @@ def main() -> None:
         info = {**machine_info(str(device)), "command": "python " + " ".join(sys.argv),
                 "student": f"Qwen2 H={s_shape[0]} L={s_shape[1]}", "teacher": f"Qwen2 H={t_shape[0]} L={t_shape[1]}",
                 "batch": f"B={B}, T={T} real tokens, N={N} candidate slots, vocab {vocab}",
-                "load average (1/5/15 min) at start": str(load0)}
-        breakdown(names, trainers, student, batch, a.rounds, cuda, a.name and a.name + "_breakdown", info)
+                "load average (1/5/15 min) at start": str(load0), "models": models_note,
+                "time": "process CPU time (time.process_time, all threads)" if a.cpu_time else "wall time"}
+        breakdown(names, trainers, student, batch, a.rounds, cuda, a.name and a.name + "_breakdown", info, clock)
         return
     if a.count_syncs:
         count_syncs(names, step, cuda, a.name or f"bench_step_{device.type}_syncs",
@@ -413,7 +529,7 @@ def main() -> None:
     check("align_ti", "kd", 1.05 * token_ratio, f"Align-TI (token_ratio {token_ratio:.3f} x 1.05)")
     check("iva", "kd", 1.03, "IVA")
     # issue 16: within 5% (Align-TI) / 3% (IVA) of the compute model's ratio
-    for num, lim in (("align_ti", 1.05), ("align_ti_unshared", 1.05), ("iva", 1.03)):
+    for num, lim in (("align_ti", 1.05), ("align_ti_unshared", 1.05), ("align_ti_prev", 1.05), ("iva", 1.03)):
         if num in est and "kd" in est:
             check(num, "kd", lim * est[num] / est["kd"], f"{num} vs the compute model x {lim:.2f}")
     check("iva", "uniform_va", 1.03, "IVA attention capture (teacher weights vs uniform, same rows)")
@@ -437,10 +553,91 @@ def main() -> None:
               else "not measured on CPU (all variants share one process)",
               **({"kd_trl": f"TRL-style KD step: {_peers.TRL_SOURCE}; reference check |diff| = {trl_check:.2e}"}
                  if trl_check is not None else {}),
+              "models": models_note,
+              "peak resident set (VmHWM)": f"{peak_rss_gb():.2f} GiB" if not cuda else "n/a",
               "load average (1/5/15 min) at start / end": f"{load0} / {tuple(round(x, 2) for x in os.getloadavg())}"}
     name = a.name or f"bench_step_{device.type}"
     paths = write_results(name, rows, header, verdicts)
     print("wrote", *paths)
+
+
+def sampling_cost(B: int, n_vis: int, a: Any, s_shape, t_shape, vision: dict, vocab: int, image_token: int, dtype,
+                  device) -> None:
+    """Seconds of TPA's candidate sampling at the batch's ``R`` candidate rows, best of ``--rounds``.
+
+    What any implementation of TPA must do there, beyond the compute model (which counts the
+    transformers and the loss's LM-head rows): the student's distribution at every candidate row
+    (the LM head on ``R`` rows, ``R * V * H`` MACs, no gradient) and ``d`` draws from it
+    (``strategy="multinomial"``: head + softmax + draws). Nucleus (top-p, the trainer's default)
+    adds the selection of the top-p set, exactly as the sort-based definition: on flat rows (random
+    weights) a full sort of each row (``key sort``: the int32 key sort of ``tokinteract.sampling``;
+    ``float sort``: the previous one). Random hidden states ``N(0, 1)`` (unit RMS, like a final
+    norm's output) and a random head ``N(0, 0.02)`` as the benchmark's models have, so the rows
+    are as flat as in the step. Also prints the compute model's ratios with the sampling head added.
+    """
+    from tokinteract import sampling
+    from tokinteract.fused import fused_sample_candidates
+
+    batch = build_batch(B, n_vis, a.instruction, a.response, vocab, image_token, vision["image_size"], 0, "cpu", dtype)
+    from tokinteract import shift_labels
+
+    cmask = shift_labels(batch["labels"]) != -100
+    R = int(cmask.sum())
+    H = s_shape[0]
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(*cmask.shape, H, generator=g).to(device=device, dtype=dtype)
+    head = (torch.randn(vocab, H, generator=g) * 0.02).to(device=device, dtype=dtype)
+    cm = cmask.to(device)
+    clock = time.process_time if a.cpu_time else time.perf_counter
+
+    def run(strategy: str, key_sort: bool = True):
+        sampling._KEY_SORT = key_sort
+        try:
+            return fused_sample_candidates(hidden, head, a.d, mask=cm, strategy=strategy,
+                                           generator=torch.Generator(device=device).manual_seed(1))
+        finally:
+            sampling._KEY_SORT = True
+
+    cases = {
+        "head only (R x V x H)": lambda: torch.nn.functional.linear(hidden[cm], head),
+        "multinomial (head + softmax + draws)": lambda: run("multinomial"),
+        "nucleus, key sort (default)": lambda: run("nucleus"),
+        "nucleus, float sort (previous)": lambda: run("nucleus", False),
+    }
+    best = {k: float("inf") for k in cases}
+    for r in range(a.rounds + 1):
+        for k, f in cases.items():
+            t0 = clock()
+            f()
+            dt = clock() - t0
+            if r > 0:
+                best[k] = min(best[k], dt)
+    assert torch.equal(run("nucleus"), run("nucleus", False)), "key sort and float sort must draw the same candidates"
+    with torch.device("meta"):
+        st = build_model(vocab, image_token, s_shape, vision, None, dtype, "meta")
+        te = build_model(vocab, image_token, t_shape, vision, None, dtype, "meta")
+    est = {v: estimated_macs(v, st, te, batch, a.d, vocab) for v in ("kd", "iva", "align_ti")}
+    head_macs = R * vocab * H
+    lines = [f"R={R} candidate rows, V={vocab}, H={H}, d={a.d}, {dtype}, {device}; best of {a.rounds} rounds "
+             f"({'process CPU time' if a.cpu_time else 'wall time'}, {torch.get_num_threads()} thread(s))"]
+    lines += [f"{k}: {best[k]:.3f} s" for k in cases]
+    lines += [
+        f"compute model: align_ti / kd = {est['align_ti'] / est['kd']:.3f}; with the sampling head (R x V x H = "
+        f"{head_macs / 1e9:.1f} GMAC, {head_macs / est['kd']:.2%} of KD's step): "
+        f"{(est['align_ti'] + head_macs) / est['kd']:.3f}",
+        "method-inclusive ratio = compute-model ratio (with the sampling head) + the rest of sampling's seconds "
+        "(softmax, draws, top-p selection) / KD's measured step: see benchmarks/results/SUMMARY.md",
+    ]
+    print("\n".join(lines))
+    if a.name:
+        from _common import RESULTS
+
+        hdr = {**machine_info(str(device)), "command": "python " + " ".join(sys.argv),
+               "load average (1/5/15 min) at end": str(tuple(round(x, 2) for x in os.getloadavg()))}
+        md = [f"# {a.name}: TPA's candidate sampling at the step's rows", ""] + [f"- **{k}**: {v}" for k, v in hdr.items()]
+        md += ["", "```", *lines, "```", ""]
+        (RESULTS / f"{a.name}.md").write_text("\n".join(md))
+        print("wrote", RESULTS / f"{a.name}.md")
 
 
 def trl_kd_loss(student, teacher, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -516,7 +713,7 @@ def trl_reference_check() -> float:
 
 
 def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: int, cuda: bool,
-              name: str | None = None, header: dict[str, str] | None = None) -> None:
+              name: str | None = None, header: dict[str, str] | None = None, clock=time.perf_counter) -> None:
     """Seconds per part of one step (best round per variant), by wrapping the functions the trainer calls.
 
     ``teacher``: ``teacher_pass`` (its forwards, under inference mode); ``teacher_head``: the
@@ -524,6 +721,9 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
     (``fused_sample_candidates`` / ``sample_candidates``); ``expand``: ``tpa_expand``; ``loss``:
     the loss module (the fused loss also computes the LM-head gradients here); ``student+rest``:
     the rest of ``compute_loss`` (the student's forwards); ``backward``: ``loss.backward()``.
+    Inside ``student+rest`` (nested): ``s.ground_truth`` (``student_pass``: the student's vision
+    tower and ground-truth pass) and ``s.candidates`` (its candidate block over the KV cache,
+    ``cached_candidate_forward``); ``t.candidates`` is the teacher's candidate block, inside ``t.decoder``.
 
     Inside ``teacher`` (nested, not added to the total again): ``t.vision`` (the teacher's vision
     tower and projector), ``t.decoder`` (its language model's forwards: the ground-truth pass, the
@@ -543,10 +743,10 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
     def timed(key: str, f):
         def g(*args, **kw):
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             out = f(*args, **kw)
             sync()
-            acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
+            acc[key] = acc.get(key, 0.0) + clock() - t0
             return out
 
         return g
@@ -555,12 +755,21 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
         (fused_mod, "fused_sample_candidates"), (tr_mod, "sample_candidates"), (tr_mod, "tpa_expand"),
         (tr_mod.DistillationTrainer, "teacher_pass"), (tr_mod, "head_rows"),
     ]
+    import tokinteract.hf as hf_pkg
+
+    saved += [(tr_mod.DistillationTrainer, "student_pass"), (hf_pkg, "cached_candidate_forward")]
     originals = [(m, n, getattr(m, n)) for m, n in saved]
     keys = {"fused_sample_candidates": "sampling", "sample_candidates": "sampling", "tpa_expand": "expand",
-            "teacher_pass": "teacher", "head_rows": "teacher_head"}
+            "teacher_pass": "teacher", "head_rows": "teacher_head", "student_pass": "s.ground_truth",
+            "cached_candidate_forward": "candidates"}
+
+    def by_model(f):  # the candidate block of the student (s.*, inside student+rest) or of the teacher (t.*)
+        ts, tt = timed("s.candidates", f), timed("t.candidates", f)
+        return lambda model, *a, **k: (ts if model is student else tt)(model, *a, **k)
+
     try:
         for m, n, f in originals:
-            setattr(m, n, timed(keys[n], f))
+            setattr(m, n, by_model(f) if n == "cached_candidate_forward" else timed(keys[n], f))
         for tr in trainers.values():
             tr.loss_fn.forward = timed("loss", tr.loss_fn.forward)
         teacher = next(tr.teacher for tr in trainers.values() if tr.teacher is not None)
@@ -573,17 +782,18 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
             for v in names:
                 acc.clear()
                 sync()
-                t0 = time.perf_counter()
-                loss = trainers[v].compute_loss(student, dict(batch))
-                sync()
-                t1 = time.perf_counter()
-                loss.backward()
-                sync()
-                t2 = time.perf_counter()
+                with variant_switches(v):
+                    t0 = clock()
+                    loss = trainers[v].compute_loss(student, dict(batch))
+                    sync()
+                    t1 = clock()
+                    loss.backward()
+                    sync()
+                    t2 = clock()
                 student.zero_grad(set_to_none=True)
                 trainers[v]._part_sums = {}
                 parts = dict(acc)
-                parts["student+rest"] = (t1 - t0) - sum(v for k, v in parts.items() if not k.startswith("t."))
+                parts["student+rest"] = (t1 - t0) - sum(x for k, x in parts.items() if not k.startswith(("t.", "s.")))
                 parts["backward"] = t2 - t1
                 parts["total"] = t2 - t0
                 if r > 0 and (v not in best or parts["total"] < best[v]["total"]):
@@ -595,8 +805,8 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
             tr.loss_fn.__dict__.pop("forward", None)
         for mod, _ in inner:
             mod.__dict__.pop("forward", None)
-    cols = ["student+rest", "sampling", "expand", "teacher", "t.vision", "t.decoder", "t.lm_head", "teacher_head", "loss",
-            "backward", "total"]
+    cols = ["student+rest", "s.ground_truth", "s.candidates", "sampling", "expand", "teacher", "t.vision", "t.decoder",
+            "t.candidates", "t.lm_head", "teacher_head", "loss", "backward", "total"]
     table = [f"{'variant':>16} " + " ".join(f"{c:>12}" for c in cols)]
     table += [f"{v:>16} " + " ".join(f"{best[v].get(c, 0.0):>12.4f}" for c in cols) for v in names]
     shares = [f"{v}: teacher {(best[v].get('teacher', 0.0) + best[v].get('teacher_head', 0.0)) / best[v]['total']:.1%} "
@@ -610,6 +820,8 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
     if name:
         from _common import RESULTS
 
+        header = {**(header or {}), "peak resident set (VmHWM)": f"{peak_rss_gb():.2f} GiB" if not cuda else "n/a",
+                  "load average (1/5/15 min) at end": str(tuple(round(x, 2) for x in os.getloadavg()))}
         lines = [f"# {Path(name).name}: seconds per part of one step", ""]
         lines += [f"- **{k}**: {v}" for k, v in (header or {}).items()]
         lines += ["- **parts**: see `breakdown` in bench_step.py; `t.*` are inside `teacher`; best round per variant", "",
@@ -617,7 +829,13 @@ def breakdown(names: list[str], trainers: dict, student, batch: dict, rounds: in
         path = RESULTS / f"{name}.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(lines) + "\n")
-        print("wrote", path)
+        import csv
+
+        with path.with_suffix(".csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["variant", *cols])
+            w.writerows([v, *(f"{best[v].get(c, 0.0):.4f}" for c in cols)] for v in names)
+        print("wrote", path, path.with_suffix(".csv"))
 
 
 def profile(step, v: str, cuda: bool) -> None:

@@ -278,3 +278,23 @@ def test_nucleus_paths_top_k_grown_k_and_full_sort_equal_the_reference():
                                    generator=torch.Generator().manual_seed(5))[0]
         want = ref_nucleus_draw(probs, top_p, d, torch.Generator().manual_seed(5))
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["flat", "tied", "masked", "dyadic"])
+def test_full_sort_of_large_rows_is_the_stable_float_sort(kind):
+    """At V >= 32,768 (the integer radix sort of the CPU kernel) the key sort gives exactly
+    ``sort(descending=True, stable=True)``: values, ids, and equal probabilities by increasing id;
+    flat rows then draw as the reference."""
+    from reference import ref_nucleus_draw
+
+    from tokinteract import sampling
+
+    V = 40_000
+    probs = _rows(kind, 3, V, torch.Generator().manual_seed(11))
+    vals, idx = sampling._sort_descending(probs)
+    want_vals, want_idx = probs.sort(dim=-1, descending=True, stable=True)
+    assert torch.equal(vals, want_vals) and torch.equal(idx, want_idx)
+    assert idx.dtype == torch.long
+    if kind == "flat":
+        got = sampling._nucleus_draw(probs, 0.95, 4, torch.Generator().manual_seed(2))
+        assert torch.equal(got, ref_nucleus_draw(probs, 0.95, 4, torch.Generator().manual_seed(2)))

@@ -43,6 +43,8 @@ SAMPLING_STRATEGIES = ("nucleus", "multinomial", "greedy")
 # (a flat distribution) is sorted in full, where a partial selection costs as much as a sort.
 _NUCLEUS_TOPK = 256
 _FULL_SORT_FRACTION = 8
+_KEY_SORT = True  # off: the full sort is the float sort on CPU too (for benchmarks)
+_KEY_SORT_MIN = 32_768  # the CPU kernel sorts a 1-D integer tensor by radix from this length (its grain size)
 
 
 def _nucleus_keep(sorted_p: Tensor, top_p: int | float) -> Tensor:
@@ -50,6 +52,27 @@ def _nucleus_keep(sorted_p: Tensor, top_p: int | float) -> Tensor:
     keep = (sorted_p.cumsum(-1) - sorted_p) < top_p
     keep[..., 0] = True
     return keep
+
+
+def _sort_descending(probs: Tensor) -> tuple[Tensor, Tensor]:
+    """Probabilities ``[R, V]`` (``>= 0``, softmax outputs: no ``-0.0``, no NaN) sorted
+    descending: ``(values, ids)``.
+
+    On CPU with fp32 and at least 32,768 columns, each row is sorted as one 1-D ``int32`` tensor
+    of keys ``INT32_MAX - bits(p)``: the bit pattern of a non-negative float is monotone in its
+    value, so ascending keys are descending probabilities, and a stable sort orders equal
+    probabilities by increasing token id, exactly as ``sort(descending=True, stable=True)``. A 1-D
+    integer sort of that length is the kernel's radix sort, where a float sort compares. The
+    values are gathered back (the same floats). Elsewhere (CUDA sorts by radix already; other
+    dtypes; short rows) the float sort itself, unstable (the values are the same;
+    :func:`_stable_ids` orders the ids of equal values).
+    """
+    cpu_fp32 = probs.device.type == "cpu" and probs.dtype == torch.float32
+    if not (_KEY_SORT and cpu_fp32 and probs.shape[1] >= _KEY_SORT_MIN):
+        return probs.sort(dim=-1, descending=True)  # unstable: _stable_ids orders equal values
+    keys = torch.iinfo(torch.int32).max - probs.contiguous().view(torch.int32)
+    idx = torch.stack([row.sort(stable=True).indices for row in keys]) if keys.shape[0] else keys.long()
+    return probs.gather(1, idx), idx
 
 
 def _sorted_prefixes(probs: Tensor, top_p: float, full_width: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -93,7 +116,7 @@ def _sorted_prefixes(probs: Tensor, top_p: float, full_width: bool) -> tuple[Ten
             pending.append((rows[rest][~flat], int(need[~flat].max())))
     if to_sort:
         rows = torch.cat(to_sort)
-        vals, idx = (probs if rows.numel() == R else probs[rows]).sort(dim=-1, descending=True)
+        vals, idx = _sort_descending(probs if rows.numel() == R else probs[rows])
         pieces.append((rows, vals, idx, V))
     W = V if full_width else max(k_ for *_, k_ in pieces)
     pieces = [piece for piece in pieces if piece[0].numel()]

@@ -184,6 +184,50 @@ def test_cached_equals_packed_loss_and_every_gradient(tiny, kind, attn, padding,
         assert any(g_packed[n].abs().sum() > 0 for n in g_packed if "vision_tower" in n)
 
 
+@pytest.mark.parametrize("kind,attn", [("qwen2", "sdpa"), ("qwen2", "eager"), ("qwen3", "sdpa"), ("llava", "sdpa")])
+def test_unpadded_ground_truth_runs_causal_without_a_mask(tiny, kind, attn, monkeypatch):
+    """No padding: the ground-truth pass hands the model no mask (its own causal attention, SDPA's
+    causal kernel) and the cached path still equals the packed pass, loss and every gradient; a
+    padded batch still gets the ribbon block."""
+    student, ids, am, cm, _, px = _build(tiny, kind, attn, "right", d=2, lengths=(10, 10))
+    assert bool(am.all())
+    teacher = getattr(tiny, kind)("sdpa", seed=1)
+    labels = torch.where(am, ids, torch.full_like(ids, -100))
+    if kind == "llava":
+        labels[ids == tiny.IMAGE_TOKEN] = -100
+    cm = cm & (shift_labels(labels) != -100)
+    starts = []
+    real = packed_mod._plan.model_masks
+    monkeypatch.setattr(
+        packed_mod._plan, "model_masks", lambda model, p, B, q_start, *a, **k: starts.append(q_start) or real(model, p, B, q_start, *a, **k)
+    )
+    gt = ground_truth_forward(student, ids, am, **px)
+    assert starts == [], "an unpadded ground truth must run without a mask"
+    cands = torch.randint(10, tiny.VOCAB, (*ids.shape, 2), generator=torch.Generator().manual_seed(4))
+    exp = tpa_expand(ids, cands, cm, am)
+    s_cached = torch.cat([gt.logits, cached_candidate_forward(student, gt, exp)], dim=1)
+    assert starts == [ids.shape[1]], "the candidate block keeps its ribbon rows"
+    with torch.no_grad():
+        t_logits = tpa_forward(teacher, exp, mode="packed", **px)
+    loss_fn = AlignTILoss(iva=0.0)
+    loss_c, _ = loss_fn(s_cached, t_logits, labels, expansion=exp)
+    student.zero_grad()
+    loss_c.backward()
+    g_cached = _grads(student)
+    student.zero_grad()
+    loss_p, _ = loss_fn(packed_forward(student, exp, **px), t_logits, labels, expansion=exp)
+    loss_p.backward()
+    g_packed = _grads(student)
+    torch.testing.assert_close(loss_c, loss_p, atol=ATOL, rtol=0)
+    for name in g_packed:
+        torch.testing.assert_close(g_cached[name], g_packed[name], atol=ATOL, rtol=0, msg=name)
+
+    starts.clear()
+    _, ids_p, am_p, _, _, px_p = _build(tiny, kind, attn, "right", d=2, lengths=(10, 7))
+    ground_truth_forward(student, ids_p, am_p, **px_p)
+    assert starts == [0], "a padded ground truth keeps the ribbon block"
+
+
 @torch.no_grad()
 def test_cache_is_reusable_across_candidate_blocks(tiny):
     model, ids, am, cm, cands, _ = _build(tiny, "qwen2", "sdpa", "left")

@@ -153,6 +153,23 @@ def model_masks(
     return next(iter(out.values())) if len(out) == 1 else out
 
 
+def ground_truth_is_causal(model: nn.Module, p: PassPlan, attention_mask: Tensor) -> bool:
+    """Whether the ground-truth block of ``p`` (slots ``0 .. T-1``) is exactly the attention the
+    model computes on its own with no mask: one full-attention layer type and no image blocks
+    (:attr:`PassPlan.plain`), no padding (the ribbon's ground-truth block is then plain causal
+    attention), one row of position ids equal to ``0 .. T-1`` in every sequence (nothing for
+    Hugging Face to read as packed documents), and a dense-mask implementation (eager or sdpa,
+    which build that causal mask, or skip it for SDPA's causal kernel, when given none).
+    """
+    if not p.plain or _attn.mask_format(model) == "block" or not bool(attention_mask.all()):
+        return False
+    T = attention_mask.shape[1]
+    pos = p.position_ids
+    if pos.shape[0] != 1:
+        return False
+    return bool((pos[0, :, :T] == torch.arange(T, device=pos.device)).all())
+
+
 def model_position_ids(p: PassPlan, start: int = 0, stop: int | None = None) -> Tensor:
     """Position ids of slots ``start:stop`` in the form the model takes (``[B, L]`` for one row)."""
     pos = p.position_ids[:, :, start:stop]

@@ -203,6 +203,10 @@ def _split_inputs(fam: families.Family, model_inputs: dict[str, Any]) -> tuple[d
     return fwd, dict(model_inputs)
 
 
+CAUSAL_GROUND_TRUTH = True
+"""Off: the ground-truth pass always receives the ribbon's ground-truth block as a mask (for benchmarks)."""
+
+
 def _forward_plan(
     model: nn.Module,
     input_ids: Tensor,
@@ -212,12 +216,17 @@ def _forward_plan(
     output: str,
     *,
     block_mask: Any = None,
+    causal: bool = False,
     **kwargs: Any,
 ) -> Any:
-    """Run slots ``q_start:`` of a plan (the earlier ones come from ``cache`` in kwargs, if any)."""
+    """Run slots ``q_start:`` of a plan (the earlier ones come from ``cache`` in kwargs, if any).
+
+    ``causal``: the slots' rule is the model's own causal attention (``_plan.ground_truth_is_causal``):
+    no mask is passed, so the model uses its causal path (SDPA's causal kernel skips the upper
+    triangle that a dense mask would compute and discard)."""
     dev = _attn.model_device(model)
     B, Q = input_ids.shape
-    masks = _plan.model_masks(model, p, B, q_start, Q, k_len, block_masks=block_mask)
+    masks = None if causal else _plan.model_masks(model, p, B, q_start, Q, k_len, block_masks=block_mask)
     target = _base_model(model) if output == "hidden" else model
     return target(
         input_ids=input_ids.to(dev), attention_mask=masks,
@@ -408,7 +417,10 @@ def ground_truth_forward(
 
     Uses the ground-truth block of the ribbon mask (:func:`ground_truth_attention_mask`)
     and :func:`ground_truth_position_ids`, so the logits equal ``packed_forward(...)[:, :T]``
-    on every row, pad rows included (a pad attends only to itself).
+    on every row, pad rows included (a pad attends only to itself). Without padding, for a
+    family whose ground-truth block is plain causal attention with positions ``0 .. T-1``
+    (``_plan.ground_truth_is_causal``), no mask is passed and the model runs its own causal
+    attention, the same rule (SDPA's causal kernel then skips the masked upper triangle).
 
     Args:
         model: a Hugging Face causal LM or ``LlavaForConditionalGeneration``.
@@ -457,8 +469,9 @@ def ground_truth_forward(
     T = input_ids.shape[1]
     # with gradients, the candidate pass adds its weight gradients into this pass's (one per weight)
     tape = SharedTape(model) if keep and SharedTape.active() else None
+    causal = CAUSAL_GROUND_TRUTH and _plan.ground_truth_is_causal(model, p, am.to(dev))
     with tape.ground_truth() if tape is not None else contextlib.nullcontext():
-        out = _forward_plan(model, exp.input_ids, p, 0, T, output, **extra, **fwd)
+        out = _forward_plan(model, exp.input_ids, p, 0, T, output, causal=causal, **extra, **fwd)
     cache = getattr(out, "cache", None) if keep else None
     if cache is None:
         cache = getattr(out, "past_key_values", None) if keep else None
