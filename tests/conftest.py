@@ -28,6 +28,22 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the long tests first: the shared launches (``xdist_group``), then the other ``slow`` ones.
+
+    With ``make test``'s two xdist workers (``--dist loadgroup --no-loadscope-reorder`` hands the
+    tests out in this order, one group at a time) a long test started last would leave one core
+    idle while the other finishes it. The sort is stable, so a module's tests keep their order
+    (and a group its module-scoped fixture).
+    """
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("xdist_group") is not None:
+            return 0
+        return 1 if item.get_closest_marker("slow") is not None else 2
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
