@@ -123,6 +123,7 @@ def _child(argv: list[str], log_fd: int) -> None:
         sys.stderr = open(2, "w", buffering=1, closefd=False)
         os.chdir(ROOT)
         os.environ.update(_env())
+        os.environ["TOKINTERACT_BENCH_FORK_WORKERS"] = "1"  # _common.run_worker: fork, not a fresh interpreter
         sys.path.insert(0, str(ROOT / "src"))
         if argv[1:3] == ["-m", "pytest"]:
             import pytest
