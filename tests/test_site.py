@@ -34,9 +34,6 @@ def _mkdocs_build(config: Path, site: Path, cwd: Path) -> subprocess.CompletedPr
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600, check=False)
 
 
-SITE = pytest.mark.xdist_group("site")  # the tests reading the built site: one worker builds it
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("site")
@@ -71,18 +68,15 @@ def test_a_broken_reference_fails_the_strict_build(tmp_path: Path) -> None:
     assert "tokinteract.no_such_module.NoSuchLoss" in res.stderr, res.stderr[-4000:]
 
 
-@SITE
 def test_site_loads_nothing_from_other_hosts(site: Path) -> None:
     assert (site / "index.html").is_file()
     assert CHECK["external_resources"](site) == []
 
 
-@SITE
 def test_site_resources_exist(site: Path) -> None:
     assert CHECK["missing_resources"](site) == []
 
 
-@SITE
 def test_formulas_use_the_bundled_katex(site: Path) -> None:
     page = (site / "concepts" / "tpa" / "index.html").read_text()
     scripts = CHECK["html_resources"](page)
@@ -115,7 +109,6 @@ def test_resource_check_flags_other_hosts() -> None:
     assert CHECK["css_urls"]('a{b:url("fonts/k.woff2")} @import "x.css";') == ["fonts/k.woff2", "x.css"]
 
 
-@SITE
 def test_supported_models_page_is_linked_from_home_and_readme(site: Path) -> None:
     assert (site / "models" / "index.html").is_file()
     assert "models.md" in (ROOT / "docs" / "index.md").read_text()

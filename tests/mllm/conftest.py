@@ -53,5 +53,5 @@ def processor(tok):
 @pytest.fixture(scope="session")
 def ddp_runs(tmp_path_factory: pytest.TempPathFactory, synth):
     """The 2-rank DDP runs (``mllm_helpers.DDP_RUNS``), trained in one ``torchrun`` launch per
-    session; the tests that read them carry ``xdist_group("ddp")`` so one worker launches it."""
+    session; ``tests/conftest.py`` (``SHARED``) keeps the tests that read them on one xdist worker."""
     return ddp_runs_on_two_ranks(tmp_path_factory.mktemp("ddp"), synth)

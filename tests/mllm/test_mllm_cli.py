@@ -96,7 +96,6 @@ def test_resume_reaches_the_same_final_loss(tmp_path, synth) -> None:
 
 
 @pytest.mark.slow  # two processes, end to end
-@pytest.mark.xdist_group("ddp")  # the launch is shared with test_mllm_lora.py (the ddp_runs fixture)
 def test_ddp_two_processes_gloo_identical_weights(tmp_path, synth, ddp_runs) -> None:
     """torchrun --nproc_per_node=2 on CPU (gloo): both ranks end with identical student weights,
     and the first step's SFT/KD/IVA parts equal a single-process run on the same global batch

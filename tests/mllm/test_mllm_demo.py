@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples" / "study"))
 import demo_study as dm  # noqa: E402  (the study lives in examples/, outside the package)
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]  # end to end; one worker runs the smoke run
+pytestmark = pytest.mark.slow  # end to end: trains tiny models
 
 
 @pytest.fixture(scope="module")

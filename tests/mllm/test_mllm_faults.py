@@ -374,7 +374,6 @@ def _ok(record: dict) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("determinism")  # shares the two processes of determinism_runs
 def test_same_seed_bit_identical_weights_across_processes_and_thread_counts(determinism_runs) -> None:
     """Two processes, 1 and 2 threads, 3 align_ti steps: bit-identical weights. (At these tiny sizes
     no reduction is split across threads; see the trainer guide's "Faults" section for larger ones.)"""
@@ -385,7 +384,6 @@ def test_same_seed_bit_identical_weights_across_processes_and_thread_counts(dete
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("determinism")  # shares the two processes of determinism_runs
 def test_demo_scale_runs_repeat_bit_for_bit_whatever_the_environment_threads(determinism_runs) -> None:
     """The demo at its quick preset's model sizes (teacher 128 x 4 with its vision tower
     trained, Align-TI student 48 x 2, batch 16): two processes with the same seeds, one with

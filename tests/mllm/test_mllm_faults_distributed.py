@@ -23,7 +23,7 @@ from mllm_helpers import (
 
 from tokinteract.mllm.checkpoints import latest_checkpoint
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults_distributed")]  # one worker runs the shared launch
+pytestmark = pytest.mark.slow  # two processes, end to end
 
 HERE = Path(__file__).parent
 FSDP_CONFIG = yaml.safe_load((HERE.parents[1] / "examples" / "configs" / "stage2_fsdp_override.yaml").read_text())[

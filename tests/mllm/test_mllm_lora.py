@@ -325,7 +325,6 @@ def test_lora_resume_reaches_the_same_weights(tmp_path, synth) -> None:
 
 
 @pytest.mark.slow  # two processes, end to end
-@pytest.mark.xdist_group("ddp")  # the launch is shared with test_mllm_cli.py (the ddp_runs fixture)
 def test_lora_ddp_two_processes_identical_weights(ddp_runs) -> None:
     _, _, changed = ddp_ranks(ddp_runs["lora"])
     assert any("lora_B" in k for k in changed) and all("lora_" in k or ".modules_to_save." in k for k in changed)
