@@ -116,13 +116,50 @@ def measure(step: Callable[[], None], device: str, repeats: int, warmup: int = 1
     return min(times), peak
 
 
-def run_worker(script: Path, job: dict, timeout: float = 3600.0) -> dict:
-    """Run ``script --worker JSON`` in a fresh interpreter and parse its last stdout line."""
+FORK_ENV = "TOKINTERACT_BENCH_FORK_WORKERS"
+"""With this variable set to ``1`` (``gpu_suite.py --dry-run`` sets it), :func:`run_worker` forks
+this process instead of starting a fresh interpreter: the imports are paid once. The peak
+memory then includes what the parent had touched, so the figures mean nothing (as everything
+in the dry run); fork is also unsafe once CUDA is initialised, hence never on the GPU run."""
+
+
+def run_worker(script: Path, job: dict, fn: Callable[[dict], dict], timeout: float = 3600.0) -> dict:
+    """``fn(job)`` (``script``'s worker) in a fresh interpreter (``script --worker JSON``, its last
+    stdout line parsed; ``timeout`` applies to it), or in a forked child with :data:`FORK_ENV` set;
+    ``{"error": ...}`` if it failed."""
+    if os.environ.get(FORK_ENV) == "1":
+        return _forked(fn, job)
     cmd = [sys.executable, str(script), "--worker", json.dumps(job)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout)[-2000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _forked(fn: Callable[[dict], dict], job: dict) -> dict:
+    import traceback
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: run the job, write its JSON result (or the traceback), never return
+        code = 1
+        try:
+            os.close(r)
+            try:
+                out, code = fn(job), 0
+            except BaseException:  # noqa: BLE001 - reported to the parent as the worker's error
+                out = {"error": traceback.format_exc()[-2000:]}
+            with os.fdopen(w, "w") as f:
+                f.write(json.dumps(out))
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:  # until the child exits (a hung child: the dry run's step time box kills both)
+        text = f.read()
+    _, status = os.waitpid(pid, 0)
+    if not text:
+        return {"error": f"forked worker exited with status {os.waitstatus_to_exitcode(status)} and no result"}
+    return json.loads(text)
 
 
 def ratio(x: float, base: float) -> float:

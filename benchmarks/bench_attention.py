@@ -142,7 +142,7 @@ def main() -> None:
         for variant in variants:
             job = dict(variant=variant, positions=P, d=args.d, heads=args.heads, head_dim=args.head_dim,
                        dtype=args.dtype, device=args.device, repeats=args.repeats)
-            res = run_worker(Path(__file__), job)
+            res = run_worker(Path(__file__), job, worker)
             if "error" in res:
                 failures.append(f"{variant} P={P}: failed: {res['error'].strip().splitlines()[-1]}")
                 print(failures[-1], file=sys.stderr)

@@ -317,7 +317,7 @@ def main() -> None:
                 job = dict(variant=variant, positions=P, vocab=args.vocab, d=args.d, hidden=args.hidden,
                            teacher_hidden=args.teacher_hidden, dtype=args.dtype, device=args.device,
                            repeats=args.repeats, chunk_size=args.chunk_size, liger_compiled=args.liger_compiled)
-                res = run_worker(Path(__file__), job)
+                res = run_worker(Path(__file__), job, worker)
                 if "error" in res:
                     print(f"{variant} P={P}: FAILED\n{res['error']}", file=sys.stderr)
                     continue

@@ -51,6 +51,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SUITE_FIELDS = ["step", "status", "seconds", "returncode", "timeout_s", "outputs", "note"]
 
+MIN_STEP_S = 10.0  # a step is started only with at least this much of the budget left
+
 # (student, teacher) shape pairs of the step benchmark
 PAIRS = (("0.5b", "1.5b"), ("0.5b", "7b"), ("1.5b", "7b"))
 
@@ -121,6 +123,7 @@ def _child(argv: list[str], log_fd: int) -> None:
         sys.stderr = open(2, "w", buffering=1, closefd=False)
         os.chdir(ROOT)
         os.environ.update(_env())
+        os.environ["TOKINTERACT_BENCH_FORK_WORKERS"] = "1"  # _common.run_worker: fork, not a fresh interpreter
         sys.path.insert(0, str(ROOT / "src"))
         if argv[1:3] == ["-m", "pytest"]:
             import pytest
@@ -233,7 +236,9 @@ def main() -> None:
         except (OSError, subprocess.TimeoutExpired):
             gpu = "nvidia-smi not available"
         header["gpu"] = gpu or "none found"
-    if a.dry_run:  # imported once here, then forked into every step (see the module docstring)
+    # imported once here, then forked into every step (see the module docstring); not when the
+    # budget cannot start the first step (then it starts none: below, ``left`` only decreases)
+    if a.dry_run and a.budget_s >= MIN_STEP_S:
         import torch  # noqa: F401
         import transformers  # noqa: F401
         from transformers import Trainer, TrainingArguments  # noqa: F401
@@ -241,7 +246,7 @@ def main() -> None:
     rows: list[dict] = []
     for st in plan:
         left = a.budget_s - (time.perf_counter() - t_start)
-        if left < 10:
+        if left < MIN_STEP_S:
             rows.append(dict(step=st.name, status="skipped", seconds=0, returncode=None, timeout_s=0,
                              outputs=" ".join(st.outputs), note="budget spent"))
         else:

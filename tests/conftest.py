@@ -28,6 +28,55 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+SHARED = {
+    "tests/mllm/test_mllm_cli.py::test_ddp_two_processes_gloo_identical_weights": "ddp",  # ddp_runs
+    "tests/mllm/test_mllm_lora.py::test_lora_ddp_two_processes_identical_weights": "ddp",
+    "tests/mllm/test_mllm_faults.py::test_same_seed_bit_identical": "determinism",  # determinism_runs
+    "tests/mllm/test_mllm_faults.py::test_demo_scale_runs_repeat": "determinism",
+    "tests/mllm/test_mllm_fsdp.py::": "fsdp",
+    "tests/mllm/test_mllm_faults_distributed.py::": "faults_distributed",
+    "tests/mllm/test_mllm_demo.py::": "demo",  # the smoke run
+    "tests/test_site.py::": "site",  # the strict build
+    "tests/test_packaging.py::": "packaging",  # sdist + wheel
+}
+"""Tests (node-id prefixes) that read one expensive module- or session-scoped launch, by group:
+under xdist each group is one unit of work, run by one worker, so the launch is paid once.
+(pytest-xdist's own ``xdist_group`` mark does nothing with pytest 9: it renames ``item._nodeid``,
+which pytest 9 no longer reads.)"""
+
+
+def _scope(nodeid: str) -> str:
+    """The unit of work of ``nodeid``: its :data:`SHARED` group, else the test alone."""
+    return next((group for prefix, group in SHARED.items() if nodeid.startswith(prefix)), nodeid)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # type: ignore[no-untyped-def]
+    """``-n N``: the tests handed out one by one in collection order (``--no-loadscope-reorder``), each
+    :data:`SHARED` group as one unit."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduler(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope(nodeid)
+
+    return Scheduler(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the long tests first: the :data:`SHARED` groups, then the other ``slow`` ones.
+
+    With ``make test``'s two xdist workers a long test started last would leave one core idle
+    while the other finishes it. The sort is stable, so a module's tests keep their order (and
+    a module-scoped fixture its tests together).
+    """
+    def rank(item: pytest.Item) -> int:
+        if _scope(item.nodeid) != item.nodeid:
+            return 0
+        return 1 if item.get_closest_marker("slow") is not None else 2
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

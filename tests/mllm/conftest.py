@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 
-from mllm_helpers import make_model  # noqa: E402
+from mllm_helpers import ddp_runs_on_two_ranks, make_model  # noqa: E402
 
 from tokinteract.mllm import SyntheticConfig, build_processor, build_word_tokenizer, generate_dataset, vocabulary  # noqa: E402
 
@@ -48,3 +48,10 @@ def teacher(tok):
 @pytest.fixture(scope="session")
 def processor(tok):
     return build_processor(tok, make_model(tok))
+
+
+@pytest.fixture(scope="session")
+def ddp_runs(tmp_path_factory: pytest.TempPathFactory, synth):
+    """The 2-rank DDP runs (``mllm_helpers.DDP_RUNS``), trained in one ``torchrun`` launch per
+    session; ``tests/conftest.py`` (``SHARED``) keeps the tests that read them on one xdist worker."""
+    return ddp_runs_on_two_ranks(tmp_path_factory.mktemp("ddp"), synth)

@@ -1,8 +1,11 @@
-"""Train, then save the student's weights, for the determinism tests (one process per call).
+"""Train, then save the weights, for the determinism tests (one process per thread count).
 
 Usage:
-    python determinism_worker.py CONFIG.yaml OUT.pt THREADS
-        the tiny CLI config for its ``max_steps``, with ``torch.set_num_threads(THREADS)``;
+    python determinism_worker.py CONFIG.yaml OUT.pt THREADS [RUN_DIR DEMO_OUT.pt STEPS]
+        the tiny CLI config for its ``max_steps``, with ``torch.set_num_threads(THREADS)``
+        (OUT: the student's weights); then, with the three optional arguments, the demo run
+        below (one process for both, so the pair of processes pays the imports once). Each part
+        that raises writes ``{"error": traceback}`` to its OUT instead, so only its test fails;
     python determinism_worker.py --demo RUN_DIR OUT.pt STEPS
         the demo (``examples/study/demo_study.py``) at its quick preset's model sizes, batch and
         learning rates on a small copy of its task: the teacher's SFT (vision tower trained)
@@ -40,14 +43,28 @@ def demo(run_dir: str, out: str, steps: int) -> None:
                 "student": {k: v.detach().clone() for k, v in student.state_dict().items()}}, out)
 
 
+def cli(cfg: str, out: str, threads: int) -> None:
+    from tokinteract.mllm.cli import build_everything, parse_args
+
+    torch.set_num_threads(threads)
+    trainer = build_everything(*parse_args([cfg]))
+    trainer.train()
+    torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, out)
+
+
+def _recorded(fn, out: str, *args) -> None:  # type: ignore[no-untyped-def]
+    import traceback
+
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001 - the test reading OUT reports it; the other part still runs
+        torch.save({"error": traceback.format_exc()}, out)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--demo":
         demo(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
-        from tokinteract.mllm.cli import build_everything, parse_args
-
-        cfg, out, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
-        torch.set_num_threads(threads)
-        trainer = build_everything(*parse_args([cfg]))
-        trainer.train()
-        torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, out)
+        _recorded(cli, sys.argv[2], sys.argv[1], sys.argv[2], int(sys.argv[3]))
+        if len(sys.argv) > 4:
+            _recorded(demo, sys.argv[5], sys.argv[4], sys.argv[5], int(sys.argv[6]))

@@ -82,14 +82,29 @@ def torchrun_two_ranks(worker: Path, *args: str, timeout: int = 300) -> None:
         raise AssertionError(stderr[-4000:])
 
 
-def ddp_run_on_two_ranks(tmp_path: Path, synth, **kw) -> tuple[dict, dict, list[str]]:
-    """Train the tiny config (``kw`` overrides) with ``ddp_worker.py`` on 2 CPU ranks (gloo); assert both
-    ranks end with identical student weights. Returns both ranks' records and the names of changed weights."""
+DDP_RUNS = {"plain": {}, "lora": {"lora_r": 4, "learning_rate": 1e-2}}
+"""The 2-rank DDP runs of :func:`ddp_runs_on_two_ranks` (tiny config overrides): the trainer's
+(``test_mllm_cli.py``) and a LoRA student's (``test_mllm_lora.py``)."""
+
+
+def ddp_runs_on_two_ranks(tmp_path: Path, synth) -> dict[str, Path]:
+    """Train every config of :data:`DDP_RUNS` with ``ddp_worker.py`` on 2 CPU ranks (gloo), all in one
+    launch; ``{name: folder with rank0.pt, rank1.pt}`` (read them with :func:`ddp_ranks`)."""
     out = tmp_path / "ranks"
-    out.mkdir()
-    cfg = tiny_config(tmp_path, synth, "ddp.yaml", ddp_backend="gloo", output_dir=str(tmp_path / "ddp"), **kw)
-    torchrun_two_ranks(Path(__file__).parent / "ddp_worker.py", cfg, out)
-    r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    specs = []
+    for name, kw in DDP_RUNS.items():
+        cfg = tiny_config(tmp_path, synth, f"ddp_{name}.yaml", ddp_backend="gloo", output_dir=str(tmp_path / name), **kw)
+        specs.append(f"{name}={cfg}")
+    torchrun_two_ranks(Path(__file__).parent / "ddp_worker.py", out, *specs)
+    return {name: out / name for name in DDP_RUNS}
+
+
+def ddp_ranks(folder: Path) -> tuple[dict, dict, list[str]]:
+    """Both ranks' records of one run of :func:`ddp_runs_on_two_ranks`; asserts both ranks ended with
+    identical student weights. Returns the two records and the names of the changed weights."""
+    r0, r1 = torch.load(folder / "rank0.pt"), torch.load(folder / "rank1.pt")
+    for r in (r0, r1):
+        assert "error" not in r, r.get("error")
     assert r0["world_size"] == r1["world_size"] == 2
     for k in r0["after"]:
         assert torch.equal(r0["after"][k], r1["after"][k]), k

@@ -9,7 +9,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, TrainerCa
 
 from tokinteract.mllm.cli import build_everything, main, parse_args
 from mllm_helpers import tiny_config as _config
-from mllm_helpers import ddp_run_on_two_ranks
+from mllm_helpers import ddp_ranks
 
 HERE = Path(__file__).parent
 
@@ -96,11 +96,11 @@ def test_resume_reaches_the_same_final_loss(tmp_path, synth) -> None:
 
 
 @pytest.mark.slow  # two processes, end to end
-def test_ddp_two_processes_gloo_identical_weights(tmp_path, synth) -> None:
+def test_ddp_two_processes_gloo_identical_weights(tmp_path, synth, ddp_runs) -> None:
     """torchrun --nproc_per_node=2 on CPU (gloo): both ranks end with identical student weights,
     and the first step's SFT/KD/IVA parts equal a single-process run on the same global batch
     (global counts across ranks)."""
-    r0, r1, changed = ddp_run_on_two_ranks(tmp_path, synth)
+    r0, r1, changed = ddp_ranks(ddp_runs["plain"])
     assert any("language_model" in k for k in changed) and not any("vision_tower" in k for k in changed)
     assert all(torch.equal(v, r1["teacher"][k]) for k, v in r0["teacher"].items())
     single = build_everything(*parse_args([str(_config(tmp_path, synth, "one.yaml", per_device_train_batch_size=4,

@@ -348,39 +348,49 @@ def test_messages_name_the_argument_and_flags_are_not_abbreviated(tmp_path, synt
 
 
 # ---------------------------------------------------------------- 7. determinism
-@pytest.mark.slow
-def test_same_seed_bit_identical_weights_across_processes_and_thread_counts(tmp_path, synth) -> None:
-    """Two processes, 1 and 2 threads, 3 align_ti steps: bit-identical weights. (At these tiny sizes
-    no reduction is split across threads; see the trainer guide's "Faults" section for larger ones.)"""
-    cfg = tiny_config(tmp_path, synth, max_steps=3)
+@pytest.fixture(scope="module")
+def determinism_runs(tmp_path_factory: pytest.TempPathFactory, synth) -> dict[int, dict[str, dict]]:
+    """Two processes, ``OMP_NUM_THREADS=1`` and ``2`` (and hash seeds 1 and 2), one after the
+    other: each trains the tiny CLI config (3 align_ti steps, ``torch.set_num_threads`` = its
+    count), then the demo-scale run (``determinism_worker.py``). ``{threads: {"cli": weights,
+    "demo": record}}``; a part that raised holds ``{"error": traceback}``."""
+    tmp = tmp_path_factory.mktemp("determinism")
+    cfg = tiny_config(tmp, synth, max_steps=3)
     got = {}
     for threads in (1, 2):
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        out = tmp_path / f"w{threads}.pt"
-        proc = subprocess.run([sys.executable, str(HERE / "determinism_worker.py"), str(cfg), str(out), str(threads)],
-                              capture_output=True, text=True, timeout=300, env=env, check=False)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONHASHSEED": str(threads)}
+        cli, demo = tmp / f"w{threads}.pt", tmp / f"demo{threads}.pt"
+        proc = subprocess.run([sys.executable, str(HERE / "determinism_worker.py"), str(cfg), str(cli), str(threads),
+                               str(tmp / "run"), str(demo), "8"],
+                              capture_output=True, text=True, timeout=900, env=env, check=False)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        got[threads] = torch.load(out)
+        got[threads] = {"cli": torch.load(cli), "demo": torch.load(demo)}
+    return got
+
+
+def _ok(record: dict) -> dict:
+    assert "error" not in record, record.get("error")
+    return record
+
+
+@pytest.mark.slow
+def test_same_seed_bit_identical_weights_across_processes_and_thread_counts(determinism_runs) -> None:
+    """Two processes, 1 and 2 threads, 3 align_ti steps: bit-identical weights. (At these tiny sizes
+    no reduction is split across threads; see the trainer guide's "Faults" section for larger ones.)"""
+    got = {threads: _ok(run["cli"]) for threads, run in determinism_runs.items()}
     assert got[1].keys() == got[2].keys()
     for k in got[1]:
         assert torch.equal(got[1][k], got[2][k]), k
 
 
 @pytest.mark.slow
-def test_demo_scale_runs_repeat_bit_for_bit_whatever_the_environment_threads(tmp_path) -> None:
+def test_demo_scale_runs_repeat_bit_for_bit_whatever_the_environment_threads(determinism_runs) -> None:
     """The demo at its quick preset's model sizes (teacher 128 x 4 with its vision tower
     trained, Align-TI student 48 x 2, batch 16): two processes with the same seeds, one with
     ``OMP_NUM_THREADS=1`` and one with ``2`` (and different hash seeds), end with bit-identical
     teacher and student weights, because ``Demo.fit`` trains with the setting's thread count.
     (With 1 and 2 training threads the teacher's vision-tower weights differ after one step.)"""
-    got = {}
-    for threads in (1, 2):
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONHASHSEED": str(threads)}
-        out = tmp_path / f"demo{threads}.pt"
-        proc = subprocess.run([sys.executable, str(HERE / "determinism_worker.py"), "--demo", str(tmp_path / "run"),
-                               str(out), "8"], capture_output=True, text=True, timeout=600, env=env, check=False)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        got[threads] = torch.load(out)
+    got = {threads: _ok(run["demo"]) for threads, run in determinism_runs.items()}
     assert (got[1]["threads_in_env"], got[2]["threads_in_env"]) == (1, 2)  # the environments did differ
     for model in ("teacher", "student"):
         a, b = got[1][model], got[2][model]

@@ -18,7 +18,7 @@ from peft import PeftModel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
 import families as fx  # noqa: E402
-from mllm_helpers import ddp_run_on_two_ranks, one_step, save_pair  # noqa: E402
+from mllm_helpers import ddp_ranks, one_step, save_pair  # noqa: E402
 from mllm_helpers import tiny_config as _config  # noqa: E402
 from test_mllm_families_trainer import data  # noqa: E402, F401  (the fixture: 3 samples, 2 images, one text-only)
 
@@ -325,8 +325,8 @@ def test_lora_resume_reaches_the_same_weights(tmp_path, synth) -> None:
 
 
 @pytest.mark.slow  # two processes, end to end
-def test_lora_ddp_two_processes_identical_weights(tmp_path, synth) -> None:
-    _, _, changed = ddp_run_on_two_ranks(tmp_path, synth, lora_r=4, learning_rate=1e-2)
+def test_lora_ddp_two_processes_identical_weights(ddp_runs) -> None:
+    _, _, changed = ddp_ranks(ddp_runs["lora"])
     assert any("lora_B" in k for k in changed) and all("lora_" in k or ".modules_to_save." in k for k in changed)
 
 
