@@ -25,7 +25,19 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# torch's intra-op threads: OMP_NUM_THREADS when set (``make test`` sets 1: its two xdist workers then
+# use one core each instead of four threads contending for two cores), else up to 2
+THREADS = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, min(2, os.cpu_count() or 1))
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _threads():  # type: ignore[no-untyped-def]
+    """Give every test :data:`THREADS` torch threads back afterwards: a test (or a module fixture)
+    that sets its own count must not change the count of the tests that run after it in this worker."""
+    yield
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
 
 
 SHARED = {

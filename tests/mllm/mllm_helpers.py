@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 from pathlib import Path
 
@@ -57,15 +59,21 @@ def torchrun_two_ranks(worker: Path, *args: str, timeout: int = 300) -> None:
     (bind to 0, close, pass ``--master_port``) left it free for seconds, while the launcher
     imported torch, for any other process on the machine to take: the launch then failed.
 
-    The launcher runs in its own process group; past ``timeout`` (ranks waiting on each other)
-    the whole group is killed, so no rank is left behind holding a core.
+    Past ``timeout`` (ranks waiting on each other) every rank gets SIGABRT first, which makes
+    Python's fault handler (``PYTHONFAULTHANDLER``) print each thread's stack into stderr, so the
+    failure says where each rank hung; then the launcher and every process it started are killed
+    (torchrun may start the ranks in sessions of their own, out of reach of a process-group
+    kill, and a rank left alive would hold the stderr pipe open and a core busy).
     """
     import os
     import signal
     import subprocess
     import sys
+    import time
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
+    import psutil
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
     env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)  # the ranks must reuse the launcher's store
     proc = subprocess.Popen(
@@ -75,9 +83,21 @@ def torchrun_two_ranks(worker: Path, *args: str, timeout: int = 300) -> None:
     try:
         _, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        raise AssertionError(f"the 2-rank launch ran past {timeout} s (killed): {stderr[-4000:]}") from None
+        try:
+            ranks = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            ranks = []
+        for p in ranks:  # each rank prints its Python stacks (fault handler) and stops
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGABRT)
+        time.sleep(5)
+        for p in [*ranks, psutil.Process(proc.pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        _, stderr = proc.communicate(timeout=60)
+        stacks = stderr[stderr.find("Fatal Python error"):][:8000] if "Fatal Python error" in stderr else ""
+        raise AssertionError(f"the 2-rank launch ran past {timeout} s (killed); the ranks' stacks:\n{stacks}\n"
+                             f"... stderr's tail:\n{stderr[-2000:]}") from None
     if proc.returncode != 0:
         raise AssertionError(stderr[-4000:])
 
