@@ -282,17 +282,19 @@ def test_sft_kd_and_tpa_equal_per_sample_forwards_on_each_models_own_sequence(tm
                                        msg=lambda m, impl=impl, k=k: f"{impl} {k}: {m}")
 
 
-def _pool(x: torch.Tensor, grid: tuple[int, int], how: str) -> torch.Tensor:
-    """``[h*w, ...]`` row-major cells -> the student's grid (FACTOR x FACTOR blocks): mean or sum."""
+def _pool(x: torch.Tensor, grid: tuple[int, int], how: str, f: int = FACTOR) -> torch.Tensor:
+    """``[h*w, ...]`` row-major cells -> the student's grid (f x f blocks): mean or sum."""
     h, w = grid
-    y = x.reshape(h // FACTOR, FACTOR, w // FACTOR, FACTOR, *x.shape[1:])
+    y = x.reshape(h // f, f, w // f, f, *x.shape[1:])
     y = y.mean((1, 3)) if how == "mean" else y.sum((1, 3))
-    return y.reshape((h // FACTOR) * (w // FACTOR), *x.shape[1:])
+    return y.reshape((h // f) * (w // f), *x.shape[1:])
 
 
-@pytest.mark.parametrize("name,impl", [("llava", "logits"), ("qwen2_5_vl", "fused")])
+@pytest.mark.parametrize("name,impl", [("llava", "logits"), ("qwen2_5_vl", "fused"), ("qwen3_vl", "logits")])
 def test_iva_resamples_the_teachers_map_and_outputs_onto_the_students_grid(tmp_path, data, name, impl) -> None:
+    """Qwen3-VL: another tower on the same grid (f = 1: the map and outputs are taken cell for cell)."""
     layer = 1
+    f = 1 if name == "qwen3_vl" else FACTOR
     student, teacher = fx.make_model(name, seed=1), teacher_model(name)
     cfg = DistillationConfig(method="iva", iva_layer=layer, loss_impl=impl)
     tr = _trainer(tmp_path, data, name, student, teacher, cfg)
@@ -316,11 +318,11 @@ def test_iva_resamples_the_teachers_map_and_outputs_onto_the_students_grid(tmp_p
             for h, wd in tg:
                 n = h * wd
                 rows_t = tv[t0 : t0 + n]
-                rows_s = sv[s0 : s0 + n // FACTOR**2]
-                ws = _pool(w[rows_t], (h, wd), "sum")  # the attention mass of each student cell
-                ts = _pool(tl[rows_t], (h, wd), "mean")  # the teacher's mean logits over the cell
+                rows_s = sv[s0 : s0 + n // f**2]
+                ws = _pool(w[rows_t], (h, wd), "sum", f)  # the attention mass of each student cell
+                ts = _pool(tl[rows_t], (h, wd), "mean", f)  # the teacher's mean logits over the cell
                 iva += float((ws * _kl(ts, sl[rows_s])).sum())
-                t0, s0 = t0 + n, s0 + n // FACTOR**2
+                t0, s0 = t0 + n, s0 + n // f**2
             assert t0 == len(tv) and s0 == len(sv)
     ref = iva / 3  # mean over the batch's sequences
     assert ref > 0
