@@ -277,9 +277,10 @@ def token_work(batch: dict[str, torch.Tensor], d: int) -> tuple[int, int]:
 
 
 def _text_params(model) -> tuple[int, int, int]:
-    """(non-embedding language-model parameters, layers, hidden)."""
+    """(non-embedding language-model parameters, layers, hidden). A weight shared by several layers
+    (``--share-frozen-layers``) counts once per layer that uses it: each layer does its own work."""
     lm = model.model.language_model
-    n = sum(p.numel() for k, p in lm.named_parameters() if "embed_tokens" not in k)
+    n = sum(p.numel() for k, p in lm.named_parameters(remove_duplicate=False) if "embed_tokens" not in k)
     cfg = model.config.text_config
     return n, cfg.num_hidden_layers, cfg.hidden_size
 
