@@ -112,3 +112,14 @@ def test_trainer_overrides_match_the_installed_trainer(monkeypatch):
     monkeypatch.setattr(Trainer, "_get_output_dir", lambda self, trial, extra: None)
     with pytest.raises(compat.CompatError, match=r"Trainer._get_output_dir\('self', 'trial', 'extra'\) changed"):
         compat.check_trainer_overrides()
+
+
+def test_bnb_4bit_cpu_switch_and_repack_flag_are_where_compat_reads_them():
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(64, 8, bias=False, compute_dtype=torch.float32)
+    assert hasattr(layer, "support_avx512bf16_for_cpu")  # set by Linear4bit.__init__ in the tested range
+    compat.bnb_4bit_cpu_exact(layer)
+    assert layer.support_avx512bf16_for_cpu is False
+    assert compat.bnb_4bit_cpu_repacked(layer) is False
+    layer.weight.quant_state = type("QS", (), {"packing_format_for_cpu": True})()
+    assert compat.bnb_4bit_cpu_repacked(layer) is True

@@ -23,6 +23,8 @@ __all__ = [
     "CompatError",
     "TRAINER_OVERRIDES",
     "attention_function",
+    "bnb_4bit_cpu_repacked",
+    "bnb_4bit_cpu_exact",
     "check_trainer_overrides",
     "liger_fused_linear_jsd_function",
     "checkpointing_drops_cache",
@@ -37,6 +39,7 @@ TESTED: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
     # library: (lowest tested (major, minor), first untested major.minor) - half-open range
     "transformers": ((5, 0), (6, 0)),
     "liger-kernel": ((0, 8), (0, 9)),
+    "bitsandbytes": ((0, 50), (0, 51)),
 }
 """Version ranges each private touch was written and tested for."""
 
@@ -191,3 +194,21 @@ def check_trainer_overrides() -> None:
                 f"transformers {_version('transformers')[0]}.{_version('transformers')[1]}: Trainer.{name}"
                 f"{got} changed (tokinteract overrides it as {params})"
             )
+
+
+# --- bitsandbytes: the CPU bf16 inference path of 4-bit layers ----------------------------------
+
+
+def bnb_4bit_cpu_exact(layer: Any) -> None:
+    """Turn off a ``bitsandbytes.nn.Linear4bit``'s bf16 CPU inference kernel (its private
+    ``support_avx512bf16_for_cpu`` flag, set in ``__init__``): the layer then dequantises and
+    multiplies in its compute dtype in every mode (see ``tokinteract.mllm.lora.exact_4bit_layers``)."""
+    _need(layer, "support_avx512bf16_for_cpu", "bitsandbytes", "Linear4bit's bf16 CPU kernel switch")
+    layer.support_avx512bf16_for_cpu = False
+
+
+def bnb_4bit_cpu_repacked(layer: Any) -> bool:
+    """Whether a ``Linear4bit``'s weight was repacked for the bf16 CPU kernel (its private
+    ``quant_state.packing_format_for_cpu``)."""
+    _check_range("bitsandbytes")
+    return bool(getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False))

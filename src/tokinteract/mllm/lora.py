@@ -297,8 +297,10 @@ def exact_4bit_layers(model: nn.Module, role: str) -> dict[str, nn.Module]:
         return {}
     layers = {n: m for n, m in unwrap_peft(model).named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     check_4bit_layers(layers, role)
+    from tokinteract import compat
+
     for m in layers.values():
-        m.support_avx512bf16_for_cpu = False
+        compat.bnb_4bit_cpu_exact(m)
     return layers
 
 
@@ -309,8 +311,10 @@ def check_4bit_layers(layers: dict[str, nn.Module], role: str) -> None:
     Raises:
         ValueError: naming the first such layer and ``role``.
     """
+    from tokinteract import compat
+
     for name, m in layers.items():
-        if getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False):
+        if compat.bnb_4bit_cpu_repacked(m):
             raise ValueError(
                 f"{role}: the 4-bit layer {name} was repacked by bitsandbytes for its bf16 CPU "
                 "inference kernel (an eval-mode forward without gradients ran on it), which computes in bf16 and "
