@@ -486,10 +486,11 @@ def check_teacher_student(
 
 
 _TORCHVISION_HINT = (
-    "transformers needs torchvision for this processor (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, SmolVLM and "
-    "InternVL: for their video processor, which it always builds). Install the "
-    "torchvision release built for this torch ({torch}), of the same build (CPU or the same CUDA version): a "
-    "CUDA build of torchvision does not import beside a CPU-only torch (its compiled ops need libtorch_cuda.so)."
+    "transformers needs torchvision for this processor's video processor, which it always builds (Qwen2-VL, "
+    "Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, SmolVLM and InternVL); tokinteract builds those six processor classes "
+    "without it (images and text only), no other. Install the torchvision release built for this torch ({torch}), "
+    "of the same build (CPU or the same CUDA version): a CUDA build of torchvision does not import beside a CPU-only "
+    "torch (its compiled ops need libtorch_cuda.so)."
 )
 
 
@@ -507,15 +508,19 @@ def load_pretrained(
     errors (``"student"`` / ``"teacher"``). ``dtype`` None keeps transformers' default.
 
     Processors with a video slot (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, SmolVLM,
-    InternVL) need torchvision: ``AutoProcessor.from_pretrained`` always builds the
+    InternVL) need torchvision for ``AutoProcessor.from_pretrained``: it always builds the
     processor's ``video_processor`` through ``AutoVideoProcessor``, whose classes have a
     torchvision backend only (``use_fast=False`` / ``backend="pil"`` choose the *image*
-    processor's backend, not the video one's, and no argument skips the slot). No image-only
-    stand-in is built here: the error says what to install.
+    processor's backend, not the video one's, and no argument skips the slot). When
+    ``AutoProcessor`` fails for that reason only, the same processor class is built without
+    its video processor (:func:`tokinteract.mllm.image_only.load_image_only_processor`: the
+    checkpoint's image processor, tokenizer, chat template and saved processor arguments;
+    videos are refused, with a warning logged once).
 
     Raises:
         ImportError: the family's processor cannot be built in this environment (a missing
-            torchvision), naming the checkpoint and what to install.
+            torchvision and no image-only build for its class), naming the checkpoint and
+            what to install.
         ValueError: the processor has no tokenizer (not a multimodal processor).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -528,12 +533,17 @@ def load_pretrained(
         text = str(e).strip()
         from transformers.utils import is_torchvision_available
 
-        if "torchvision" in text.lower() or ("video processor" in text.lower() and not is_torchvision_available()):
+        if not ("torchvision" in text.lower() or ("video processor" in text.lower() and not is_torchvision_available())):
+            raise
+        from tokinteract.mllm.image_only import load_image_only_processor
+
+        try:
+            processor = load_image_only_processor(checkpoint, role=role)
+        except ImportError as no_build:
             raise ImportError(
                 f"{role}_checkpoint {str(checkpoint)!r}: its processor cannot be built here: {text}\n"
-                f"{_TORCHVISION_HINT.format(torch=torch.__version__)}"
+                f"{_TORCHVISION_HINT.format(torch=torch.__version__)}\n({no_build})"
             ) from e
-        raise
     if getattr(processor, "tokenizer", None) is None:
         raise ValueError(
             f"{role}_checkpoint {str(checkpoint)!r}: AutoProcessor gave {type(processor).__name__}, which has no "
