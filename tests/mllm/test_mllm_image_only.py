@@ -189,3 +189,19 @@ def test_remote_code_processors_keep_the_import_error(tmp_path) -> None:
     (d / "processor_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ImportError, match=r"its processor class \(remote code\) has no image-only build"):
         load_pretrained(d)
+
+
+def test_lora_merge_command_keeps_the_adapters_image_only_processor(tmp_path) -> None:
+    from tokinteract.mllm.lora import apply_lora
+    from tokinteract.mllm.lora import main as lora_main
+    from tokinteract.mllm.model import load_processor
+
+    base = save_checkpoint("qwen2_5_vl", tmp_path / "base", layout="parts")
+    model, proc = load_pretrained(base)
+    adapter = tmp_path / "adapter"
+    apply_lora(model, r=2, alpha=4.0).save_pretrained(adapter)
+    proc.save_pretrained(adapter)  # as the trainer saves it beside the adapter
+    assert lora_main(["merge", str(adapter), str(tmp_path / "merged"), "--base", str(base)]) == 0
+    merged = load_processor(tmp_path / "merged")
+    assert merged.to_dict() == proc.to_dict()
+    _assert_same_outputs("qwen2_5_vl", merged, fx.make_processor("qwen2_5_vl"))

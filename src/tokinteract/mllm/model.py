@@ -45,6 +45,7 @@ __all__ = [
     "check_teacher_student",
     "count_trainable",
     "load_pretrained",
+    "load_processor",
     "model_parts",
     "num_image_tokens",
     "save_pretrained_student",
@@ -494,6 +495,44 @@ _TORCHVISION_HINT = (
 )
 
 
+def load_processor(checkpoint: str | Path, *, role: str = "student") -> Any:
+    """The processor of a vision-language checkpoint, as :func:`load_pretrained` loads it:
+    ``AutoProcessor.from_pretrained``, or its image-only build when that fails for a missing
+    torchvision (see :func:`load_pretrained`).
+
+    Raises:
+        ImportError: a missing torchvision and no image-only build for the processor class.
+        ValueError: the processor has no tokenizer (not a multimodal processor).
+    """
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(checkpoint)
+    except (ImportError, ValueError) as e:
+        # a missing optional package surfaces as ImportError, or as ValueError for some video processors
+        # (InternVL: with torchvision absent its video-processor class resolves to None)
+        text = str(e).strip()
+        from transformers.utils import is_torchvision_available
+
+        if not ("torchvision" in text.lower() or ("video processor" in text.lower() and not is_torchvision_available())):
+            raise
+        from tokinteract.mllm.image_only import load_image_only_processor
+
+        try:
+            processor = load_image_only_processor(checkpoint, role=role)
+        except ImportError as no_build:
+            raise ImportError(
+                f"{role}_checkpoint {str(checkpoint)!r}: its processor cannot be built here: {text}\n"
+                f"{_TORCHVISION_HINT.format(torch=torch.__version__)}\n({no_build})"
+            ) from e
+    if getattr(processor, "tokenizer", None) is None:
+        raise ValueError(
+            f"{role}_checkpoint {str(checkpoint)!r}: AutoProcessor gave {type(processor).__name__}, which has no "
+            "tokenizer; expected a vision-language processor (tokenizer + image processor)"
+        )
+    return processor
+
+
 def load_pretrained(
     checkpoint: str | Path,
     *,
@@ -523,32 +562,9 @@ def load_pretrained(
             what to install.
         ValueError: the processor has no tokenizer (not a multimodal processor).
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
-    try:
-        processor = AutoProcessor.from_pretrained(checkpoint)
-    except (ImportError, ValueError) as e:
-        # a missing optional package surfaces as ImportError, or as ValueError for some video processors
-        # (InternVL: with torchvision absent its video-processor class resolves to None)
-        text = str(e).strip()
-        from transformers.utils import is_torchvision_available
-
-        if not ("torchvision" in text.lower() or ("video processor" in text.lower() and not is_torchvision_available())):
-            raise
-        from tokinteract.mllm.image_only import load_image_only_processor
-
-        try:
-            processor = load_image_only_processor(checkpoint, role=role)
-        except ImportError as no_build:
-            raise ImportError(
-                f"{role}_checkpoint {str(checkpoint)!r}: its processor cannot be built here: {text}\n"
-                f"{_TORCHVISION_HINT.format(torch=torch.__version__)}\n({no_build})"
-            ) from e
-    if getattr(processor, "tokenizer", None) is None:
-        raise ValueError(
-            f"{role}_checkpoint {str(checkpoint)!r}: AutoProcessor gave {type(processor).__name__}, which has no "
-            "tokenizer; expected a vision-language processor (tokenizer + image processor)"
-        )
+    processor = load_processor(checkpoint, role=role)
     kw: dict[str, Any] = {"attn_implementation": attn_implementation}
     if dtype is not None:
         kw["dtype"] = dtype
