@@ -70,6 +70,11 @@ class NoVideoProcessor(PushToHubMixin):
     checkpoint's saved video processor configuration (None if it has none), which
     ``ProcessorMixin.save_pretrained`` writes into ``processor_config.json`` (it serialises the
     sub-processors that are ``PushToHubMixin`` instances with their ``to_dict``).
+
+    Args:
+        checkpoint: the checkpoint the processor was loaded from (named in the errors).
+        processor_class: the processor's class name (named in the errors).
+        saved: the checkpoint's video processor configuration (None: it has none).
     """
 
     _auto_class = None
