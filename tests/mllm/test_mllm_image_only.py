@@ -38,24 +38,29 @@ pytestmark = pytest.mark.skipif(
 )
 
 VIDEO_SLOT = [n for n in fx.FAMILIES if fx.family(n).has_video_slot]
-LAYOUTS = ("saved", "parts")
+LAYOUTS = ("saved", "parts", "legacy")
 VIDEO_CLASS = {"qwen2_vl": "Qwen2VLVideoProcessor", "qwen2_5_vl": "Qwen2VLVideoProcessor",
                "qwen3_vl": "Qwen3VLVideoProcessor", "llava_onevision": "LlavaOnevisionVideoProcessor",
                "smolvlm": "SmolVLMVideoProcessor", "internvl": "InternVLVideoProcessor"}
 """The video processor class each family's processor saves (what a torchvision install would write)."""
 
 
-def save_checkpoint(name: str, d: Path, *, layout: str = "saved", seed: int = 0, **processor_kwargs: Any) -> Path:
+def save_checkpoint(name: str, d: Path, *, layout: str = "saved", seed: int = 0, image_processor: Any = None,
+                    **processor_kwargs: Any) -> Path:
     """A tiny model of the family and the processor ``families.py`` builds, saved in ``d``.
 
     ``"saved"``: the processor's own ``save_pretrained`` (its empty video slot given a stand-in that
-    saves a video processor configuration naming the family's video processor class). ``"parts"``: tokenizer files, the image processor's ``preprocessor_config.json``,
+    saves a video processor configuration naming the family's video processor class).
+    ``"parts"``: tokenizer files, the image processor's ``preprocessor_config.json``,
     ``processor_config.json`` with the processor's arguments and class (only when it has arguments;
     else the class comes from the model config's ``model_type``) and ``chat_template.jinja``.
+    ``"legacy"``: as many Hub checkpoints: the class named in ``preprocessor_config.json``, the
+    arguments alone in ``processor_config.json`` and the template in ``chat_template.json``.
     """
     f = fx.family(name)
     fx.make_model(name, seed=seed).save_pretrained(d)
-    proc = fx.make_processor(name, **processor_kwargs)
+    proc = fx.make_processor(name, image_processor, **processor_kwargs)
+    kwargs = {**f.processor_kwargs, **processor_kwargs}
     if layout == "saved":
         if f.has_video_slot:
             saved = {"video_processor_type": VIDEO_CLASS[name]}
@@ -64,10 +69,17 @@ def save_checkpoint(name: str, d: Path, *, layout: str = "saved", seed: int = 0,
     elif layout == "parts":
         proc.tokenizer.save_pretrained(d)
         proc.image_processor.save_pretrained(d)
-        kwargs = {**f.processor_kwargs, **processor_kwargs}
         if kwargs:
             (d / "processor_config.json").write_text(json.dumps({**kwargs, "processor_class": f.processor_cls}))
         (d / "chat_template.jinja").write_text(proc.chat_template)
+    elif layout == "legacy":
+        proc.tokenizer.save_pretrained(d)
+        proc.image_processor.save_pretrained(d)
+        ip = json.loads((d / "preprocessor_config.json").read_text())
+        (d / "preprocessor_config.json").write_text(json.dumps({**ip, "processor_class": f.processor_cls}))
+        if kwargs:
+            (d / "processor_config.json").write_text(json.dumps(kwargs))
+        (d / "chat_template.json").write_text(json.dumps({"chat_template": proc.chat_template}))
     else:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     return d
@@ -107,6 +119,9 @@ def test_fallback_processor_equals_the_in_memory_processor(tmp_path, name, layou
         assert got_dict.pop("video_processor") == {"video_processor_type": VIDEO_CLASS[name]}
     else:  # what AutoVideoProcessor reads then: the image processor's configuration
         assert got_dict.pop("video_processor") == json.loads((d / "preprocessor_config.json").read_text())
+    if layout == "legacy":
+        assert not (d / "chat_template.jinja").exists() and "processor_class" not in json.loads(
+            (d / "tokenizer_config.json").read_text())
     assert got_dict == want_dict  # the processor's own arguments (image_seq_len, num_image_tokens, ...)
     assert isinstance(proc.video_processor, NoVideoProcessor)
     assert any(torch.isin(fx.make_batch(name, proc).inputs["input_ids"], torch.tensor(fx.image_token_ids(name))).flatten())
@@ -130,6 +145,20 @@ def test_fallback_reads_the_saved_processor_arguments_not_defaults(tmp_path, nam
     _assert_same_outputs(name, proc, want)
     default = fx.make_batch(name, fx.make_processor(name)).inputs["input_ids"]
     assert default.shape != fx.make_batch(name, proc).inputs["input_ids"].shape  # the argument mattered
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fallback_reads_the_saved_image_processor_settings(tmp_path, layout) -> None:
+    """Qwen-VL processors save no arguments of their own: their image processor's settings decide the
+    grid (here a smaller ``longest_edge``: fewer patches per image)."""
+    small = fx.family("qwen2_5_vl").image_processor()
+    small.size = {"shortest_edge": 8 * 8, "longest_edge": 16 * 16}
+    d = save_checkpoint("qwen2_5_vl", tmp_path / "ckpt", layout=layout, image_processor=small)
+    _, proc = load_pretrained(d)
+    want = fx.make_processor("qwen2_5_vl", small)
+    _assert_same_outputs("qwen2_5_vl", proc, want)
+    default = fx.make_batch("qwen2_5_vl", fx.make_processor("qwen2_5_vl")).inputs["image_grid_thw"]
+    assert not torch.equal(default, fx.make_batch("qwen2_5_vl", proc).inputs["image_grid_thw"])
 
 
 def test_videos_are_refused_and_the_warning_is_logged_once(tmp_path, caplog, monkeypatch) -> None:
