@@ -177,6 +177,18 @@ def test_videos_are_refused_and_the_warning_is_logged_once(tmp_path, caplog, mon
         proc.video_processor.merge_size  # noqa: B018
 
 
+def test_smolvlm_processor_chat_template_reads_video_settings_and_is_refused(tmp_path) -> None:
+    """SmolVLMProcessor.apply_chat_template reads the video processor's ``num_frames`` / ``fps`` even
+    for images: refused with the clear error (the trainer renders with the tokenizer, as below)."""
+    _, proc = load_pretrained(save_checkpoint("smolvlm", tmp_path / "ckpt"))
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this picture"}]}]
+    with pytest.raises(AttributeError, match=r"built without its video processor[\s\S]*no video setting 'num_frames'"):
+        proc.apply_chat_template(msgs, tokenize=False)
+    want = fx.make_processor("smolvlm")
+    assert proc.tokenizer.apply_chat_template(msgs, chat_template=proc.chat_template, tokenize=False) == (
+        want.tokenizer.apply_chat_template(msgs, chat_template=want.chat_template, tokenize=False))
+
+
 def test_a_data_sample_with_a_video_is_refused_naming_it(tmp_path) -> None:
     from tokinteract.mllm.data import normalize_sample
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers.utils import PushToHubMixin
 
@@ -79,7 +79,7 @@ class NoVideoProcessor(PushToHubMixin):
 
     _auto_class = None
     valid_kwargs = None  # ProcessorMixin._merge_kwargs reads it: no video keyword is routed here
-    model_input_names: list[str] = []  # it makes no model input
+    model_input_names: ClassVar[list[str]] = []  # it makes no model input
 
     def __init__(self, checkpoint: str, processor_class: str, saved: dict[str, Any] | None) -> None:
         self.__dict__.update(checkpoint=checkpoint, processor_class=processor_class, saved=saved)
