@@ -123,3 +123,32 @@ def test_bnb_4bit_cpu_switch_and_repack_flag_are_where_compat_reads_them():
     assert compat.bnb_4bit_cpu_repacked(layer) is False
     layer.weight.quant_state = type("QS", (), {"packing_format_for_cpu": True})()
     assert compat.bnb_4bit_cpu_repacked(layer) is True
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate([*specials, "cat"])}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", extra_special_tokens={
+        "image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+
+
+def test_build_processor_with_video_slot_skips_only_that_slots_check():
+    from transformers import LlavaProcessor, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    stand_in, ip, tok = object(), Qwen2VLImageProcessorPil(), _word_tokenizer()
+    proc = compat.build_processor_with_video_slot(Qwen2VLProcessor, stand_in, image_processor=ip, tokenizer=tok,
+                                                  chat_template="{{ messages }}")
+    assert type(proc) is Qwen2VLProcessor
+    assert proc.video_processor is stand_in and proc.image_processor is ip and proc.tokenizer is tok
+    assert proc.chat_template == "{{ messages }}" and proc.image_token == "<|image_pad|>"
+    assert "check_argument_for_proper_class" not in vars(proc)  # the class's own check is back
+    with pytest.raises(TypeError, match=r"Received a \w+ for argument image_processor, but a ImageProcessingMixin was expected"):
+        compat.build_processor_with_video_slot(Qwen2VLProcessor, stand_in, image_processor=tok, tokenizer=tok)
+    with pytest.raises(compat.CompatError, match="LlavaProcessor has no video_processor slot"):
+        compat.build_processor_with_video_slot(LlavaProcessor, stand_in, image_processor=ip, tokenizer=tok)

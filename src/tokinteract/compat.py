@@ -25,6 +25,7 @@ __all__ = [
     "attention_function",
     "bnb_4bit_cpu_repacked",
     "bnb_4bit_cpu_exact",
+    "build_processor_with_video_slot",
     "check_trainer_overrides",
     "liger_fused_linear_jsd_function",
     "checkpointing_drops_cache",
@@ -212,3 +213,39 @@ def bnb_4bit_cpu_repacked(layer: Any) -> bool:
     ``quant_state.packing_format_for_cpu``)."""
     _check_range("bitsandbytes")
     return bool(getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
+# --- transformers: a processor whose video slot holds a stand-in -------------------------------
+
+
+def build_processor_with_video_slot(cls: type, video_processor: Any, /, **kwargs: Any) -> Any:
+    """``cls(video_processor=video_processor, **kwargs)`` without the class check of that one slot.
+
+    ``ProcessorMixin.__init__`` checks every sub-processor with its private
+    ``check_argument_for_proper_class``, which for ``video_processor`` resolves the video
+    processors' base class through a registry that exists only with torchvision (and refuses
+    anything that is not a real video processor). Here, for this one instance, the check is
+    skipped for exactly the object ``video_processor`` in the ``video_processor`` slot; every
+    other slot is checked as usual, and the instance keeps the class's own method afterwards.
+
+    Raises:
+        CompatError: ``cls`` has no ``video_processor`` slot, the check method is gone, or
+            ``__init__`` did not store the stand-in.
+    """
+    from transformers.processing_utils import ProcessorMixin
+
+    _need(ProcessorMixin, "check_argument_for_proper_class", "transformers", "the processor's sub-processor class check")
+    if "video_processor" not in cls.get_attributes():
+        raise CompatError(f"transformers: {cls.__name__} has no video_processor slot (its slots: {cls.get_attributes()})")
+    proc = cls.__new__(cls)
+    check = proc.check_argument_for_proper_class
+    proc.check_argument_for_proper_class = lambda name, arg: (
+        None if name == "video_processor" and arg is video_processor else check(name, arg)
+    )
+    try:
+        cls.__init__(proc, video_processor=video_processor, **kwargs)
+    finally:
+        del proc.check_argument_for_proper_class
+    if getattr(proc, "video_processor", None) is not video_processor:
+        raise CompatError(f"transformers: {cls.__name__}.__init__ no longer stores its video_processor argument")
+    return proc

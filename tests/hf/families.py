@@ -442,16 +442,9 @@ def make_processor(name: str, image_processor: Any = None, **processor_kwargs: A
     )
     if not f.has_video_slot:
         return cls(**kwargs)
-    proc = cls.__new__(cls)
-    check = proc.check_argument_for_proper_class
-    proc.check_argument_for_proper_class = lambda attr, arg: (
-        None if attr == "video_processor" and arg is None else check(attr, arg)
-    )
-    try:
-        cls.__init__(proc, video_processor=None, **kwargs)
-    finally:
-        del proc.check_argument_for_proper_class
-    return proc
+    from tokinteract.compat import build_processor_with_video_slot
+
+    return build_processor_with_video_slot(cls, None, **kwargs)  # the video slot left None
 
 
 # ----------------------------------------------------------------------------------------------------- batch

@@ -5,21 +5,24 @@ local pair end to end and saves a student that transformers reloads (Gemma 3 is 
 ``test_mllm_families_trainer.py``; LLaVA-NeXT and Idefics3 here). The others (Qwen2-VL, Qwen2.5-VL,
 Qwen3-VL, LLaVA-OneVision, SmolVLM, InternVL) need torchvision for ``AutoProcessor``: it always builds
 the processor's video processor, and transformers 5.24 has video processors with a torchvision backend
-only (their image processors alone load without it, as the PIL classes). No torchvision wheel runs beside
-the project's CPU torch 2.13.0 (the one built for it is a CUDA build), so here the CLI must stop before
-training with an ImportError naming the checkpoint and what to install.
+only. No torchvision wheel runs beside the project's CPU torch 2.13.0, so ``load_pretrained`` builds
+their processor without its video processor (:mod:`tokinteract.mllm.image_only`, proved equal to the
+processor built in memory in ``test_mllm_image_only.py``): the CLI trains them too, from checkpoints laid
+out as on the Hub (tokenizer files, ``preprocessor_config.json``, the processor's arguments, the chat
+template).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import re
+import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from PIL import Image
 from test_mllm_families_trainer import data  # noqa: F401  (the module's data fixture)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
@@ -78,12 +81,36 @@ def test_cli_trains_a_local_pair_and_saves_a_reloadable_student(tmp_path, data, 
     assert not any("vision" in k for k in changed)  # the tower stays frozen
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="the error is for missing torchvision")
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="the fallback is for missing torchvision")
 @pytest.mark.parametrize("name", NEEDS_TORCHVISION)
-def test_cli_stops_before_training_naming_the_checkpoint_whose_processor_needs_torchvision(tmp_path, data, name) -> None:  # noqa: F811
-    ckpts = _checkpoints(tmp_path, name, whole_processor=False)
-    with pytest.raises(ImportError, match=rf"^student_checkpoint '{ckpts['student']}': its processor cannot be built "
-                                          r"here: [\s\S]*(?i:torchvision)[\s\S]*Install the torchvision release built "
-                                          rf"for this torch \({re.escape(torch.__version__)}\), of the same build"):
-        main([_config(tmp_path, data, ckpts)])
-    assert not (tmp_path / "out" / "model.safetensors").exists()
+def test_cli_trains_a_video_slot_family_through_its_image_only_processor(tmp_path, data, name) -> None:  # noqa: F811
+    from test_mllm_image_only import save_checkpoint
+    from transformers import AutoModelForImageTextToText
+
+    from tokinteract.mllm.model import load_pretrained
+
+    f = fx.family(name)
+    ckpts = {role: save_checkpoint(name, tmp_path / role, layout="parts", seed=seed)
+             for role, seed in (("student", 1), ("teacher", 2))}
+    assert main([_config(tmp_path, data, ckpts, max_steps=2)]) == 0
+    out = tmp_path / "out"
+    log = [h for h in yaml.safe_load((out / "trainer_state.json").read_text())["log_history"] if "loss_tpa" in h]
+    assert len(log) == 2
+    assert all(math.isfinite(h[k]) and h[k] > 0 for h in log for k in ("loss", "loss_sft", "loss_kd", "loss_iva",
+                                                                         "loss_tpa"))
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    assert type(model).__name__ == f.model_cls
+    before, after = fx.make_model(name, seed=1).state_dict(), model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert "lm_head.weight" in changed  # it trained
+    assert not any("vision" in k for k in changed)  # the tower stays frozen
+    _, proc = load_pretrained(out)  # the saved processor: the same image-only build
+    assert type(proc).__name__ == f.processor_cls
+    assert {k: v for k, v in proc.to_dict().items() if k != "video_processor"} == {
+        k: v for k, v in fx.make_processor(name).to_dict().items() if k != "video_processor"}
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this picture"}]}]
+    text = proc.tokenizer.apply_chat_template(msgs, chat_template=proc.chat_template, tokenize=False)
+    image = Image.open(data.parent / "a.png").convert("RGB")
+    inputs = fx.run_processor(name, proc, [text + fx.CHAT_START + "assistant "], [[image]], "left")
+    gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert gen.shape == (1, inputs["input_ids"].shape[1] + 3)

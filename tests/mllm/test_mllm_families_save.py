@@ -4,7 +4,8 @@ One distillation step through the trainer, ``save_model``, then ``AutoModelForIm
 ``generate``: no tokinteract code on the reload side. The processor saved beside the weights loads with
 ``AutoProcessor`` for the families whose processor has no video slot; the others (Qwen-VL,
 LLaVA-OneVision, SmolVLM, InternVL) need torchvision for it, which this project cannot install (see
-``tests/hf/families.py``), so their prompts come from the processor built offline.
+``tests/hf/families.py``): ``load_pretrained`` loads their processor without its video processor
+(``tokinteract.mllm.image_only``).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import pytest
 import torch
 from mllm_helpers import state
 from test_mllm_families_trainer import _trainer, data  # noqa: F401  (the module's data fixture)
+from test_mllm_image_only import VIDEO_CLASS
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
 import families as fx  # noqa: E402
 
 from tokinteract.mllm import DistillationConfig  # noqa: E402
+from tokinteract.mllm.image_only import NoVideoProcessor  # noqa: E402
 from tokinteract.mllm.model import load_pretrained  # noqa: E402
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
@@ -36,16 +39,15 @@ def _prompt(name: str, proc, image) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", fx.FAMILIES)
-def test_saved_student_reloads_and_generates_with_transformers_alone(tmp_path, data, monkeypatch, name) -> None:  # noqa: F811
+def test_saved_student_reloads_and_generates_with_transformers_alone(tmp_path, data, name) -> None:  # noqa: F811
     from PIL import Image
 
     f = fx.family(name)
     student, teacher = fx.make_model(name, seed=1), fx.make_model(name, seed=2)
     tr = _trainer(tmp_path / "run", data, name, student, teacher, DistillationConfig(method="kd"))
-    if f.has_video_slot:  # our offline processor has no video processor, which save_pretrained needs: the
-        p = tr.processing_class  # parts it has are saved (a user's processor, with torchvision, saves whole)
-        monkeypatch.setattr(p, "save_pretrained", lambda d, **kw: [p.tokenizer.save_pretrained(d),
-                                                                   p.image_processor.save_pretrained(d)])
+    if f.has_video_slot:  # the offline processor's empty video slot: the stand-in an image-only processor has
+        tr.processing_class.video_processor = NoVideoProcessor(str(tmp_path), f.processor_cls,
+                                                               {"video_processor_type": VIDEO_CLASS[name]})
     before = state(student)
     tr.train()
     out = tmp_path / "saved"
@@ -62,14 +64,12 @@ def test_saved_student_reloads_and_generates_with_transformers_alone(tmp_path, d
     if f.has_video_slot and not HAS_TORCHVISION:
         with pytest.raises((ImportError, ValueError), match="(?i)torchvision"):
             AutoProcessor.from_pretrained(out)
-        with pytest.raises(ImportError, match=rf"^student_checkpoint '{out}': its processor cannot be built here"):
-            load_pretrained(out)  # the trainer's loader names the checkpoint (InternVL's ValueError included)
-        proc = fx.make_processor(name)
+        _, proc = load_pretrained(out)  # its image-only build (tests/mllm/test_mllm_image_only.py)
     else:
         proc = AutoProcessor.from_pretrained(out)
-        assert type(proc).__name__ == f.processor_cls
-        assert proc.tokenizer.get_vocab() == fx.make_tokenizer(name).get_vocab()
-        assert proc.chat_template == fx.make_processor(name).chat_template
+    assert type(proc).__name__ == f.processor_cls
+    assert proc.tokenizer.get_vocab() == fx.make_tokenizer(name).get_vocab()
+    assert proc.chat_template == fx.make_processor(name).chat_template
     inputs = _prompt(name, proc, Image.open(data.parent / "a.png").convert("RGB"))
     assert bool(torch.isin(inputs["input_ids"], torch.tensor(fx.image_token_ids(name))).any())
     gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)

@@ -52,12 +52,17 @@ def test_load_pretrained_any_family_with_dtype_and_attention(tmp_path, name) -> 
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="the error is for missing torchvision")
-def test_qwen_vl_model_loads_and_a_processor_needing_torchvision_names_the_checkpoint(tmp_path) -> None:
+def test_qwen_vl_model_loads_and_a_processor_needing_torchvision_names_the_checkpoint(tmp_path, monkeypatch) -> None:
+    from tokinteract.mllm import image_only
+
     d = tmp_path / "qwen"
     fx.make_model("qwen2_5_vl").save_pretrained(d)
     p = fx.make_processor("qwen2_5_vl")  # its video slot is None: saved part by part
     p.tokenizer.save_pretrained(d)
     p.image_processor.save_pretrained(d)
+    _, proc = load_pretrained(d, role="teacher")  # without torchvision: the image-only build
+    assert type(proc).__name__ == "Qwen2_5_VLProcessor"
+    monkeypatch.setattr(image_only, "IMAGE_ONLY_PROCESSORS", ())  # a class with no image-only build
     with pytest.raises(ImportError, match=r"teacher_checkpoint '.*qwen': its processor cannot be built here:[\s\S]*Torchvision"):
         load_pretrained(d, role="teacher")
     from transformers import AutoModelForImageTextToText

@@ -139,7 +139,8 @@ def normalize_sample(
 
     Raises:
         DataError: missing/ill-typed ``conversations``, an unknown role, no assistant turn
-            with text, or a placeholder/image count mismatch. The message names the sample
+            with text, a placeholder/image count mismatch, or a ``video`` / ``videos`` entry
+            (never silently dropped). The message names the sample
             index (and id when present).
     """
     sid = sample.get("id")
@@ -147,6 +148,12 @@ def normalize_sample(
     conv = sample.get("conversations")
     if not isinstance(conv, list) or not conv:
         raise DataError(f"{where}: 'conversations' must be a non-empty list of turns, got {conv!r:.80}")
+    for key in ("video", "videos"):
+        if sample.get(key) is not None:
+            raise DataError(
+                f"{where}: has a {key!r} ({sample[key]!r:.80}); videos are not supported (tokinteract.mllm trains on "
+                "images and text only)"
+            )
     images = sample.get("image")
     if images is None:
         paths: list[str] = []

@@ -371,7 +371,7 @@ def _merge_command(adapter_dir: str, out_dir: str, base: str | None, dtype: str 
     from peft import PeftModel
 
     from tokinteract.mllm.cli import _dtype
-    from tokinteract.mllm.model import load_pretrained
+    from tokinteract.mllm.model import load_pretrained, load_processor
 
     cfg_path = Path(adapter_dir) / "adapter_config.json"
     if not cfg_path.is_file():
@@ -380,10 +380,8 @@ def _merge_command(adapter_dir: str, out_dir: str, base: str | None, dtype: str 
     if not base:
         raise ValueError(f"{cfg_path} names no base_model_name_or_path; pass --base")
     model, processor = load_pretrained(base, role="base", dtype=_dtype(dtype))
-    try:
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(adapter_dir)  # the trainer saves it beside the adapter
+    try:  # the trainer saves it beside the adapter (image-only where the base's was: missing torchvision)
+        processor = load_processor(adapter_dir, role="adapter")
     except (OSError, ValueError):
         pass
     return merge_and_save(PeftModel.from_pretrained(model, adapter_dir), out_dir, processor)

@@ -45,6 +45,7 @@ __all__ = [
     "check_teacher_student",
     "count_trainable",
     "load_pretrained",
+    "load_processor",
     "model_parts",
     "num_image_tokens",
     "save_pretrained_student",
@@ -486,11 +487,50 @@ def check_teacher_student(
 
 
 _TORCHVISION_HINT = (
-    "transformers needs torchvision for this processor (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, SmolVLM and "
-    "InternVL: for their video processor, which it always builds). Install the "
-    "torchvision release built for this torch ({torch}), of the same build (CPU or the same CUDA version): a "
-    "CUDA build of torchvision does not import beside a CPU-only torch (its compiled ops need libtorch_cuda.so)."
+    "transformers needs torchvision for this processor's video processor, which it always builds (Qwen2-VL, "
+    "Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, SmolVLM and InternVL); tokinteract builds those six processor classes "
+    "without it (images and text only), no other. Install the torchvision release built for this torch ({torch}), "
+    "of the same build (CPU or the same CUDA version): a CUDA build of torchvision does not import beside a CPU-only "
+    "torch (its compiled ops need libtorch_cuda.so)."
 )
+
+
+def load_processor(checkpoint: str | Path, *, role: str = "student") -> Any:
+    """The processor of a vision-language checkpoint, as :func:`load_pretrained` loads it:
+    ``AutoProcessor.from_pretrained``, or its image-only build when that fails for a missing
+    torchvision (see :func:`load_pretrained`).
+
+    Raises:
+        ImportError: a missing torchvision and no image-only build for the processor class.
+        ValueError: the processor has no tokenizer (not a multimodal processor).
+    """
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(checkpoint)
+    except (ImportError, ValueError) as e:
+        # a missing optional package surfaces as ImportError, or as ValueError for some video processors
+        # (InternVL: with torchvision absent its video-processor class resolves to None)
+        text = str(e).strip()
+        from transformers.utils import is_torchvision_available
+
+        if not ("torchvision" in text.lower() or ("video processor" in text.lower() and not is_torchvision_available())):
+            raise
+        from tokinteract.mllm.image_only import load_image_only_processor
+
+        try:
+            processor = load_image_only_processor(checkpoint, role=role)
+        except ImportError as no_build:
+            raise ImportError(
+                f"{role}_checkpoint {str(checkpoint)!r}: its processor cannot be built here: {text}\n"
+                f"{_TORCHVISION_HINT.format(torch=torch.__version__)}\n({no_build})"
+            ) from e
+    if getattr(processor, "tokenizer", None) is None:
+        raise ValueError(
+            f"{role}_checkpoint {str(checkpoint)!r}: AutoProcessor gave {type(processor).__name__}, which has no "
+            "tokenizer; expected a vision-language processor (tokenizer + image processor)"
+        )
+    return processor
 
 
 def load_pretrained(
@@ -507,38 +547,24 @@ def load_pretrained(
     errors (``"student"`` / ``"teacher"``). ``dtype`` None keeps transformers' default.
 
     Processors with a video slot (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, SmolVLM,
-    InternVL) need torchvision: ``AutoProcessor.from_pretrained`` always builds the
+    InternVL) need torchvision for ``AutoProcessor.from_pretrained``: it always builds the
     processor's ``video_processor`` through ``AutoVideoProcessor``, whose classes have a
     torchvision backend only (``use_fast=False`` / ``backend="pil"`` choose the *image*
-    processor's backend, not the video one's, and no argument skips the slot). No image-only
-    stand-in is built here: the error says what to install.
+    processor's backend, not the video one's, and no argument skips the slot). When
+    ``AutoProcessor`` fails for that reason only, the same processor class is built without
+    its video processor (:func:`tokinteract.mllm.image_only.load_image_only_processor`: the
+    checkpoint's image processor, tokenizer, chat template and saved processor arguments;
+    videos are refused, with a warning logged once).
 
     Raises:
         ImportError: the family's processor cannot be built in this environment (a missing
-            torchvision), naming the checkpoint and what to install.
+            torchvision and no image-only build for its class), naming the checkpoint and
+            what to install.
         ValueError: the processor has no tokenizer (not a multimodal processor).
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
-    try:
-        processor = AutoProcessor.from_pretrained(checkpoint)
-    except (ImportError, ValueError) as e:
-        # a missing optional package surfaces as ImportError, or as ValueError for some video processors
-        # (InternVL: with torchvision absent its video-processor class resolves to None)
-        text = str(e).strip()
-        from transformers.utils import is_torchvision_available
-
-        if "torchvision" in text.lower() or ("video processor" in text.lower() and not is_torchvision_available()):
-            raise ImportError(
-                f"{role}_checkpoint {str(checkpoint)!r}: its processor cannot be built here: {text}\n"
-                f"{_TORCHVISION_HINT.format(torch=torch.__version__)}"
-            ) from e
-        raise
-    if getattr(processor, "tokenizer", None) is None:
-        raise ValueError(
-            f"{role}_checkpoint {str(checkpoint)!r}: AutoProcessor gave {type(processor).__name__}, which has no "
-            "tokenizer; expected a vision-language processor (tokenizer + image processor)"
-        )
+    processor = load_processor(checkpoint, role=role)
     kw: dict[str, Any] = {"attn_implementation": attn_implementation}
     if dtype is not None:
         kw["dtype"] = dtype
