@@ -12,6 +12,7 @@ KL, %ExAccErr, attention heat maps) -> Markdown pages, PNG plots and a JSON of e
     python examples/demo.py --task shapes           # the earlier study (shapes task, no pre-trained tower)
     python examples/demo.py --estimate docs/results/calibration-scenes.json
                                        # print the expected time from measured step times; train nothing
+                                       #   (--full: also docs/results/calibration-digits.json)
 
 Resumable per experiment: the vision tower, the teacher, the stage-1 student, every timing row
 and every student run (configuration, seed) are cached in ``--run-dir`` (default
@@ -47,29 +48,39 @@ TASKS = ["shapes", "scenes", "digits"]
 DEFAULT_TASKS = {"smoke": ["scenes"], "quick": ["scenes"], "full": ["scenes", "digits"]}
 
 
-def _estimate(path: Path, settings_by_task: dict, ratios: Path | None) -> str:
-    """The expected wall time of the study from a calibration JSON's measured step times."""
+def _estimate(paths: list[Path], settings_by_task: dict, ratios: Path | None) -> str:
+    """The expected wall time of the study from the step times measured by each task's calibration
+    (``calibrate.py``'s JSON; its ``settings.task`` names the task)."""
     from demo_study import estimate_study_s
 
-    cal = json.loads(path.read_text())
-    teacher, sft = cal["teachers"][0], cal["sft"][0]
-    measured = {"vision_s": float(cal.get("vision", {}).get("wall_s", 0.0)),
-                "teacher_step_s": float(teacher["train"]["step_time_s"]),
-                "student_step_s": float(sft["train"]["step_time_s"]), "eval_s": float(teacher["eval_wall_s"])}
+    measured_by_task = {}
+    for path in paths:
+        cal = json.loads(path.read_text())
+        teacher, sft = cal["teachers"][0], cal["sft"][0]
+        measured_by_task[cal["settings"]["task"]] = (path, {
+            "vision_s": float(cal.get("vision", {}).get("wall_s", 0.0)),
+            "teacher_step_s": float(teacher["train"]["step_time_s"]),
+            "student_step_s": float(sft["train"]["step_time_s"]), "eval_s": float(teacher["eval_wall_s"])})
+    missing = [t for t in settings_by_task if t not in measured_by_task]
+    if missing:
+        raise ValueError(f"--estimate needs a calibration JSON of every task; none for {missing} "
+                         f"(got {sorted(measured_by_task)})")
+    ratio: dict[str, float] = {}
     if ratios is not None:
         timing = json.loads(ratios.read_text())["timing"]
         base = next(r["step_time_s"] for r in timing if r["method"] == "sft")
-        measured["ratio"] = {r["method"]: r["step_time_s"] / base for r in timing
-                             if not r.get("overrides", {}).get("tpa_forward")}
-    lines = [f"ESTIMATE (not a measurement) from the step times measured in {path}"
-             + (f" and the method/SFT step-time ratios of {ratios}" if ratios else " (every method timed as SFT)")
-             + f": teacher step {measured['teacher_step_s']:.3f} s, student step {measured['student_step_s']:.3f} s, "
-             f"one evaluation {measured['eval_s']:.0f} s"]
+        ratio = {r["method"]: r["step_time_s"] / base for r in timing if not r.get("overrides", {}).get("tpa_forward")}
+    lines = ["ESTIMATE (not a measurement): each task's steps times the step times its calibration measured, "
+             + (f"each method's step time / SFT's from the timing pass of {ratios}" if ratios
+                else "every method timed as SFT") + "; trainer start-up and the IRS pass not counted"]
     total = 0.0
     for task, s in settings_by_task.items():
-        est = estimate_study_s(s, measured)
+        path, measured = measured_by_task[task]
+        est = estimate_study_s(s, {**measured, "ratio": ratio})
         total += est["total"]
-        lines.append(f"  {task}: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in est.items()))
+        lines.append(f"  {task} ({path}: teacher step {measured['teacher_step_s']:.3f} s, student step "
+                     f"{measured['student_step_s']:.3f} s, one evaluation {measured['eval_s']:.0f} s): "
+                     + ", ".join(f"{k} {v / 60:.1f} min" for k, v in est.items()))
     lines.append(f"  all tasks: {total / 60:.1f} min")
     return "\n".join(lines)
 
@@ -99,14 +110,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="train nothing new: report the runs already saved in the run dir (a partial run)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N newly trained student runs (then run the same command again to resume)")
-    p.add_argument("--estimate", type=Path, default=None, metavar="CALIBRATION_JSON",
-                   help="print the expected wall time from the step times of a calibration JSON; train nothing")
+    p.add_argument("--estimate", type=Path, nargs="+", default=None, metavar="CALIBRATION_JSON",
+                   help="print the expected wall time from the step times of each task's calibration JSON "
+                        "(docs/results/calibration-<task>.json); train nothing")
     p.add_argument("--ratios", type=Path, default=ROOT / "docs" / "results" / "quick" / "results.json",
                    help="with --estimate: a results.json whose timing pass gives each method's step time / SFT's")
     a = p.parse_args(argv)
 
     sys.path.insert(0, str(ROOT / "examples" / "study"))
-    from demo_study import StudyStopped, run_study, summary_markdown, task_settings, write_report, write_study_report
+    from demo_study import (
+        StudyStopped,
+        run_study,
+        summary_markdown,
+        task_settings,
+        write_report,
+        write_study_report,
+    )
 
     preset = "full" if a.full else "smoke" if a.smoke else "quick"
     tasks = a.task or DEFAULT_TASKS[preset]
@@ -129,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         return settings
 
     if a.estimate is not None:
-        print(_estimate(a.estimate, {t: adjust(task_settings(t, preset)) for t in tasks}, a.ratios))
+        try:
+            print(_estimate(a.estimate, {t: adjust(task_settings(t, preset)) for t in tasks}, a.ratios))
+        except ValueError as e:
+            p.error(str(e))
         return 0
     name = preset if tasks == ["shapes"] else f"{preset}-{'-'.join(tasks)}"
     run_dir = a.run_dir or ROOT / "runs" / "demo" / name

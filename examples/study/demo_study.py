@@ -44,26 +44,32 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tokinteract.mllm.eval import IGNORE_INDEX, evaluate_generation, exposure_curve, heldout_kl, teacher_irs
+from tokinteract.mllm.eval import (
+    IGNORE_INDEX,
+    evaluate_generation,
+    exposure_curve,
+    heldout_kl,
+    teacher_irs,
+)
 from tokinteract.mllm.tokenizer import SPECIAL_TOKENS
 
 __all__ = [
     "EXPERIMENTS",
     "PRESETS",
     "DemoSettings",
-    "ModelSize",
-    "RunSpec",
     "LiveTensorBytes",
+    "ModelSize",
     "Progress",
+    "RunSpec",
+    "StepMeter",
     "StudyStopped",
     "cache_key",
-    "run_study",
-    "StepMeter",
     "evaluate_generation",
     "exposure_curve",
     "heldout_kl",
     "mean_std",
     "run_demo",
+    "run_study",
     "teacher_irs",
     "torch_threads",
 ]
@@ -775,9 +781,8 @@ class Demo:
         if self.task_obj is None:
             raise ValueError("vision_pretrain_steps > 0 needs a task with per-cell labels (task 'scenes' or 'digits'), "
                              f"got task {s.task!r}")
-        from safetensors.torch import load_file, save_file
-
         import vision_pretrain as vp
+        from safetensors.torch import load_file, save_file
 
         path = self.dir / "vision_tower"
         key = self._vision_setting()
@@ -937,7 +942,11 @@ class Demo:
         visual token, mean over heads and instruction rows, not renormalised: the map sums to the
         attention mass the instruction puts on the image), laid out on the image's patch grid: one
         ``[h, w]`` map per sample."""
-        from tokinteract.hf import ground_truth_position_ids, instruction_vision_alphas, visual_attention_grid
+        from tokinteract.hf import (
+            ground_truth_position_ids,
+            instruction_vision_alphas,
+            visual_attention_grid,
+        )
 
         idx = self.fig7_samples()
         if not idx:

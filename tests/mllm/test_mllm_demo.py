@@ -32,7 +32,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_smoke_pipeline_writes_results(smoke) -> None:
-    run_dir, res = smoke
+    run_dir, _ = smoke
     saved = json.loads((run_dir / "results.json").read_text())
     assert set(saved["runs"]) == set(dm.EXPERIMENTS["table5"]) | set(dm.EXPERIMENTS["fig6"]) | {"kd@budget"}
     for key, run in saved["runs"].items():
@@ -432,7 +432,7 @@ def test_run_study_and_the_cli_on_several_tasks(smoke, tmp_path: Path, monkeypat
 
 def test_cli_estimate_trains_nothing(tmp_path: Path, capsys) -> None:
     cal = {"teachers": [{"train": {"step_time_s": 0.2}, "eval_wall_s": 10.0}], "sft": [{"train": {"step_time_s": 0.05}}],
-           "vision": {"wall_s": 60.0}}
+           "vision": {"wall_s": 60.0}, "settings": {"task": "scenes"}}
     (tmp_path / "cal.json").write_text(json.dumps(cal))
     sys.path.insert(0, str(ROOT / "examples"))
     try:
@@ -442,5 +442,8 @@ def test_cli_estimate_trains_nothing(tmp_path: Path, capsys) -> None:
     assert demo_cli.main(["--estimate", str(tmp_path / "cal.json"), "--ratios", str(ROOT / "docs/results/quick/results.json"),
                           "--run-dir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("ESTIMATE (not a measurement)") and "scenes: vision 1.0 min, teacher" in out
+    assert out.startswith("ESTIMATE (not a measurement)") and "one evaluation 10 s): vision 1.0 min, teacher" in out
     assert not (tmp_path / "run").exists()  # --estimate trains nothing
+    with pytest.raises(SystemExit):  # --full runs digits too: its calibration is needed
+        demo_cli.main(["--full", "--estimate", str(tmp_path / "cal.json")])
+    assert "none for ['digits']" in capsys.readouterr().err
