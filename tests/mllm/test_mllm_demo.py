@@ -447,3 +447,27 @@ def test_cli_estimate_trains_nothing(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):  # --full runs digits too: its calibration is needed
         demo_cli.main(["--full", "--estimate", str(tmp_path / "cal.json")])
     assert "none for ['digits']" in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_its_key_is_trained_again(smoke, tmp_path: Path) -> None:
+    """A kill between a checkpoint's weights and its key (written last), or a checkpoint of another
+    setting, is not reused: that stage is trained again; what depends only on settings is reused."""
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(smoke[0], run_dir)
+    (run_dir / "student_stage1" / "train_info.json").unlink()  # killed after save_pretrained
+    info = run_dir / "teacher" / "train_info.json"
+    info.write_text(json.dumps({**json.loads(info.read_text()), "cache_key": "0" * 16}))  # another setting's
+    logs: list[str] = []
+    got = dm.run_demo(dm.PRESETS["smoke"], run_dir, progress=False, log=logs.append, only_keys=["kd"], skip_missing=True)
+    assert any("holds a teacher of another setting" in line for line in logs)
+    assert any(line.startswith("stage 0: teacher") for line in logs) and any(line.startswith("stage 1: student") for line in logs)
+    assert json.loads(info.read_text())["cache_key"] != "0" * 16
+    # keys follow settings, which is sound because the same setting retrains the same weights bit for bit
+    from safetensors.torch import load_file
+
+    for path in ("teacher", "student_stage1"):
+        a, b = load_file(str(run_dir / path / "model.safetensors")), load_file(str(smoke[0] / path / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), path
+    assert got["runs"]["kd"]["seeds"] == smoke[1]["runs"]["kd"]["seeds"]  # so the runs on them are reused
