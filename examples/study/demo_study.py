@@ -1034,7 +1034,7 @@ def compute_budget(timing: Sequence[dict[str, Any]], student_steps: int) -> dict
     cpu = [float(r.get("step_cpu_s", float("nan"))) for r in (kd, ati)]
     return {"kd_step_s": float(kd["step_time_s"]), "align_ti_step_s": float(ati["step_time_s"]),
             "wall_ratio": ratio, "cpu_ratio": cpu[1] / cpu[0] if cpu[0] > 0 else float("nan"),
-            "align_ti_steps": student_steps, "kd_steps": max(student_steps, round(student_steps * ratio))}
+            "align_ti_steps": student_steps, "kd_steps": max(1, round(student_steps * ratio))}
 
 
 def _mean(v: Sequence[float | int]) -> float:

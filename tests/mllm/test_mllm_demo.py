@@ -376,6 +376,8 @@ def test_compute_budget_and_estimate() -> None:
               {"method": "tpa", "overrides": {"tpa_forward": "packed"}, "step_time_s": 9.0}]
     b = dm.compute_budget(timing, 300)
     assert b["kd_steps"] == 750 and b["wall_ratio"] == pytest.approx(2.5) and b["cpu_ratio"] == pytest.approx(3.0)
+    faster = [{**timing[0], "step_time_s": 0.1}, timing[1]]  # Align-TI faster than KD: KD gets fewer steps
+    assert dm.compute_budget(faster, 300)["kd_steps"] == 150
     with pytest.raises(ValueError, match="timing must hold a 'align_ti' row"):
         dm.compute_budget(timing[:1], 300)
     with pytest.raises(ValueError, match="kd step time must be a finite number > 0"):
