@@ -1,95 +1,185 @@
-"""`make demo`: Align-TI end to end on a synthetic visual-QA task, through the reference trainer.
+"""`make demo`: Align-TI end to end on the study's synthetic visual-QA tasks, through the reference trainer.
 
-data (seeded shapes task, LLaVA JSON + PNG) -> teacher (SFT) -> students (SFT, Vanilla KD,
-Align-TI and ablations, all from one shared stage-1 checkpoint with the same budget) ->
-evaluation (exact match per question type, POPE-style yes/no, held-out KL, %ExAccErr) ->
-Markdown tables, PNG plots and a JSON of every number.
+data (seeded task, LLaVA JSON + PNG) -> vision tower pre-training (frozen for everyone) -> teacher
+(SFT) -> students (SFT, Vanilla KD, Align-TI and ablations, all from one shared stage-1 checkpoint
+with the same budget) -> evaluation (exact match per question type, POPE-style yes/no, held-out
+KL, %ExAccErr, attention heat maps) -> Markdown pages, PNG plots and a JSON of every number.
 
-    python examples/demo.py            # --quick (default): Tables 5/6, Fig. 4/6, Table 4; 3 seeds
-                                       #   (3.5 min measured with --threads 2 on 2 idle CPU cores, 15 min under load)
-    python examples/demo.py --full     # every experiment, 5 seeds (measured: ~25 min wall, 3 processes
-                                       #   sharing 2 busy cores; see docs/results/demo-full.md)
-    python examples/demo.py --smoke    # seconds; what CI runs
-    python examples/demo.py --task scenes   # the study's tasks (issue 15): scenes or digits, with a
-                                            #   pre-trained frozen vision tower; not calibrated yet
-                                            #   (examples/study/calibrate.py), so not the default
+    python examples/demo.py            # --quick (default): the scenes task; Tables 5/6/4, Fig. 4/6/7; 3 seeds
+    python examples/demo.py --full     # scenes and digits, every experiment (Tables 3-8, 14, 18,
+                                       #   Fig. 4-7, the end-of-turn TPA row), 5 seeds
+    python examples/demo.py --smoke    # tiny everything (CI)
+    python examples/demo.py --task shapes           # the earlier study (shapes task, no pre-trained tower)
+    python examples/demo.py --estimate docs/results/calibration-scenes.json
+                                       # print the expected time from measured step times; train nothing
+                                       #   (--full: also docs/results/calibration-digits.json)
+
+Resumable per experiment: the vision tower, the teacher, the stage-1 student, every timing row
+and every student run (configuration, seed) are cached in ``--run-dir`` (default
+``runs/demo/<preset>[-<tasks>]``) under a hash of the settings that affect them, so the same
+command after a kill continues where it stopped (finished runs are not retrained), and a changed
+setting never reuses a stale result. Progress: one line per finished unit (a bar on a terminal)
+with the expected remaining time of the stage and of the study, on stderr.
 
 Every step runs with the preset's torch thread count (1), whatever the machine has: on CPU
 the same seed gives bit-identical weights only at the same thread count (see the trainer
 guide's "Determinism on CPU"), so a run here repeats any other run of the same preset.
 ``--threads N`` trades that for speed on an idle machine (the count is recorded in the
-results); on cores busy with other work more threads thrash (two threads per process on a
-shared core: steps ~90x slower, measured).
+results and is part of every cache key).
 
-Outputs go to ``--run-dir`` (default ``runs/demo/<preset>``; the teacher and the stage-1
-student are cached there and reused, so an interrupted run resumes) and the tables, plots
-and JSON are copied to ``docs/results/`` (``--no-docs`` to skip).
+Outputs: the report in ``<run dir>/report`` and, for quick/full runs, copied to ``docs/results/``
+(``--no-docs`` to skip): the study's tasks to ``study-<preset>.md`` (+ one page per task), the
+earlier shapes study to ``demo-<preset>.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shlex
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["shapes", "scenes", "digits"]
+#: the tasks each preset runs by default
+DEFAULT_TASKS = {"smoke": ["scenes"], "quick": ["scenes"], "full": ["scenes", "digits"]}
+
+
+def _estimate(paths: list[Path], settings_by_task: dict, ratios: Path | None) -> str:
+    """The expected wall time of the study from the step times measured by each task's calibration
+    (``calibrate.py``'s JSON; its ``settings.task`` names the task)."""
+    from demo_study import estimate_study_s
+
+    measured_by_task = {}
+    for path in paths:
+        cal = json.loads(path.read_text())
+        teacher, sft = cal["teachers"][0], cal["sft"][0]
+        measured_by_task[cal["settings"]["task"]] = (path, {
+            "vision_s": float(cal.get("vision", {}).get("wall_s", 0.0)),
+            "teacher_step_s": float(teacher["train"]["step_time_s"]),
+            "student_step_s": float(sft["train"]["step_time_s"]), "eval_s": float(teacher["eval_wall_s"])})
+    missing = [t for t in settings_by_task if t not in measured_by_task]
+    if missing:
+        raise ValueError(f"--estimate needs a calibration JSON of every task; none for {missing} "
+                         f"(got {sorted(measured_by_task)})")
+    ratio: dict[str, float] = {}
+    if ratios is not None:
+        timing = json.loads(ratios.read_text())["timing"]
+        base = next(r["step_time_s"] for r in timing if r["method"] == "sft")
+        ratio = {r["method"]: r["step_time_s"] / base for r in timing if not r.get("overrides", {}).get("tpa_forward")}
+    lines = ["ESTIMATE (not a measurement): each task's steps times the step times its calibration measured, "
+             + (f"each method's step time / SFT's from the timing pass of {ratios}" if ratios
+                else "every method timed as SFT") + "; trainer start-up and the IRS pass not counted"]
+    total = 0.0
+    for task, s in settings_by_task.items():
+        path, measured = measured_by_task[task]
+        est = estimate_study_s(s, {**measured, "ratio": ratio})
+        total += est["total"]
+        lines.append(f"  {task} ({path}: teacher step {measured['teacher_step_s']:.3f} s, student step "
+                     f"{measured['student_step_s']:.3f} s, one evaluation {measured['eval_s']:.0f} s): "
+                     + ", ".join(f"{k} {v / 60:.1f} min" for k, v in est.items()))
+    lines.append(f"  all tasks: {total / 60:.1f} min")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="the default: Tables 5/6, Fig. 4/6, Table 4, 3 seeds")
-    g.add_argument("--full", action="store_true", help="every experiment, 5 seeds")
+    g.add_argument("--quick", action="store_true", help="the default: the scenes task, main comparisons, 3 seeds")
+    g.add_argument("--full", action="store_true", help="scenes and digits, every experiment, 5 seeds")
     g.add_argument("--smoke", action="store_true", help="tiny everything, seconds (CI)")
-    p.add_argument("--run-dir", type=Path, default=None, help="default: runs/demo/<preset>")
+    p.add_argument("--run-dir", type=Path, default=None, help="default: runs/demo/<preset>[-<tasks>]")
     p.add_argument("--docs-dir", type=Path, default=ROOT / "docs" / "results", help="where tables/plots/JSON are copied")
     p.add_argument("--no-docs", action="store_true", help="do not write into docs/results")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's student seeds")
     p.add_argument("--experiments", nargs="+", default=None,
-                   help="override the preset's experiments (table5 table3 table6 table7 table8 fig4 fig5 fig6 table4)")
-    p.add_argument("--task", default="shapes", choices=["shapes", "scenes", "digits"],
-                   help="shapes (default: the earlier study); scenes / digits: examples/study/tasks.py (issue 15)")
+                   help="override the preset's experiments (table5 table3 table6 table7 table8 table14 table18 "
+                        "fig4 fig5 fig6 fig7 table4 eot)")
+    p.add_argument("--task", nargs="+", default=None, choices=TASKS,
+                   help="scenes / digits (examples/study/tasks.py) or shapes (the earlier study); "
+                        "default: scenes (quick, smoke), scenes digits (full)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the preset's, 1); results repeat bit for bit only at the same count")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
     p.add_argument("--only", nargs="+", default=None, metavar="KEY",
                    help="train only these student configurations (e.g. rkl jsd gkd iva@last tpa@d8)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing new: report the runs already saved in the run dir (a partial run)")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop after N newly trained student runs (then run the same command again to resume)")
+    p.add_argument("--estimate", type=Path, nargs="+", default=None, metavar="CALIBRATION_JSON",
+                   help="print the expected wall time from the step times of each task's calibration JSON "
+                        "(docs/results/calibration-<task>.json); train nothing")
+    p.add_argument("--ratios", type=Path, default=ROOT / "docs" / "results" / "quick" / "results.json",
+                   help="with --estimate: a results.json whose timing pass gives each method's step time / SFT's")
     a = p.parse_args(argv)
 
     sys.path.insert(0, str(ROOT / "examples" / "study"))
-    from demo_study import run_demo, summary_markdown, task_settings, write_report
+    from demo_study import (
+        StudyStopped,
+        run_study,
+        summary_markdown,
+        task_settings,
+        write_report,
+        write_study_report,
+    )
 
     preset = "full" if a.full else "smoke" if a.smoke else "quick"
-    settings = task_settings(a.task, preset)
-    if a.seeds:
-        settings = dataclasses.replace(settings, seeds=tuple(a.seeds))
-    if a.experiments:
-        settings = dataclasses.replace(settings, experiments=tuple(a.experiments))
-    if a.threads is not None:
-        if a.threads < 1:
-            p.error(f"--threads must be >= 1, got {a.threads}")
-        settings = dataclasses.replace(settings, threads=a.threads)
-    name = preset if a.task == "shapes" else f"{preset}-{a.task}"
+    tasks = a.task or DEFAULT_TASKS[preset]
+    if len(set(tasks)) != len(tasks):
+        p.error(f"--task lists a task twice: {tasks}")
+    if "shapes" in tasks and len(tasks) > 1:
+        p.error("--task shapes (the earlier study) runs alone")
+    if a.threads is not None and a.threads < 1:
+        p.error(f"--threads must be >= 1, got {a.threads}")
+    if a.stop_after is not None and a.stop_after < 1:
+        p.error(f"--stop-after must be >= 1, got {a.stop_after}")
+
+    def adjust(settings):
+        if a.seeds:
+            settings = dataclasses.replace(settings, seeds=tuple(a.seeds))
+        if a.experiments:
+            settings = dataclasses.replace(settings, experiments=tuple(a.experiments))
+        if a.threads is not None:
+            settings = dataclasses.replace(settings, threads=a.threads)
+        return settings
+
+    if a.estimate is not None:
+        try:
+            print(_estimate(a.estimate, {t: adjust(task_settings(t, preset)) for t in tasks}, a.ratios))
+        except ValueError as e:
+            p.error(str(e))
+        return 0
+    name = preset if tasks == ["shapes"] else f"{preset}-{'-'.join(tasks)}"
     run_dir = a.run_dir or ROOT / "runs" / "demo" / name
     command = "python examples/demo.py" + ("".join(f" {shlex.quote(x)}" for x in (argv if argv is not None else sys.argv[1:])))
     t0 = time.perf_counter()
-    print(f"tokinteract demo ({preset}): run dir {run_dir}", flush=True)
-    if len(settings.seeds) == 1 and preset != "smoke":
-        print("note: one student seed only (3 seeds do not fit the quick budget); use --full for mean ± std", flush=True)
-    res = run_demo(settings, run_dir, progress=not a.no_progress, skip_missing=a.report_only,
-                   only_keys=a.only)
-    page = write_report(res, run_dir / "report", command=command, title=f"Demo results ({name})")
+    print(f"tokinteract demo ({preset}, tasks {' '.join(tasks)}): run dir {run_dir}", flush=True)
+    try:
+        results = run_study(tasks, preset, run_dir, adjust=adjust, progress=not a.no_progress,
+                            skip_missing=a.report_only, only_keys=a.only, stop_after=a.stop_after)
+    except StudyStopped as e:
+        print(f"\n{e} (after {(time.perf_counter() - t0) / 60:.1f} min)")
+        return 3
+    if tasks == ["shapes"]:  # the earlier study: its own pages
+        res = results["shapes"]
+        page = write_report(res, run_dir / "report", command=command, title=f"Demo results ({name})")
+        if not a.no_docs and preset != "smoke":
+            write_report(res, a.docs_dir / preset, command=command, page=a.docs_dir / f"demo-{preset}.md",
+                         title=f"Demo results ({preset}, earlier study: shapes task)")
+            print(f"copied to {a.docs_dir / f'demo-{preset}.md'} and {a.docs_dir / preset}/")
+    else:
+        page = write_study_report(results, run_dir / "report", command=command, title=f"Study results ({name})")
+        if not a.no_docs and preset != "smoke":
+            docs_page = write_study_report(results, a.docs_dir / "study" / preset, command=command,
+                                           page=a.docs_dir / f"study-{preset}.md", title=f"Study results ({preset})")
+            print(f"copied to {docs_page} (+ one page per task) and {a.docs_dir / 'study' / preset}/")
     print(f"\nreport: {page}")
-    if not a.no_docs and preset != "smoke" and a.task == "shapes":  # uncalibrated tasks stay out of the docs
-        page = write_report(res, a.docs_dir / preset, command=command, page=a.docs_dir / f"demo-{preset}.md",
-                            title=f"Demo results ({preset})")
-        print(f"copied to {page} and {a.docs_dir / preset}/")
-    print("\n" + summary_markdown(res))
+    for task, res in results.items():
+        print(f"\n{task}:\n" + summary_markdown(res))
     print(f"\ntotal wall time {(time.perf_counter() - t0) / 60:.1f} min")
     return 0
 

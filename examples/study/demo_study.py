@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,22 +44,32 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tokinteract.mllm.eval import IGNORE_INDEX, evaluate_generation, exposure_curve, heldout_kl, teacher_irs
+from tokinteract.mllm.eval import (
+    IGNORE_INDEX,
+    evaluate_generation,
+    exposure_curve,
+    heldout_kl,
+    teacher_irs,
+)
 from tokinteract.mllm.tokenizer import SPECIAL_TOKENS
 
 __all__ = [
     "EXPERIMENTS",
     "PRESETS",
     "DemoSettings",
-    "ModelSize",
-    "RunSpec",
     "LiveTensorBytes",
+    "ModelSize",
+    "Progress",
+    "RunSpec",
     "StepMeter",
+    "StudyStopped",
+    "cache_key",
     "evaluate_generation",
     "exposure_curve",
     "heldout_kl",
     "mean_std",
     "run_demo",
+    "run_study",
     "teacher_irs",
     "torch_threads",
 ]
@@ -116,6 +128,8 @@ class DemoSettings:
         vision_position: the vision tower's pre-training also classifies each patch's grid
             cell (``vision_pretrain.py``), so that visual tokens keep where they are.
         compact_positions: positions are one token (``"r2c3"``) in questions and answers.
+        n_fig7: test samples of the short question types drawn as Fig. 7 heat maps (teacher,
+            students with and without IVA).
     """
 
     name: str
@@ -158,16 +172,31 @@ class DemoSettings:
     question_weights: tuple[float, ...] = ()
     vision_position: bool = False
     compact_positions: bool = False
+    n_fig7: int = 4
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One student configuration: a trainer method plus overrides of :class:`DistillationConfig`."""
+    """One student configuration: a trainer method plus overrides of :class:`DistillationConfig`;
+    ``steps``: stage-2 steps (None: ``DemoSettings.student_steps``, the budget every method shares)."""
 
     key: str
     method: str
     overrides: dict[str, Any] = field(default_factory=dict)
     label: str = ""
+    steps: int | None = None
+
+
+#: Table 14: every combination of the loss terms the trainer supports, as part weights of
+#: ``DistillationConfig`` (``sft_weight``/``kd_weight``/``iva_weight``/``tpa_weight``; any non-empty
+#: subset is accepted, the ones with a teacher term train with the teacher). Letters S, K, I, T;
+#: the five combinations that are ``method`` presets reuse those runs.
+TERM_COMBINATIONS: dict[str, str] = {
+    "S": "sft", "SK": "kd", "SKI": "iva", "SKT": "tpa", "SKIT": "align_ti",
+    "K": "mix@K", "I": "mix@I", "T": "mix@T", "SI": "mix@SI", "ST": "mix@ST", "KI": "mix@KI", "KT": "mix@KT",
+    "IT": "mix@IT", "SIT": "mix@SIT", "KIT": "mix@KIT",
+}
+_TERM_NAMES = {"S": "SFT", "K": "KD", "I": "IVA", "T": "TPA"}
 
 
 #: experiments -> the student runs they need (keys are shared between experiments).
@@ -180,6 +209,10 @@ EXPERIMENTS: dict[str, list[str]] = {
     "fig5": ["tpa@d1", "tpa@d2", "tpa", "tpa@d8", "tpa@greedy"],
     "fig6": ["sft", "kd", "tpa"],
     "eot": ["kd", "tpa", "tpa@skip_eot"],  # beyond the paper: DistillationConfig.tpa_skip_token_ids
+    "table14": list(TERM_COMBINATIONS.values()),
+    # Vanilla KD trained for as many steps as fit in Align-TI's time (from the timing pass: table4 runs first)
+    "table18": ["kd", "align_ti", "kd@budget"],
+    "fig7": ["kd", "iva"],  # heat maps of the first seed's students, without and with IVA
 }
 
 #: Table 4/13 timing: (label, method, overrides) measured for ``timing_steps`` steps each.
@@ -224,6 +257,12 @@ def run_specs(settings: DemoSettings, l_star: int) -> dict[str, RunSpec]:
         RunSpec("tpa@skip_eot", "tpa", {**tpa, "tpa_skip_token_ids": [SPECIAL_TOKENS.index("<|im_end|>")]},
                 f"TPA d={d} without end-of-turn slots (beyond the paper)"),
     ]
+    for combo, key in TERM_COMBINATIONS.items():
+        if key.startswith("mix@"):
+            weights = {f"{_TERM_NAMES[c].lower()}_weight": float(c in combo) for c in "SKIT"}
+            ov = {**weights, **({"iva_layer": l_star} if "I" in combo else {}), **(dict(tpa) if "T" in combo else {})}
+            specs.append(RunSpec(key, "align_ti", ov, "+".join(_TERM_NAMES[c] for c in combo)
+                                 + ("" if "S" in combo else " (no SFT)")))
     out = {s.key: s for s in specs}
     mid = out["iva@middle"].overrides["iva_layer"]
     out["iva@middle"] = dataclasses.replace(out["iva@middle"], label=f"IVA, teacher layer {mid}")
@@ -234,14 +273,15 @@ PRESETS: dict[str, DemoSettings] = {
     "smoke": DemoSettings(
         name="smoke", n_train=24, n_test=8, n_captions=8, teacher=ModelSize(32, 2), student=ModelSize(32, 1),
         teacher_steps=2, stage1_steps=1, student_steps=2, batch_size=4, seeds=(0,), n_eval=8, n_exposure=4,
-        exposure_steps=6, tpa_d=2, timing_steps=3, experiments=("table5", "fig4", "fig6", "table4"),
+        exposure_steps=6, tpa_d=2, timing_steps=3,
+        experiments=("table5", "fig4", "fig6", "table4", "table18", "fig7"),
     ),
     "quick": DemoSettings(
         name="quick", n_train=6000, n_test=300, n_captions=1000, patch_size=16,
         teacher=ModelSize(128, 4), student=ModelSize(48, 2),
         teacher_steps=1500, stage1_steps=150, student_steps=300, batch_size=16, teacher_lr=1e-3, student_lr=1e-3,
         seeds=(0, 1, 2), n_eval=300, n_exposure=32, exposure_steps=24, tpa_d=4,
-        experiments=("table5", "table6", "fig4", "fig6", "table4"),
+        experiments=("table5", "table6", "fig4", "fig6", "table4", "fig7"),
     ),
 }
 #: the tasks of examples/study/tasks.py (issue 15): what differs from the preset of the same scale.
@@ -276,7 +316,8 @@ def task_settings(task: str, preset: str) -> DemoSettings:
 
 PRESETS["full"] = dataclasses.replace(
     PRESETS["quick"], name="full", seeds=(0, 1, 2, 3, 4),
-    experiments=("table5", "fig4", "fig6", "table4", "table6", "table3", "table8", "table7", "fig5", "eot"),
+    experiments=("table5", "fig4", "fig6", "table4", "table6", "table3", "table8", "table7", "fig5", "eot",
+                 "table14", "table18", "fig7"),
 )
 
 
@@ -385,6 +426,122 @@ class LiveTensorBytes:
         self._mode.__exit__(*exc)
 
 
+# --------------------------------------------------------------------------- caching and progress
+def cache_key(obj: Any) -> str:
+    """16 hex digits of the SHA-256 of ``obj`` as canonical JSON: the key of a cached artifact, made
+    from every setting that affects it (a changed setting gives another key, so nothing stale is reused)."""
+    return hashlib.sha256(json.dumps(_jsonable(obj), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (a killed run leaves the old file or the new one, never half)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(obj), indent=1))
+    os.replace(tmp, path)
+
+
+def _cached_record(path: Path, key: str) -> dict[str, Any] | None:
+    """The JSON record at ``path`` if it was made with ``key`` (its ``cache_key``), else None."""
+    if not path.exists():
+        return None
+    rec = json.loads(path.read_text())
+    return rec if isinstance(rec, dict) and rec.get("cache_key") == key else None
+
+
+class StudyStopped(RuntimeError):
+    """Raised by :func:`run_demo` with ``stop_after``: the study stopped on purpose (a test of resuming)."""
+
+
+class Progress:
+    """Progress of the study's stages with the expected remaining time, on ``stream`` (stderr).
+
+    ``plan``: ordered ``(stage, units)``, each unit ``(label, weight)`` with ``weight`` its cost in
+    training steps (a method's steps times its step time relative to SFT when the timing pass has
+    measured it). A stage's rate (seconds per weight) is measured from its units trained so far;
+    a stage with none yet takes the rate of the last stage measured (``~``: a rougher estimate)
+    or ``priors[stage]``. Remaining time = the sum over units not done of weight x rate. Units
+    reused from the cache count as done and are not measured. Not a TTY: one line per unit; a
+    TTY: one bar per stage, rewritten in place.
+    """
+
+    def __init__(self, plan: Sequence[tuple[str, Sequence[tuple[str, float]]]], *, stream: Any = None,
+                 tty: bool | None = None, priors: dict[str, float] | None = None, enabled: bool = True) -> None:
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) if tty is None else tty
+        self.enabled = enabled
+        self.priors = dict(priors or {})
+        self.plan: dict[str, list[list[Any]]] = {}  # stage -> [[label, weight, done], ...]
+        for stage, units in plan:
+            self.plan[stage] = [[label, float(w), False] for label, w in units]
+        self.measured: dict[str, list[float]] = {}  # stage -> [seconds, weight]
+        self.last_rate: float | None = None
+
+    def set_weight(self, stage: str, label: str, weight: float) -> None:
+        """Re-weight a unit not done yet (e.g. once the timing pass measured its method)."""
+        for u in self.plan.get(stage, []):
+            if u[0] == label and not u[2]:
+                u[1] = float(weight)
+
+    def rate(self, stage: str) -> tuple[float | None, bool]:
+        """(seconds per weight, measured in this stage) for ``stage``."""
+        m = self.measured.get(stage)
+        if m and m[1] > 0:
+            return m[0] / m[1], True
+        if self.last_rate is not None:
+            return self.last_rate, False
+        return self.priors.get(stage), False
+
+    def remaining_s(self, stage: str | None = None) -> float | None:
+        """Expected seconds left (for one stage, or all); None while nothing is measured or known."""
+        total = 0.0
+        for st, units in self.plan.items():
+            if stage is not None and st != stage:
+                continue
+            left = sum(w for _, w, done in units if not done)
+            if left == 0:
+                continue
+            r, _ = self.rate(st)
+            if r is None:
+                return None
+            total += left * r
+        return total
+
+    def done(self, stage: str, label: str, seconds: float | None) -> None:
+        """Unit ``label`` of ``stage`` finished in ``seconds`` (None: reused from the cache)."""
+        units = self.plan.setdefault(stage, [])
+        unit = next((u for u in units if u[0] == label and not u[2]), None)
+        if unit is None:
+            unit = [label, 0.0, False]
+            units.append(unit)
+        unit[2] = True
+        if seconds is not None and unit[1] > 0:
+            m = self.measured.setdefault(stage, [0.0, 0.0])
+            m[0] += seconds
+            m[1] += unit[1]
+            self.last_rate = m[0] / m[1]
+        if not self.enabled:
+            return
+        n_done = sum(u[2] for u in units)
+        what = "reused" if seconds is None else f"{seconds:.0f} s"
+        line = f"[{stage} {n_done}/{len(units)}] {label}: {what} | left: stage {self._fmt(stage)}, study {self._fmt(None)}"
+        if self.tty:
+            bar = "#" * round(20 * n_done / max(len(units), 1))
+            end = "\n" if n_done == len(units) else ""
+            self.stream.write(f"\r{stage} [{bar:<20}] {n_done}/{len(units)} | left: stage {self._fmt(stage)}, "
+                              f"study {self._fmt(None)}\x1b[K{end}")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def _fmt(self, stage: str | None) -> str:
+        left = self.remaining_s(stage)
+        if left is None:
+            return "unknown"
+        rough = any(not self.rate(st)[1] for st, units in self.plan.items()
+                    if (stage is None or st == stage) and any(not d for _, _, d in units))
+        return ("~" if rough else "") + (f"{left / 60:.1f} min" if left >= 60 else f"{left:.0f} s")
+
+
 class StepMeter:
     """Wall time and (with ``memory=True``) peak memory of training steps.
 
@@ -397,6 +554,7 @@ class StepMeter:
     def __init__(self, memory: bool = False) -> None:
         self.memory = memory
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
         self.peaks: list[int] = []
 
     def __enter__(self) -> StepMeter:
@@ -409,12 +567,14 @@ class StepMeter:
         elif self.memory:
             self._tracker = LiveTensorBytes().__enter__()
         self._t0 = time.perf_counter()
+        self._c0 = time.process_time()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self._cuda:
             torch.cuda.synchronize()
         self.times.append(time.perf_counter() - self._t0)
+        self.cpu_times.append(time.process_time() - self._c0)
         if self._cuda:
             self.peaks.append(int(torch.cuda.max_memory_allocated() - self._base))
         elif self._tracker is not None:
@@ -423,11 +583,14 @@ class StepMeter:
             self._tracker = None
 
     def summary(self, skip: int = 2) -> dict[str, Any]:
-        """Median step time (s) and the max peak (MiB), skipping the first ``skip`` warm-up steps."""
+        """Median step time (s, wall and CPU time of the process) and the max peak (MiB), skipping
+        the first ``skip`` warm-up steps."""
         t = self.times[skip:] or self.times
+        c = self.cpu_times[skip:] or self.cpu_times
         p = self.peaks[skip:] or self.peaks
         return {
             "step_time_s": float(statistics.median(t)) if t else float("nan"),
+            "step_cpu_s": float(statistics.median(c)) if c else float("nan"),
             "peak_mem_mib": float(max(p)) / 2**20 if p else float("nan"),
             "peak_steps_mib": [x / 2**20 for x in self.peaks],
             "steps_timed": len(t),
@@ -473,6 +636,7 @@ class Demo:
         self.progress = progress
         self.log = log
         self.results: dict[str, Any] = {"settings": _jsonable(dataclasses.asdict(settings)), "runs": {}}
+        self.reused: dict[str, bool] = {}  # stage -> its last checkpoint came from the cache
 
     # ------------------------------------------------------------- building blocks
     def task(self) -> Any:
@@ -519,6 +683,7 @@ class Demo:
                 tasks.write_task(task, data_dir, n_train=s.n_train, n_test=s.n_test, n_captions=s.n_captions,
                                  n_irs=s.n_irs, seed=s.data_seed)
             stamp.write_text(key)
+        self.data_key = cache_key(key)
         self.task_obj = task
         self.long_type = "describe" if task is None else task.caption_type
         self.short_types = ("color", "position", "count", "exist") if task is None else task.SHORT_TYPES
@@ -593,6 +758,10 @@ class Demo:
             processing_class=self.processor, irs_dataset=self.irs_raw,
         )
         trainer.meter = StepMeter(memory=memory)
+        if not self.progress:  # no log dict per logging step: the study prints one line per run (Progress)
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)
         t0 = time.perf_counter()
         with torch_threads(self.s.threads):  # the setting's count, whatever the caller's
             trainer.train()
@@ -612,19 +781,15 @@ class Demo:
         if self.task_obj is None:
             raise ValueError("vision_pretrain_steps > 0 needs a task with per-cell labels (task 'scenes' or 'digits'), "
                              f"got task {s.task!r}")
+        import vision_pretrain as vp
         from safetensors.torch import load_file, save_file
 
-        import vision_pretrain as vp
-
         path = self.dir / "vision_tower"
-        images = {k: v for k, v in dataclasses.asdict(self.task_obj).items()  # what the images depend on
-                  if k not in ("question_types", "question_weights", "caption_type", "compact_positions")}
-        key = json.loads(json.dumps([images, s.vision_pretrain_steps, s.vision_images,
-                                     s.vision_lr, s.vision_hidden, s.vision_layers, s.patch_size, s.vision_position,
-                                     s.data_seed]))
+        key = self._vision_setting()
         cached = path / "info.json"
-        if not ((path / "tower.safetensors").exists() and cached.exists()
-                and json.loads(cached.read_text()).get("key") == key):  # another setting: pre-train again
+        self.reused["vision"] = ((path / "tower.safetensors").exists() and cached.exists()
+                                 and json.loads(cached.read_text()).get("key") == key)
+        if not self.reused["vision"]:  # another setting: pre-train again
             task, ip = self.task_obj, self.processor.image_processor
             self.log(f"stage -1: vision tower pre-training ({s.vision_pretrain_steps} steps on {s.vision_images} images)")
             t0 = time.perf_counter()
@@ -652,18 +817,59 @@ class Demo:
         self.results["vision"] = json.loads((path / "info.json").read_text())
         return load_file(str(path / "tower.safetensors"))
 
+    def _vision_setting(self) -> list[Any]:
+        """What the pre-trained vision tower depends on (its cache key; ``vision_tower/info.json``)."""
+        s = self.s
+        images = {k: v for k, v in dataclasses.asdict(self.task_obj).items()  # what the images depend on
+                  if k not in ("question_types", "question_weights", "caption_type", "compact_positions")}
+        return json.loads(json.dumps([images, s.vision_pretrain_steps, s.vision_images,
+                                      s.vision_lr, s.vision_hidden, s.vision_layers, s.patch_size, s.vision_position,
+                                      s.data_seed]))
+
+    def _model_key(self, size: ModelSize, *, seed: int, steps: int, lr: float, source: Any) -> str:
+        """Cache key of a trained checkpoint: the data, the model, the recipe, the thread count, the
+        torch version and ``source`` (what it starts from / copies its vision tower from)."""
+        s = self.s
+        return cache_key({"data": self.data_key, "size": dataclasses.asdict(size), "seed": seed, "steps": steps,
+                          "lr": lr, "batch": s.batch_size, "threads": s.threads, "max_length": s.max_length,
+                          "vision": [s.vision_hidden, s.vision_layers, s.image_size, s.patch_size],
+                          "torch": torch.__version__, "source": source})
+
+    def _reuse(self, path: Path, key: str, what: str) -> dict[str, Any] | None:
+        """``path/train_info.json`` if the checkpoint at ``path`` was trained with ``key``; else
+        None (after saying why, and removing the stale record so a killed retraining is not reused)."""
+        info = path / "train_info.json"
+        if (path / "config.json").exists() and info.exists():
+            meta = json.loads(info.read_text())
+            if meta.get("cache_key") == key:
+                self.log(f"reusing the {what} checkpoint {path}")
+                self.reused[what] = True
+                return meta
+            self.log(f"{path} holds a {what} of another setting (or of a run without cache keys): trained again")
+            info.unlink()
+        self.reused[what] = False
+        return None
+
+    def _save_checkpoint(self, model: nn.Module, path: Path, meta: dict[str, Any], key: str) -> dict[str, Any]:
+        model.save_pretrained(path)
+        meta = {**_jsonable(meta), "cache_key": key}
+        _write_json(path / "train_info.json", meta)  # last: only a complete checkpoint has a key
+        return meta
+
     def teacher_model(self, seed: int | None = None) -> nn.Module:
+        """The SFT teacher of ``seed`` (default ``teacher_seed``), cached in ``run_dir/teacher`` (or
+        ``teacher_seed<N>``) under a key of its setting (another setting: trained again)."""
         from transformers import LlavaForConditionalGeneration
 
         seed = self.s.teacher_seed if seed is None else seed
         path = self.dir / ("teacher" if seed == self.s.teacher_seed else f"teacher_seed{seed}")
-        if (path / "config.json").exists():
-            self.log(f"reusing the teacher checkpoint {path}")
+        s = self.s
+        vision = (["pretrained", self._vision_setting()] if s.vision_pretrain_steps
+                  else ["trained by the teacher's SFT" if s.teacher_trains_vision else "random, frozen"])
+        key = self._model_key(s.teacher, seed=seed, steps=s.teacher_steps, lr=s.teacher_lr, source=vision)
+        meta = self._reuse(path, key, "teacher")
+        if meta is not None:
             t = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa")
-            meta = json.loads((path / "train_info.json").read_text())
-            if meta.get("threads") != self.s.threads:
-                self.log(f"note: the cached teacher was trained with threads={meta.get('threads')}, this run uses "
-                         f"{self.s.threads}: its weights are not the ones this setting gives bit for bit")
         else:
             self.log(f"stage 0: teacher {self.s.teacher} (seed {seed}) SFT for {self.s.teacher_steps} steps")
             t = self.build_model(self.s.teacher, seed=seed)
@@ -672,24 +878,27 @@ class Demo:
                 t.model.vision_tower.load_state_dict(tower)
             meta = self.fit(t, self.train, steps=self.s.teacher_steps, lr=self.s.teacher_lr, seed=seed,
                             tag=path.name, train_vision=self.s.teacher_trains_vision and tower is None)
-            t.save_pretrained(path)
-            (path / "train_info.json").write_text(json.dumps(_jsonable(meta)))
+            meta = self._save_checkpoint(t, path, meta, key)
         t.eval()
         t.requires_grad_(False)
+        t.study_cache_key = key  # what the students' and evaluations' keys build on
         self.results["teacher_train"] = _jsonable(meta)
         return t
 
     def stage1_student(self, teacher: nn.Module) -> Path:
+        """The shared stage-1 student, cached in ``run_dir/student_stage1`` under a key of its setting
+        and of ``teacher``'s (whose vision tower it copies)."""
         path = self.dir / "student_stage1"
-        if not (path / "config.json").exists():
+        self.stage1_key = self._model_key(self.s.student, seed=2000, steps=self.s.stage1_steps, lr=self.s.student_lr,
+                                          source=["captions", getattr(teacher, "study_cache_key", None)])
+        if self._reuse(path, self.stage1_key, "stage-1 student") is None:
             self.log(f"stage 1: student {self.s.student} SFT on captions for {self.s.stage1_steps} steps")
             m = self.build_model(self.s.student, seed=2000)
             # teacher and students share one (frozen) vision tower, as LLaVA-style students
             # share a pretrained SigLIP: here the one the teacher's SFT trained
             m.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
             meta = self.fit(m, self.captions, steps=self.s.stage1_steps, lr=self.s.student_lr, seed=2000, tag="stage1")
-            m.save_pretrained(path)
-            (path / "train_info.json").write_text(json.dumps(_jsonable(meta)))
+            self._save_checkpoint(m, path, meta, self.stage1_key)
         return path
 
     def load_stage1(self) -> nn.Module:
@@ -723,21 +932,67 @@ class Demo:
         pairs = self.irs_raw.instruction_pairs(self.s.n_irs)
         return teacher_irs(teacher, pairs, self.collator)
 
+    def fig7_samples(self) -> list[int]:
+        """Indices (into the evaluated test split) of the Fig. 7 samples: the first ``n_fig7`` of the
+        short question types, whose relevant image region depends on the instruction."""
+        return [i for i, m in enumerate(self.test_meta) if m.get("type") in self.short_types][: self.s.n_fig7]
 
-def measure_step_costs(demo: Demo, teacher: nn.Module, l_star: int) -> list[dict[str, Any]]:
-    """Table 4/13: median step time and peak memory of every method, ``timing_steps`` steps each
-    from the stage-1 checkpoint (same batch, same teacher, GKD with its default lambda 0.5)."""
+    def attention_maps(self, model: nn.Module, layer: int) -> list[list[list[float]]]:
+        """Fig. 7: ``alpha_layer`` of each Fig. 7 sample (the attention of the instruction tokens to each
+        visual token, mean over heads and instruction rows, not renormalised: the map sums to the
+        attention mass the instruction puts on the image), laid out on the image's patch grid: one
+        ``[h, w]`` map per sample."""
+        from tokinteract.hf import (
+            ground_truth_position_ids,
+            instruction_vision_alphas,
+            visual_attention_grid,
+        )
+
+        idx = self.fig7_samples()
+        if not idx:
+            return []
+        b = self.collator([self.test.items[i] for i in idx])
+        vm = b["visual_mask"]
+        b.pop("labels", None)
+        b.pop("response_mask", None)
+        b["position_ids"] = ground_truth_position_ids(b["attention_mask"].bool())
+        model.eval()
+        with torch_threads(self.s.threads):
+            alpha = instruction_vision_alphas(model, b, layers=[layer])[layer]
+        full = torch.zeros(vm.shape, dtype=alpha.dtype)
+        full[vm] = alpha.reshape(-1)
+        return visual_attention_grid(full, vm).tolist()
+
+
+def measure_step_costs(demo: Demo, teacher: nn.Module, l_star: int, progress: Progress | None = None,
+                       skip_missing: bool = False) -> list[dict[str, Any]]:
+    """Table 4/13: median step time (wall and CPU) and peak memory of every method, ``timing_steps``
+    steps each from the stage-1 checkpoint (same batch, same teacher, GKD with its default lambda 0.5).
+    Each row is cached in ``run_dir/timing/`` under a key of its setting; ``skip_missing``: only
+    the cached rows."""
     out = []
-    timing_file = demo.dir / "timing.json"
-    if timing_file.exists():
-        return json.loads(timing_file.read_text())
+    tdir = demo.dir / "timing"
+    tdir.mkdir(exist_ok=True)
     for label, method, ov in TIMING_RUNS:
         ov = dict(ov)
         if method in ("iva", "align_ti", "uniform_va"):
             ov.setdefault("iva_layer", l_star)
         if method in ("tpa", "align_ti"):
             ov.setdefault("tpa_num_candidates", demo.s.tpa_d)
+        key = cache_key({"stage1": demo.stage1_key, "teacher": teacher.study_cache_key, "method": method,
+                         "overrides": ov, "steps": demo.s.timing_steps, "batch": demo.s.batch_size,
+                         "threads": demo.s.threads})
+        path = tdir / (cache_key(label) + ".json")
+        row = _cached_record(path, key)
+        if row is not None:
+            out.append(row)
+            if progress:
+                progress.done("timing", label, None)
+            continue
+        if skip_missing:
+            continue
         demo.log(f"timing {label} ({demo.s.timing_steps} steps)")
+        t0 = time.perf_counter()
         model = demo.load_stage1()
         tr = demo.fit(model, demo.train, steps=demo.s.timing_steps, lr=demo.s.student_lr, seed=0, method=method,
                       teacher=teacher, overrides=ov, tag=f"timing_{method}")
@@ -745,11 +1000,41 @@ def measure_step_costs(demo: Demo, teacher: nn.Module, l_star: int) -> list[dict
         model = demo.load_stage1()  # memory in a separate run: tracking slows the steps down
         mem = demo.fit(model, demo.train, steps=3, lr=demo.s.student_lr, seed=0, method=method,
                        teacher=teacher, overrides=ov, tag=f"memory_{method}", memory=True)
-        out.append({"label": label, "method": method, "overrides": ov, "step_time_s": tr["step_time_s"],
-                    "peak_mem_mib": float(max(mem["peak_steps_mib"])), "steps_timed": tr["steps_timed"]})
+        row = {"label": label, "method": method, "overrides": ov, "step_time_s": tr["step_time_s"],
+               "step_cpu_s": tr["step_cpu_s"], "peak_mem_mib": float(max(mem["peak_steps_mib"])),
+               "steps_timed": tr["steps_timed"], "cache_key": key}
+        _write_json(path, row)
+        out.append(_jsonable(row))
         del model
-    timing_file.write_text(json.dumps(out, indent=1))
+        if progress:
+            progress.done("timing", label, time.perf_counter() - t0)
     return out
+
+
+def compute_budget(timing: Sequence[dict[str, Any]], student_steps: int) -> dict[str, Any]:
+    """Table 18: the steps of Vanilla KD whose time equals Align-TI's ``student_steps`` steps, from the
+    timing pass's median step times (Align-TI with its cached forward; wall and CPU time both recorded;
+    the steps follow the wall-time ratio).
+
+    Raises:
+        ValueError: the timing pass lacks the Vanilla KD or Align-TI row, or a time is not positive.
+    """
+    def row(method: str) -> dict[str, Any]:
+        rows = [r for r in timing if r["method"] == method and not r.get("overrides", {}).get("tpa_forward")]
+        if not rows:
+            raise ValueError(f"timing must hold a {method!r} row for Table 18, got methods {[r['method'] for r in timing]}")
+        return rows[0]
+
+    kd, ati = row("kd"), row("align_ti")
+    for name, r in (("kd", kd), ("align_ti", ati)):
+        t = float(r["step_time_s"])
+        if not (math.isfinite(t) and t > 0):
+            raise ValueError(f"the {name} step time must be a finite number > 0, got {r['step_time_s']!r}")
+    ratio = float(ati["step_time_s"]) / float(kd["step_time_s"])
+    cpu = [float(r.get("step_cpu_s", float("nan"))) for r in (kd, ati)]
+    return {"kd_step_s": float(kd["step_time_s"]), "align_ti_step_s": float(ati["step_time_s"]),
+            "wall_ratio": ratio, "cpu_ratio": cpu[1] / cpu[0] if cpu[0] > 0 else float("nan"),
+            "align_ti_steps": student_steps, "kd_steps": max(1, round(student_steps * ratio))}
 
 
 def _mean(v: Sequence[float | int]) -> float:
@@ -786,104 +1071,262 @@ def machine_info() -> dict[str, Any]:
 
 def run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool = True,
              log: Callable[[str], None] = print, only_calibration: bool = False,
-             skip_missing: bool = False, only_keys: Sequence[str] | None = None) -> dict[str, Any]:
+             skip_missing: bool = False, only_keys: Sequence[str] | None = None,
+             stop_after: int | None = None, progress_stream: Any = None) -> dict[str, Any]:
     """Run every experiment of ``settings`` under ``run_dir``; returns (and writes) ``results.json``.
 
     Every step runs with ``settings.threads`` torch CPU threads (restored on return).
 
-    The teacher and the shared stage-1 student are cached in ``run_dir`` and reused.
-    Student runs already in ``run_dir/runs/*.json`` are reused too (a resumed run skips them).
+    Resumable per experiment: the vision tower, the teacher, the shared stage-1 student, their
+    evaluations, every timing row and every student run (task, configuration, seed; its result
+    JSON in ``run_dir/runs``) are cached in ``run_dir`` under a hash of the settings that affect
+    them (:func:`cache_key`), written atomically, and reused when the key matches, so a killed
+    study continues where it stopped and a changed setting never reuses a stale result.
     With ``skip_missing`` nothing new is trained: only the saved runs are collected (to
     report a partial run); experiments with no saved run are left out. ``only_keys``
     restricts the student runs to these configurations (several processes can share one
     run dir, each with its own keys, once the teacher and stage-1 checkpoints exist).
+    ``stop_after``: raise :class:`StudyStopped` once that many student runs were trained by
+    this call (a test hook for resuming). ``progress``: a line per stage unit with the expected
+    remaining time on ``progress_stream`` (default stderr; see :class:`Progress`).
     """
     with torch_threads(settings.threads):
         return _run_demo(settings, run_dir, progress=progress, log=log, only_calibration=only_calibration,
-                         skip_missing=skip_missing, only_keys=only_keys)
+                         skip_missing=skip_missing, only_keys=only_keys, stop_after=stop_after,
+                         progress_stream=progress_stream)
+
+
+def _student_keys(settings: DemoSettings, exps: Sequence[str]) -> list[str]:
+    keys: list[str] = []
+    for e in exps:
+        for k in EXPERIMENTS.get(e, []):
+            if k not in keys:
+                keys.append(k)
+    return keys
+
+
+def _student_layer(l_star: int, teacher_layers: int, student_layers: int) -> int:
+    """The student layer matching the teacher's ``l_star`` by depth (the trainer's rule for
+    ``iva_weights="student"``)."""
+    return min(student_layers - 1, round(l_star * (student_layers - 1) / max(teacher_layers - 1, 1)))
 
 
 def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, log: Callable[[str], None],
-              only_calibration: bool, skip_missing: bool, only_keys: Sequence[str] | None) -> dict[str, Any]:
+              only_calibration: bool, skip_missing: bool, only_keys: Sequence[str] | None,
+              stop_after: int | None, progress_stream: Any) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     t_start = time.perf_counter()
-    demo = Demo(settings, Path(run_dir), progress=progress, log=log)
+    stream = sys.stderr if progress_stream is None else progress_stream
+    tty = bool(getattr(stream, "isatty", lambda: False)())
+    # the trainer's own step bars only on a terminal: elsewhere one line per unit (Progress)
+    demo = Demo(settings, Path(run_dir), progress=progress and tty, log=log)
     res = demo.results
     res["machine_start"] = machine_info()
-    demo.prepare()
-    log(f"task: {res['task']}")
-    teacher = demo.teacher_model()
-    res["teacher"] = demo.evaluate(teacher, None)
-    log(f"teacher: overall EM {res['teacher']['overall']:.3f} {res['teacher']['exact_match']}")
-    curve = demo.irs(teacher)
-    l_star = int(curve.best_layer)
-    res["irs"] = {"scores": [float(x) for x in curve.scores.tolist()], "best_layer": l_star, "num_pairs": curve.num_pairs}
-    log(f"teacher IRS per layer: {[round(x, 4) for x in res['irs']['scores']]} -> l* = {l_star}")
-    demo.stage1_student(teacher)
-    stage1 = demo.load_stage1()
-    res["stage1"] = demo.evaluate(stage1, teacher)
-    res["stage1_train"] = _jsonable(json.loads((demo.dir / "student_stage1" / "train_info.json").read_text()))
-    del stage1
-    specs = run_specs(settings, l_star)
-    keys: list[str] = []
     exps = ("table5",) if only_calibration else settings.experiments
-    for e in exps:
-        for k in EXPERIMENTS.get(e, []):
-            if k not in keys:
-                keys.append(k)
-    if only_calibration:
-        keys = ["sft"]
+    keys = ["sft"] if only_calibration else _student_keys(settings, exps)
     if only_keys is not None:
         keys = [k for k in keys if k in set(only_keys)]
+    timing_needed = not only_calibration and ("table4" in exps or "table18" in exps)
+    steps_of = {k: settings.student_steps for k in keys}
+    plan: list[tuple[str, list[tuple[str, float]]]] = []
+    if settings.vision_pretrain_steps:
+        plan.append(("vision", [("vision tower", settings.vision_pretrain_steps)]))
+    plan += [("teacher", [("teacher", settings.teacher_steps)]), ("stage1", [("stage 1", settings.stage1_steps)])]
+    if timing_needed:
+        plan.append(("timing", [(label, settings.timing_steps + 3) for label, _, _ in TIMING_RUNS]))
+    plan.append(("students", [(f"{k} seed {sd}", steps_of[k]) for k in keys for sd in settings.seeds]))
+    prog = Progress(plan, stream=stream, tty=tty, enabled=progress)
+
+    demo.prepare()
+    log(f"task: {res['task']}")
+    if settings.vision_pretrain_steps:
+        t0 = time.perf_counter()
+        demo.vision_tower()
+        prog.done("vision", "vision tower", None if demo.reused["vision"] else time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    teacher = demo.teacher_model()
+    prog.done("teacher", "teacher", None if demo.reused.get("teacher") else time.perf_counter() - t0)
+    tkey = teacher.study_cache_key
+    ev_path = demo.dir / "teacher" / "eval.json"
+    rec = _cached_record(ev_path, cache_key([tkey, settings.n_eval, settings.n_irs]))
+    if rec is None:
+        curve = demo.irs(teacher)
+        rec = {"eval": demo.evaluate(teacher, None), "irs": {
+            "scores": [float(x) for x in curve.scores.tolist()], "best_layer": int(curve.best_layer),
+            "num_pairs": curve.num_pairs}, "cache_key": cache_key([tkey, settings.n_eval, settings.n_irs])}
+        _write_json(ev_path, rec)
+        rec = json.loads(ev_path.read_text())
+    res["teacher"], res["irs"] = rec["eval"], rec["irs"]
+    log(f"teacher: overall EM {res['teacher']['overall']:.3f} {res['teacher']['exact_match']}")
+    l_star = int(res["irs"]["best_layer"])
+    log(f"teacher IRS per layer: {[round(x, 4) for x in res['irs']['scores']]} -> l* = {l_star}")
+    t0 = time.perf_counter()
+    demo.stage1_student(teacher)
+    prog.done("stage1", "stage 1", None if demo.reused.get("stage-1 student") else time.perf_counter() - t0)
+    s1_path = demo.dir / "student_stage1" / "eval.json"
+    s1_key = cache_key([demo.stage1_key, tkey, settings.n_eval])
+    rec = _cached_record(s1_path, s1_key)
+    if rec is None:
+        stage1 = demo.load_stage1()
+        _write_json(s1_path, {"eval": demo.evaluate(stage1, teacher), "cache_key": s1_key})
+        del stage1
+        rec = json.loads(s1_path.read_text())
+    res["stage1"] = rec["eval"]
+    res["stage1_train"] = _jsonable(json.loads((demo.dir / "student_stage1" / "train_info.json").read_text()))
+    specs = run_specs(settings, l_star)
+    base: float | None = None
+    by_method: dict[str, float] = {}
+    if timing_needed:
+        res["timing"] = measure_step_costs(demo, teacher, l_star, prog, skip_missing=skip_missing)
+        base = next((r["step_time_s"] for r in res["timing"] if r["method"] == "sft"), None)
+        by_method = {r["method"]: r["step_time_s"] for r in res["timing"] if not r["overrides"].get("tpa_forward")}
+        for k in keys:  # the students' weights now follow their methods' measured step times
+            if base and specs.get(k) and specs[k].method in by_method:
+                for sd in settings.seeds:
+                    prog.set_weight("students", f"{k} seed {sd}", steps_of[k] * by_method[specs[k].method] / base)
+    if "kd@budget" in keys:
+        try:
+            res["table18"] = compute_budget(res.get("timing", []), settings.student_steps)
+        except ValueError as e:  # a partial report without the timing rows: no Table 18 run
+            log(f"Table 18 left out: {e}")
+            keys.remove("kd@budget")
+        else:
+            b = res["table18"]
+            specs["kd@budget"] = RunSpec("kd@budget", "kd", {}, f"Vanilla KD, {b['kd_steps']} steps (Align-TI's time)",
+                                         steps=b["kd_steps"])
+            factor = b["wall_ratio"] * (by_method["kd"] / base if base and "kd" in by_method else 1.0)
+            for sd in settings.seeds:
+                prog.set_weight("students", f"kd@budget seed {sd}", settings.student_steps * factor)
     exposure_keys = set(EXPERIMENTS["fig6"]) if "fig6" in exps else set()
+    fig7_keys = set(EXPERIMENTS["fig7"]) if "fig7" in exps else set()
+    s_layer = _student_layer(l_star, settings.teacher.layers, settings.student.layers)
     runs_dir = demo.dir / "runs"
     runs_dir.mkdir(exist_ok=True)
     total = len(keys) * len(settings.seeds)
-    done = 0
+    done = trained = 0
     for key in keys:
         spec = specs[key]
+        steps = spec.steps or settings.student_steps
         per_seed = []
         for seed in settings.seeds:
             done += 1
+            unit = f"{key} seed {seed}"
+            maps = key in fig7_keys and seed == settings.seeds[0]
+            rkey = cache_key({"stage1": demo.stage1_key, "teacher": tkey, "method": spec.method,
+                              "overrides": spec.overrides, "steps": steps, "lr": settings.student_lr,
+                              "batch": settings.batch_size, "seed": seed, "threads": settings.threads,
+                              "n_eval": settings.n_eval, "exposure": [settings.n_exposure, settings.exposure_steps]
+                              if key in exposure_keys else None, "fig7": [settings.n_fig7, s_layer] if maps else None})
             out = runs_dir / f"{key.replace('@', '_')}_seed{seed}.json"
-            if out.exists():
-                per_seed.append(json.loads(out.read_text()))
+            rec = _cached_record(out, rkey)
+            if rec is not None:
+                per_seed.append(rec)
                 log(f"[{done}/{total}] {key} seed {seed}: reused {out.name}")
+                prog.done("students", unit, None)
                 continue
             if skip_missing:
                 log(f"[{done}/{total}] {key} seed {seed}: not run (skipped)")
                 continue
             log(f"[{done}/{total}] {key} seed {seed}: {spec.label}")
+            t0 = time.perf_counter()
             model = demo.load_stage1()
             torch.manual_seed(seed)
-            tr = demo.fit(model, demo.train, steps=settings.student_steps, lr=settings.student_lr, seed=seed,
+            tr = demo.fit(model, demo.train, steps=steps, lr=settings.student_lr, seed=seed,
                           method=spec.method, teacher=None if spec.method == "sft" else teacher,
                           overrides=spec.overrides, tag=f"{key}_{seed}")
             ev = demo.evaluate(model, teacher)
-            rec: dict[str, Any] = {"key": key, "seed": seed, "method": spec.method, "overrides": spec.overrides,
-                                   "train": tr, "eval": ev}
+            rec = {"key": key, "seed": seed, "method": spec.method, "overrides": spec.overrides, "steps": steps,
+                   "train": tr, "eval": ev}
             if key in exposure_keys:
                 rec["exposure"] = demo.exposure(model, teacher)
-            rec = _jsonable(rec)
-            out.write_text(json.dumps(rec, indent=1))
+            if maps:
+                rec["attention_maps"] = {"layer": s_layer, "maps": demo.attention_maps(model, s_layer)}
+            rec["cache_key"] = rkey
+            _write_json(out, rec)
+            rec = json.loads(out.read_text())
             per_seed.append(rec)
             log(f"    EM {ev['overall']:.3f} KL {ev.get('kl', float('nan')):.3f} step {tr['step_time_s'] * 1e3:.0f} ms")
             del model
+            prog.done("students", unit, time.perf_counter() - t0)
+            trained += 1
+            if stop_after is not None and trained >= stop_after:
+                raise StudyStopped(f"stopped after {trained} student run(s) (stop_after={stop_after}); "
+                                   "run again to continue")
         if not per_seed:
             continue
         res["runs"][key] = {"label": spec.label, "method": spec.method, "overrides": _jsonable(spec.overrides),
-                            "seeds": per_seed}
-    if "table4" in exps and not only_calibration and not (skip_missing and not (demo.dir / "timing.json").exists()):
-        res["timing"] = measure_step_costs(demo, teacher, l_star)
+                            "steps": steps, "seeds": per_seed}
+    if fig7_keys:
+        idx = demo.fig7_samples()
+        res["fig7"] = {
+            "samples": [{"index": i, "type": demo.test_meta[i].get("type"),
+                         "image": json.loads((demo.dir / "data" / "test.json").read_text())[i].get("image")}
+                        for i in idx],
+            "teacher": {"layer": l_star, "maps": demo.attention_maps(teacher, l_star)},
+            "data_dir": str(demo.dir / "data"),
+        }
     if exposure_keys:
         res["teacher_exposure_reference"] = "E(l): teacher prefixes; R(l): student prefixes"
     res["wall_s"] = time.perf_counter() - t_start
     res["machine_end"] = machine_info()
-    (demo.dir / "results.json").write_text(json.dumps(_jsonable(res), indent=1))
+    _write_json(demo.dir / "results.json", res)
     return res
+
+
+def estimate_study_s(settings: DemoSettings, measured: dict[str, Any]) -> dict[str, float]:
+    """An estimate (not a measurement) of a study's wall time from measured step times, in seconds
+    per stage and ``total``.
+
+    ``measured``: ``vision_s`` (the tower's pre-training, probes included), ``teacher_step_s``,
+    ``student_step_s`` (SFT), ``eval_s`` (one model's evaluation, used for every student run and
+    again for each exposure curve), and ``ratio``: step time of each method relative to SFT (a
+    method without one counts as SFT). Each student run: steps x student step x ratio + eval;
+    the timing pass: ``timing_steps + 3`` steps per row. Trainer start-up and the IRS pass are
+    not counted.
+    """
+    for k in ("teacher_step_s", "student_step_s", "eval_s"):
+        v = measured.get(k)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"measured[{k!r}] must be a finite number >= 0, got {v!r}")
+    ratio = dict(measured.get("ratio", {}))
+    st, ev = float(measured["student_step_s"]), float(measured["eval_s"])
+    out = {"vision": float(measured.get("vision_s", 0.0)) if settings.vision_pretrain_steps else 0.0,
+           "teacher": settings.teacher_steps * float(measured["teacher_step_s"]) + ev,
+           "stage1": settings.stage1_steps * st + ev}
+    exps = settings.experiments
+    if "table4" in exps or "table18" in exps:
+        out["timing"] = sum((settings.timing_steps + 3) * st * ratio.get(m, 1.0) for _, m, _ in TIMING_RUNS)
+    specs = run_specs(settings, settings.teacher.layers - 1)
+    keys = _student_keys(settings, exps)
+    exposure = set(EXPERIMENTS["fig6"]) if "fig6" in exps else set()
+    budget = ratio.get("align_ti", 1.0) / ratio.get("kd", 1.0)
+    students = 0.0
+    for k in keys:
+        method = "kd" if k == "kd@budget" else specs[k].method
+        if specs.get(k) and specs[k].overrides.get("tpa_weight") == 0.0:  # a Table 14 mix without TPA
+            method = "iva" if specs[k].overrides.get("iva_weight") else "kd"
+        steps = settings.student_steps * (budget if k == "kd@budget" else 1.0)
+        students += steps * st * ratio.get(method, 1.0) + ev * (2 if k in exposure else 1)
+    out["students"] = students * len(settings.seeds)
+    out["total"] = sum(out.values())
+    return out
+
+
+def run_study(tasks: Sequence[str], preset: str, run_dir: str | Path, *, adjust: Callable[[DemoSettings], DemoSettings]
+              | None = None, **kw: Any) -> dict[str, dict[str, Any]]:
+    """:func:`run_demo` on each task of ``tasks`` (``task_settings(task, preset)``, then ``adjust``),
+    each in ``run_dir/<task>`` when there are several (``run_dir`` itself for one); returns
+    ``{task: results}``. Keyword arguments go to :func:`run_demo`."""
+    out: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        settings = task_settings(task, preset)
+        if adjust is not None:
+            settings = adjust(settings)
+        out[task] = run_demo(settings, Path(run_dir) / task if len(tasks) > 1 else Path(run_dir), **kw)
+    return out
 
 
 # --------------------------------------------------------------------------- reporting
@@ -912,6 +1355,13 @@ _TABLES: dict[str, tuple[str, str, list[str]]] = {
             "no such experiment; Eq. 7 places a slot at every supervised position. Here the slot whose "
             "ground-truth next token is `<|im_end|>` is dropped (see the verdict page)",
             ["kd", "tpa", "tpa@skip_eot"]),
+    "table14": ("Every combination of the loss terms (paper Tables 5 and 14)",
+                "each term adds to the others; all four (Align-TI) is best. Terms set by the part weights of "
+                "`DistillationConfig` (`sft_weight`, `kd_weight`, `iva_weight`, `tpa_weight`)",
+                list(TERM_COMBINATIONS.values())),
+    "table18": ("Vanilla KD given Align-TI's compute (paper Table 18)",
+                "Align-TI beats Vanilla KD trained for as long as Align-TI takes",
+                ["kd", "kd@budget", "align_ti"]),
 }
 
 
@@ -1061,6 +1511,72 @@ def _plot_fig5(summary: dict[str, Any], path: Path, d_default: int) -> None:
     plt.close(fig)
 
 
+def _fig7_students(res: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(key, label, {"layer", "maps"}) of the students with Fig. 7 maps (first seed)."""
+    out = []
+    for k in EXPERIMENTS["fig7"]:
+        run = res.get("runs", {}).get(k)
+        if run and run["seeds"] and "attention_maps" in run["seeds"][0]:
+            out.append((k, run["label"], run["seeds"][0]["attention_maps"]))
+    return out
+
+
+def _map_cosine(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> float:
+    x, y = torch.tensor(a, dtype=torch.float64).flatten(), torch.tensor(b, dtype=torch.float64).flatten()
+    return float(torch.nn.functional.cosine_similarity(x, y, dim=0))
+
+
+def _plot_fig7(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from tokinteract.hf import plot_attention_grid
+
+    f7 = res["fig7"]
+    cols = [(f"teacher, layer {f7['teacher']['layer']}", f7["teacher"])] + [
+        (f"{key}, layer {m['layer']}", m) for key, _, m in _fig7_students(res)]
+    n = len(f7["samples"])
+    fig, axes = plt.subplots(n, len(cols), figsize=(2.6 * len(cols), 2.6 * n), squeeze=False)
+    for i, sample in enumerate(f7["samples"]):
+        img_path = Path(f7.get("data_dir", "")) / str(sample.get("image"))
+        image = Image.open(img_path).convert("RGB") if sample.get("image") and img_path.exists() else None
+        for j, (title, m) in enumerate(cols):
+            plot_attention_grid(torch.tensor(m["maps"][i]), image=image, ax=axes[i][j],
+                                title=(title if i == 0 else None))
+        axes[i][0].text(-0.05, 0.5, str(sample.get("type")), transform=axes[i][0].transAxes, rotation=90,
+                        ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _fig7_section(res: dict[str, Any], out: Path, rel: str) -> list[str]:
+    f7 = res["fig7"]
+    if not f7["samples"]:
+        return []
+    _plot_fig7(res, out / "fig7_attention.png")
+    md = ["## Instruction-to-vision attention over the image grid (paper Fig. 7)", "",
+          f"alpha (the attention of the instruction tokens to each visual token, mean over heads and "
+          f"instruction tokens) on {len(f7['samples'])} test samples of the short question types: the teacher "
+          f"at l* = {f7['teacher']['layer']} and the first seed's students at the layer matching l* by depth, "
+          "without IVA (kd) and with it (iva). Each map's colours span its own minimum to maximum, so a nearly "
+          "uniform map shows strong colours too: read the numbers. Cosine similarity of each student's map to "
+          "the teacher's (1: the same relative weights) and the attention mass on the image (sum of alpha):", "",
+          "| student | " + " | ".join(f"sample {k + 1} ({x['type']})" for k, x in enumerate(f7["samples"]))
+          + " | mean |", "|---|" + "---|" * (len(f7["samples"]) + 1)]
+    for _, label, m in _fig7_students(res):
+        cos = [_map_cosine(a, b) for a, b in zip(m["maps"], f7["teacher"]["maps"])]
+        md.append(f"| {label}: cosine to the teacher | " + " | ".join(f"{c:.3f}" for c in cos) + f" | {_mean(cos):.3f} |")
+    for label, m in [("teacher", f7["teacher"])] + [(lab, m) for _, lab, m in _fig7_students(res)]:
+        mass = [float(torch.tensor(x).sum()) for x in m["maps"]]
+        md.append(f"| {label}: attention mass on the image | " + " | ".join(f"{c:.3f}" for c in mass)
+                  + f" | {_mean(mass):.3f} |")
+    return md + ["", f"![Fig. 7]({rel}/fig7_attention.png)", ""]
+
+
 def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page: str | Path | None = None,
                  title: str = "Demo results", note: str = "") -> Path:
     """Write the Markdown page, the PNG plots and ``results.json`` for one demo run.
@@ -1129,6 +1645,13 @@ def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page
                 _plot_fig5(summary, out / "fig5_tpa_candidates.png", int(s["tpa_d"]))
                 if (out / "fig5_tpa_candidates.png").exists():
                     md += [f"![TPA candidates]({rel}/fig5_tpa_candidates.png)", ""]
+            if e == "table18" and res.get("table18"):
+                b = res["table18"]
+                md += [f"Budget from the timing pass (Table 4/13 below): one Align-TI step takes "
+                       f"{1e3 * b['align_ti_step_s']:.0f} ms, one Vanilla KD step {1e3 * b['kd_step_s']:.0f} ms "
+                       f"(wall ratio {b['wall_ratio']:.2f}, CPU-time ratio {b['cpu_ratio']:.2f}); so Vanilla KD "
+                       f"trains {b['kd_steps']} steps where every other method trains {b['align_ti_steps']} "
+                       "(same learning rate and cosine schedule, stretched over the longer run).", ""]
             if e == "table7" and "irs" in res:
                 md += ["IRS of the teacher layers: " + ", ".join(
                     f"layer {i}: {x:.4f}" for i, x in enumerate(res["irs"]["scores"])) + f" (l* = {res['irs']['best_layer']}).", ""]
@@ -1162,6 +1685,8 @@ def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page
             md.append(f"| {summary[k]['label']} | " + " | ".join(cells) + f" | {_ms(last)} | "
                       f"{statistics.median(last):.1f} | {_ms(rr, '{:.3f}')} | {_ms(ee, '{:.3f}')} |")
         md += ["", f"![ExAccErr]({rel}/fig6_exaccerr.png)", ""]
+    if "fig7" in exps and res.get("fig7"):
+        md += _fig7_section(res, out, rel)
     if "table4" in exps and res.get("timing"):
         md += ["## Time and memory per training step (paper Tables 4/13)", "",
                f"Each method trained {s['timing_steps']} steps from the stage-1 checkpoint with the same batch "
@@ -1177,6 +1702,46 @@ def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page
         for r in res["timing"]:
             md.append(f"| {r['label']} | {1e3 * r['step_time_s']:.0f} | {r['step_time_s'] / base:.1f} | "
                       f"{r['peak_mem_mib']:.1f} | {r['peak_mem_mib'] / mbase:.1f} |")
+        md.append("")
+    page_path.parent.mkdir(parents=True, exist_ok=True)
+    page_path.write_text("\n".join(md) + "\n")
+    return page_path
+
+
+def write_study_report(results: dict[str, dict[str, Any]], out_dir: str | Path, *, command: str,
+                       page: str | Path | None = None, title: str = "Study results") -> Path:
+    """The report of a study on one or several tasks: each task's full page (:func:`write_report`;
+    plots and JSON in ``out_dir/<task>/``, its page ``<page stem>-<task>.md`` next to ``page``) and
+    a summary page (default ``out_dir/README.md``) with, per task, the main comparisons' overall and
+    per-question-type exact match and the verdict of every claim (same rule as each task's page).
+    Returns the summary page's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    page_path = Path(page) if page is not None else out / "README.md"
+    md = [f"# {title}", "", f"Command: `{command}`. Tasks: {', '.join(results)}. One page per task (every table, "
+          "plot and the JSON of every number); below, per task, the main comparisons and the verdicts.", ""]
+    verdicts: dict[str, dict[str, str]] = {}
+    for task, res in results.items():
+        task_page = page_path.with_name(f"{page_path.stem}-{task}.md")
+        write_report(res, out / task, command=command, page=task_page, title=f"{title}: {task}")
+        summary = summarize(res)
+        md += [f"## Task {task}", "", f"[Every table and plot of {task}]({task_page.name}); "
+               f"[results.json]({os.path.relpath(out / task, page_path.parent)}/results.json).", "",
+               _metric_table(summary, [k for k in EXPERIMENTS["table5"] if k in summary], res.get("teacher"),
+                             res.get("stage1"), _types_of(res)), ""]
+        for r in claim_checks(summary):
+            verdicts.setdefault(r["claim"], {})[task] = (
+                f"{r['verdict']} ({r['diff_as_claimed'] * (100 if r['metric'] == 'overall' else 1):+.2f}"
+                f" ± {2 * r['se'] * (100 if r['metric'] == 'overall' else 1):.2f})" if math.isfinite(r["se"])
+                else r["verdict"])
+    if verdicts:
+        tasks = list(results)
+        md += ["## Verdicts per task", "", "Difference of the seed means in the claimed direction ± twice its "
+               "standard error (EM in points); 'supported' only when the difference exceeds twice its standard "
+               "error, 'contradicted' when it does so the other way, else 'not resolved'.", "",
+               "| paper claim | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for claim, row in verdicts.items():
+            md.append(f"| {claim} | " + " | ".join(row.get(t, "not run") for t in tasks) + " |")
         md.append("")
     page_path.parent.mkdir(parents=True, exist_ok=True)
     page_path.write_text("\n".join(md) + "\n")
@@ -1226,6 +1791,9 @@ CLAIMS: list[tuple[str, str, str, str, bool]] = [
     ("TPA lowers held-out KL vs Vanilla KD", "tpa", "kd", "kl", False),
     ("TPA lowers %ExAccErr vs Vanilla KD", "tpa", "kd", "exaccerr_last", False),
     ("TPA lowers %ExAccErr vs SFT", "tpa", "sft", "exaccerr_last", False),
+    ("Align-TI > Vanilla KD given Align-TI's compute", "align_ti", "kd@budget", "overall", True),
+    ("SFT term helps: Align-TI > KD+IVA+TPA (no SFT)", "align_ti", "mix@KIT", "overall", True),
+    ("KD term helps: Align-TI > SFT+IVA+TPA", "align_ti", "mix@SIT", "overall", True),
 ]
 
 

@@ -32,9 +32,9 @@ def smoke(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_smoke_pipeline_writes_results(smoke) -> None:
-    run_dir, res = smoke
+    run_dir, _ = smoke
     saved = json.loads((run_dir / "results.json").read_text())
-    assert set(saved["runs"]) == set(dm.EXPERIMENTS["table5"]) | set(dm.EXPERIMENTS["fig6"])
+    assert set(saved["runs"]) == set(dm.EXPERIMENTS["table5"]) | set(dm.EXPERIMENTS["fig6"]) | {"kd@budget"}
     for key, run in saved["runs"].items():
         for r in run["seeds"]:
             ev = r["eval"]
@@ -49,9 +49,26 @@ def test_smoke_pipeline_writes_results(smoke) -> None:
     assert len(saved["irs"]["scores"]) == dm.PRESETS["smoke"].teacher.layers
     assert 0 <= saved["irs"]["best_layer"] < dm.PRESETS["smoke"].teacher.layers
     assert {t["method"] for t in saved["timing"]} == {m for _, m, _ in dm.TIMING_RUNS}
-    # the cached teacher and stage-1 student are reused by a second call
-    assert (run_dir / "teacher" / "config.json").exists()
-    assert (run_dir / "student_stage1" / "config.json").exists()
+    assert all(t["step_cpu_s"] > 0 for t in saved["timing"])
+    # the cached teacher and stage-1 student are reused by a second call, under their settings' keys
+    for path in ("teacher", "student_stage1"):
+        assert (run_dir / path / "config.json").exists()
+        assert len(json.loads((run_dir / path / "train_info.json").read_text())["cache_key"]) == 16
+    # Table 18: Vanilla KD for the steps that take Align-TI's time, from the timing pass
+    b = saved["table18"]
+    assert b == dm.compute_budget(saved["timing"], dm.PRESETS["smoke"].student_steps)
+    assert saved["runs"]["kd@budget"]["steps"] == b["kd_steps"]
+    assert saved["runs"]["kd@budget"]["seeds"][0]["train"]["steps_timed"] >= 1
+    # Fig. 7: a map over the 4x4 patch grid per sample for the teacher and the first seed's kd and iva students
+    f7 = saved["fig7"]
+    n = len(f7["samples"])
+    assert 1 <= n <= dm.PRESETS["smoke"].n_fig7
+    assert all(s["type"] in ("color", "position", "count", "exist") for s in f7["samples"])
+    side = dm.PRESETS["smoke"].image_size // dm.PRESETS["smoke"].patch_size
+    for maps in [f7["teacher"]["maps"]] + [saved["runs"][k]["seeds"][0]["attention_maps"]["maps"] for k in ("kd", "iva")]:
+        assert torch.tensor(maps).shape == (n, side, side)
+        assert all(0.0 < float(torch.tensor(m).sum()) <= 1.0 + 1e-5 for m in maps)  # attention mass on the image
+    assert "attention_maps" not in saved["runs"]["sft"]["seeds"][0]
 
 
 def test_report_tables_and_plots(smoke, tmp_path: Path) -> None:
@@ -63,7 +80,11 @@ def test_report_tables_and_plots(smoke, tmp_path: Path) -> None:
     assert "## Exposure bias (paper Fig. 6)" in md
     assert "## Time and memory per training step" in md
     assert "![IRS](out/fig4_irs.png)" in md
-    for png in ("fig4_irs.png", "fig6_exaccerr.png"):
+    assert "## Vanilla KD given Align-TI's compute (paper Table 18)" in md
+    assert f"trains {res['table18']['kd_steps']} steps" in md
+    assert "## Instruction-to-vision attention over the image grid (paper Fig. 7)" in md
+    assert "![Fig. 7](out/fig7_attention.png)" in md
+    for png in ("fig4_irs.png", "fig6_exaccerr.png", "fig7_attention.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(data["summary"]) == set(res["runs"])
@@ -187,13 +208,14 @@ def test_step_meter_counts_steps_and_memory() -> None:
 def test_example_script_smoke(smoke, monkeypatch, capsys) -> None:
     """examples/demo.py --smoke (on the fixture's run dir: the trained models are reused) writes its report."""
     run_dir, res = smoke
-    monkeypatch.setattr(sys, "argv", ["demo.py", "--smoke", "--no-progress", "--run-dir", str(run_dir)])
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--smoke", "--task", "shapes", "--no-progress", "--run-dir", str(run_dir)])
     with pytest.raises(SystemExit) as ei:
         runpy.run_path(str(ROOT / "examples" / "demo.py"), run_name="__main__")
     assert ei.value.code == 0
     out = capsys.readouterr().out
     assert f"| {res['runs']['align_ti']['label']} |" in out
     assert "## Components (paper Table 5)" in (run_dir / "report" / "README.md").read_text()
+    assert "total wall time" in out
     assert json.loads((run_dir / "report" / "results.json").read_text())["runs"].keys() == res["runs"].keys()
 
 
@@ -231,3 +253,223 @@ def test_only_keys_restricts_the_student_runs(smoke, tmp_path: Path) -> None:
     got = dm.run_demo(dm.PRESETS["smoke"], run_dir, progress=False, log=lambda *_: None, only_keys=["kd", "nope"],
                       skip_missing=True)
     assert list(got["runs"]) == ["kd"]
+
+
+# ----------------------------------------------------------------- resuming, progress, the new experiments
+def _strip_times(rec: dict) -> dict:
+    """A run record without what is measured, not computed (wall/step times vary run to run)."""
+    out = {k: v for k, v in rec.items() if k != "train"}
+    out["train_log"] = rec["train"]["log"]
+    return out
+
+
+def test_a_stopped_study_resumes_without_retraining(smoke, tmp_path: Path) -> None:
+    """Stop after 2 student runs (the test hook), run again: the 2 finished runs are reused, the rest
+    trained, and every result equals the uninterrupted run's (the fixture), bit for bit. The timing
+    pass (run before the students) is kept: Table 18's budget comes from its measured times."""
+    import io
+    import shutil
+
+    run_dir, res = smoke
+    part = tmp_path / "resumed"
+    shutil.copytree(run_dir, part, ignore=shutil.ignore_patterns("runs", "results.json", "report"))
+    with pytest.raises(dm.StudyStopped, match="stopped after 2 student run"):
+        dm.run_demo(dm.PRESETS["smoke"], part, progress=False, log=lambda *_: None, stop_after=2)
+    first = sorted(f.name for f in (part / "runs").glob("*.json"))
+    assert len(first) == 2
+    logs: list[str] = []
+    stream = io.StringIO()
+    again = dm.run_demo(dm.PRESETS["smoke"], part, progress=True, progress_stream=stream, log=logs.append)
+    reused = [line for line in logs if "reused" in line]
+    assert len(reused) == 2 and all(any(f.removesuffix(".json") in line for f in first) for line in reused)
+    assert set(again["runs"]) == set(res["runs"])
+    for key, run in res["runs"].items():
+        assert [_strip_times(r) for r in again["runs"][key]["seeds"]] == [_strip_times(r) for r in run["seeds"]], key
+    for k in ("teacher", "irs", "stage1", "table18", "timing"):
+        assert again[k] == res[k], k
+    assert again["fig7"] == {**res["fig7"], "data_dir": str(part / "data")}
+    # progress: not a TTY, so one line per unit, each with the expected remaining time
+    lines = stream.getvalue().splitlines()
+    n_students = len(res["runs"]) * len(dm.PRESETS["smoke"].seeds)
+    students = [line for line in lines if line.startswith("[students ")]
+    assert len(students) == n_students
+    assert sum("reused" in line for line in students) == 2
+    assert all("| left: stage " in line for line in students) and students[-1].endswith("study 0 s")
+    assert len([line for line in lines if line.startswith("[timing ")]) == len(dm.TIMING_RUNS)
+
+
+def test_a_changed_setting_does_not_reuse_cached_runs(smoke, tmp_path: Path) -> None:
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(smoke[0], run_dir)
+    logs: list[str] = []
+    s = dataclasses.replace(dm.PRESETS["smoke"], student_steps=3)  # another budget: no run of the fixture fits
+    got = dm.run_demo(s, run_dir, progress=False, log=logs.append, only_keys=["kd", "sft"], skip_missing=True)
+    assert got["runs"] == {} and sum("not run (skipped)" in line for line in logs) == 2
+    assert any("reusing the teacher checkpoint" in line for line in logs)  # the teacher's setting did not change
+    assert dm.cache_key({"a": 1, "b": [1, 2]}) == dm.cache_key({"b": (1, 2), "a": 1})
+    assert dm.cache_key({"a": 1}) != dm.cache_key({"a": 2})
+
+
+def test_progress_expected_remaining_time() -> None:
+    import io
+
+    stream = io.StringIO()
+    p = dm.Progress([("a", [("a1", 10), ("a2", 10)]), ("b", [("b1", 20)])], stream=stream, tty=False)
+    assert p.remaining_s() is None  # nothing measured, no prior
+    p.done("a", "a1", 5.0)  # 0.5 s per step
+    assert p.remaining_s("a") == pytest.approx(5.0) and p.remaining_s() == pytest.approx(15.0)
+    assert stream.getvalue() == "[a 1/2] a1: 5 s | left: stage 5 s, study ~15 s\n"  # b not measured yet: '~'
+    p.done("a", "a2", None)  # reused: done, not measured
+    p.set_weight("b", "b1", 40)
+    assert p.remaining_s() == pytest.approx(20.0)
+    p.done("b", "b1", 10.0)
+    assert p.remaining_s() == 0.0 and len(stream.getvalue().splitlines()) == 3
+    tty = io.StringIO()
+    q = dm.Progress([("a", [("a1", 1), ("a2", 1)])], stream=tty, tty=True)
+    q.done("a", "a1", 1.0)
+    q.done("a", "a2", 1.0)
+    assert tty.getvalue().count("\r") == 2 and tty.getvalue().endswith("\n") and tty.getvalue().count("\n") == 1
+    primed = dm.Progress([("x", [("x1", 100)])], stream=io.StringIO(), priors={"x": 0.1})
+    assert primed.remaining_s() == pytest.approx(10.0)
+
+
+def test_table14_combinations_are_the_trainer_weights() -> None:
+    from tokinteract.mllm.trainer import DistillationConfig
+
+    specs = dm.run_specs(dm.PRESETS["smoke"], l_star=1)
+    assert len(dm.TERM_COMBINATIONS) == 15 and set(dm.EXPERIMENTS["table14"]) == set(dm.TERM_COMBINATIONS.values())
+    for combo, key in dm.TERM_COMBINATIONS.items():
+        spec = specs[key]
+        ov = {k: v for k, v in spec.overrides.items() if k != "tpa_skip_token_ids"}
+        got = DistillationConfig(method=spec.method, **ov).resolved()
+        assert {c for c, name in (("S", "sft"), ("K", "kd"), ("I", "iva"), ("T", "tpa")) if got[name] > 0} == set(combo), key
+        assert got["iva_weights"] == "teacher" and not got["on_policy"] and got["divergence"] == "fkl"
+        if "I" in combo:
+            assert spec.overrides["iva_layer"] == 1
+
+
+def test_table14_mixes_train(smoke, tmp_path: Path) -> None:
+    """Two of the combinations that are no method preset (TPA alone, KD+IVA+TPA without SFT) train and evaluate."""
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(smoke[0], run_dir)
+    s = dataclasses.replace(dm.PRESETS["smoke"], experiments=("table14",))
+    got = dm.run_demo(s, run_dir, progress=False, log=lambda *_: None, only_keys=["mix@T", "mix@KIT", "align_ti"])
+    assert set(got["runs"]) == {"mix@T", "mix@KIT", "align_ti"}
+    for key in ("mix@T", "mix@KIT"):
+        log = got["runs"][key]["seeds"][0]["train"]["log"]
+        assert log and "loss_sft" not in log[0] and "loss_tpa" in log[0]
+    assert ("loss_kd" in got["runs"]["mix@KIT"]["seeds"][0]["train"]["log"][0]
+            and "loss_kd" not in got["runs"]["mix@T"]["seeds"][0]["train"]["log"][0])
+    # align_ti was trained by the fixture with the same setting: reused
+    assert got["runs"]["align_ti"]["seeds"] == smoke[1]["runs"]["align_ti"]["seeds"]
+    md = dm.write_report(got, tmp_path / "out", command="t", page=tmp_path / "p.md").read_text()
+    assert "## Every combination of the loss terms (paper Tables 5 and 14)" in md and "| TPA (no SFT) |" in md
+
+
+def test_compute_budget_and_estimate() -> None:
+    timing = [{"method": "kd", "overrides": {}, "step_time_s": 0.02, "step_cpu_s": 0.02},
+              {"method": "align_ti", "overrides": {}, "step_time_s": 0.05, "step_cpu_s": 0.06},
+              {"method": "tpa", "overrides": {"tpa_forward": "packed"}, "step_time_s": 9.0}]
+    b = dm.compute_budget(timing, 300)
+    assert b["kd_steps"] == 750 and b["wall_ratio"] == pytest.approx(2.5) and b["cpu_ratio"] == pytest.approx(3.0)
+    faster = [{**timing[0], "step_time_s": 0.1}, timing[1]]  # Align-TI faster than KD: KD gets fewer steps
+    assert dm.compute_budget(faster, 300)["kd_steps"] == 150
+    with pytest.raises(ValueError, match="timing must hold a 'align_ti' row"):
+        dm.compute_budget(timing[:1], 300)
+    with pytest.raises(ValueError, match="kd step time must be a finite number > 0"):
+        dm.compute_budget([{**timing[0], "step_time_s": 0.0}, timing[1]], 300)
+    s = dataclasses.replace(dm.PRESETS["smoke"], experiments=("table5",), seeds=(0, 1), vision_pretrain_steps=0)
+    m = {"teacher_step_s": 1.0, "student_step_s": 0.1, "eval_s": 5.0, "ratio": {"kd": 2.0, "iva": 2.0, "align_ti": 4.0}}
+    est = dm.estimate_study_s(s, m)
+    # teacher 2 steps + eval; stage 1: 1 step + eval; 5 runs x 2 seeds: 2 steps x 0.1 x ratio + eval
+    assert est["teacher"] == pytest.approx(7.0) and est["stage1"] == pytest.approx(5.1)
+    assert est["students"] == pytest.approx(2 * (0.2 * (1 + 2 + 2 + 1 + 4) + 5 * 5))
+    assert est["total"] == pytest.approx(est["teacher"] + est["stage1"] + est["students"] + est["vision"])
+    with pytest.raises(ValueError, match="measured\\['eval_s'\\] must be a finite number >= 0"):
+        dm.estimate_study_s(s, {**m, "eval_s": float("nan")})
+
+
+def test_study_report_per_task(smoke, tmp_path: Path) -> None:
+    _, res = smoke
+    page = dm.write_study_report({"scenes": res, "digits": res}, tmp_path / "study", command="c",
+                                 page=tmp_path / "study.md", title="Study")
+    md = page.read_text()
+    assert "## Task scenes" in md and "## Task digits" in md and "| paper claim | scenes | digits |" in md
+    assert "[Every table and plot of scenes](study-scenes.md)" in md
+    for task in ("scenes", "digits"):
+        assert "## Components (paper Table 5)" in (tmp_path / f"study-{task}.md").read_text()
+        assert (tmp_path / "study" / task / "results.json").exists()
+    assert "| Vanilla KD > SFT | not resolved (1 seed) | not resolved (1 seed) |" in md
+
+
+def test_run_study_and_the_cli_on_several_tasks(smoke, tmp_path: Path, monkeypatch, capsys) -> None:
+    """examples/demo.py --task scenes digits: one run dir per task, one settings per task, a study report
+    (run_demo stubbed with the fixture's results: the smoke runs of the tasks are tested in test_study_*)."""
+    calls: list[tuple[str, Path, tuple]] = []
+
+    def fake_run_demo(settings, run_dir, **kw):
+        calls.append((settings.task, Path(run_dir), settings.seeds))
+        return smoke[1]
+
+    monkeypatch.setattr(dm, "run_demo", fake_run_demo)
+    out = dm.run_study(["scenes", "digits"], "smoke", tmp_path / "r",
+                       adjust=lambda s: dataclasses.replace(s, seeds=(4,)), progress=False)
+    assert set(out) == {"scenes", "digits"}
+    assert calls == [("scenes", tmp_path / "r" / "scenes", (4,)), ("digits", tmp_path / "r" / "digits", (4,))]
+    calls.clear()
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--full", "--no-progress", "--run-dir", str(tmp_path / "cli"),
+                                      "--docs-dir", str(tmp_path / "docs")])
+    with pytest.raises(SystemExit) as ei:
+        runpy.run_path(str(ROOT / "examples" / "demo.py"), run_name="__main__")
+    assert ei.value.code == 0
+    assert [c[0] for c in calls] == ["scenes", "digits"] and all(c[2] == dm.PRESETS["full"].seeds for c in calls)
+    assert "## Task digits" in (tmp_path / "docs" / "study-full.md").read_text()
+    assert (tmp_path / "docs" / "study" / "full" / "scenes" / "results.json").exists()
+    assert "total wall time" in capsys.readouterr().out
+
+
+def test_cli_estimate_trains_nothing(tmp_path: Path, capsys) -> None:
+    cal = {"teachers": [{"train": {"step_time_s": 0.2}, "eval_wall_s": 10.0}], "sft": [{"train": {"step_time_s": 0.05}}],
+           "vision": {"wall_s": 60.0}, "settings": {"task": "scenes"}}
+    (tmp_path / "cal.json").write_text(json.dumps(cal))
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import demo as demo_cli
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    assert demo_cli.main(["--estimate", str(tmp_path / "cal.json"), "--ratios", str(ROOT / "docs/results/quick/results.json"),
+                          "--run-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ESTIMATE (not a measurement)") and "one evaluation 10 s): vision 1.0 min, teacher" in out
+    assert not (tmp_path / "run").exists()  # --estimate trains nothing
+    with pytest.raises(SystemExit):  # --full runs digits too: its calibration is needed
+        demo_cli.main(["--full", "--estimate", str(tmp_path / "cal.json")])
+    assert "none for ['digits']" in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_its_key_is_trained_again(smoke, tmp_path: Path) -> None:
+    """A kill between a checkpoint's weights and its key (written last), or a checkpoint of another
+    setting, is not reused: that stage is trained again; what depends only on settings is reused."""
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(smoke[0], run_dir)
+    (run_dir / "student_stage1" / "train_info.json").unlink()  # killed after save_pretrained
+    info = run_dir / "teacher" / "train_info.json"
+    info.write_text(json.dumps({**json.loads(info.read_text()), "cache_key": "0" * 16}))  # another setting's
+    logs: list[str] = []
+    got = dm.run_demo(dm.PRESETS["smoke"], run_dir, progress=False, log=logs.append, only_keys=["kd"], skip_missing=True)
+    assert any("holds a teacher of another setting" in line for line in logs)
+    assert any(line.startswith("stage 0: teacher") for line in logs) and any(line.startswith("stage 1: student") for line in logs)
+    assert json.loads(info.read_text())["cache_key"] != "0" * 16
+    # keys follow settings, which is sound because the same setting retrains the same weights bit for bit
+    from safetensors.torch import load_file
+
+    for path in ("teacher", "student_stage1"):
+        a, b = load_file(str(run_dir / path / "model.safetensors")), load_file(str(smoke[0] / path / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), path
+    assert got["runs"]["kd"]["seeds"] == smoke[1]["runs"]["kd"]["seeds"]  # so the runs on them are reused
