@@ -26,6 +26,7 @@ from tokinteract.divergence import canonical_kind, divergence_and_grad, divergen
 from tokinteract.reduction import compute_dtype, resolve_count
 
 _AUTO_CHUNK_ELEMENTS = 2**24
+_REUSE = True  # benchmarks only (bench_step.py's *_prev variants): False = a fresh buffer per chunk, no shared log_softmax
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,9 @@ class _Scratch:
         self.n, self.cols = n, cols
         return self
 
-    def __call__(self, name: str) -> Tensor:
+    def __call__(self, name: str) -> Tensor | None:
+        if not _REUSE:
+            return None
         key = (name, self.cols)
         if key not in self._bufs:
             self._bufs[key] = torch.empty(self.chunk, self.cols, dtype=self.dtype, device=self.device)
@@ -132,7 +135,7 @@ def _run(
     scratch = _Scratch(cfg.chunk_size, acc_dtype, dev)
     # CE and an fkl/rkl divergence over the same columns at temperature 1 share the student's log_softmax
     shared = (
-        cfg.has_ce and cfg.has_div and cfg.temperature == 1.0 and n_student_cols == cfg.vocab
+        _REUSE and cfg.has_ce and cfg.has_div and cfg.temperature == 1.0 and n_student_cols == cfg.vocab
         and canonical_kind(cfg.kind, cfg.beta, cfg.alpha) in ("fkl", "rkl")
     )
     for start in range(0, n_rows, cfg.chunk_size):
