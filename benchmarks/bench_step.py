@@ -20,8 +20,10 @@ the student's second full pass; no suffix: the trainer defaults, ``loss_impl="fu
     align_ti_packed
 
 ``align_ti_unshared`` (the cached path without one gradient per shared weight) and ``align_ti_prev``
-(the ground-truth pass with the dense ribbon-block mask and the float sort for flat nucleus rows,
-as before issue 16 item 1's last changes) switch library behaviour off for comparison;
+(the ground-truth pass with the dense ribbon-block mask, the float sort for flat nucleus rows and
+the fused loss's chunk loop without reused buffers, as before issue 16 item 1's changes), ``kd_prev``
+and ``iva_prev`` (that chunk loop only: a fresh ``[chunk, V]`` tensor per buffer and chunk, SFT's
+cross-entropy with its own student ``log_softmax``) switch library behaviour off for comparison;
 and ``kd_trl``, a TRL-style KD step outside ``DistillationTrainer``, as TRL's GKD trainer computes
 it without Liger (``GKDTrainer.compute_loss``): the student's and the teacher's full logits at
 every position (teacher under ``no_grad``), then TRL's own ``generalized_jsd_loss`` with
@@ -35,7 +37,11 @@ the best round is kept, so load from other processes hits all of them alike.
 
 ``est_ratio`` (printed, and in the notes): a compute model of each step (see
 :func:`estimated_macs`: parameters x tokens, attention scores, and the LM-head rows each loss
-needs), to tell work the method adds from overhead.
+needs), to tell work the method adds from overhead. With ``kd`` and ``iva`` in the run, the notes
+also give IVA's method-inclusive ratio: the model's plus the seconds of the work IVA needs that the
+MAC count leaves out, measured in the same run (the attention capture at ``l*`` with the
+instruction->vision weights, :func:`timed_iva_capture`; the vocabulary-wide softmax work of the
+visual rows, :func:`iva_softmax_seconds`), over KD's measured step.
 
 Token work: ``token_ratio = (T + N) / T`` with ``T`` the real ground-truth tokens of the batch
 and ``N`` the candidate slots (``d`` x supervised positions): what TPA adds to each model's
