@@ -142,7 +142,8 @@ def _run(
         stop = min(start + cfg.chunk_size, n_rows)
         n = stop - start
         idx: Tensor | slice = slice(start, stop) if rows is None else rows[start:stop]
-        x = student.logits(idx, n_student_cols, out=scratch.at(n, n_student_cols)("logits_s")).to(acc_dtype)
+        x = student.logits(idx, n_student_cols, out=scratch.at(n, n_student_cols)("logits_s") if fused else None)
+        x = x.to(acc_dtype)
         if cfg.validate:
             bad_s += _bad_rows(x)
         g = None
@@ -166,7 +167,8 @@ def _run(
                 g.mul_(coef[:, None])
             del lp1
         if cfg.has_div:
-            y = teacher.logits(idx, cfg.vocab, out=scratch.at(n, cfg.vocab)("logits_t")).to(acc_dtype)
+            t_out = scratch.at(n, cfg.vocab)("logits_t") if teacher.weight is not None else None
+            y = teacher.logits(idx, cfg.vocab, out=t_out).to(acc_dtype)
             if cfg.validate:
                 bad_t += _bad_rows(y)
             coef = div_coef[start:stop]
