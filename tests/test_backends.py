@@ -108,6 +108,37 @@ def test_equals_eager(backend, kind, config):
     _close_all(_grads(f, (hs, W, b)), _grads(a, (hs, W, b)), atol=1e-5 if kind == "rkl" else 1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["chunked", "fused"])
+@pytest.mark.parametrize("config", ["all", "weighted", "sft_iva", "sft_tpa"])
+@pytest.mark.parametrize(("kind", "beta"), [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.0), ("jsd", 1.0)])
+def test_cross_entropy_and_divergence_share_the_student_log_softmax(backend, config, kind, beta, monkeypatch):
+    # at temperature 1 over one vocabulary, SFT's cross-entropy and an fkl/rkl divergence (also
+    # jsd at beta 0 / 1) read one log_softmax of the student per chunk; the gradient
+    # ce_coef * (S - onehot) + div_coef * dD/dz is formed in one buffer: equal to eager
+    import tokinteract._engine as engine
+
+    shared = []
+    real = engine.divergence_and_grad
+
+    def spy(*a, **kw):
+        shared.append(kw["student_log_probs"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(engine, "divergence_and_grad", spy)
+    lab, ex, vw = _batch(36)
+    hs, W, b, ht, Wt, bt = _hidden(37, ex.expanded_len)
+    kw = dict(expansion=ex, visual_weights=vw, kind=kind, beta=beta, num_items=9, num_sequences=5, chunk_size=4,
+              **PART_CONFIGS[config])
+    a, pa = _eager(hs, W, b, ht, Wt, bt, lab, **dict(kw))
+    f, pf = _terms(backend, hs, W, b, ht, Wt, bt, lab, **kw)
+    assert shared and all(shared)
+    torch.testing.assert_close(f, a, atol=1e-6, rtol=1e-6)
+    for k in pa:
+        torch.testing.assert_close(pf[k], pa[k], atol=1e-6, rtol=1e-6)
+    canonical_rkl = kind == "rkl" or beta == 1.0
+    _close_all(_grads(f, (hs, W, b)), _grads(a, (hs, W, b)), atol=1e-5 if canonical_rkl else 1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sft_kd_iva_against_references(backend):
     # every part against the loop references (fp64), no expansion (tpa off)

@@ -137,15 +137,26 @@ def test_fused_errors():
 
 def test_lm_head_sees_at_most_one_chunk_of_rows(monkeypatch):
     # the logits are never materialised for more than chunk_size rows, in forward or backward
+    # (the head runs as linear, or as mm / addmm into a reused buffer: every way is spied on)
     calls = []
-    real = torch.nn.functional.linear
+    real_linear, real_mm, real_addmm = torch.nn.functional.linear, torch.mm, torch.addmm
 
     def spy(x, w, b=None):
         calls.append(tuple(x.shape))
-        return real(x, w, b)
+        return real_linear(x, w, b)
+
+    def spy_mm(x, w, **kw):
+        calls.append(tuple(x.shape))
+        return real_mm(x, w, **kw)
+
+    def spy_addmm(b, x, w, **kw):
+        calls.append(tuple(x.shape))
+        return real_addmm(b, x, w, **kw)
 
     hs, W, b, ht, Wt, bt = _head(110, rows=10)
     monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    monkeypatch.setattr(torch, "mm", spy_mm)
+    monkeypatch.setattr(torch, "addmm", spy_addmm)
     loss = fused_linear_divergence(hs, W, ht, Wt, student_bias=b, teacher_bias=bt, chunk_size=3)
     loss.backward()
     assert len(calls) == 2 * 4  # student and teacher, ceil(10 / 3) chunks, nothing in backward

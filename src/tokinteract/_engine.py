@@ -22,10 +22,11 @@ import torch
 from torch import Tensor
 
 from tokinteract._checks import Deferred, check_int, check_weights, nonfinite_message
-from tokinteract.divergence import divergence_and_grad, divergence_rows
+from tokinteract.divergence import canonical_kind, divergence_and_grad, divergence_rows
 from tokinteract.reduction import compute_dtype, resolve_count
 
 _AUTO_CHUNK_ELEMENTS = 2**24
+_REUSE = True  # benchmarks only (bench_step.py's *_prev variants): False = a fresh buffer per chunk, no shared log_softmax
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,41 @@ class _Side:
     weight: Tensor | None = None  # [V, H]
     bias: Tensor | None = None  # [V]
 
-    def logits(self, idx: Tensor | slice, ncols: int) -> Tensor:
+    def logits(self, idx: Tensor | slice, ncols: int, out: Tensor | None = None) -> Tensor:
+        """The rows' logits (first ``ncols`` columns); from hidden states into ``out`` when it has
+        the rows' dtype (the same ``mm``/``addmm`` that ``linear`` runs)."""
         rows = self.src[idx]
         if self.weight is None:
             return rows[:, :ncols]
         b = None if self.bias is None else self.bias[:ncols]
-        return torch.nn.functional.linear(rows, self.weight[:ncols], b)
+        if out is None or out.dtype != rows.dtype:
+            return torch.nn.functional.linear(rows, self.weight[:ncols], b)
+        w = self.weight[:ncols].t()
+        return torch.mm(rows, w, out=out) if b is None else torch.addmm(b, rows, w, out=out)
+
+
+class _Scratch:
+    """The ``[chunk, cols]`` buffers of the chunk loop, allocated on first use and handed to every
+    chunk (sliced to its rows). A fresh tensor per chunk would pay its page faults again each time
+    (on CPU ~30 ms of a 110 x 151,936 fp32 buffer's ~40 ms first pass)."""
+
+    def __init__(self, chunk: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.chunk, self.dtype, self.device = chunk, dtype, device
+        self.n, self.cols = chunk, 0
+        self._bufs: dict[tuple[str, int], Tensor] = {}
+
+    def at(self, n: int, cols: int) -> "_Scratch":
+        """Set the rows and columns that :meth:`__call__` hands out next."""
+        self.n, self.cols = n, cols
+        return self
+
+    def __call__(self, name: str) -> Tensor | None:
+        if not _REUSE:
+            return None
+        key = (name, self.cols)
+        if key not in self._bufs:
+            self._bufs[key] = torch.empty(self.chunk, self.cols, dtype=self.dtype, device=self.device)
+        return self._bufs[key][: self.n]
 
 
 def resolve_chunk_size(chunk_size: int | None, vocab: int) -> int:
@@ -102,42 +132,58 @@ def _run(
     bad_s = torch.zeros((), dtype=torch.long, device=dev)
     bad_t = torch.zeros((), dtype=torch.long, device=dev)
     need_grad = need_src or need_w or need_b
+    scratch = _Scratch(cfg.chunk_size, acc_dtype, dev)
+    # CE and an fkl/rkl divergence over the same columns at temperature 1 share the student's log_softmax
+    shared = (
+        _REUSE and cfg.has_ce and cfg.has_div and cfg.temperature == 1.0 and n_student_cols == cfg.vocab
+        and canonical_kind(cfg.kind, cfg.beta, cfg.alpha) in ("fkl", "rkl")
+    )
     for start in range(0, n_rows, cfg.chunk_size):
         stop = min(start + cfg.chunk_size, n_rows)
+        n = stop - start
         idx: Tensor | slice = slice(start, stop) if rows is None else rows[start:stop]
-        x = student.logits(idx, n_student_cols).to(acc_dtype)
+        x = student.logits(idx, n_student_cols, out=scratch.at(n, n_student_cols)("logits_s") if fused else None)
+        x = x.to(acc_dtype)
         if cfg.validate:
             bad_s += _bad_rows(x)
         g = None
+        lp_shared = None
         if cfg.has_ce:
             # cross-entropy at temperature 1 over the full student vocabulary
             tgt = ce_target[start:stop]
             has = tgt >= 0
             safe = tgt.clamp(min=0, max=x.shape[1] - 1)[:, None]  # out-of-range labels raise after the pass
             coef = ce_coef[start:stop]
-            lp1 = torch.log_softmax(x, dim=-1)
+            lp1 = torch.log_softmax(x, dim=-1, out=scratch.at(n, x.shape[1])("log_s" if shared else "ce"))
             ce = torch.where(has, -lp1.gather(1, safe)[:, 0], lp1.new_zeros(()))
             ce_all[start:stop] = ce
             total = total + (coef * ce).sum()
-            if need_grad:  # softmax(x) - onehot(target)
+            if shared:
+                lp_shared = lp1
+                one_hot = torch.where(has, -coef, 0.0).to(lp1.dtype)[:, None]  # -ce_coef * onehot(target)
+            elif need_grad:  # softmax(x) - onehot(target)
                 g = lp1.exp_()
                 g.scatter_add_(1, safe, torch.where(has, -1.0, 0.0).to(g.dtype)[:, None])
                 g.mul_(coef[:, None])
             del lp1
         if cfg.has_div:
-            y = teacher.logits(idx, cfg.vocab).to(acc_dtype)
+            t_out = scratch.at(n, cfg.vocab)("logits_t") if teacher.weight is not None else None
+            y = teacher.logits(idx, cfg.vocab, out=t_out).to(acc_dtype)
             if cfg.validate:
                 bad_t += _bad_rows(y)
-            d, gd = divergence_and_grad(
-                x[:, : cfg.vocab], y, kind=cfg.kind, temperature=cfg.temperature, beta=cfg.beta,
-                alpha=cfg.alpha, need_grad=need_grad,
-            )
-            del y
             coef = div_coef[start:stop]
+            d, gd = divergence_and_grad(
+                x[:, : cfg.vocab] if lp_shared is None else lp_shared, y, kind=cfg.kind, temperature=cfg.temperature,
+                beta=cfg.beta, alpha=cfg.alpha, need_grad=need_grad, coef=coef,
+                softmax_coef=ce_coef[start:stop] if lp_shared is not None and need_grad else None,
+                student_log_probs=lp_shared is not None, scratch=scratch.at(n, cfg.vocab),
+            )
+            del y, lp_shared
             div_all[start:stop] = d
             total = total + (coef * d).sum()
             if gd is not None:
-                gd.mul_(coef[:, None])
+                if shared:  # gd holds coef * dD/dz + ce_coef * softmax(x): add the CE's one-hot part
+                    gd.scatter_add_(1, safe, one_hot)
                 if g is None and gd.shape[1] == x.shape[1]:
                     g = gd
                 else:
@@ -149,7 +195,7 @@ def _run(
         del x
         if need_grad:
             if g is None:  # no term touched this chunk
-                g = torch.zeros(stop - start, ncols, dtype=acc_dtype, device=dev)
+                g = torch.zeros(n, ncols, dtype=acc_dtype, device=dev)
             if not fused:
                 if rows is None:
                     g_src[idx, :ncols] = g.to(g_src.dtype)

@@ -30,6 +30,7 @@ multiplied by ``tau**2`` (multiply it yourself for Hinton-style gradient scaling
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from jaxtyping import Float
@@ -123,51 +124,86 @@ def divergence_and_grad(
     beta: float,
     alpha: float,
     need_grad: bool,
+    coef: Float[Tensor, "rows"] | None = None,
+    softmax_coef: Float[Tensor, "rows"] | None = None,
+    student_log_probs: bool = False,
+    scratch: Callable[[str], Tensor | None] | None = None,
 ) -> tuple[Float[Tensor, "rows"], Float[Tensor, "rows vocab"] | None]:
-    """Per-row ``D(S, T)`` of logits rows and its gradient ``dD/d student`` (or None).
+    """Per-row ``D(S, T)`` of logits rows and the gradient ``coef * dD/dz_s + softmax_coef * S`` (or None).
 
-    Both inputs are logits in the compute dtype; ``teacher`` is consumed (its buffer is reused
-    in place, the caller must hold no other reference). Values come from
-    :func:`divergence_from_logprobs`; the gradients are analytic where that keeps memory at a
-    few ``[rows, V]`` buffers:
+    Both inputs are in the compute dtype; ``teacher`` holds logits and is consumed (the caller
+    must not read it afterwards). Values come from :func:`divergence_from_logprobs`; the
+    gradients are analytic where that keeps memory at a few ``[rows, V]`` buffers:
 
     * ``"fkl"`` (``KL(T || S)``): ``dD/dz_s = (S - T) / tau``;
     * ``"rkl"`` (``KL(S || T)``): ``dD/dz_s = S * (log S - log T - D) / tau``;
     * every other kind: autograd through :func:`divergence_from_logprobs` on these rows only.
+
+    Args:
+        coef: per-row factor of ``dD/dz_s`` (default 1).
+        softmax_coef: per-row factor of ``S`` added to the gradient: the softmax part of a
+            cross-entropy's gradient on the same rows (``CE = -log S[target]``,
+            ``dCE/dz_s = S - onehot``; the caller subtracts the one-hot part), so that one
+            ``log_softmax`` of the student serves both. Needs ``temperature == 1`` and
+            ``kind`` ``"fkl"`` or ``"rkl"`` after :func:`canonical_kind`.
+        student_log_probs: ``student`` already holds ``log_softmax`` of the student's logits
+            (temperature 1); it is consumed.
+        scratch: ``name -> [rows, V]`` buffer in the compute dtype that this call may
+            overwrite (or None: allocate): the chunk loops hand the same buffers to every chunk,
+            since a fresh ``[rows, V]`` tensor costs its page faults again on every chunk.
     """
     tau = temperature
-    lp_t = torch.log_softmax(teacher / tau if tau != 1.0 else teacher, dim=-1)
-    del teacher
     kind = canonical_kind(kind, beta, alpha)
-    if kind == "fkl":
-        lp_s = torch.log_softmax(student / tau if tau != 1.0 else student, dim=-1)
-        diff = lp_t - lp_s
-        t = lp_t.exp_()
-        d = diff.mul_(t).sum(-1)
-        del diff
-        if not need_grad:
-            return d, None
-        g = lp_s.exp_().sub_(t)
-        return d, (g.div_(tau) if tau != 1.0 else g)
-    if kind == "rkl":
-        lp_s = torch.log_softmax(student / tau if tau != 1.0 else student, dim=-1)
-        s = lp_s.exp()
-        diff = lp_s.sub_(lp_t)  # log S - log T, in the log S buffer
-        del lp_t, lp_s
-        d = torch.bmm(s[:, None, :], diff[:, :, None]).reshape(-1)
-        if not need_grad:
-            return d, None
-        g = diff.sub_(d[:, None]).mul_(s)
-        return d, (g.div_(tau) if tau != 1.0 else g)
+    if (softmax_coef is not None or student_log_probs) and (tau != 1.0 or kind not in ("fkl", "rkl")):
+        raise ValueError(
+            f"softmax_coef and student_log_probs need temperature 1 and an fkl/rkl divergence, got "
+            f"temperature={tau}, kind={kind!r}"
+        )
+    buf = scratch if scratch is not None else (lambda name: None)
+
+    def log_softmax(x: Tensor, name: str) -> Tensor:
+        return torch.log_softmax(x / tau if tau != 1.0 else x, dim=-1, out=buf(name))
+
+    lp_t = log_softmax(teacher, "log_t")
+    del teacher
+    if kind in ("fkl", "rkl"):
+        lp_s = student if student_log_probs else log_softmax(student, "log_s")
+        if kind == "fkl":
+            diff = torch.sub(lp_t, lp_s, out=buf("diff"))
+            t = lp_t.exp_()
+            d = diff.mul_(t).sum(-1)
+            del diff
+            if not need_grad:
+                return d, None
+            if softmax_coef is not None:  # coef * (S - T) + softmax_coef * S (tau = 1)
+                c = torch.ones_like(d) if coef is None else coef
+                return d, lp_s.exp_().mul_((c + softmax_coef)[:, None]).addcmul_(t, c[:, None], value=-1.0)
+            g = lp_s.exp_().sub_(t)
+        else:
+            s = torch.exp(lp_s, out=buf("probs_s"))
+            diff = lp_s.sub_(lp_t)  # log S - log T, in the log S buffer
+            del lp_t, lp_s
+            d = torch.bmm(s[:, None, :], diff[:, :, None]).reshape(-1)
+            if not need_grad:
+                return d, None
+            g = diff.sub_(d[:, None])
+            if softmax_coef is not None:  # S * (coef * (log S - log T - D) + softmax_coef) (tau = 1)
+                if coef is not None:
+                    g.mul_(coef[:, None])
+                return d, g.add_(softmax_coef[:, None]).mul_(s)
+            g.mul_(s)
+        if tau != 1.0:
+            g.div_(tau)
+        return d, (g if coef is None else g.mul_(coef[:, None]))
     if not need_grad:
-        lp_s = torch.log_softmax(student / tau if tau != 1.0 else student, dim=-1)
+        lp_s = log_softmax(student, "log_s")
         return divergence_from_logprobs(lp_s, lp_t, kind=kind, beta=beta, alpha=alpha), None
     with torch.enable_grad():
         xr = student.detach().requires_grad_(True)
         lp_s = torch.log_softmax(xr / tau if tau != 1.0 else xr, dim=-1)
         d = divergence_from_logprobs(lp_s, lp_t, kind=kind, beta=beta, alpha=alpha)
         (g,) = torch.autograd.grad(d, xr, grad_outputs=torch.ones_like(d))
-    return d.detach(), g
+    return d.detach(), (g if coef is None else g.mul_(coef[:, None]))
 
 
 def check_divergence_options(kind: str, temperature: int | float, beta: int | float, alpha: int | float) -> None:
