@@ -874,10 +874,7 @@ class Demo:
 
         seed = self.s.teacher_seed if seed is None else seed
         path = self.dir / ("teacher" if seed == self.s.teacher_seed else f"teacher_seed{seed}")
-        s = self.s
-        vision = (["pretrained", self._vision_setting()] if s.vision_pretrain_steps
-                  else ["trained by the teacher's SFT" if s.teacher_trains_vision else "random, frozen"])
-        key = self._model_key(s.teacher, seed=seed, steps=s.teacher_steps, lr=s.teacher_lr, source=vision)
+        key = self.teacher_key(seed)
         meta = self._reuse(path, key, "teacher")
         if meta is not None:
             t = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa")
@@ -895,6 +892,14 @@ class Demo:
         t.study_cache_key = key  # what the students' and evaluations' keys build on
         self.results["teacher_train"] = _jsonable(meta)
         return t
+
+    def teacher_key(self, seed: int | None = None) -> str:
+        """The cache key of the SFT teacher of ``seed`` (default ``teacher_seed``)."""
+        s = self.s
+        vision = (["pretrained", self._vision_setting()] if s.vision_pretrain_steps
+                  else ["trained by the teacher's SFT" if s.teacher_trains_vision else "random, frozen"])
+        return self._model_key(s.teacher, seed=s.teacher_seed if seed is None else seed, steps=s.teacher_steps,
+                               lr=s.teacher_lr, source=vision)
 
     def stage1_student(self, teacher: nn.Module) -> Path:
         """The shared stage-1 student, cached in ``run_dir/student_stage1`` under a key of its setting
@@ -1114,10 +1119,10 @@ def run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool = Tr
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
-    with torch_threads(settings.threads):
+    with torch_threads(settings.threads), contextlib.ExitStack() as closing:  # closing: the worker pool's
         return _run_demo(settings, run_dir, progress=progress, log=log, only_calibration=only_calibration,
                          skip_missing=skip_missing, only_keys=only_keys, stop_after=stop_after,
-                         progress_stream=progress_stream, workers=workers)
+                         progress_stream=progress_stream, workers=workers, closing=closing)
 
 
 def _student_keys(settings: DemoSettings, exps: Sequence[str]) -> list[str]:
@@ -1137,7 +1142,8 @@ def _student_layer(l_star: int, teacher_layers: int, student_layers: int) -> int
 
 def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, log: Callable[[str], None],
               only_calibration: bool, skip_missing: bool, only_keys: Sequence[str] | None,
-              stop_after: int | None, progress_stream: Any, workers: int) -> dict[str, Any]:
+              stop_after: int | None, progress_stream: Any, workers: int,
+              closing: contextlib.ExitStack) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -1166,6 +1172,17 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
 
     demo.prepare()
     log(f"task: {res['task']}")
+    pool: _WorkerPool | None = None
+
+    def start_pool() -> _WorkerPool:
+        log(f"starting {workers} worker processes for the student runs ({settings.threads} thread(s) each)")
+        p = _WorkerPool(workers, settings, demo.dir, log)
+        closing.callback(p.close)
+        return p
+
+    if workers > 1 and keys and not skip_missing and _cached_record(
+            demo.dir / "teacher" / "train_info.json", demo.teacher_key()) is None:
+        pool = start_pool()  # a teacher to train: the workers warm up meanwhile (on the idle core)
     if settings.vision_pretrain_steps:
         t0 = time.perf_counter()
         demo.vision_tower()
@@ -1204,6 +1221,8 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
     base: float | None = None
     by_method: dict[str, float] = {}
     if timing_needed:
+        if pool is not None:
+            pool.wait_ready()  # the timing pass runs alone: its rows are step times
         res["timing"] = measure_step_costs(demo, teacher, l_star, prog, skip_missing=skip_missing)
         base = next((r["step_time_s"] for r in res["timing"] if r["method"] == "sft"), None)
         by_method = {r["method"]: r["step_time_s"] for r in res["timing"] if not r["overrides"].get("tpa_forward")}
@@ -1263,13 +1282,14 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
             f"step {tr['step_time_s'] * 1e3:.0f} ms")
         prog.done("students", u["unit"], seconds)
 
-    n_workers = min(workers, len(pending))
-    if n_workers > 1:  # the timing pass is over: nothing else runs next to the workers' steps
-        prog.set_parallel("students", n_workers)
-        log(f"{len(pending)} student runs in {n_workers} worker processes ({settings.threads} thread(s) each)")
-        _run_in_workers(pending, n_workers, (settings, demo.dir, tkey, demo.stage1_key), finished,
-                        stop_after=stop_after, log=log)
+    if workers > 1 and len(pending) > 1:  # the timing pass is over: nothing else runs next to the workers
+        pool = pool or start_pool()
+        prog.set_parallel("students", min(workers, len(pending)))
+        log(f"{len(pending)} student runs in {workers} worker processes")
+        pool.run([{**u, "teacher_key": tkey} for u in pending], finished, stop_after=stop_after)
+        closing.close()  # the workers have exited
     else:
+        closing.close()  # workers started for nothing to do (every run cached, or one left)
         for n, u in enumerate(pending, 1):
             log(f"{u['unit']}: {u['spec'].label}")
             t0 = time.perf_counter()
@@ -1336,25 +1356,21 @@ def default_workers(cap: int = 2) -> int:
     return max(1, min(cap, round((os.cpu_count() or 1) - load)))
 
 
-def _worker_state(init: tuple[Any, ...]) -> tuple[Demo, nn.Module]:
-    """A worker's own study state: the task data and the teacher, loaded from the run dir's cached
-    checkpoint (never trained here: a missing or stale checkpoint is an error)."""
+def _load_teacher(run_dir: Path, key: str) -> nn.Module:
+    """The study's cached teacher checkpoint (``run_dir/teacher``), which must hold ``key``: a worker
+    never trains a teacher."""
     from transformers import LlavaForConditionalGeneration
 
-    settings, run_dir, tkey, stage1_key = init
-    demo = Demo(settings, run_dir, progress=False, log=lambda *_: None)
-    demo.prepare()
-    demo.stage1_key = stage1_key
     path = Path(run_dir) / "teacher"
     info = path / "train_info.json"
     got = json.loads(info.read_text()).get("cache_key") if info.exists() else None
-    if got != tkey:
-        raise RuntimeError(f"the teacher checkpoint {path} must hold the study's teacher (cache key {tkey}), "
+    if got != key:
+        raise RuntimeError(f"the teacher checkpoint {path} must hold the study's teacher (cache key {key}), "
                            f"got key {got!r}")
     teacher = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa")
     teacher.eval()
     teacher.requires_grad_(False)
-    return demo, teacher
+    return teacher
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -1364,90 +1380,124 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _worker_main(tasks: Any, results: Any, init: tuple[Any, ...], parent: int, wid: int) -> None:
-    """A worker process: student runs from ``tasks`` until ``None``, each reported on ``results`` as
-    ``("start"|"done"|"error", wid, unit, seconds | traceback)``. Ctrl-C is the parent's to handle."""
+def _worker_main(tasks: Any, results: Any, settings: DemoSettings, run_dir: Path, parent: int, wid: int) -> None:
+    """A worker process. Warms up (imports the trainer, decodes the task's data) and says ``ready``;
+    then trains the student runs it gets from ``tasks`` until ``None``, each reported on ``results`` as
+    ``(kind, wid, unit, x)``: ``start``, ``done`` (x: seconds) or ``error`` (x: the traceback), which
+    ends the worker. Ctrl-C is the parent's to handle (ignored here)."""
     import signal
     import threading
     import traceback
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-    torch.set_num_threads(init[0].threads)
-    state: tuple[Demo, nn.Module] | None = None
+    torch.set_num_threads(settings.threads)
+    try:
+        from transformers import LlavaForConditionalGeneration, TrainingArguments  # noqa: F401 (warm-up)
+
+        from tokinteract.mllm.trainer import DistillationTrainer  # noqa: F401 (warm-up)
+
+        demo = Demo(settings, run_dir, progress=False, log=lambda *_: None)
+        demo.prepare()
+    except BaseException:  # noqa: BLE001 (reported to the parent, which fails the study)
+        results.put(("error", wid, "(worker start-up)", traceback.format_exc()))
+        return
+    results.put(("ready", wid, None, None))
+    teacher: nn.Module | None = None
     while (u := tasks.get()) is not None:
         results.put(("start", wid, u["unit"], None))
         t0 = time.perf_counter()
         try:
-            if state is None:
-                state = _worker_state(init)
-            with torch_threads(init[0].threads):
-                _train_student(*state, u)
+            if teacher is None:
+                teacher = _load_teacher(run_dir, u["teacher_key"])
+            with torch_threads(settings.threads):
+                _train_student(demo, teacher, u)
         except BaseException:  # noqa: BLE001 (reported to the parent, which fails the study)
             results.put(("error", wid, u["unit"], traceback.format_exc()))
             return
         results.put(("done", wid, u["unit"], time.perf_counter() - t0))
 
 
-def _run_in_workers(units: Sequence[dict[str, Any]], n: int, init: tuple[Any, ...],
-                    finished: Callable[[dict[str, Any], float], None], *, stop_after: int | None,
-                    log: Callable[[str], None]) -> None:
-    """Run the student ``units`` in ``n`` spawned worker processes (each at ``settings.threads``
-    threads, so each result is the serial run's, bit for bit), calling ``finished(unit, seconds)`` in
-    this process as each one's record is saved. A unit's exception or a worker's death raises
-    :class:`StudyUnitFailed` naming the unit; ``stop_after`` raises :class:`StudyStopped` after that
-    many finished runs. Workers are terminated on any exit (error, stop, Ctrl-C)."""
-    import multiprocessing as mp
-    import queue
+class _WorkerPool:
+    """``n`` spawned worker processes for the student runs of one study (each at ``settings.threads``
+    threads, so each result is the serial run's, bit for bit). Started early, they warm up while the
+    parent trains the teacher; :meth:`wait_ready` before anything timed (the timing pass runs alone),
+    :meth:`run` for the runs. Closing terminates any worker still alive (error, stop, Ctrl-C)."""
 
-    ctx = mp.get_context("spawn")
-    tasks, results = ctx.Queue(), ctx.Queue()
-    for u in units:
-        tasks.put(u)
-    for _ in range(n):
-        tasks.put(None)
-    by_unit = {u["unit"]: u for u in units}
-    procs = [ctx.Process(target=_worker_main, args=(tasks, results, init, os.getpid(), w), daemon=True,
-                         name=f"study-worker-{w}") for w in range(n)]
-    running: dict[int, str] = {}
-    n_done = 0
-    try:
-        for pr in procs:
+    def __init__(self, n: int, settings: DemoSettings, run_dir: Path, log: Callable[[str], None]) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.n, self.log = n, log
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.procs = [ctx.Process(target=_worker_main, name=f"study-worker-{w}", daemon=True,
+                                  args=(self.tasks, self.results, settings, Path(run_dir), os.getpid(), w))
+                      for w in range(n)]
+        self.ready: set[int] = set()
+        self.running: dict[int, str] = {}
+        for pr in self.procs:
             pr.start()
-        while n_done < len(units):
+
+    def close(self) -> None:
+        for pr in self.procs:
+            if pr.is_alive():
+                pr.terminate()
+        for pr in self.procs:
+            pr.join()
+        for q in (self.tasks, self.results):
+            q.cancel_join_thread()
+            q.close()
+
+    def _next(self) -> tuple[str, int, str | None, Any]:
+        """The next message of a worker; a worker that died or failed raises :class:`StudyUnitFailed`."""
+        import queue
+
+        while True:
             try:
-                what, wid, unit, x = results.get(timeout=1.0)
+                kind, wid, unit, x = self.results.get(timeout=1.0)
             except queue.Empty:
-                dead = [w for w, pr in enumerate(procs) if w in running and not pr.is_alive()]
-                if dead:
-                    w = dead[0]
-                    raise StudyUnitFailed(f"student run {running[w]} failed: its worker process died "
-                                          f"(exit code {procs[w].exitcode})") from None
-                if not any(pr.is_alive() for pr in procs):
-                    raise StudyUnitFailed(f"every worker exited with {len(units) - n_done} student run(s) "
-                                          "not done") from None
+                for w, pr in enumerate(self.procs):
+                    if not pr.is_alive() and (w in self.running or w not in self.ready):
+                        what = f"student run {self.running[w]}" if w in self.running else "its start-up"
+                        raise StudyUnitFailed(f"worker process {w} died (exit code {pr.exitcode}) during {what}") from None
                 continue
-            if what == "start":
-                running[wid] = unit
-                log(f"{unit}: {by_unit[unit]['spec'].label} (worker {wid})")
-            elif what == "error":
-                raise StudyUnitFailed(f"student run {unit} failed in worker process {wid}:\n{x}")
+            if kind == "error":
+                raise StudyUnitFailed(f"student run {unit} failed in worker process {wid}:\n{x}"
+                                      if unit != "(worker start-up)" else f"worker process {wid} failed to start:\n{x}")
+            return kind, wid, unit, x
+
+    def wait_ready(self) -> None:
+        """Block until every worker has warmed up (and idles: nothing runs next to what is timed)."""
+        while len(self.ready) < self.n:
+            kind, wid, _, _ = self._next()
+            if kind == "ready":
+                self.ready.add(wid)
+
+    def run(self, units: Sequence[dict[str, Any]], finished: Callable[[dict[str, Any], float], None], *,
+            stop_after: int | None) -> None:
+        """Run ``units``, calling ``finished(unit, seconds)`` here as each one's record is saved. A unit's
+        exception or a worker's death raises :class:`StudyUnitFailed` naming the unit; ``stop_after``
+        raises :class:`StudyStopped` after that many finished runs. Once only: the workers then exit."""
+        for u in units:
+            self.tasks.put(u)
+        for _ in range(self.n):
+            self.tasks.put(None)
+        by_unit = {u["unit"]: u for u in units}
+        n_done = 0
+        while n_done < len(units):
+            kind, wid, unit, x = self._next()
+            if kind == "ready":
+                self.ready.add(wid)
+            elif kind == "start":
+                self.running[wid] = str(unit)
+                self.log(f"{unit}: {by_unit[str(unit)]['spec'].label} (worker {wid})")
             else:
-                running.pop(wid, None)
+                self.running.pop(wid, None)
                 n_done += 1
-                finished(by_unit[unit], x)
+                finished(by_unit[str(unit)], x)
                 if stop_after is not None and n_done >= stop_after:
                     raise StudyStopped(f"stopped after {n_done} student run(s) (stop_after={stop_after}); "
                                        "run again to continue")
-    finally:
-        for pr in procs:
-            if pr.is_alive():
-                pr.terminate()
-        for pr in procs:
-            pr.join()
-        for q in (tasks, results):
-            q.cancel_join_thread()
-            q.close()
 
 
 def estimate_study_s(settings: DemoSettings, measured: dict[str, Any], workers: int = 1) -> dict[str, float]:
