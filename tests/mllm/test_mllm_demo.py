@@ -599,3 +599,21 @@ def test_a_killed_parent_leaves_no_worker(smoke, tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def test_default_workers_are_the_idle_cores(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(dm.os, "cpu_count", lambda: 2)
+    for load, want in ((0.0, 2), (0.6, 1), (0.4, 2), (5.0, 1)):
+        monkeypatch.setattr(dm.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert dm.default_workers() == want, load
+    monkeypatch.setattr(dm.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(dm.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert dm.default_workers() == 2 and dm.default_workers(cap=8) == 8
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import demo as demo_cli
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    with pytest.raises(SystemExit):
+        demo_cli.main(["--smoke", "--workers", "0"])
+    assert "--workers must be >= 1, got 0" in capsys.readouterr().err
