@@ -25,7 +25,11 @@ Every step runs with the preset's torch thread count (1), whatever the machine h
 the same seed gives bit-identical weights only at the same thread count (see the trainer
 guide's "Determinism on CPU"), so a run here repeats any other run of the same preset.
 ``--threads N`` trades that for speed on an idle machine (the count is recorded in the
-results and is part of every cache key).
+results and is part of every cache key). ``--workers N`` (default: the idle cores, at most 2)
+uses several cores without changing any result: once the teacher, the stage-1 student and the
+timing pass (alone: its rows are step times) are done, the student runs go to N worker
+processes, each at the preset's thread count, so every number equals the serial run's
+(``--workers 1``) bit for bit.
 
 Outputs: the report in ``<run dir>/report`` and, for quick/full runs, copied to ``docs/results/``
 (``--no-docs`` to skip): the study's tasks to ``study-<preset>.md`` (+ one page per task), the
@@ -48,9 +52,10 @@ TASKS = ["shapes", "scenes", "digits"]
 DEFAULT_TASKS = {"smoke": ["scenes"], "quick": ["scenes"], "full": ["scenes", "digits"]}
 
 
-def _estimate(paths: list[Path], settings_by_task: dict, ratios: Path | None) -> str:
+def _estimate(paths: list[Path], settings_by_task: dict, ratios: Path | None, workers: int = 1) -> str:
     """The expected wall time of the study from the step times measured by each task's calibration
-    (``calibrate.py``'s JSON; its ``settings.task`` names the task)."""
+    (``calibrate.py``'s JSON; its ``settings.task`` names the task), the student runs in ``workers``
+    worker processes."""
     from demo_study import estimate_study_s
 
     measured_by_task = {}
@@ -72,11 +77,13 @@ def _estimate(paths: list[Path], settings_by_task: dict, ratios: Path | None) ->
         ratio = {r["method"]: r["step_time_s"] / base for r in timing if not r.get("overrides", {}).get("tpa_forward")}
     lines = ["ESTIMATE (not a measurement): each task's steps times the step times its calibration measured, "
              + (f"each method's step time / SFT's from the timing pass of {ratios}" if ratios
-                else "every method timed as SFT") + "; trainer start-up and the IRS pass not counted"]
+                else "every method timed as SFT")
+             + f"; the student runs in {workers} worker(s), each on a free core; trainer and worker start-up "
+               "and the IRS pass not counted"]
     total = 0.0
     for task, s in settings_by_task.items():
         path, measured = measured_by_task[task]
-        est = estimate_study_s(s, {**measured, "ratio": ratio})
+        est = estimate_study_s(s, {**measured, "ratio": ratio}, workers=workers)
         total += est["total"]
         lines.append(f"  {task} ({path}: teacher step {measured['teacher_step_s']:.3f} s, student step "
                      f"{measured['student_step_s']:.3f} s, one evaluation {measured['eval_s']:.0f} s): "
@@ -103,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                         "default: scenes (quick, smoke), scenes digits (full)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the preset's, 1); results repeat bit for bit only at the same count")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes for the student runs (default: the idle cores, at most 2; --smoke: 1; "
+                        "with --estimate: 2); 1: all in this process; results are the same bit for bit")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
     p.add_argument("--only", nargs="+", default=None, metavar="KEY",
                    help="train only these student configurations (e.g. rkl jsd gkd iva@last tpa@d8)")
@@ -120,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "examples" / "study"))
     from demo_study import (
         StudyStopped,
+        StudyUnitFailed,
+        default_workers,
         run_study,
         summary_markdown,
         task_settings,
@@ -135,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--task shapes (the earlier study) runs alone")
     if a.threads is not None and a.threads < 1:
         p.error(f"--threads must be >= 1, got {a.threads}")
+    if a.workers is not None and a.workers < 1:
+        p.error(f"--workers must be >= 1, got {a.workers}")
     if a.stop_after is not None and a.stop_after < 1:
         p.error(f"--stop-after must be >= 1, got {a.stop_after}")
 
@@ -149,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.estimate is not None:
         try:
-            print(_estimate(a.estimate, {t: adjust(task_settings(t, preset)) for t in tasks}, a.ratios))
+            print(_estimate(a.estimate, {t: adjust(task_settings(t, preset)) for t in tasks}, a.ratios,
+                            workers=a.workers or 2))
         except ValueError as e:
             p.error(str(e))
         return 0
@@ -157,13 +172,20 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = a.run_dir or ROOT / "runs" / "demo" / name
     command = "python examples/demo.py" + ("".join(f" {shlex.quote(x)}" for x in (argv if argv is not None else sys.argv[1:])))
     t0 = time.perf_counter()
-    print(f"tokinteract demo ({preset}, tasks {' '.join(tasks)}): run dir {run_dir}", flush=True)
+    # --smoke: 1 by default, since a worker's start-up (importing torch and the trainer, ~10 s) outweighs
+    # the few seconds of its student runs
+    workers = a.workers if a.workers is not None else 1 if preset == "smoke" else default_workers()
+    print(f"tokinteract demo ({preset}, tasks {' '.join(tasks)}, {workers} worker(s)): run dir {run_dir}", flush=True)
     try:
         results = run_study(tasks, preset, run_dir, adjust=adjust, progress=not a.no_progress,
-                            skip_missing=a.report_only, only_keys=a.only, stop_after=a.stop_after)
+                            skip_missing=a.report_only, only_keys=a.only, stop_after=a.stop_after,
+                            workers=workers)
     except StudyStopped as e:
         print(f"\n{e} (after {(time.perf_counter() - t0) / 60:.1f} min)")
         return 3
+    except StudyUnitFailed as e:
+        print(f"\nthe study failed: {e}", file=sys.stderr)
+        return 1
     if tasks == ["shapes"]:  # the earlier study: its own pages
         res = results["shapes"]
         page = write_report(res, run_dir / "report", command=command, title=f"Demo results ({name})")

@@ -63,7 +63,9 @@ __all__ = [
     "RunSpec",
     "StepMeter",
     "StudyStopped",
+    "StudyUnitFailed",
     "cache_key",
+    "default_workers",
     "evaluate_generation",
     "exposure_curve",
     "heldout_kl",
@@ -459,8 +461,10 @@ class Progress:
     training steps (a method's steps times its step time relative to SFT when the timing pass has
     measured it). A stage's rate (seconds per weight) is measured from its units trained so far;
     a stage with none yet takes the rate of the last stage measured (``~``: a rougher estimate)
-    or ``priors[stage]``. Remaining time = the sum over units not done of weight x rate. Units
-    reused from the cache count as done and are not measured. Not a TTY: one line per unit; a
+    or ``priors[stage]``. Remaining time = the sum over units not done of weight x rate, divided by
+    the stage's parallelism (:meth:`set_parallel`: its units run in that many workers at once, each
+    measured by its own wall time) while at least that many units are left. Units reused from the
+    cache count as done and are not measured. Not a TTY: one line per unit; a
     TTY: one bar per stage, rewritten in place.
     """
 
@@ -475,6 +479,13 @@ class Progress:
             self.plan[stage] = [[label, float(w), False] for label, w in units]
         self.measured: dict[str, list[float]] = {}  # stage -> [seconds, weight]
         self.last_rate: float | None = None
+        self.parallel: dict[str, int] = {}  # stage -> units running at once (default 1)
+
+    def set_parallel(self, stage: str, n: int) -> None:
+        """The units of ``stage`` run ``n`` at a time (worker processes)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n (units running at once) must be an integer >= 1, got {n!r}")
+        self.parallel[stage] = n
 
     def set_weight(self, stage: str, label: str, weight: float) -> None:
         """Re-weight a unit not done yet (e.g. once the timing pass measured its method)."""
@@ -497,13 +508,13 @@ class Progress:
         for st, units in self.plan.items():
             if stage is not None and st != stage:
                 continue
-            left = sum(w for _, w, done in units if not done)
-            if left == 0:
+            left = [w for _, w, done in units if not done]
+            if not left:
                 continue
             r, _ = self.rate(st)
             if r is None:
                 return None
-            total += left * r
+            total += sum(left) * r / min(self.parallel.get(st, 1), len(left))
         return total
 
     def done(self, stage: str, label: str, seconds: float | None) -> None:
@@ -863,10 +874,7 @@ class Demo:
 
         seed = self.s.teacher_seed if seed is None else seed
         path = self.dir / ("teacher" if seed == self.s.teacher_seed else f"teacher_seed{seed}")
-        s = self.s
-        vision = (["pretrained", self._vision_setting()] if s.vision_pretrain_steps
-                  else ["trained by the teacher's SFT" if s.teacher_trains_vision else "random, frozen"])
-        key = self._model_key(s.teacher, seed=seed, steps=s.teacher_steps, lr=s.teacher_lr, source=vision)
+        key = self.teacher_key(seed)
         meta = self._reuse(path, key, "teacher")
         if meta is not None:
             t = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa")
@@ -884,6 +892,14 @@ class Demo:
         t.study_cache_key = key  # what the students' and evaluations' keys build on
         self.results["teacher_train"] = _jsonable(meta)
         return t
+
+    def teacher_key(self, seed: int | None = None) -> str:
+        """The cache key of the SFT teacher of ``seed`` (default ``teacher_seed``)."""
+        s = self.s
+        vision = (["pretrained", self._vision_setting()] if s.vision_pretrain_steps
+                  else ["trained by the teacher's SFT" if s.teacher_trains_vision else "random, frozen"])
+        return self._model_key(s.teacher, seed=s.teacher_seed if seed is None else seed, steps=s.teacher_steps,
+                               lr=s.teacher_lr, source=vision)
 
     def stage1_student(self, teacher: nn.Module) -> Path:
         """The shared stage-1 student, cached in ``run_dir/student_stage1`` under a key of its setting
@@ -1072,7 +1088,7 @@ def machine_info() -> dict[str, Any]:
 def run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool = True,
              log: Callable[[str], None] = print, only_calibration: bool = False,
              skip_missing: bool = False, only_keys: Sequence[str] | None = None,
-             stop_after: int | None = None, progress_stream: Any = None) -> dict[str, Any]:
+             stop_after: int | None = None, progress_stream: Any = None, workers: int = 1) -> dict[str, Any]:
     """Run every experiment of ``settings`` under ``run_dir``; returns (and writes) ``results.json``.
 
     Every step runs with ``settings.threads`` torch CPU threads (restored on return).
@@ -1089,11 +1105,24 @@ def run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool = Tr
     ``stop_after``: raise :class:`StudyStopped` once that many student runs were trained by
     this call (a test hook for resuming). ``progress``: a line per stage unit with the expected
     remaining time on ``progress_stream`` (default stderr; see :class:`Progress`).
+
+    ``workers`` > 1: once the teacher, the stage-1 student and the timing pass are done (the timing
+    pass alone, since its rows are step times), the student runs not cached yet run in that many
+    spawned worker processes, each at ``settings.threads`` threads and loading the cached teacher
+    and stage-1 checkpoints, so every result is the serial run's bit for bit; their records go
+    through the same cache (a killed parallel study resumes too). A run that fails in a worker
+    raises :class:`StudyUnitFailed` naming it, with the worker's traceback; the workers never
+    outlive the study (terminated on any exit; each exits when its parent is killed).
+
+    Raises:
+        ValueError: ``workers`` is not an integer >= 1.
     """
-    with torch_threads(settings.threads):
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    with torch_threads(settings.threads), contextlib.ExitStack() as closing:  # closing: the worker pool's
         return _run_demo(settings, run_dir, progress=progress, log=log, only_calibration=only_calibration,
                          skip_missing=skip_missing, only_keys=only_keys, stop_after=stop_after,
-                         progress_stream=progress_stream)
+                         progress_stream=progress_stream, workers=workers, closing=closing)
 
 
 def _student_keys(settings: DemoSettings, exps: Sequence[str]) -> list[str]:
@@ -1113,7 +1142,8 @@ def _student_layer(l_star: int, teacher_layers: int, student_layers: int) -> int
 
 def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, log: Callable[[str], None],
               only_calibration: bool, skip_missing: bool, only_keys: Sequence[str] | None,
-              stop_after: int | None, progress_stream: Any) -> dict[str, Any]:
+              stop_after: int | None, progress_stream: Any, workers: int,
+              closing: contextlib.ExitStack) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -1142,6 +1172,17 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
 
     demo.prepare()
     log(f"task: {res['task']}")
+    pool: _WorkerPool | None = None
+
+    def start_pool() -> _WorkerPool:
+        log(f"starting {workers} worker processes for the student runs ({settings.threads} thread(s) each)")
+        p = _WorkerPool(workers, settings, demo.dir, log)
+        closing.callback(p.close)
+        return p
+
+    if workers > 1 and keys and not skip_missing and _cached_record(
+            demo.dir / "teacher" / "train_info.json", demo.teacher_key()) is None:
+        pool = start_pool()  # a teacher to train: the workers warm up meanwhile (on the idle core)
     if settings.vision_pretrain_steps:
         t0 = time.perf_counter()
         demo.vision_tower()
@@ -1180,6 +1221,8 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
     base: float | None = None
     by_method: dict[str, float] = {}
     if timing_needed:
+        if pool is not None:
+            pool.wait_ready()  # the timing pass runs alone: its rows are step times
         res["timing"] = measure_step_costs(demo, teacher, l_star, prog, skip_missing=skip_missing)
         base = next((r["step_time_s"] for r in res["timing"] if r["method"] == "sft"), None)
         by_method = {r["method"]: r["step_time_s"] for r in res["timing"] if not r["overrides"].get("tpa_forward")}
@@ -1205,60 +1248,63 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
     s_layer = _student_layer(l_star, settings.teacher.layers, settings.student.layers)
     runs_dir = demo.dir / "runs"
     runs_dir.mkdir(exist_ok=True)
-    total = len(keys) * len(settings.seeds)
-    done = trained = 0
+    units: list[dict[str, Any]] = []  # every student run, in the serial order (key, then seed)
     for key in keys:
         spec = specs[key]
         steps = spec.steps or settings.student_steps
-        per_seed = []
         for seed in settings.seeds:
-            done += 1
-            unit = f"{key} seed {seed}"
             maps = key in fig7_keys and seed == settings.seeds[0]
             rkey = cache_key({"stage1": demo.stage1_key, "teacher": tkey, "method": spec.method,
                               "overrides": spec.overrides, "steps": steps, "lr": settings.student_lr,
                               "batch": settings.batch_size, "seed": seed, "threads": settings.threads,
                               "n_eval": settings.n_eval, "exposure": [settings.n_exposure, settings.exposure_steps]
                               if key in exposure_keys else None, "fig7": [settings.n_fig7, s_layer] if maps else None})
-            out = runs_dir / f"{key.replace('@', '_')}_seed{seed}.json"
-            rec = _cached_record(out, rkey)
-            if rec is not None:
-                per_seed.append(rec)
-                log(f"[{done}/{total}] {key} seed {seed}: reused {out.name}")
-                prog.done("students", unit, None)
-                continue
-            if skip_missing:
-                log(f"[{done}/{total}] {key} seed {seed}: not run (skipped)")
-                continue
-            log(f"[{done}/{total}] {key} seed {seed}: {spec.label}")
+            units.append({"key": key, "seed": seed, "spec": spec, "steps": steps, "rkey": rkey, "maps": maps,
+                          "exposure": key in exposure_keys, "s_layer": s_layer, "unit": f"{key} seed {seed}",
+                          "out": runs_dir / f"{key.replace('@', '_')}_seed{seed}.json"})
+    records: dict[str, dict[str, Any]] = {}
+    pending: list[dict[str, Any]] = []
+    for i, u in enumerate(units, 1):
+        rec = _cached_record(u["out"], u["rkey"])
+        if rec is not None:
+            records[u["unit"]] = rec
+            log(f"[{i}/{len(units)}] {u['unit']}: reused {u['out'].name}")
+            prog.done("students", u["unit"], None)
+        elif skip_missing:
+            log(f"[{i}/{len(units)}] {u['unit']}: not run (skipped)")
+        else:
+            pending.append(u)
+
+    def finished(u: dict[str, Any], seconds: float) -> None:
+        rec = records[u["unit"]] = json.loads(u["out"].read_text())
+        ev, tr = rec["eval"], rec["train"]
+        log(f"    {u['unit']}: EM {ev['overall']:.3f} KL {ev.get('kl', float('nan')):.3f} "
+            f"step {tr['step_time_s'] * 1e3:.0f} ms")
+        prog.done("students", u["unit"], seconds)
+
+    if workers > 1 and len(pending) > 1:  # the timing pass is over: nothing else runs next to the workers
+        pool = pool or start_pool()
+        prog.set_parallel("students", min(workers, len(pending)))
+        log(f"{len(pending)} student runs in {workers} worker processes")
+        pool.run([{**u, "teacher_key": tkey} for u in pending], finished, stop_after=stop_after)
+        closing.close()  # the workers have exited
+    else:
+        closing.close()  # workers started for nothing to do (every run cached, or one left)
+        for n, u in enumerate(pending, 1):
+            log(f"{u['unit']}: {u['spec'].label}")
             t0 = time.perf_counter()
-            model = demo.load_stage1()
-            torch.manual_seed(seed)
-            tr = demo.fit(model, demo.train, steps=steps, lr=settings.student_lr, seed=seed,
-                          method=spec.method, teacher=None if spec.method == "sft" else teacher,
-                          overrides=spec.overrides, tag=f"{key}_{seed}")
-            ev = demo.evaluate(model, teacher)
-            rec = {"key": key, "seed": seed, "method": spec.method, "overrides": spec.overrides, "steps": steps,
-                   "train": tr, "eval": ev}
-            if key in exposure_keys:
-                rec["exposure"] = demo.exposure(model, teacher)
-            if maps:
-                rec["attention_maps"] = {"layer": s_layer, "maps": demo.attention_maps(model, s_layer)}
-            rec["cache_key"] = rkey
-            _write_json(out, rec)
-            rec = json.loads(out.read_text())
-            per_seed.append(rec)
-            log(f"    EM {ev['overall']:.3f} KL {ev.get('kl', float('nan')):.3f} step {tr['step_time_s'] * 1e3:.0f} ms")
-            del model
-            prog.done("students", unit, time.perf_counter() - t0)
-            trained += 1
-            if stop_after is not None and trained >= stop_after:
-                raise StudyStopped(f"stopped after {trained} student run(s) (stop_after={stop_after}); "
+            _train_student(demo, teacher, u)
+            finished(u, time.perf_counter() - t0)
+            if stop_after is not None and n >= stop_after:
+                raise StudyStopped(f"stopped after {n} student run(s) (stop_after={stop_after}); "
                                    "run again to continue")
+    for key in keys:
+        per_seed = [records[u["unit"]] for u in units if u["key"] == key and u["unit"] in records]
         if not per_seed:
             continue
+        spec = specs[key]
         res["runs"][key] = {"label": spec.label, "method": spec.method, "overrides": _jsonable(spec.overrides),
-                            "steps": steps, "seeds": per_seed}
+                            "steps": spec.steps or settings.student_steps, "seeds": per_seed}
     if fig7_keys:
         idx = demo.fig7_samples()
         res["fig7"] = {
@@ -1276,7 +1322,185 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
     return res
 
 
-def estimate_study_s(settings: DemoSettings, measured: dict[str, Any]) -> dict[str, float]:
+def _train_student(demo: Demo, teacher: nn.Module, u: dict[str, Any]) -> None:
+    """Train, evaluate and save one student run ``u`` (a unit of :func:`_run_demo`): its record is
+    written atomically to ``u["out"]`` under its cache key, in the parent or in a worker alike."""
+    s, spec = demo.s, u["spec"]
+    model = demo.load_stage1()
+    torch.manual_seed(u["seed"])
+    tr = demo.fit(model, demo.train, steps=u["steps"], lr=s.student_lr, seed=u["seed"], method=spec.method,
+                  teacher=None if spec.method == "sft" else teacher, overrides=spec.overrides,
+                  tag=f"{u['key']}_{u['seed']}")
+    rec = {"key": u["key"], "seed": u["seed"], "method": spec.method, "overrides": spec.overrides,
+           "steps": u["steps"], "train": tr, "eval": demo.evaluate(model, teacher)}
+    if u["exposure"]:
+        rec["exposure"] = demo.exposure(model, teacher)
+    if u["maps"]:
+        rec["attention_maps"] = {"layer": u["s_layer"], "maps": demo.attention_maps(model, u["s_layer"])}
+    rec["cache_key"] = u["rkey"]
+    _write_json(u["out"], rec)
+
+
+class StudyUnitFailed(RuntimeError):
+    """A unit of the study (a student run) failed in a worker process; the message names the unit and
+    carries the worker's traceback."""
+
+
+def default_workers(cap: int = 2) -> int:
+    """Worker processes for the student runs: the idle cores (CPU count minus the 1-minute load
+    average, rounded), at least 1 and at most ``cap``."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # pragma: no cover (no load average on this platform)
+        load = 0.0
+    return max(1, min(cap, round((os.cpu_count() or 1) - load)))
+
+
+def _load_teacher(run_dir: Path, key: str) -> nn.Module:
+    """The study's cached teacher checkpoint (``run_dir/teacher``), which must hold ``key``: a worker
+    never trains a teacher."""
+    from transformers import LlavaForConditionalGeneration
+
+    path = Path(run_dir) / "teacher"
+    info = path / "train_info.json"
+    got = json.loads(info.read_text()).get("cache_key") if info.exists() else None
+    if got != key:
+        raise RuntimeError(f"the teacher checkpoint {path} must hold the study's teacher (cache key {key}), "
+                           f"got key {got!r}")
+    teacher = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa")
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Watchdog thread of a worker: exit as soon as the parent is gone (a killed parent leaves no orphan)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _worker_main(tasks: Any, results: Any, settings: DemoSettings, run_dir: Path, parent: int, wid: int) -> None:
+    """A worker process. Warms up (imports the trainer, decodes the task's data) and says ``ready``;
+    then trains the student runs it gets from ``tasks`` until ``None``, each reported on ``results`` as
+    ``(kind, wid, unit, x)``: ``start``, ``done`` (x: seconds) or ``error`` (x: the traceback), which
+    ends the worker. Ctrl-C is the parent's to handle (ignored here)."""
+    import signal
+    import threading
+    import traceback
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    torch.set_num_threads(settings.threads)
+    try:
+        from transformers import LlavaForConditionalGeneration, TrainingArguments  # noqa: F401 (warm-up)
+
+        from tokinteract.mllm.trainer import DistillationTrainer  # noqa: F401 (warm-up)
+
+        demo = Demo(settings, run_dir, progress=False, log=lambda *_: None)
+        demo.prepare()
+    except BaseException:  # noqa: BLE001 (reported to the parent, which fails the study)
+        results.put(("error", wid, "(worker start-up)", traceback.format_exc()))
+        return
+    results.put(("ready", wid, None, None))
+    teacher: nn.Module | None = None
+    while (u := tasks.get()) is not None:
+        results.put(("start", wid, u["unit"], None))
+        t0 = time.perf_counter()
+        try:
+            if teacher is None:
+                teacher = _load_teacher(run_dir, u["teacher_key"])
+            with torch_threads(settings.threads):
+                _train_student(demo, teacher, u)
+        except BaseException:  # noqa: BLE001 (reported to the parent, which fails the study)
+            results.put(("error", wid, u["unit"], traceback.format_exc()))
+            return
+        results.put(("done", wid, u["unit"], time.perf_counter() - t0))
+
+
+class _WorkerPool:
+    """``n`` spawned worker processes for the student runs of one study (each at ``settings.threads``
+    threads, so each result is the serial run's, bit for bit). Started early, they warm up while the
+    parent trains the teacher; :meth:`wait_ready` before anything timed (the timing pass runs alone),
+    :meth:`run` for the runs. Closing terminates any worker still alive (error, stop, Ctrl-C)."""
+
+    def __init__(self, n: int, settings: DemoSettings, run_dir: Path, log: Callable[[str], None]) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.n, self.log = n, log
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.procs = [ctx.Process(target=_worker_main, name=f"study-worker-{w}", daemon=True,
+                                  args=(self.tasks, self.results, settings, Path(run_dir), os.getpid(), w))
+                      for w in range(n)]
+        self.ready: set[int] = set()
+        self.running: dict[int, str] = {}
+        for pr in self.procs:
+            pr.start()
+
+    def close(self) -> None:
+        for pr in self.procs:
+            if pr.is_alive():
+                pr.terminate()
+        for pr in self.procs:
+            pr.join()
+        for q in (self.tasks, self.results):
+            q.cancel_join_thread()
+            q.close()
+
+    def _next(self) -> tuple[str, int, str | None, Any]:
+        """The next message of a worker; a worker that died or failed raises :class:`StudyUnitFailed`."""
+        import queue
+
+        while True:
+            try:
+                kind, wid, unit, x = self.results.get(timeout=1.0)
+            except queue.Empty:
+                for w, pr in enumerate(self.procs):
+                    if not pr.is_alive() and (w in self.running or w not in self.ready):
+                        what = f"student run {self.running[w]}" if w in self.running else "its start-up"
+                        raise StudyUnitFailed(f"worker process {w} died (exit code {pr.exitcode}) during {what}") from None
+                continue
+            if kind == "error":
+                raise StudyUnitFailed(f"student run {unit} failed in worker process {wid}:\n{x}"
+                                      if unit != "(worker start-up)" else f"worker process {wid} failed to start:\n{x}")
+            return kind, wid, unit, x
+
+    def wait_ready(self) -> None:
+        """Block until every worker has warmed up (and idles: nothing runs next to what is timed)."""
+        while len(self.ready) < self.n:
+            kind, wid, _, _ = self._next()
+            if kind == "ready":
+                self.ready.add(wid)
+
+    def run(self, units: Sequence[dict[str, Any]], finished: Callable[[dict[str, Any], float], None], *,
+            stop_after: int | None) -> None:
+        """Run ``units``, calling ``finished(unit, seconds)`` here as each one's record is saved. A unit's
+        exception or a worker's death raises :class:`StudyUnitFailed` naming the unit; ``stop_after``
+        raises :class:`StudyStopped` after that many finished runs. Once only: the workers then exit."""
+        for u in units:
+            self.tasks.put(u)
+        for _ in range(self.n):
+            self.tasks.put(None)
+        by_unit = {u["unit"]: u for u in units}
+        n_done = 0
+        while n_done < len(units):
+            kind, wid, unit, x = self._next()
+            if kind == "ready":
+                self.ready.add(wid)
+            elif kind == "start":
+                self.running[wid] = str(unit)
+                self.log(f"{unit}: {by_unit[str(unit)]['spec'].label} (worker {wid})")
+            else:
+                self.running.pop(wid, None)
+                n_done += 1
+                finished(by_unit[str(unit)], x)
+                if stop_after is not None and n_done >= stop_after:
+                    raise StudyStopped(f"stopped after {n_done} student run(s) (stop_after={stop_after}); "
+                                       "run again to continue")
+
+
+def estimate_study_s(settings: DemoSettings, measured: dict[str, Any], workers: int = 1) -> dict[str, float]:
     """An estimate (not a measurement) of a study's wall time from measured step times, in seconds
     per stage and ``total``.
 
@@ -1284,9 +1508,16 @@ def estimate_study_s(settings: DemoSettings, measured: dict[str, Any]) -> dict[s
     ``student_step_s`` (SFT), ``eval_s`` (one model's evaluation, used for every student run and
     again for each exposure curve), and ``ratio``: step time of each method relative to SFT (a
     method without one counts as SFT). Each student run: steps x student step x ratio + eval;
-    the timing pass: ``timing_steps + 3`` steps per row. Trainer start-up and the IRS pass are
-    not counted.
+    the timing pass: ``timing_steps + 3`` steps per row. ``workers``: the student runs go, in the
+    study's order, each to the first free one of that many workers (the stage's wall time is the
+    last worker's end), assuming a free core per worker; every other stage runs alone. Trainer
+    and worker start-up and the IRS pass are not counted.
+
+    Raises:
+        ValueError: a measured time is not a finite number >= 0, or ``workers`` is not an integer >= 1.
     """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     for k in ("teacher_step_s", "student_step_s", "eval_s"):
         v = measured.get(k)
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -1303,14 +1534,19 @@ def estimate_study_s(settings: DemoSettings, measured: dict[str, Any]) -> dict[s
     keys = _student_keys(settings, exps)
     exposure = set(EXPERIMENTS["fig6"]) if "fig6" in exps else set()
     budget = ratio.get("align_ti", 1.0) / ratio.get("kd", 1.0)
-    students = 0.0
+    runs: list[float] = []  # one per configuration; each seed takes as long
     for k in keys:
         method = "kd" if k == "kd@budget" else specs[k].method
         if specs.get(k) and specs[k].overrides.get("tpa_weight") == 0.0:  # a Table 14 mix without TPA
             method = "iva" if specs[k].overrides.get("iva_weight") else "kd"
         steps = settings.student_steps * (budget if k == "kd@budget" else 1.0)
-        students += steps * st * ratio.get(method, 1.0) + ev * (2 if k in exposure else 1)
-    out["students"] = students * len(settings.seeds)
+        runs.append(steps * st * ratio.get(method, 1.0) + ev * (2 if k in exposure else 1))
+    free = [0.0] * workers  # when each worker is free again
+    for r in runs:
+        for _ in settings.seeds:
+            w = free.index(min(free))
+            free[w] += r
+    out["students"] = max(free)
     out["total"] = sum(out.values())
     return out
 

@@ -3,6 +3,7 @@ tokinteract.mllm.eval it uses."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -333,6 +334,15 @@ def test_progress_expected_remaining_time() -> None:
     assert tty.getvalue().count("\r") == 2 and tty.getvalue().endswith("\n") and tty.getvalue().count("\n") == 1
     primed = dm.Progress([("x", [("x1", 100)])], stream=io.StringIO(), priors={"x": 0.1})
     assert primed.remaining_s() == pytest.approx(10.0)
+    # units run 2 at a time (workers): the work left divided by 2 while at least 2 units are left
+    par = dm.Progress([("s", [("u1", 10), ("u2", 10), ("u3", 10)])], stream=io.StringIO())
+    par.set_parallel("s", 2)
+    par.done("s", "u1", 5.0)  # 0.5 s per step, measured by the unit's own wall time
+    assert par.remaining_s("s") == pytest.approx(20 * 0.5 / 2)
+    par.done("s", "u2", 5.0)
+    assert par.remaining_s("s") == pytest.approx(10 * 0.5)  # one unit left: one worker busy
+    with pytest.raises(ValueError, match="n \\(units running at once\\) must be an integer >= 1, got 0"):
+        par.set_parallel("s", 0)
 
 
 def test_table14_combinations_are_the_trainer_weights() -> None:
@@ -391,6 +401,13 @@ def test_compute_budget_and_estimate() -> None:
     assert est["total"] == pytest.approx(est["teacher"] + est["stage1"] + est["students"] + est["vision"])
     with pytest.raises(ValueError, match="measured\\['eval_s'\\] must be a finite number >= 0"):
         dm.estimate_study_s(s, {**m, "eval_s": float("nan")})
+    # workers: each run (sft 5.2 s, kd and iva 5.4 s, tpa 5.2 s, align_ti 5.8 s; 2 seeds each, in that
+    # order) goes to the first free worker
+    assert dm.estimate_study_s(s, m, workers=2)["students"] == pytest.approx(27.0)
+    assert dm.estimate_study_s(s, m, workers=3)["students"] == pytest.approx(21.6)
+    assert dm.estimate_study_s(s, m, workers=2)["teacher"] == est["teacher"]  # only the students run in workers
+    with pytest.raises(ValueError, match="workers must be an integer >= 1, got 0"):
+        dm.estimate_study_s(s, m, workers=0)
 
 
 def test_study_report_per_task(smoke, tmp_path: Path) -> None:
@@ -473,3 +490,130 @@ def test_a_checkpoint_without_its_key_is_trained_again(smoke, tmp_path: Path) ->
         a, b = load_file(str(run_dir / path / "model.safetensors")), load_file(str(smoke[0] / path / "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), path
     assert got["runs"]["kd"]["seeds"] == smoke[1]["runs"]["kd"]["seeds"]  # so the runs on them are reused
+
+
+# ----------------------------------------------------------------- student runs in worker processes
+def _fresh_copy(smoke, path: Path) -> Path:
+    """The fixture's run dir with its cached teacher, stage-1 student and timing rows, no student run."""
+    import shutil
+
+    shutil.copytree(smoke[0], path, ignore=shutil.ignore_patterns("runs", "results.json", "report", "trainer"))
+    return path
+
+
+def _computed(res: dict) -> dict:
+    """Everything of a study's results that is computed, not measured (the report's JSON without the
+    wall/step times, the machine and the run dir)."""
+    out = {k: v for k, v in res.items() if k not in ("machine_start", "machine_end", "wall_s", "fig7", "runs")}
+    out["fig7"] = {k: v for k, v in res["fig7"].items() if k != "data_dir"}
+    out["runs"] = {k: {**run, "seeds": [_strip_times(r) for r in run["seeds"]]} for k, run in res["runs"].items()}
+    if "summary" in res:  # the report's per-run metrics: all but the step time and memory are computed
+        out["summary"] = {k: {**v, "values": {m: x for m, x in v["values"].items() if m not in ("step_ms", "peak_mib")},
+                              "mean_std": {m: x for m, x in v["mean_std"].items() if m not in ("step_ms", "peak_mib")}}
+                          for k, v in res["summary"].items()}
+    return out
+
+
+def test_a_parallel_study_stops_resumes_and_equals_the_serial_one(smoke, tmp_path: Path) -> None:
+    """2 workers: stopped after 1 finished run (the in-flight one is killed), resumed with 2 workers; every
+    computed number (losses, evaluations, maps, the report's JSON) equals the serial run's (the fixture),
+    bit for bit; the progress counts each unit once and ends at 0 s left; no worker outlives the study."""
+    import io
+    import multiprocessing as mp
+
+    run_dir, res = smoke
+    part = _fresh_copy(smoke, tmp_path / "par")
+    with pytest.raises(dm.StudyStopped, match="stopped after 1 student run"):
+        dm.run_demo(dm.PRESETS["smoke"], part, progress=False, log=lambda *_: None, stop_after=1, workers=2)
+    assert mp.active_children() == []
+    first = sorted(f.name for f in (part / "runs").glob("*.json"))
+    n_units = len(res["runs"]) * len(dm.PRESETS["smoke"].seeds)
+    assert 1 <= len(first) < n_units
+    logs: list[str] = []
+    stream = io.StringIO()
+    again = dm.run_demo(dm.PRESETS["smoke"], part, progress=True, progress_stream=stream, log=logs.append, workers=2)
+    assert mp.active_children() == []
+    assert sum("reused" in line for line in logs) == len(first)
+    assert any("student runs in 2 worker processes" in line for line in logs)
+    assert _computed(again) == _computed(res)
+    assert list(again["runs"]) == list(res["runs"])  # the serial order, whatever order the workers finished in
+    for path in (part / "runs").glob("*.json"):  # the saved records too (what a later resume reads)
+        assert _strip_times(json.loads(path.read_text())) == _strip_times(json.loads((run_dir / "runs" / path.name).read_text()))
+    students = [line for line in stream.getvalue().splitlines() if line.startswith("[students ")]
+    assert len(students) == n_units and students[-1].endswith("study 0 s")
+    a = dm.write_report(again, tmp_path / "rep_par", command="c", page=tmp_path / "par.md")
+    b = dm.write_report(res, tmp_path / "rep_ser", command="c", page=tmp_path / "ser.md")
+    assert a.exists() and b.exists()
+    assert (_computed(json.loads((tmp_path / "rep_par" / "results.json").read_text()))
+            == _computed(json.loads((tmp_path / "rep_ser" / "results.json").read_text())))
+
+
+def test_a_failing_unit_in_a_worker_fails_the_study_naming_it(smoke, tmp_path: Path) -> None:
+    """A student run that raises in a worker (here: a stage-1 checkpoint whose weights are corrupt, which
+    only the workers read) fails the study with the run's name and the worker's traceback; no hang,
+    no worker left, no record written."""
+    import multiprocessing as mp
+
+    part = _fresh_copy(smoke, tmp_path / "bad")
+    (part / "student_stage1" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(dm.StudyUnitFailed, match=r"student run (sft|kd) seed 0 failed in worker process [01]:\n"
+                                                  r"Traceback \(most recent call last\)") as ei:
+        dm.run_demo(dm.PRESETS["smoke"], part, progress=False, log=lambda *_: None, only_keys=["sft", "kd"], workers=2)
+    assert "load_stage1" in str(ei.value)  # the worker's own traceback
+    assert mp.active_children() == []
+    assert not list((part / "runs").glob("*.json"))
+    with pytest.raises(ValueError, match="workers must be an integer >= 1, got 0"):
+        dm.run_demo(dm.PRESETS["smoke"], part, progress=False, workers=0)
+
+
+def test_a_killed_parent_leaves_no_worker(smoke, tmp_path: Path) -> None:
+    """SIGKILL of the study's process while its workers train: each worker exits by itself (its watchdog
+    sees the parent gone) within seconds."""
+    import os
+    import signal
+    import subprocess
+
+    import psutil
+
+    part = _fresh_copy(smoke, tmp_path / "killed")
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import demo_study as dm; from pathlib import Path; "
+              "dm.run_demo(dm.PRESETS['smoke'], Path(sys.argv[2]), progress=False, workers=2, "
+              "log=lambda m: print(m, flush=True))")
+    proc = subprocess.Popen([sys.executable, "-u", "-c", script, str(ROOT / "examples" / "study"), str(part)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    workers: list[psutil.Process] = []
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if "(worker " in line:  # a worker started a student run
+                break
+        workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(workers, timeout=20)
+        assert alive == [], f"workers still running 20 s after their parent was killed: {alive}"
+    finally:
+        for p in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_default_workers_are_the_idle_cores(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(dm.os, "cpu_count", lambda: 2)
+    for load, want in ((0.0, 2), (0.6, 1), (0.4, 2), (5.0, 1)):
+        monkeypatch.setattr(dm.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert dm.default_workers() == want, load
+    monkeypatch.setattr(dm.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(dm.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert dm.default_workers() == 2 and dm.default_workers(cap=8) == 8
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import demo as demo_cli
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    with pytest.raises(SystemExit):
+        demo_cli.main(["--smoke", "--workers", "0"])
+    assert "--workers must be >= 1, got 0" in capsys.readouterr().err
