@@ -116,6 +116,10 @@ class DemoSettings:
         vision_position: the vision tower's pre-training also classifies each patch's grid
             cell (``vision_pretrain.py``), so that visual tokens keep where they are.
         compact_positions: positions are one token (``"r2c3"``) in questions and answers.
+        grounded_answers: short answers restate their key first (``tasks.SceneTask``: ``"r2c3 red"``).
+        question_first: the question comes before the image in the user turn.
+        train_turns: questions (of different types) about each training image, one multi-turn
+            sample (every assistant turn supervised); the test split stays single-turn.
     """
 
     name: str
@@ -158,6 +162,9 @@ class DemoSettings:
     question_weights: tuple[float, ...] = ()
     vision_position: bool = False
     compact_positions: bool = False
+    grounded_answers: bool = False
+    question_first: bool = False
+    train_turns: int = 1
 
 
 @dataclass(frozen=True)
@@ -482,7 +489,8 @@ class Demo:
         import tasks
 
         kw: dict[str, Any] = {"question_weights": tuple(self.s.question_weights),
-                              "compact_positions": self.s.compact_positions}
+                              "compact_positions": self.s.compact_positions,
+                              "grounded_answers": self.s.grounded_answers, "question_first": self.s.question_first}
         if self.s.question_types:
             kw["question_types"] = tuple(self.s.question_types)
         if self.s.task == "scenes":
@@ -504,7 +512,8 @@ class Demo:
             key = json.dumps([s.n_train, s.n_test, s.n_captions, s.data_seed, dataclasses.asdict(cfg)])
             irs_json = data_dir / "irs" / "train.json"
         else:
-            key = json.dumps([s.task, s.n_train, s.n_test, s.n_captions, s.n_irs, s.data_seed, dataclasses.asdict(task)])
+            key = json.dumps([s.task, s.n_train, s.n_test, s.n_captions, s.n_irs, s.data_seed, dataclasses.asdict(task),
+                              s.train_turns])
             irs_json = data_dir / "irs.json"
         if not (stamp.exists() and stamp.read_text() == key):
             self.log(f"writing the {s.task} task to {data_dir} ...")
@@ -517,7 +526,7 @@ class Demo:
                 import tasks
 
                 tasks.write_task(task, data_dir, n_train=s.n_train, n_test=s.n_test, n_captions=s.n_captions,
-                                 n_irs=s.n_irs, seed=s.data_seed)
+                                 n_irs=s.n_irs, seed=s.data_seed, train_turns=s.train_turns)
             stamp.write_text(key)
         self.task_obj = task
         self.long_type = "describe" if task is None else task.caption_type
@@ -618,7 +627,8 @@ class Demo:
 
         path = self.dir / "vision_tower"
         images = {k: v for k, v in dataclasses.asdict(self.task_obj).items()  # what the images depend on
-                  if k not in ("question_types", "question_weights", "caption_type", "compact_positions")}
+                  if k not in ("question_types", "question_weights", "caption_type", "compact_positions",
+                                "grounded_answers", "question_first")}
         key = json.loads(json.dumps([images, s.vision_pretrain_steps, s.vision_images,
                                      s.vision_lr, s.vision_hidden, s.vision_layers, s.patch_size, s.vision_position,
                                      s.data_seed]))
