@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-types", nargs="+", default=None,
                    help="curriculum: the first --first-steps steps draw only training samples of these types")
     p.add_argument("--first-steps", type=int, default=0)
+    p.add_argument("--stage", action="append", default=[], metavar="TYPES:STEPS",
+                   help="curriculum stage after --first-*, in order: STEPS steps drawing only the comma-separated "
+                        "TYPES (e.g. shape:300 or color,shape:200); the remaining steps draw from every sample")
     p.add_argument("--irs", action="store_true", help="also the IRS curve at the end")
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "diagnose.jsonl")
@@ -94,17 +97,27 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(a.seed)
     items, n = demo.train.items, len(demo.train.items)
     types = [m.get("type") for m in dm._meta(demo.dir / "data" / "train.json")]
-    first = [i for i, t in enumerate(types) if a.first_types and t in a.first_types]
-    if a.first_steps and not first:
-        raise ValueError(f"--first-types {a.first_types!r} matches no training sample (types: {sorted(set(types))})")
+    stages = ([(tuple(a.first_types or ()), a.first_steps)] if a.first_steps else []) + [
+        (tuple(x.rpartition(":")[0].split(",")), int(x.rpartition(":")[2])) for x in a.stage]
+    pools, ends, end = [], [], 0
+    for want, k in stages:  # (sample indices, last step) per stage
+        pool = [i for i, t in enumerate(types) if t in want]
+        if not pool or k < 1:
+            raise ValueError(f"a curriculum stage needs known types and steps >= 1, got {want!r}:{k!r} "
+                             f"(types: {sorted(set(types))})")
+        end += k
+        pools.append(pool)
+        ends.append(end)
     test, meta = demo.test.items[: a.n_eval], demo.test_meta[: a.n_eval]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     t0, losses = time.perf_counter(), []
     for step in range(1, a.steps + 1):
         model.train()
         model.model.vision_tower.eval()
-        if step <= a.first_steps:
-            idx = [first[j] for j in torch.randint(0, len(first), (a.batch,), generator=gen).tolist()]
+        stage = next((k for k, e in enumerate(ends) if step <= e), None)
+        if stage is not None:
+            pool = pools[stage]
+            idx = [pool[j] for j in torch.randint(0, len(pool), (a.batch,), generator=gen).tolist()]
         else:
             idx = torch.randint(0, n, (a.batch,), generator=gen).tolist()
         b = demo.collator([items[i] for i in idx])
