@@ -31,7 +31,10 @@ Two tasks share one interface (:class:`SceneTask`, :class:`DigitTask`) and one w
   ``compare`` ("compare the digit at P with the digit at Q ." -> "larger" / "smaller" /
   "equal").
 
-Every position is "row R column C" with number words (row one = top, column one = left).
+Every position is "row R column C" with number words (row one = top, column one = left), or
+one token ``r2c3`` with ``compact_positions``. With ``grounded_answers`` a short answer restates
+its key first (``"r2c3 red"``, ``"red circle r2c3"``; see :class:`SceneTask`): the token that
+predicts the value then holds the key, so one attention hop to the matching visual token answers.
 Everything is a pure function of ``seed`` (``random.Random``, deterministic PIL drawing);
 test worlds never repeat a training world. :meth:`check_answer` parses an answer text
 back and checks it against the world (independently of the generator's own formatting
