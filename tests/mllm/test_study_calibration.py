@@ -24,6 +24,8 @@ def test_task_settings() -> None:
     assert (s.task, s.grid, s.image_size, s.patch_size) == ("scenes", 4, 48, 12)  # one patch per cell
     assert s.compact_positions and s.vision_position and len(s.question_weights) == 8
     assert s.grounded_answers and not s.question_first and s.train_turns == 1  # calibration-log.md, session 2
+    d = dm.task_settings("digits", "quick")  # calibration-digits-grounded.md
+    assert d.grounded_answers and d.compact_positions and d.vision_position and d.teacher_steps == 2000
     assert s.vision_pretrain_steps > 0 and not s.teacher_trains_vision
     assert (s.image_size // s.patch_size) ** 2 >= 16
     assert dm.task_settings("digits", "full").seeds == dm.PRESETS["full"].seeds
