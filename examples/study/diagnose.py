@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", type=float, nargs="+", default=None, help="their training frequencies")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a DemoSettings field")
     p.add_argument("--teacher-size", type=int, nargs=2, default=None, metavar=("HIDDEN", "LAYERS"))
+    p.add_argument("--teacher-heads", type=int, nargs=2, default=None, metavar=("HEADS", "KV_HEADS"))
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
@@ -46,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--n-eval", type=int, default=120)
     p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--first-types", nargs="+", default=None,
+                   help="curriculum: the first --first-steps steps draw only training samples of these types")
+    p.add_argument("--first-steps", type=int, default=0)
+    p.add_argument("--stage", action="append", default=[], metavar="TYPES:STEPS",
+                   help="curriculum stage after --first-*, in order: STEPS steps drawing only the comma-separated "
+                        "TYPES (e.g. shape:300 or color,shape:200); the remaining steps draw from every sample")
     p.add_argument("--irs", action="store_true", help="also the IRS curve at the end")
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "diagnose.jsonl")
@@ -53,12 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     s = dm.task_settings(a.task, "quick")
     s = dataclasses.replace(s, **cal._parse_set(a.set, s))
-    if a.types:
-        s = dataclasses.replace(s, question_types=tuple(a.types))
+    if a.types:  # the setting's weights are for its own types: uniform unless --weights
+        s = dataclasses.replace(s, question_types=tuple(a.types), question_weights=())
     if a.weights:
         s = dataclasses.replace(s, question_weights=tuple(a.weights))
     if a.teacher_size:
-        s = dataclasses.replace(s, teacher=dm.ModelSize(*a.teacher_size))
+        s = dataclasses.replace(s, teacher=dataclasses.replace(s.teacher, hidden=a.teacher_size[0],
+                                                               layers=a.teacher_size[1]))
+    if a.teacher_heads:
+        s = dataclasses.replace(s, teacher=dataclasses.replace(s.teacher, heads=a.teacher_heads[0],
+                                                               kv_heads=a.teacher_heads[1]))
     command = "python examples/study/diagnose.py" + "".join(
         f" {shlex.quote(x)}" for x in (argv if argv is not None else sys.argv[1:]))
     from transformers.utils import logging as hf_logging
@@ -85,13 +96,30 @@ def main(argv: list[str] | None = None) -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     gen = torch.Generator().manual_seed(a.seed)
     items, n = demo.train.items, len(demo.train.items)
+    types = [m.get("type") for m in dm._meta(demo.dir / "data" / "train.json")]
+    stages = ([(tuple(a.first_types or ()), a.first_steps)] if a.first_steps else []) + [
+        (tuple(x.rpartition(":")[0].split(",")), int(x.rpartition(":")[2])) for x in a.stage]
+    pools, ends, end = [], [], 0
+    for want, k in stages:  # (sample indices, last step) per stage
+        pool = [i for i, t in enumerate(types) if t in want]
+        if not pool or k < 1:
+            raise ValueError(f"a curriculum stage needs known types and steps >= 1, got {want!r}:{k!r} "
+                             f"(types: {sorted(set(types))})")
+        end += k
+        pools.append(pool)
+        ends.append(end)
     test, meta = demo.test.items[: a.n_eval], demo.test_meta[: a.n_eval]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     t0, losses = time.perf_counter(), []
     for step in range(1, a.steps + 1):
         model.train()
         model.model.vision_tower.eval()
-        idx = torch.randint(0, n, (a.batch,), generator=gen).tolist()
+        stage = next((k for k, e in enumerate(ends) if step <= e), None)
+        if stage is not None:
+            pool = pools[stage]
+            idx = [pool[j] for j in torch.randint(0, len(pool), (a.batch,), generator=gen).tolist()]
+        else:
+            idx = torch.randint(0, n, (a.batch,), generator=gen).tolist()
         b = demo.collator([items[i] for i in idx])
         out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
                     labels=b["labels"])

@@ -31,7 +31,10 @@ Two tasks share one interface (:class:`SceneTask`, :class:`DigitTask`) and one w
   ``compare`` ("compare the digit at P with the digit at Q ." -> "larger" / "smaller" /
   "equal").
 
-Every position is "row R column C" with number words (row one = top, column one = left).
+Every position is "row R column C" with number words (row one = top, column one = left), or
+one token ``r2c3`` with ``compact_positions``. With ``grounded_answers`` a short answer restates
+its key first (``"r2c3 red"``, ``"red circle r2c3"``; see :class:`SceneTask`): the token that
+predicts the value then holds the key, so one attention hop to the matching visual token answers.
 Everything is a pure function of ``seed`` (``random.Random``, deterministic PIL drawing);
 test worlds never repeat a training world. :meth:`check_answer` parses an answer text
 back and checks it against the world (independently of the generator's own formatting
@@ -131,6 +134,31 @@ def _check_weights(weights: Sequence[float], types: Sequence[str]) -> tuple[floa
     return tuple(float(w) for w in weights)
 
 
+def _split_key(qtype: str, question: str, answer: str) -> tuple[str | None, str]:
+    """A grounded short answer (``SceneTask.grounded_answers``) split into ``(key, value)``; the
+    key must be the one the question names (its cell, its object, its colour), else ``(None, answer)``.
+    ``"how many objects are there ?"`` has no key: its answer is returned as is with key ``""``."""
+    if qtype in ("color", "shape"):
+        m = re.search(rf"at ({_POS}) \?$", question)
+        want = m.group(1) if m else None
+    elif qtype == "position":
+        m = re.fullmatch(r"where is the (\w+ \w+) \?", question)
+        want = m.group(1) if m else None
+    elif qtype == "exist":
+        m = re.fullmatch(r"is there a (\w+ \w+) in the image \?", question)
+        want = m.group(1) if m else None
+    else:  # count
+        m = re.fullmatch(r"how many (?:(\w+) )?objects are there \?", question)
+        if m is None:
+            return None, answer
+        if m.group(1) is None:
+            return "", answer
+        want = m.group(1)
+    if want is None or not answer.startswith(want + " "):
+        return None, answer
+    return want, answer[len(want) + 1:]
+
+
 # --------------------------------------------------------------------------- scenes
 @dataclass(frozen=True)
 class Scene:
@@ -159,6 +187,15 @@ class SceneTask:
             (empty: uniform); the test split stays uniform.
         caption_type: the question type of the stage-1 caption split (a long answer).
         compact_positions: a position is one token ``"r2c3"`` instead of ``"row two column three"``.
+        grounded_answers: a short answer restates its key first (:meth:`question`): colour or shape
+            at a cell -> ``"r2c3 red"``, position of an object -> ``"red circle r2c3"``, existence
+            -> ``"red circle no"``, count of a colour -> ``"red three"``; the long answers are
+            grounded already. Why: the token that predicts the value then has the key (the cell
+            or the object) as its own input, so one attention hop from it to the matching visual
+            token answers, where a bare answer needs two (read which key the question names,
+            then look it up). Exact match scores the whole answer, the key included.
+        question_first: the question comes before the image in the user turn (``"q\n<image>"``),
+            so that visual tokens can attend to it (causal attention); default: image first, as LLaVA.
     """
 
     image_size: int = 48
@@ -170,6 +207,8 @@ class SceneTask:
     caption_type: str = "describe"
     question_weights: tuple[float, ...] = ()
     compact_positions: bool = False
+    grounded_answers: bool = False
+    question_first: bool = False
 
     name = "scenes"
     ALL_TYPES = ("color", "shape", "position", "count", "exist", "describe", "list_color", "count_colors")
@@ -241,20 +280,23 @@ class SceneTask:
 
     def question(self, rng: random.Random, scene: Scene, qtype: str) -> tuple[str, str, dict[str, Any]]:
         objs = scene.objects
-        cp = self.compact_positions
+        cp, g = self.compact_positions, self.grounded_answers
         if qtype in ("color", "shape"):
             c, s, r, k = rng.choice(objs)
-            if qtype == "color":
-                return f"what color is the object at {_pos(r, k, cp)} ?", c, {"cell": [r, k]}
-            return f"what shape is at {_pos(r, k, cp)} ?", s, {"cell": [r, k]}
+            where = _pos(r, k, cp)
+            value = c if qtype == "color" else s
+            q = f"what color is the object at {where} ?" if qtype == "color" else f"what shape is at {where} ?"
+            return q, f"{where} {value}" if g else value, {"cell": [r, k]}
         if qtype == "position":
             c, s, r, k = rng.choice(objs)
-            return f"where is the {c} {s} ?", _pos(r, k, cp), {"object": f"{c} {s}"}
+            where = _pos(r, k, cp)
+            return f"where is the {c} {s} ?", f"{c} {s} {where}" if g else where, {"object": f"{c} {s}"}
         if qtype == "count":
             if rng.random() < 0.3:
                 return "how many objects are there ?", NUMBERS[len(objs)], {}
             c = rng.choice(list(COLORS))
-            return f"how many {c} objects are there ?", NUMBERS[sum(o[0] == c for o in objs)], {"color": c}
+            n = NUMBERS[sum(o[0] == c for o in objs)]
+            return f"how many {c} objects are there ?", f"{c} {n}" if g else n, {"color": c}
         if qtype == "exist":
             split = rng.choice(self.POPE_SPLITS)
             if rng.random() < 0.5:
@@ -263,7 +305,7 @@ class SceneTask:
             else:
                 c, s = self._absent_probe(rng, scene, split)
                 answer = "no"
-            return (f"is there a {c} {s} in the image ?", answer,
+            return (f"is there a {c} {s} in the image ?", f"{c} {s} {answer}" if g else answer,
                     {"probe": f"{c} {s}", "answer": answer, "pope": split})
         if qtype == "describe":
             return "describe the image .", " , ".join(self._phrase(*o) for o in objs) + " .", {}
@@ -317,13 +359,21 @@ class SceneTask:
         """Whether ``answer`` is right for ``question`` about ``scene`` (parsed back from the text)."""
         t = meta["type"]
         objs = list(scene.objects)
+        if t in ("color", "shape", "position", "count", "exist") and self.grounded_answers:
+            key, answer = _split_key(t, question, answer)
+            if key is None:
+                return False
         if t in ("color", "shape"):
             m = re.search(rf"at ({_POS}) \?$", question)
             hit = scene.at(*_parse_pos(m.group(1))) if m else None
             return hit is not None and answer == hit[0 if t == "color" else 1]
         if t == "position":
             c, s = re.fullmatch(r"where is the (\w+) (\w+) \?", question).groups()
-            return any((o[0], o[1]) == (c, s) and (o[2], o[3]) == _parse_pos(answer) for o in objs)
+            try:
+                where = _parse_pos(answer)
+            except ValueError:
+                return False
+            return any((o[0], o[1]) == (c, s) and (o[2], o[3]) == where for o in objs)
         if t == "count":
             m = re.fullmatch(r"how many (?:(\w+) )?objects are there \?", question)
             c = m.group(1)
@@ -380,6 +430,10 @@ class DigitTask:
             (empty: uniform); the test split stays uniform.
         test_fraction: the last fraction of ``load_digits`` (other writers) only the test split uses.
         compact_positions: a position is one token ``"r2c3"`` instead of ``"row two column three"``.
+        grounded_answers: a short answer reads every digit it uses next to its cell first:
+            ``digit_at`` -> ``"r2c3 7"``, ``sum`` -> ``"r1c2 3 r4c1 4 7"``, ``compare`` ->
+            ``"r1c2 3 r4c1 4 smaller"`` (one attention hop per lookup, as ``SceneTask``'s).
+        question_first: the question comes before the image in the user turn.
     """
 
     image_size: int = 48
@@ -389,6 +443,8 @@ class DigitTask:
     test_fraction: float = 0.2
     question_weights: tuple[float, ...] = ()
     compact_positions: bool = False
+    grounded_answers: bool = False
+    question_first: bool = False
 
     name = "digits"
     ALL_TYPES = ("read", "digit_at", "sum", "compare")
@@ -451,16 +507,19 @@ class DigitTask:
             return "read the digits .", " , ".join(rows) + " .", {}
         if qtype == "digit_at":
             r, c = rng.randrange(g), rng.randrange(g)
-            return f"what digit is at {_pos(r, c, cp)} ?", str(board.digit(r, c)), {"cell": [r, c]}
+            where = _pos(r, c, cp)
+            d = str(board.digit(r, c))
+            return f"what digit is at {where} ?", f"{where} {d}" if self.grounded_answers else d, {"cell": [r, c]}
         a, b = rng.sample(range(g * g), 2)
         (ra, ca), (rb, cb) = divmod(a, g), divmod(b, g)
         da, db = board.digit(ra, ca), board.digit(rb, cb)
+        pa, pb = _pos(ra, ca, cp), _pos(rb, cb, cp)
+        reads = f"{pa} {da} {pb} {db} " if self.grounded_answers else ""
         if qtype == "sum":
-            return (f"what is the sum of the digits at {_pos(ra, ca, cp)} and {_pos(rb, cb, cp)} ?", str(da + db),
+            return (f"what is the sum of the digits at {pa} and {pb} ?", reads + str(da + db),
                     {"cells": [[ra, ca], [rb, cb]]})
         ans = "larger" if da > db else "smaller" if da < db else "equal"
-        return (f"compare the digit at {_pos(ra, ca, cp)} with the digit at {_pos(rb, cb, cp)} .", ans,
-                {"cells": [[ra, ca], [rb, cb]]})
+        return (f"compare the digit at {pa} with the digit at {pb} .", reads + ans, {"cells": [[ra, ca], [rb, cb]]})
 
     def check_answer(self, board: DigitBoard, question: str, answer: str, meta: dict[str, Any]) -> bool:
         t = meta["type"]
@@ -474,6 +533,13 @@ class DigitTask:
                     return False
                 got += [int(x) for x in digits.split()]
             return got == list(board.labels)
+        if self.grounded_answers:  # digit_at: its cell, then the digit; sum, compare: each cell and its digit first
+            cells = [m.group(0) for m in re.finditer(_POS, question)]
+            reads = (cells[0] if t == "digit_at" else
+                     " ".join(f"{c} {board.digit(*_parse_pos(c))}" for c in cells)) + " "
+            if not answer.startswith(reads):
+                return False
+            answer = answer[len(reads):]
         if t == "digit_at":
             return answer == str(board.digit(*pos[0]))
         da, db = board.digit(*pos[0]), board.digit(*pos[1])
@@ -495,6 +561,18 @@ def make_task(name: str, **kw: Any) -> SceneTask | DigitTask:
 
 
 # --------------------------------------------------------------------------- writing splits
+def _draw_types(rng: random.Random, types: Sequence[str], weights: Sequence[float], turns: int) -> list[str]:
+    """``turns`` distinct question types (one when ``turns == 1``), each drawn with ``weights`` among the rest."""
+    if not weights:
+        return rng.sample(list(types), turns) if turns > 1 else [rng.choice(types)]
+    left, w, out = list(types), list(weights), []
+    for _ in range(turns):
+        k = rng.choices(range(len(left)), w)[0]
+        out.append(left.pop(k))
+        w.pop(k)
+    return out
+
+
 def make_samples(
     task: SceneTask | DigitTask, n: int, *, seed: int, split: str = "train", prefix: str = "s",
     turns: int = 1, question_types: Sequence[str] | None = None, exclude: set[str] | None = None,
@@ -505,15 +583,14 @@ def make_samples(
     Worlds whose key is in ``exclude`` are redrawn (held-out splits); with ``turns > 1``
     each sample asks ``turns`` questions of different types about one image (IRS pairs).
     ``meta`` holds ``task``, ``type`` and what the answer depends on (per turn for
-    multi-turn samples). ``weights``: relative frequencies of the question types of a
-    single-turn sample (empty: uniform).
+    multi-turn samples). ``weights``: relative frequencies of the question types (empty:
+    uniform); a multi-turn sample draws its ``turns`` types without replacement, each draw
+    with these weights among the types not drawn yet.
     """
     _check_int("n", n, 0)
     _check_int("turns", turns, 1)
     types = _check_types("question_types", question_types or task.question_types, task.ALL_TYPES)
     weights = _check_weights(weights, types)
-    if weights and turns > 1:
-        raise ValueError(f"weights apply to single-turn samples only, got turns={turns!r}")
     if turns > len(types):
         raise ValueError(f"turns must be <= the {len(types)} question types (one type per turn), got {turns!r}")
     rng = random.Random(seed)
@@ -528,11 +605,13 @@ def make_samples(
             raise ValueError(f"could not draw a world outside the {len(exclude)} excluded ones after 1000 tries")
         exclude.add(world.key())
         conv, metas = [], []
-        drawn = rng.sample(types, turns) if turns > 1 else rng.choices(types, weights) if weights else [rng.choice(types)]
+        drawn = _draw_types(rng, types, weights, turns)
         for turn, qtype in enumerate(drawn):
             q, a, meta = task.question(rng, world, qtype)
             metas.append({"task": task.name, "type": qtype, **meta})
-            conv.append({"from": "human", "value": ("<image>\n" + q) if turn == 0 else q})
+            if turn == 0:  # the image opens the first user turn, or closes it with ``question_first``
+                q = f"{q}\n<image>" if task.question_first else f"<image>\n{q}"
+            conv.append({"from": "human", "value": q})
             conv.append({"from": "gpt", "value": a})
         samples.append({
             "id": f"{prefix}{i:05d}", "image": f"images/{prefix}{i:05d}.png", "conversations": conv,
@@ -544,17 +623,19 @@ def make_samples(
 
 def write_task(
     task: SceneTask | DigitTask, out_dir: str | Path, *, n_train: int, n_test: int, n_captions: int = 0,
-    n_irs: int = 0, seed: int = 0,
+    n_irs: int = 0, seed: int = 0, train_turns: int = 1,
 ) -> dict[str, Path]:
-    """Write ``train.json`` (question types drawn with ``task.question_weights``), ``test.json``
-    (uniform question types; worlds never seen in training; digits from held-out handwriting), ``captions.json`` (``task.caption_type`` only, stage 1) and ``irs.json``
+    """Write ``train.json`` (question types drawn with ``task.question_weights``; ``train_turns``
+    questions about each image, of different types), ``test.json`` (single-turn,
+    uniform question types; worlds never seen in training; digits from held-out handwriting), ``captions.json`` (``task.caption_type`` only, stage 1) and ``irs.json``
     (two questions per image, for IRS) with their PNGs under ``out_dir/images``.
 
     Returns ``{"train": path, "test": path[, "captions": path][, "irs": path], "image_folder": out_dir}``.
     """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    train = make_samples(task, n_train, seed=seed, split="train", prefix="train", weights=task.question_weights)
+    train = make_samples(task, n_train, seed=seed, split="train", prefix="train", weights=task.question_weights,
+                         turns=train_turns)
     splits = {"train": train}
     seen = {w.key() for w in train[1]}
     splits["test"] = make_samples(task, n_test, seed=seed + 1_000_003, split="test", prefix="test", exclude=seen)

@@ -23,6 +23,9 @@ def test_task_settings() -> None:
     s = dm.task_settings("scenes", "quick")
     assert (s.task, s.grid, s.image_size, s.patch_size) == ("scenes", 4, 48, 12)  # one patch per cell
     assert s.compact_positions and s.vision_position and len(s.question_weights) == 8
+    assert s.grounded_answers and not s.question_first and s.train_turns == 1  # calibration-log.md, session 2
+    d = dm.task_settings("digits", "quick")  # calibration-digits-grounded.md
+    assert d.grounded_answers and d.compact_positions and d.vision_position and d.teacher_steps == 2000
     assert s.vision_pretrain_steps > 0 and not s.teacher_trains_vision
     assert (s.image_size // s.patch_size) ** 2 >= 16
     assert dm.task_settings("digits", "full").seeds == dm.PRESETS["full"].seeds
@@ -33,6 +36,16 @@ def test_task_settings() -> None:
         dm.task_settings("mnist", "quick")
     with pytest.raises(ValueError, match="preset must be one of"):
         dm.task_settings("scenes", "huge")
+
+
+def test_answer_format_settings_reach_the_task(tmp_path: Path) -> None:
+    import dataclasses
+
+    s = dm.task_settings("scenes", "smoke")
+    for grounded, first in ((True, False), (False, True)):
+        task = dm.Demo(dataclasses.replace(s, grounded_answers=grounded, question_first=first), tmp_path,
+                       progress=False).task()
+        assert (task.grounded_answers, task.question_first) == (grounded, first)
 
 
 def test_set_parses_tuple_fields_and_refuses_unknown_ones() -> None:

@@ -20,7 +20,8 @@ TASK_NAMES = ("scenes", "digits")
 
 
 def _qa(sample: dict) -> tuple[str, str]:
-    return sample["conversations"][0]["value"].replace("<image>\n", ""), sample["conversations"][1]["value"]
+    q = sample["conversations"][0]["value"].replace("<image>\n", "").replace("\n<image>", "")
+    return q, sample["conversations"][1]["value"]
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)
@@ -36,9 +37,10 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path, name: str) -> N
     assert a["train"].read_text() != c["train"].read_text()
 
 
+@pytest.mark.parametrize("grounded", [False, True])
 @pytest.mark.parametrize("name", TASK_NAMES)
-def test_every_answer_parses_back_to_the_world_and_wrong_ones_fail(name: str) -> None:
-    task = T.make_task(name)
+def test_every_answer_parses_back_to_the_world_and_wrong_ones_fail(name: str, grounded: bool) -> None:
+    task = T.make_task(name, grounded_answers=grounded, compact_positions=grounded)
     samples, worlds = T.make_samples(task, 600, seed=3)
     types = Counter(s["meta"]["type"] for s in samples)
     assert set(types) == set(task.question_types)
@@ -234,8 +236,11 @@ def test_question_weights_shape_the_training_split_only(tmp_path: Path, name: st
         T.make_task(name, question_weights=(1.0,))
     with pytest.raises(ValueError, match="question_weights must be empty or one positive number per question type"):
         T.make_task(name, question_weights=tuple(0.0 for _ in types))
-    with pytest.raises(ValueError, match="weights apply to single-turn samples only"):
-        T.make_samples(task, 2, seed=0, turns=2, weights=task.question_weights)
+    # multi-turn samples draw distinct types, each draw weighted among the types left
+    multi, _ = T.make_samples(task, 600, seed=0, turns=2, weights=task.question_weights)
+    firsts = Counter(s["meta"]["turns"][0]["type"] for s in multi)
+    assert all(len({t["type"] for t in s["meta"]["turns"]}) == 2 for s in multi)
+    assert abs(firsts[types[1]] / 600 - expected) < 0.06, (firsts, expected)
 
 
 def test_frozen_scene_setting_keeps_long_answers_long() -> None:
@@ -255,3 +260,62 @@ def test_irs_pairs_use_every_type_when_the_task_has_one(tmp_path: Path) -> None:
     assert {s["meta"]["type"] for s in json.loads(paths["train"].read_text())} == {"color"}
     irs = json.loads(paths["irs"].read_text())
     assert len(irs) == 10 and all(len({t["type"] for t in s["meta"]["turns"]}) == 2 for s in irs)
+
+
+GROUNDED_EXAMPLES = {  # (question, grounded answer, its plain answer) for one fixed scene
+    "color": ("what color is the object at r1c2 ?", "r1c2 red", "red"),
+    "shape": ("what shape is at r1c2 ?", "r1c2 circle", "circle"),
+    "position": ("where is the blue square ?", "blue square r2c1", "r2c1"),
+    "count": ("how many red objects are there ?", "red one", "one"),
+    "exist": ("is there a green circle in the image ?", "green circle no", "no"),
+}
+
+
+@pytest.mark.parametrize("qtype", sorted(GROUNDED_EXAMPLES))
+def test_grounded_answers_restate_the_key_and_a_wrong_key_is_wrong(qtype: str) -> None:
+    scene = T.Scene((("red", "circle", 0, 1), ("blue", "square", 1, 0)), 3)
+    grounded = T.SceneTask(grid=3, compact_positions=True, grounded_answers=True)
+    plain = T.SceneTask(grid=3, compact_positions=True)
+    q, a, bare = GROUNDED_EXAMPLES[qtype]
+    meta = {"type": qtype}
+    assert grounded.check_answer(scene, q, a, meta) and plain.check_answer(scene, q, bare, meta)
+    assert not grounded.check_answer(scene, q, bare, meta)  # the key is part of the answer
+    assert not plain.check_answer(scene, q, a, meta)
+    key, _, value = a.rpartition(" ")
+    other_key = {"color": "r2c1", "shape": "r2c1", "position": "red circle", "count": "blue",
+                 "exist": "red circle"}[qtype]
+    assert not grounded.check_answer(scene, q, f"{other_key} {value}", meta)  # another key, same value
+    # the generator writes this format: the key first, then what the plain task answers
+    import random
+
+    for seed in range(40):
+        gq, ga, _ = grounded.question(random.Random(seed), scene, qtype)
+        pq, pa, _ = plain.question(random.Random(seed), scene, qtype)
+        assert gq == pq and (ga == pa or ga.endswith(" " + pa)) and grounded.check_answer(scene, gq, ga, meta)
+        assert (ga == pa) == (gq == "how many objects are there ?")  # the one question without a key
+
+
+def test_grounded_digit_answers_read_each_named_cell_first() -> None:
+    task = T.DigitTask(compact_positions=True, grounded_answers=True)
+    samples, boards = T.make_samples(task, 200, seed=2, question_types=("digit_at", "sum", "compare"))
+    for sample, board in zip(samples, boards):
+        q, a = _qa(sample)
+        cells = __import__("re").findall(r"r\d+c\d+", q)
+        reads = " ".join(f"{c} {board.digit(*T._parse_pos(c))}" for c in cells)
+        assert (a == reads if sample["meta"]["type"] == "digit_at" else a.startswith(reads + " "))
+        assert task.check_answer(board, q, a, sample["meta"])
+        wrong = a.replace(f"{cells[0]} {board.digit(*T._parse_pos(cells[0]))}",
+                          f"{cells[0]} {(board.digit(*T._parse_pos(cells[0])) + 1) % 10}", 1)
+        assert not task.check_answer(board, q, wrong, sample["meta"])  # a misread cell is wrong
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_question_first_puts_the_image_after_the_question(name: str) -> None:
+    task = T.make_task(name, question_first=True)
+    samples, worlds = T.make_samples(task, 20, seed=1)
+    for s, w in zip(samples, worlds):
+        first = s["conversations"][0]["value"]
+        assert first.endswith("\n<image>") and first.count("<image>") == 1
+        assert task.check_answer(w, *_qa(s), s["meta"])
+    default = T.make_samples(T.make_task(name), 20, seed=1)[0]
+    assert all(s["conversations"][0]["value"].startswith("<image>\n") for s in default)
