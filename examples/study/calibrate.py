@@ -7,7 +7,8 @@
 Steps (each cached in ``--run-dir``, so a killed calibration resumes): write the task,
 pre-train and freeze the vision tower (probe accuracy recorded), train the first teacher of
 ``--teacher-seeds`` (exact match per question type, POPE per split, the IRS curve), the
-shared stage-1 student, one SFT student per ``--student-seeds``, then the replicate
+shared stage-1 student, one SFT student per ``--student-seeds`` (and, with ``--kd-seeds``, one
+Vanilla KD student per seed: whether KD leaves a gap below the teacher), then the replicate
 teachers (IRS stability). ``calibration.json`` is rewritten after every stage, so a killed
 run leaves what it measured (``--page-only`` writes its page). The targets of issue 15
 are checked and written to ``--page`` with every number and the command (a target not
@@ -101,9 +102,30 @@ def check_targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def student_line(res: dict[str, Any], rec: dict[str, Any], *, command: str) -> dict[str, Any]:
+    """One JSON line of the calibration log for the student ``rec`` (SFT or Vanilla KD) of the calibration ``res``:
+    the student's recipe (size, stage-1 and SFT steps, learning rate), its training time and loss
+    curve, its exact match, and the gap below the first teacher (``teacher - student`` overall)."""
+    s, t0 = res["settings"], res["teachers"][0]
+    ev, tr = rec["eval"], rec["train"]
+    return dm._jsonable({
+        "command": command, "kind": f"{rec['method']}_student", "seed": rec["seed"], "student": s["student"],
+        "stage1_steps": s["stage1_steps"], "student_steps": s["student_steps"], "student_lr": s["student_lr"],
+        "threads": tr.get("threads"), "train_s": round(tr["wall_s"], 1), "step_s": round(tr["step_time_s"], 4),
+        "loss": [round(h["loss"], 4) for h in tr["log"]],
+        "em": {k: round(v, 3) for k, v in ev["exact_match"].items()}, "overall": round(ev["overall"], 3),
+        "short_overall": round(ev["short_overall"], 3) if "short_overall" in ev else None,
+        "teacher_seed": t0["seed"], "teacher_overall": round(t0["eval"]["overall"], 3),
+        "gap": round(t0["eval"]["overall"] - ev["overall"], 3)})
+
+
 def calibrate(settings: dm.DemoSettings, run_dir: Path, *, teacher_seeds: list[int], student_seeds: list[int],
-              progress: bool = False, log=print, command: str = "") -> dict[str, Any]:
-    """Run the calibration (module docstring); returns every number (also written to ``run_dir/calibration.json``)."""
+              progress: bool = False, log=print, command: str = "", jsonl: Path | None = None,
+              kd_seeds: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:
+    """Run the calibration (module docstring); returns every number (also written to ``run_dir/calibration.json``).
+    ``kd_seeds``: also a Vanilla KD student per seed (same recipe as the SFT students, the first teacher):
+    whether the student still leaves a gap after KD. ``jsonl``: append one :func:`student_line` per
+    student trained here (not for cached ones)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -142,7 +164,7 @@ def calibrate(settings: dm.DemoSettings, run_dir: Path, *, teacher_seeds: list[i
         cached.write_text(json.dumps(rec, indent=1))
         return teacher, rec
 
-    res["teachers"], res["sft"] = [], []
+    res["teachers"], res["sft"], res["kd"] = [], [], []
     first, rec = teacher_record(teacher_seeds[0])
     res["teachers"].append(rec)
     log(f"teacher seed {rec['seed']}: {rec['eval']['exact_match']} IRS {rec['irs']['scores']}")
@@ -151,23 +173,34 @@ def calibrate(settings: dm.DemoSettings, run_dir: Path, *, teacher_seeds: list[i
     stage1 = demo.load_stage1()
     res["stage1"] = demo.evaluate(stage1, first)
     del stage1
-    for seed in student_seeds:
-        out = demo.dir / "runs" / f"sft_seed{seed}.json"
-        if out.exists():
-            rec = json.loads(out.read_text())
-        else:
-            log(f"SFT student seed {seed} ({settings.student_steps} steps)")
-            model = demo.load_stage1()
-            torch.manual_seed(seed)
-            tr = demo.fit(model, demo.train, steps=settings.student_steps, lr=settings.student_lr, seed=seed,
-                          tag=f"sft_{seed}")
-            rec = dm._jsonable({"key": "sft", "seed": seed, "method": "sft", "overrides": {}, "train": tr,
-                                "eval": demo.evaluate(model, first)})
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(rec, indent=1))
-        res["sft"].append(rec)
-        log(f"SFT seed {seed}: overall {rec['eval']['overall']:.3f} {rec['eval']['exact_match']}")
-        save()
+    for method, seeds in (("sft", student_seeds), ("kd", kd_seeds)):  # kd: Vanilla KD from the first teacher
+        for seed in seeds:
+            out = demo.dir / "runs" / f"{method}_seed{seed}.json"
+            # reused only if trained with this recipe from this stage-1 checkpoint (and, for KD, this teacher)
+            key = dm.cache_key({"stage1": demo.stage1_key, "method": method, "seed": seed,
+                                "steps": settings.student_steps, "lr": settings.student_lr,
+                                "teacher": getattr(first, "study_cache_key", None) if method == "kd" else None})
+            rec = json.loads(out.read_text()) if out.exists() else None
+            if rec is not None and rec.get("cache_key") != key:
+                log(f"{out} holds a student of another recipe: trained again")
+                rec = None
+            if rec is None:
+                log(f"{method.upper()} student seed {seed} ({settings.student_steps} steps)")
+                model = demo.load_stage1()
+                torch.manual_seed(seed)
+                tr = demo.fit(model, demo.train, steps=settings.student_steps, lr=settings.student_lr, seed=seed,
+                              method=method, teacher=first if method == "kd" else None, tag=f"{method}_{seed}")
+                rec = dm._jsonable({"key": method, "seed": seed, "method": method, "overrides": {}, "train": tr,
+                                    "eval": demo.evaluate(model, first), "cache_key": key})
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(rec, indent=1))
+                if jsonl is not None:
+                    jsonl.parent.mkdir(parents=True, exist_ok=True)
+                    with jsonl.open("a") as f:
+                        f.write(json.dumps(student_line(res, rec, command=command)) + "\n")
+            res[method].append(rec)
+            log(f"{method.upper()} seed {seed}: overall {rec['eval']['overall']:.3f} {rec['eval']['exact_match']}")
+            save()
     for seed in teacher_seeds[1:]:  # replicate teachers: IRS stability
         teacher, rec = teacher_record(seed)
         del teacher
@@ -235,7 +268,8 @@ def calibration_markdown(res: dict[str, Any], *, command: str) -> str:
                   + ", ".join(f"{x:.4f}" for x in t["irs"]["scores"])
                   + f" | {t['irs']['best_layer']} | {irs_ratio(t['irs']['scores']):.2f} |")
     students = ([("student stage 1", res["stage1"])] if "stage1" in res else []) + [
-        (f"SFT student seed {r['seed']}", r["eval"]) for r in res["sft"]]
+        (f"SFT student seed {r['seed']}", r["eval"]) for r in res["sft"]] + [
+        (f"Vanilla KD student seed {r['seed']}", r["eval"]) for r in res.get("kd", [])]
     for label, ev in students:
         pope = ev.get("pope", {})
         md.append(f"| {label} | {_pct(ev['overall'])} | {_pct(ev.get('short_overall', float('nan')))} | "
@@ -246,6 +280,10 @@ def calibration_markdown(res: dict[str, Any], *, command: str) -> str:
         md += ["", "POPE per split (first teacher): " + "; ".join(
             f"{k}: acc {_pct(p['accuracy'])}, F1 {_pct(p['f1'])}, yes-rate {_pct(p['yes_rate'])} (n={p['n']})"
             for k, p in splits.items()) + "."]
+    if res.get("kd"):  # not a target of the issue's list: whether KD leaves room below the teacher
+        t_all = res["teachers"][0]["eval"]["overall"]
+        md += ["", "Gap left after Vanilla KD (first teacher - KD student, overall EM): " + ", ".join(
+            f"seed {r['seed']}: {100 * (t_all - r['eval']['overall']):.1f} points" for r in res["kd"]) + "."]
     md += ["", "## Targets (issue 15)", "", "| target | measured | met |", "|---|---|---|"]
     for r in res["targets"]:
         val = r["value"]
@@ -268,10 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student-size", type=int, nargs=2, default=None, metavar=("HIDDEN", "LAYERS"))
     p.add_argument("--teacher-seeds", type=int, nargs="+", default=[1000, 1001])
     p.add_argument("--student-seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--kd-seeds", type=int, nargs="*", default=[],
+                   help="also a Vanilla KD student per seed (the SFT students' recipe): the gap left after KD")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--run-dir", type=Path, default=None, help="default: runs/calibration/<task>")
     p.add_argument("--page", type=Path, default=None, help="write the Markdown page here (default: run dir)")
     p.add_argument("--page-only", action="store_true", help="train nothing: write the page of the saved calibration.json")
+    p.add_argument("--jsonl", type=Path, default=None,
+                   help="append one JSON line per student trained (recipe, time, exact match, gap) to this file")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     settings = dm.task_settings(a.task, a.preset)
@@ -287,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.page_only:  # the page of what a (killed or running) calibration has saved so far
         res = json.loads((run_dir / "calibration.json").read_text())
     else:
-        res = calibrate(settings, run_dir, teacher_seeds=a.teacher_seeds, student_seeds=a.student_seeds, command=command)
+        res = calibrate(settings, run_dir, teacher_seeds=a.teacher_seeds, student_seeds=a.student_seeds, command=command,
+                        jsonl=a.jsonl, kd_seeds=a.kd_seeds)
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(calibration_markdown(res, command=res.get("command") or command))
     print(f"\n{page}\n")

@@ -26,12 +26,16 @@ def test_task_settings() -> None:
     assert s.grounded_answers and not s.question_first and s.train_turns == 1  # calibration-log.md, session 2
     d = dm.task_settings("digits", "quick")  # calibration-digits-grounded.md
     assert d.grounded_answers and d.compact_positions and d.vision_position and d.teacher_steps == 2000
+    # the student's best measured budget (calibration-log.md, session 3): 48-d x 2, stage 1 150, SFT 800 at 3e-3
+    assert (d.student, d.stage1_steps, d.student_steps, d.student_lr) == (dm.ModelSize(48, 2), 150, 800, 3e-3)
+    assert s.student_steps == dm.PRESETS["quick"].student_steps  # scenes: not calibrated yet
     assert s.vision_pretrain_steps > 0 and not s.teacher_trains_vision
     assert (s.image_size // s.patch_size) ** 2 >= 16
     assert dm.task_settings("digits", "full").seeds == dm.PRESETS["full"].seeds
-    smoke = dm.task_settings("scenes", "smoke")  # the smoke budget stays tiny on every task
-    for f in ("teacher_steps", "stage1_steps", "student_steps", "n_train", "n_eval"):
-        assert getattr(smoke, f) == getattr(dm.PRESETS["smoke"], f), f
+    for task in ("scenes", "digits"):  # the smoke budget stays tiny on every task
+        smoke = dm.task_settings(task, "smoke")
+        for f in ("teacher_steps", "stage1_steps", "student_steps", "student_lr", "student", "n_train", "n_eval"):
+            assert getattr(smoke, f) == getattr(dm.PRESETS["smoke"], f), (task, f)
     with pytest.raises(ValueError, match="task must be one of"):
         dm.task_settings("mnist", "quick")
     with pytest.raises(ValueError, match="preset must be one of"):
@@ -79,6 +83,21 @@ def test_irs_ratio_and_targets_can_fail() -> None:
     assert [r["met"] for r in missing if "'c'" in r["target"]] == [False]  # not measured is not met
 
 
+def test_student_line_records_the_recipe_and_the_gap() -> None:
+    res = {"settings": {"student": {"hidden": 48, "layers": 2}, "stage1_steps": 150, "student_steps": 600,
+                        "student_lr": 3e-3},
+           "teachers": [{"seed": 1000, "eval": {"overall": 0.70}}]}
+    rec = {"seed": 0, "method": "sft", "train": {"wall_s": 12.34, "step_time_s": 0.02, "threads": 1,
+                                "log": [{"loss": 2.0}, {"loss": 0.51234}]},
+           "eval": {"exact_match": {"digit_at": 0.4, "read": 0.0}, "overall": 0.25, "short_overall": 0.3}}
+    line = cal.student_line(res, rec, command="cmd")
+    assert line["gap"] == pytest.approx(0.45) and line["teacher_seed"] == 1000 and line["student_lr"] == 3e-3
+    assert (line["student_steps"], line["train_s"], line["loss"]) == (600, 12.3, [2.0, 0.5123])
+    assert line["em"] == {"digit_at": 0.4, "read": 0.0} and line["short_overall"] == 0.3 and line["command"] == "cmd"
+    assert line["kind"] == "sft_student"
+    json.dumps(line)  # one JSON line
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["scenes", "digits"])
 def test_calibration_smoke_shares_one_frozen_pretrained_tower(tmp_path: Path, task: str) -> None:
@@ -87,9 +106,23 @@ def test_calibration_smoke_shares_one_frozen_pretrained_tower(tmp_path: Path, ta
 
     torch.set_num_threads(1)
     page = tmp_path / "cal.md"
-    assert cal.main(["--task", task, "--preset", "smoke", "--run-dir", str(tmp_path / "run"), "--page", str(page),
-                     "--teacher-seeds", "5", "6", "--student-seeds", "0"]) == 0
+    argv = ["--task", task, "--preset", "smoke", "--run-dir", str(tmp_path / "run"), "--page", str(page),
+            "--teacher-seeds", "5", "6", "--student-seeds", "0", "--jsonl", str(tmp_path / "log.jsonl"), "--kd-seeds", "0"]
+    assert cal.main(argv) == 0
+    text = page.read_text()
     res = json.loads((tmp_path / "run" / "calibration.json").read_text())
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [x["kind"] for x in lines] == ["sft_student", "kd_student"]
+    for line, rec in zip(lines, res["sft"] + res["kd"]):
+        assert line["overall"] == round(rec["eval"]["overall"], 3) and rec["train"]["log"][0]["loss"] > 0
+    assert "loss_kd" in res["kd"][0]["train"]["log"][0] and "loss_kd" not in res["sft"][0]["train"]["log"][0]
+    assert lines[0]["student_steps"] == res["settings"]["student_steps"] and "--jsonl" in lines[0]["command"]
+    assert cal.main(argv) == 0  # resumed: the cached students are not logged again
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 2
+    steps = res["settings"]["student_steps"] + 1  # another recipe in the same run dir: trained again, not reused
+    assert cal.main([*argv, "--set", f"student_steps={steps}", "--kd-seeds"]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and lines[-1]["student_steps"] == steps and lines[-1]["kind"] == "sft_student"
     assert [t["seed"] for t in res["teachers"]] == [5, 6]
     assert len(res["sft"]) == 1 and res["task"]["name"] == task
     v = res["vision"]
@@ -99,8 +132,8 @@ def test_calibration_smoke_shares_one_frozen_pretrained_tower(tmp_path: Path, ta
         m = LlavaForConditionalGeneration.from_pretrained(tmp_path / "run" / path)
         for k, w in m.model.vision_tower.state_dict().items():
             assert torch.equal(w, tower[k]), (path, k)
-    text = page.read_text()
-    assert "## Targets (issue 15)" in text and "probe" in text
+    assert "## Targets (issue 15)" in text and "probe" in text and "| Vanilla KD student seed 0 |" in text
+    assert "Gap left after Vanilla KD" in text
     assert len(res["targets"]) == len(res["task"]["short_types"]) + 1 + 1 + 2 + 1
 
 
