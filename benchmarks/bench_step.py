@@ -40,8 +40,10 @@ the best round is kept, so load from other processes hits all of them alike.
 needs), to tell work the method adds from overhead. With ``kd`` and ``iva`` in the run, the notes
 also give IVA's method-inclusive ratio: the model's plus the seconds of the work IVA needs that the
 MAC count leaves out, measured in the same run (the attention capture at ``l*`` with the
-instruction->vision weights, :func:`timed_iva_capture`; the vocabulary-wide softmax work of the
-visual rows, :func:`iva_softmax_seconds`), over KD's measured step.
+instruction->vision weights, :func:`timed_method_work`; the vocabulary-wide softmax work of the
+visual rows, :func:`softmax_work_seconds`), over KD's measured step; with ``kd`` and ``align_ti``,
+Align-TI's: the same plus TPA's candidate sampling (the student's head at the candidate rows,
+softmax, top-p selection, draws) and the softmax work of the candidate rows.
 
 Token work: ``token_ratio = (T + N) / T`` with ``T`` the real ground-truth tokens of the batch
 and ``N`` the candidate slots (``d`` x supervised positions): what TPA adds to each model's
@@ -490,14 +492,15 @@ def main() -> None:
     best = {v: float("inf") for v in names}
     peak = {v: 0.0 for v in names}
     capture = {v: 0.0 for v in names}  # seconds of the IVA attention capture + weights in the best round
-    with timed_iva_capture(clock, cuda) as cap_acc:
+    sampled = {v: 0.0 for v in names}  # seconds of TPA's candidate sampling in the best round
+    with timed_method_work(clock, cuda) as work:
         for r in range(a.rounds + 1):
             for v in names:
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
-                cap_acc[0] = 0.0
+                work["capture"] = work["sampling"] = 0.0
                 t0 = clock()
                 step(v)
                 if cuda:
@@ -506,7 +509,7 @@ def main() -> None:
                 if cuda:
                     peak[v] = max(peak[v], (torch.cuda.max_memory_allocated() - base) / 2**20)
                 if r > 0 and dt < best[v]:
-                    best[v], capture[v] = dt, cap_acc[0]
+                    best[v], capture[v], sampled[v] = dt, work["capture"], work["sampling"]
         if r > 0:
             print(f"round {r}: " + " ".join(f"{v}={best[v]:.3f}" for v in names), flush=True)
 
@@ -551,10 +554,10 @@ def main() -> None:
     if "iva" in est and "kd" in est:
         check("iva_prev", "kd_prev", 1.03 * est["iva"] / est["kd"], "before the IVA change (iva_prev / kd_prev) vs the compute model x 1.03")
     if "iva" in best and "kd" in best:
-        # the method-inclusive model (see iva_method_work): the plain model's ratio plus the measured
+        # the method-inclusive model: the plain model's ratio plus the measured
         # seconds of the work IVA needs that the MAC count leaves out, over KD's measured step
         n_vis_rows = int(batch["visual_mask"].sum())
-        softmax_s = iva_softmax_seconds(n_vis_rows, vocab, a.rounds, clock, device)
+        softmax_s = softmax_work_seconds(n_vis_rows, vocab, a.rounds, clock, device)
         plain = est["iva"] / est["kd"]
         incl = plain + (capture["iva"] + softmax_s) / best["kd"]
         r_ = best["iva"] / best["kd"]
@@ -565,6 +568,23 @@ def main() -> None:
             f"iva vs the method-inclusive model x 1.03: iva/kd = {r_:.3f} vs target <= {1.03 * incl:.3f}: "
             f"{'MET' if r_ <= 1.03 * incl else 'MISSED'} (method-inclusive ratio {incl:.3f} = plain {plain:.3f} + "
             f"({capture['iva']:.3f} + {softmax_s:.3f}) s / kd {best['kd']:.3f} s)",
+        ]
+    if "align_ti" in best and "kd" in best:
+        # the same for Align-TI: IVA's capture, TPA's candidate sampling (the student's head at the candidate
+        # rows, softmax, top-p selection, draws), and the softmax work of the visual and candidate rows
+        n_rows = int(batch["visual_mask"].sum()) + N
+        softmax_s = softmax_work_seconds(n_rows, vocab, a.rounds, clock, device)
+        plain = est["align_ti"] / est["kd"]
+        extra_s = capture["align_ti"] + sampled["align_ti"] + softmax_s
+        incl = plain + extra_s / best["kd"]
+        r_ = best["align_ti"] / best["kd"]
+        verdicts += [
+            f"Align-TI work the compute model leaves out (measured in this run): attention capture + weights "
+            f"{capture['align_ti']:.3f} s and candidate sampling {sampled['align_ti']:.3f} s (in the best align_ti "
+            f"step); vocabulary-wide softmax work of the {n_rows} visual + candidate rows {softmax_s:.3f} s",
+            f"align_ti vs the method-inclusive model x 1.05: align_ti/kd = {r_:.3f} vs target <= {1.05 * incl:.3f}: "
+            f"{'MET' if r_ <= 1.05 * incl else 'MISSED'} (method-inclusive ratio {incl:.3f} = plain {plain:.3f} + "
+            f"{extra_s:.3f} s / kd {best['kd']:.3f} s)",
         ]
     check("align_ti_logits", "kd_logits", 1.05 * token_ratio, "Align-TI, loss_impl=logits")
     check("iva_logits", "kd_logits", 1.03, "IVA, loss_impl=logits")
@@ -595,16 +615,23 @@ def main() -> None:
 
 
 @contextlib.contextmanager
-def timed_iva_capture(clock, cuda: bool):
-    """Accumulate into ``acc[0]`` the seconds spent in IVA's attention capture at ``l*``
+def timed_method_work(clock, cuda: bool):
+    """Accumulate into ``acc["capture"]`` the seconds spent in IVA's attention capture at ``l*``
     (``tokinteract.hf.capture._record``: the instruction rows' scores and softmax) and in the
-    instruction->vision weights (``AttentionCapture.visual_importance``); restored afterwards."""
+    instruction->vision weights (``AttentionCapture.visual_importance``), and into
+    ``acc["sampling"]`` those of TPA's candidate sampling (``tokinteract.fused.fused_sample_candidates``
+    and the trainer's ``sample_candidates``: the student's head at the candidate rows, softmax,
+    top-p selection, draws); restored afterwards."""
+    import tokinteract.fused as fused_mod
+    import tokinteract.mllm.trainer as tr_mod
     from tokinteract.hf import capture as cap_mod
 
-    acc = [0.0]
-    rec, vi = cap_mod._record, cap_mod.AttentionCapture.visual_importance
+    acc = {"capture": 0.0, "sampling": 0.0}
+    saved = [(cap_mod, "_record", "capture"), (cap_mod.AttentionCapture, "visual_importance", "capture"),
+             (fused_mod, "fused_sample_candidates", "sampling"), (tr_mod, "sample_candidates", "sampling")]
+    originals = [(m, n, getattr(m, n)) for m, n, _ in saved]
 
-    def timed(f):
+    def timed(f, key):
         def g(*args, **kw):
             if cuda:
                 torch.cuda.synchronize()
@@ -612,20 +639,22 @@ def timed_iva_capture(clock, cuda: bool):
             out = f(*args, **kw)
             if cuda:
                 torch.cuda.synchronize()
-            acc[0] += clock() - t0
+            acc[key] += clock() - t0
             return out
 
         return g
 
-    cap_mod._record, cap_mod.AttentionCapture.visual_importance = timed(rec), timed(vi)
+    for (m, n, key), (_, _, f) in zip(saved, originals):
+        setattr(m, n, timed(f, key))
     try:
         yield acc
     finally:
-        cap_mod._record, cap_mod.AttentionCapture.visual_importance = rec, vi
+        for m, n, f in originals:
+            setattr(m, n, f)
 
 
-def iva_softmax_seconds(rows: int, vocab: int, rounds: int, clock, device) -> float:
-    """Seconds of the vocabulary-wide work of ``rows`` IVA rows beyond their LM-head matmuls, best
+def softmax_work_seconds(rows: int, vocab: int, rounds: int, clock, device) -> float:
+    """Seconds of the vocabulary-wide work of ``rows`` loss rows (IVA's visual rows, TPA's candidate rows) beyond their LM-head matmuls, best
     of ``rounds``: per chunk of the fused loss (``tokinteract._engine``'s chunk size, fp32), the
     student's and the teacher's ``log_softmax`` over ``V`` and the forward KL with its gradient
     (``tokinteract.divergence.divergence_and_grad``, buffers reused as in the loss). The compute
