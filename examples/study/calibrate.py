@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a DemoSettings field")
     p.add_argument("--teacher-size", type=int, nargs=2, default=None, metavar=("HIDDEN", "LAYERS"))
     p.add_argument("--student-size", type=int, nargs=2, default=None, metavar=("HIDDEN", "LAYERS"))
+    p.add_argument("--student-heads", type=int, nargs=2, default=None, metavar=("HEADS", "KV_HEADS"),
+                   help="attention heads of the student (default: the setting's, 4 and 2)")
     p.add_argument("--teacher-seeds", type=int, nargs="+", default=[1000, 1001])
     p.add_argument("--student-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--kd-seeds", type=int, nargs="*", default=[],
@@ -326,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = dataclasses.replace(settings, teacher=dm.ModelSize(*a.teacher_size))
     if a.student_size:
         settings = dataclasses.replace(settings, student=dm.ModelSize(*a.student_size))
+    if a.student_heads:
+        settings = dataclasses.replace(settings, student=dataclasses.replace(settings.student, heads=a.student_heads[0],
+                                                                             kv_heads=a.student_heads[1]))
     run_dir = a.run_dir or ROOT / "runs" / "calibration" / a.task
     command = "python examples/study/calibrate.py" + "".join(
         f" {shlex.quote(x)}" for x in (argv if argv is not None else sys.argv[1:]))

@@ -27,8 +27,10 @@ def test_task_settings() -> None:
     assert s.grounded_answers and not s.question_first and s.train_turns == 1  # calibration-log.md, session 2
     d = dm.task_settings("digits", "quick")  # calibration-digits-grounded.md
     assert d.grounded_answers and d.compact_positions and d.vision_position and d.teacher_steps == 2000
-    # the student's best measured budget (calibration-log.md, session 3): 48-d x 2, stage 1 150, SFT 800 at 3e-3
-    assert (d.student, d.stage1_steps, d.student_steps, d.student_lr) == (dm.ModelSize(48, 2), 150, 800, 3e-3)
+    # the student's best measured recipe (calibration-log.md, session 4): 48-d x 2, stage 1 150, SFT 1,000 at 3e-3,
+    # cosine (every seed 0-4 past the transition)
+    assert (d.student, d.stage1_steps, d.student_steps, d.student_lr) == (dm.ModelSize(48, 2), 150, 1000, 3e-3)
+    assert d.student_stable == 0.0
     assert s.student_steps == dm.PRESETS["quick"].student_steps  # scenes: not calibrated yet
     assert s.vision_pretrain_steps > 0 and not s.teacher_trains_vision
     assert (s.image_size // s.patch_size) ** 2 >= 16
