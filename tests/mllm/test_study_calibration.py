@@ -99,6 +99,26 @@ def test_student_line_records_the_recipe_and_the_gap() -> None:
     json.dumps(line)  # one JSON line
 
 
+def test_cli_student_size_heads_and_schedule_reach_the_settings(tmp_path: Path, monkeypatch) -> None:
+    got = {}
+
+    def stop(settings, run_dir, **kw):  # what main() would calibrate, without training it
+        got["settings"] = settings
+        raise RuntimeError("stopped before training")
+
+    monkeypatch.setattr(cal, "calibrate", stop)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(RuntimeError, match="stopped before training"):
+            cal.main(["--task", "digits", "--run-dir", str(tmp_path), "--student-size", "40", "2",
+                      "--student-heads", "2", "1", "--set", "student_stable=0.5", "--threads", str(threads)])
+    finally:
+        torch.set_num_threads(threads)
+    s = got["settings"]
+    assert s.student == dm.ModelSize(40, 2, heads=2, kv_heads=1) and s.student_stable == 0.5
+    assert s.teacher == dm.task_settings("digits", "quick").teacher  # the teacher is untouched
+
+
 def _lr_curve(steps: int, stable: float) -> list[float]:
     """The learning rate of each step under ``dm.schedule_args(steps, stable)``, as the Trainer builds it."""
     from transformers.optimization import get_scheduler
