@@ -104,13 +104,14 @@ def check_targets(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 def student_line(res: dict[str, Any], rec: dict[str, Any], *, command: str) -> dict[str, Any]:
     """One JSON line of the calibration log for the student ``rec`` (SFT or Vanilla KD) of the calibration ``res``:
-    the student's recipe (size, stage-1 and SFT steps, learning rate), its training time and loss
+    the student's recipe (size, stage-1 and SFT steps, learning rate and schedule), its training time and loss
     curve, its exact match, and the gap below the first teacher (``teacher - student`` overall)."""
     s, t0 = res["settings"], res["teachers"][0]
     ev, tr = rec["eval"], rec["train"]
     return dm._jsonable({
         "command": command, "kind": f"{rec['method']}_student", "seed": rec["seed"], "student": s["student"],
         "stage1_steps": s["stage1_steps"], "student_steps": s["student_steps"], "student_lr": s["student_lr"],
+        "student_stable": s.get("student_stable", 0.0),
         "threads": tr.get("threads"), "train_s": round(tr["wall_s"], 1), "step_s": round(tr["step_time_s"], 4),
         "loss": [round(h["loss"], 4) for h in tr["log"]],
         "em": {k: round(v, 3) for k, v in ev["exact_match"].items()}, "overall": round(ev["overall"], 3),
@@ -179,7 +180,8 @@ def calibrate(settings: dm.DemoSettings, run_dir: Path, *, teacher_seeds: list[i
             # reused only if trained with this recipe from this stage-1 checkpoint (and, for KD, this teacher)
             key = dm.cache_key({"stage1": demo.stage1_key, "method": method, "seed": seed,
                                 "steps": settings.student_steps, "lr": settings.student_lr,
-                                "teacher": getattr(first, "study_cache_key", None) if method == "kd" else None})
+                                "teacher": getattr(first, "study_cache_key", None) if method == "kd" else None,
+                                **dm.student_schedule_key(settings)})
             rec = json.loads(out.read_text()) if out.exists() else None
             if rec is not None and rec.get("cache_key") != key:
                 log(f"{out} holds a student of another recipe: trained again")
@@ -189,7 +191,8 @@ def calibrate(settings: dm.DemoSettings, run_dir: Path, *, teacher_seeds: list[i
                 model = demo.load_stage1()
                 torch.manual_seed(seed)
                 tr = demo.fit(model, demo.train, steps=settings.student_steps, lr=settings.student_lr, seed=seed,
-                              method=method, teacher=first if method == "kd" else None, tag=f"{method}_{seed}")
+                              method=method, teacher=first if method == "kd" else None, tag=f"{method}_{seed}",
+                              stable=settings.student_stable)
                 rec = dm._jsonable({"key": method, "seed": seed, "method": method, "overrides": {}, "train": tr,
                                     "eval": demo.evaluate(model, first), "cache_key": key})
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -236,7 +239,8 @@ def calibration_markdown(res: dict[str, Any], *, command: str) -> str:
           f"* Teacher: hidden {s['teacher']['hidden']}, {s['teacher']['layers']} layers; SFT {s['teacher_steps']} steps, "
           f"batch {s['batch_size']}, lr {s['teacher_lr']}.",
           f"* Student: hidden {s['student']['hidden']}, {s['student']['layers']} layers; stage 1 {s['stage1_steps']} "
-          f"steps on captions; SFT {s['student_steps']} steps, lr {s['student_lr']}.", ""]
+          f"steps on captions; SFT {s['student_steps']} steps, lr {s['student_lr']}, "
+          f"{dm._schedule_words(s.get('student_stable', 0.0))}.", ""]
     v = res.get("vision")
     if v:
         md += ["## Vision tower (stand-in for a pretrained SigLIP)", "",
@@ -304,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a DemoSettings field")
     p.add_argument("--teacher-size", type=int, nargs=2, default=None, metavar=("HIDDEN", "LAYERS"))
     p.add_argument("--student-size", type=int, nargs=2, default=None, metavar=("HIDDEN", "LAYERS"))
+    p.add_argument("--student-heads", type=int, nargs=2, default=None, metavar=("HEADS", "KV_HEADS"),
+                   help="attention heads of the student (default: the setting's, 4 and 2)")
     p.add_argument("--teacher-seeds", type=int, nargs="+", default=[1000, 1001])
     p.add_argument("--student-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--kd-seeds", type=int, nargs="*", default=[],
@@ -322,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = dataclasses.replace(settings, teacher=dm.ModelSize(*a.teacher_size))
     if a.student_size:
         settings = dataclasses.replace(settings, student=dm.ModelSize(*a.student_size))
+    if a.student_heads:
+        settings = dataclasses.replace(settings, student=dataclasses.replace(settings.student, heads=a.student_heads[0],
+                                                                             kv_heads=a.student_heads[1]))
     run_dir = a.run_dir or ROOT / "runs" / "calibration" / a.task
     command = "python examples/study/calibrate.py" + "".join(
         f" {shlex.quote(x)}" for x in (argv if argv is not None else sys.argv[1:]))

@@ -309,6 +309,10 @@ def test_a_changed_setting_does_not_reuse_cached_runs(smoke, tmp_path: Path) -> 
     got = dm.run_demo(s, run_dir, progress=False, log=logs.append, only_keys=["kd", "sft"], skip_missing=True)
     assert got["runs"] == {} and sum("not run (skipped)" in line for line in logs) == 2
     assert any("reusing the teacher checkpoint" in line for line in logs)  # the teacher's setting did not change
+    logs.clear()  # the same budget with the peak rate held (another stage-2 schedule): not reused either
+    s = dataclasses.replace(dm.PRESETS["smoke"], student_stable=0.25)
+    got = dm.run_demo(s, run_dir, progress=False, log=logs.append, only_keys=["kd", "sft"], skip_missing=True)
+    assert got["runs"] == {} and sum("not run (skipped)" in line for line in logs) == 2
     assert dm.cache_key({"a": 1, "b": [1, 2]}) == dm.cache_key({"b": (1, 2), "a": 1})
     assert dm.cache_key({"a": 1}) != dm.cache_key({"a": 2})
 

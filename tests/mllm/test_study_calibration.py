@@ -3,6 +3,7 @@ task settings, the pre-trained vision tower shared and frozen, the calibration t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -26,8 +27,10 @@ def test_task_settings() -> None:
     assert s.grounded_answers and not s.question_first and s.train_turns == 1  # calibration-log.md, session 2
     d = dm.task_settings("digits", "quick")  # calibration-digits-grounded.md
     assert d.grounded_answers and d.compact_positions and d.vision_position and d.teacher_steps == 2000
-    # the student's best measured budget (calibration-log.md, session 3): 48-d x 2, stage 1 150, SFT 800 at 3e-3
-    assert (d.student, d.stage1_steps, d.student_steps, d.student_lr) == (dm.ModelSize(48, 2), 150, 800, 3e-3)
+    # the student's best measured recipe (calibration-log.md, session 4): 48-d x 2, stage 1 150, SFT 1,000 at 3e-3,
+    # cosine (every seed 0-4 past the transition)
+    assert (d.student, d.stage1_steps, d.student_steps, d.student_lr) == (dm.ModelSize(48, 2), 150, 1000, 3e-3)
+    assert d.student_stable == 0.0
     assert s.student_steps == dm.PRESETS["quick"].student_steps  # scenes: not calibrated yet
     assert s.vision_pretrain_steps > 0 and not s.teacher_trains_vision
     assert (s.image_size // s.patch_size) ** 2 >= 16
@@ -43,8 +46,6 @@ def test_task_settings() -> None:
 
 
 def test_answer_format_settings_reach_the_task(tmp_path: Path) -> None:
-    import dataclasses
-
     s = dm.task_settings("scenes", "smoke")
     for grounded, first in ((True, False), (False, True)):
         task = dm.Demo(dataclasses.replace(s, grounded_answers=grounded, question_first=first), tmp_path,
@@ -98,6 +99,68 @@ def test_student_line_records_the_recipe_and_the_gap() -> None:
     json.dumps(line)  # one JSON line
 
 
+def test_cli_student_size_heads_and_schedule_reach_the_settings(tmp_path: Path, monkeypatch) -> None:
+    got = {}
+
+    def stop(settings, run_dir, **kw):  # what main() would calibrate, without training it
+        got["settings"] = settings
+        raise RuntimeError("stopped before training")
+
+    monkeypatch.setattr(cal, "calibrate", stop)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(RuntimeError, match="stopped before training"):
+            cal.main(["--task", "digits", "--run-dir", str(tmp_path), "--student-size", "40", "2",
+                      "--student-heads", "2", "1", "--set", "student_stable=0.5", "--threads", str(threads)])
+    finally:
+        torch.set_num_threads(threads)
+    s = got["settings"]
+    assert s.student == dm.ModelSize(40, 2, heads=2, kv_heads=1) and s.student_stable == 0.5
+    assert s.teacher == dm.task_settings("digits", "quick").teacher  # the teacher is untouched
+
+
+def _lr_curve(steps: int, stable: float) -> list[float]:
+    """The learning rate of each step under ``dm.schedule_args(steps, stable)``, as the Trainer builds it."""
+    from transformers.optimization import get_scheduler
+
+    args = dm.schedule_args(steps, stable)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_scheduler(args["lr_scheduler_type"], opt, num_warmup_steps=args["warmup_steps"],
+                          num_training_steps=steps, scheduler_specific_kwargs=args.get("lr_scheduler_kwargs", {}))
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_schedule_args_cosine_by_default_and_warmup_stable_decay() -> None:
+    # the default is the schedule of every earlier run: the Trainer's cosine after a 5 % warm-up
+    assert dm.schedule_args(800) == {"warmup_steps": 40, "lr_scheduler_type": "cosine"}
+    assert dm.schedule_args(10) == {"warmup_steps": 1, "lr_scheduler_type": "cosine"}
+    got = dm.schedule_args(800, 0.75)
+    assert got["lr_scheduler_type"] == "warmup_stable_decay" and got["warmup_steps"] == 40
+    assert got["lr_scheduler_kwargs"] == {"num_decay_steps": 160}  # 600 stable steps: 800 - 40 - 160
+    cos, wsd = _lr_curve(100, 0.0), _lr_curve(100, 0.5)
+    assert cos[0] == wsd[0] == 0.0 and cos[5] == wsd[5] == pytest.approx(1.0)  # the same warm-up
+    assert all(x == 1.0 for x in wsd[5:55]) and wsd[55] == 1.0  # held for 50 steps, then decayed
+    assert all(a > b for a, b in zip(wsd[56:], wsd[57:])) and wsd[-1] < 0.01
+    assert cos[50] < 0.6 and all(w >= c for w, c in zip(wsd, cos))  # more integrated rate than the cosine
+    for bad in (-0.1, 1.0, True, "0.5", 0.97):  # 0.97 of 20 steps leaves no decay step after the warm-up
+        with pytest.raises(ValueError, match="stable"):
+            dm.schedule_args(20, bad)
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        dm.schedule_args(0)
+
+
+def test_the_schedule_is_in_the_student_keys_only_when_not_cosine() -> None:
+    s = dm.task_settings("digits", "quick")
+    assert s.student_stable == 0.0 and dm.student_schedule_key(s) == {}  # earlier cached runs keep their keys
+    assert dm.student_schedule_key(dataclasses.replace(s, student_stable=0.6)) == {"stable": 0.6}
+    assert cal._parse_set(["student_stable=0.6"], s) == {"student_stable": 0.6}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["scenes", "digits"])
 def test_calibration_smoke_shares_one_frozen_pretrained_tower(tmp_path: Path, task: str) -> None:
@@ -123,6 +186,10 @@ def test_calibration_smoke_shares_one_frozen_pretrained_tower(tmp_path: Path, ta
     assert cal.main([*argv, "--set", f"student_steps={steps}", "--kd-seeds"]) == 0
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and lines[-1]["student_steps"] == steps and lines[-1]["kind"] == "sft_student"
+    # the same steps with the peak rate held (warm-up-stable-decay): another recipe, trained again
+    assert cal.main([*argv, "--set", f"student_steps={steps}", "--set", "student_stable=0.34", "--kd-seeds"]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and lines[-1]["student_stable"] == 0.34 and lines[-2]["student_stable"] == 0.0
     assert [t["seed"] for t in res["teachers"]] == [5, 6]
     assert len(res["sft"]) == 1 and res["task"]["name"] == task
     v = res["vision"]
