@@ -208,21 +208,27 @@ TERM_COMBINATIONS: dict[str, str] = {
 _TERM_NAMES = {"S": "SFT", "K": "KD", "I": "IVA", "T": "TPA"}
 
 
-#: experiments -> the student runs they need (keys are shared between experiments).
+#: experiments -> the student runs they need (keys are shared between experiments: one cached run per
+#: configuration and seed, whichever tables show it). ``fig6`` and ``fig7`` (:data:`VIEWS`) bring no run of
+#: their own: they add %ExAccErr curves / attention maps to those of their keys that the other experiments run.
 EXPERIMENTS: dict[str, list[str]] = {
+    # the runs Tables 3 and 5 share, with SFT: the quick study's main comparison (Align-TI > Vanilla KD > SFT)
+    "main": ["sft", "kd", "align_ti"],
     "table5": ["sft", "kd", "iva", "tpa", "align_ti"],
     "table3": ["kd", "rkl", "jsd", "gkd", "align_ti"],
     "table6": ["uniform_va", "iva"],
     "table7": ["iva@first", "iva@middle", "iva", "iva@last"],
     "table8": ["iva", "iva@student"],
     "fig5": ["tpa@d1", "tpa@d2", "tpa", "tpa@d8", "tpa@greedy"],
-    "fig6": ["sft", "kd", "tpa"],
+    "fig6": ["sft", "kd", "tpa", "align_ti"],
     "eot": ["kd", "tpa", "tpa@skip_eot"],  # beyond the paper: DistillationConfig.tpa_skip_token_ids
     "table14": list(TERM_COMBINATIONS.values()),
     # Vanilla KD trained for as many steps as fit in Align-TI's time (from the timing pass: table4 runs first)
     "table18": ["kd", "align_ti", "kd@budget"],
-    "fig7": ["kd", "iva"],  # heat maps of the first seed's students, without and with IVA
+    "fig7": ["kd", "iva", "align_ti"],  # heat maps of the first seed's students, without and with IVA
 }
+#: experiments that measure the runs of the others (exposure curves, attention maps) instead of adding runs
+VIEWS: frozenset[str] = frozenset({"fig6", "fig7"})
 
 #: Table 4/13 timing: (label, method, overrides) measured for ``timing_steps`` steps each.
 TIMING_RUNS: list[tuple[str, str, dict[str, Any]]] = [
@@ -237,6 +243,15 @@ TIMING_RUNS: list[tuple[str, str, dict[str, Any]]] = [
     ("SFT+KD+TPA (packed forward, Algorithm 1)", "tpa", {"tpa_forward": "packed"}),
     ("Align-TI (cached forward)", "align_ti", {}),
 ]
+
+
+def timing_runs(methods: Sequence[str] | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+    """The rows of :data:`TIMING_RUNS` whose method is in ``methods`` (the methods the study trains),
+    always with SFT and Vanilla KD, the bases of the ratios; ``None``: every row."""
+    if methods is None:
+        return list(TIMING_RUNS)
+    keep = {"sft", "kd", *methods}
+    return [row for row in TIMING_RUNS if row[1] in keep]
 
 
 def run_specs(settings: DemoSettings, l_star: int) -> dict[str, RunSpec]:
@@ -320,6 +335,13 @@ _TASK_SMOKE: dict[str, Any] = dict(vision_pretrain_steps=3, vision_images=16, vi
                                    stage1_steps=PRESETS["smoke"].stage1_steps,
                                    student_steps=PRESETS["smoke"].student_steps, student_lr=PRESETS["smoke"].student_lr)
 
+#: quick scale of the new tasks (``make demo``: <= 15 min from a fresh clone on 2 idle cores, 3 seeds): the
+#: main comparison only, i.e. the runs Tables 3 and 5 share (SFT, Vanilla KD = FKL, Align-TI), with what
+#: measures them at no extra run: the IRS curve (Fig. 4), %ExAccErr (Fig. 6) and the heat maps (Fig. 7) on
+#: those runs, the step time and memory of their methods (Table 4/13). Everything else is --full
+#: (docs/results/study.md, "Time").
+_TASK_QUICK: dict[str, Any] = dict(experiments=("main", "fig4", "fig6", "fig7", "table4"))
+
 
 def task_settings(task: str, preset: str) -> DemoSettings:
     """``PRESETS[preset]`` on ``task``: ``"shapes"`` (the earlier study, unchanged), ``"scenes"`` or ``"digits"``."""
@@ -329,7 +351,7 @@ def task_settings(task: str, preset: str) -> DemoSettings:
         return PRESETS[preset]
     if task not in TASK_SETTINGS:
         raise ValueError(f"task must be one of {['shapes', *sorted(TASK_SETTINGS)]}, got {task!r}")
-    extra = _TASK_SMOKE if preset == "smoke" else {}
+    extra = {"smoke": _TASK_SMOKE, "quick": _TASK_QUICK}.get(preset, {})
     return dataclasses.replace(PRESETS[preset], name=f"{preset}-{task}", **{**TASK_SETTINGS[task], **extra})
 
 
@@ -1001,15 +1023,15 @@ class Demo:
 
 
 def measure_step_costs(demo: Demo, teacher: nn.Module, l_star: int, progress: Progress | None = None,
-                       skip_missing: bool = False) -> list[dict[str, Any]]:
-    """Table 4/13: median step time (wall and CPU) and peak memory of every method, ``timing_steps``
-    steps each from the stage-1 checkpoint (same batch, same teacher, GKD with its default lambda 0.5).
-    Each row is cached in ``run_dir/timing/`` under a key of its setting; ``skip_missing``: only
-    the cached rows."""
+                       skip_missing: bool = False, methods: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Table 4/13: median step time (wall and CPU) and peak memory of every method (``methods``: only the
+    rows of :func:`timing_runs` for these), ``timing_steps`` steps each from the stage-1 checkpoint (same
+    batch, same teacher, GKD with its default lambda 0.5). Each row is cached in ``run_dir/timing/`` under a
+    key of its setting; ``skip_missing``: only the cached rows."""
     out = []
     tdir = demo.dir / "timing"
     tdir.mkdir(exist_ok=True)
-    for label, method, ov in TIMING_RUNS:
+    for label, method, ov in timing_runs(methods):
         ov = dict(ov)
         if method in ("iva", "align_ti", "uniform_va"):
             ov.setdefault("iva_layer", l_star)
@@ -1146,12 +1168,24 @@ def run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool = Tr
 
 
 def _student_keys(settings: DemoSettings, exps: Sequence[str]) -> list[str]:
+    """The student configurations the experiments ``exps`` run, each once, in order (views add none)."""
     keys: list[str] = []
     for e in exps:
-        for k in EXPERIMENTS.get(e, []):
+        for k in [] if e in VIEWS else EXPERIMENTS.get(e, []):
             if k not in keys:
                 keys.append(k)
     return keys
+
+
+def _view_keys(exps: Sequence[str], view: str, keys: Sequence[str]) -> set[str]:
+    """The run keys among ``keys`` that the view ``view`` (fig6, fig7) measures, if ``exps`` holds it."""
+    return set(EXPERIMENTS[view]) & set(keys) if view in exps else set()
+
+
+def _study_methods(settings: DemoSettings, keys: Sequence[str]) -> list[str]:
+    """The trainer methods of the run keys ``keys`` (Table 18's ``kd@budget`` is Vanilla KD)."""
+    specs = run_specs(settings, settings.teacher.layers - 1)  # methods do not depend on l*
+    return sorted({"kd" if k == "kd@budget" else specs[k].method for k in keys})
 
 
 def _student_layer(l_star: int, teacher_layers: int, student_layers: int) -> int:
@@ -1177,6 +1211,7 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
     res["machine_start"] = machine_info()
     exps = ("table5",) if only_calibration else settings.experiments
     keys = ["sft"] if only_calibration else _student_keys(settings, exps)
+    methods = _study_methods(settings, keys)  # of the whole study (the timing rows), whatever only_keys keeps
     if only_keys is not None:
         keys = [k for k in keys if k in set(only_keys)]
     timing_needed = not only_calibration and ("table4" in exps or "table18" in exps)
@@ -1186,7 +1221,8 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
         plan.append(("vision", [("vision tower", settings.vision_pretrain_steps)]))
     plan += [("teacher", [("teacher", settings.teacher_steps)]), ("stage1", [("stage 1", settings.stage1_steps)])]
     if timing_needed:
-        plan.append(("timing", [(label, settings.timing_steps + 3) for label, _, _ in TIMING_RUNS]))
+        plan.append(("timing", [(label, settings.timing_steps + 3)
+                                for label, _, _ in timing_runs(methods)]))
     plan.append(("students", [(f"{k} seed {sd}", steps_of[k]) for k in keys for sd in settings.seeds]))
     prog = Progress(plan, stream=stream, tty=tty, enabled=progress)
 
@@ -1243,7 +1279,8 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
     if timing_needed:
         if pool is not None:
             pool.wait_ready()  # the timing pass runs alone: its rows are step times
-        res["timing"] = measure_step_costs(demo, teacher, l_star, prog, skip_missing=skip_missing)
+        res["timing"] = measure_step_costs(demo, teacher, l_star, prog, skip_missing=skip_missing,
+                                           methods=methods)
         base = next((r["step_time_s"] for r in res["timing"] if r["method"] == "sft"), None)
         by_method = {r["method"]: r["step_time_s"] for r in res["timing"] if not r["overrides"].get("tpa_forward")}
         for k in keys:  # the students' weights now follow their methods' measured step times
@@ -1263,8 +1300,7 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
             factor = b["wall_ratio"] * (by_method["kd"] / base if base and "kd" in by_method else 1.0)
             for sd in settings.seeds:
                 prog.set_weight("students", f"kd@budget seed {sd}", settings.student_steps * factor)
-    exposure_keys = set(EXPERIMENTS["fig6"]) if "fig6" in exps else set()
-    fig7_keys = set(EXPERIMENTS["fig7"]) if "fig7" in exps else set()
+    exposure_keys, fig7_keys = _view_keys(exps, "fig6", keys), _view_keys(exps, "fig7", keys)
     s_layer = _student_layer(l_star, settings.teacher.layers, settings.student.layers)
     runs_dir = demo.dir / "runs"
     runs_dir.mkdir(exist_ok=True)
@@ -1306,7 +1342,13 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
         pool = pool or start_pool()
         prog.set_parallel("students", min(workers, len(pending)))
         log(f"{len(pending)} student runs in {workers} worker processes")
-        pool.run([{**u, "teacher_key": tkey} for u in pending], finished, stop_after=stop_after)
+        # longest first (the timing pass's step times; else the steps): the last runs to finish are short ones,
+        # so the workers end close together; the order changes no result (each run is its own process state)
+        def cost(u: dict[str, Any]) -> float:
+            return u["steps"] * (by_method.get(u["spec"].method, base) / base if base else 1.0)
+
+        pool.run([{**u, "teacher_key": tkey} for u in sorted(pending, key=cost, reverse=True)], finished,
+                 stop_after=stop_after)
         closing.close()  # the workers have exited
     else:
         closing.close()  # workers started for nothing to do (every run cached, or one left)
@@ -1528,9 +1570,9 @@ def estimate_study_s(settings: DemoSettings, measured: dict[str, Any], workers: 
     ``student_step_s`` (SFT), ``eval_s`` (one model's evaluation, used for every student run and
     again for each exposure curve), and ``ratio``: step time of each method relative to SFT (a
     method without one counts as SFT). Each student run: steps x student step x ratio + eval;
-    the timing pass: ``timing_steps + 3`` steps per row. ``workers``: the student runs go, in the
-    study's order, each to the first free one of that many workers (the stage's wall time is the
-    last worker's end), assuming a free core per worker; every other stage runs alone. Trainer
+    the timing pass: ``timing_steps + 3`` steps per row. ``workers``: the student runs go, longest
+    first (as :func:`run_demo` hands them to its workers), each to the first free one of that many
+    workers (the stage's wall time is the last worker's end), assuming a free core per worker; every other stage runs alone. Trainer
     and worker start-up and the IRS pass are not counted.
 
     Raises:
@@ -1548,11 +1590,12 @@ def estimate_study_s(settings: DemoSettings, measured: dict[str, Any], workers: 
            "teacher": settings.teacher_steps * float(measured["teacher_step_s"]) + ev,
            "stage1": settings.stage1_steps * st + ev}
     exps = settings.experiments
-    if "table4" in exps or "table18" in exps:
-        out["timing"] = sum((settings.timing_steps + 3) * st * ratio.get(m, 1.0) for _, m, _ in TIMING_RUNS)
     specs = run_specs(settings, settings.teacher.layers - 1)
     keys = _student_keys(settings, exps)
-    exposure = set(EXPERIMENTS["fig6"]) if "fig6" in exps else set()
+    if "table4" in exps or "table18" in exps:
+        out["timing"] = sum((settings.timing_steps + 3) * st * ratio.get(m, 1.0)
+                            for _, m, _ in timing_runs(_study_methods(settings, keys)))
+    exposure = _view_keys(exps, "fig6", keys)
     budget = ratio.get("align_ti", 1.0) / ratio.get("kd", 1.0)
     runs: list[float] = []  # one per configuration; each seed takes as long
     for k in keys:
@@ -1562,10 +1605,9 @@ def estimate_study_s(settings: DemoSettings, measured: dict[str, Any], workers: 
         steps = settings.student_steps * (budget if k == "kd@budget" else 1.0)
         runs.append(steps * st * ratio.get(method, 1.0) + ev * (2 if k in exposure else 1))
     free = [0.0] * workers  # when each worker is free again
-    for r in runs:
-        for _ in settings.seeds:
-            w = free.index(min(free))
-            free[w] += r
+    for r in sorted((r for r in runs for _ in settings.seeds), reverse=True):  # longest first, as run_demo
+        w = free.index(min(free))
+        free[w] += r
     out["students"] = max(free)
     out["total"] = sum(out.values())
     return out
@@ -1595,6 +1637,9 @@ def _types_of(res: dict[str, Any]) -> tuple[str, ...]:
 
 #: experiment -> (title, paper reference, run keys in row order)
 _TABLES: dict[str, tuple[str, str, list[str]]] = {
+    "main": ("Main comparison (the runs paper Tables 3 and 5 share)",
+             "Align-TI > Vanilla KD (FKL) > SFT; the other rows of Tables 3 and 5 are in --full",
+             ["sft", "kd", "align_ti"]),
     "table5": ("Components (paper Table 5)", "SFT < +IVA, +TPA < Align-TI; TPA gains more than IVA",
                ["sft", "kd", "iva", "tpa", "align_ti"]),
     "table3": ("Divergences and baselines (paper Table 3)", "Align-TI beats FKL, RKL, JSD and GKD",
@@ -1818,7 +1863,7 @@ def _fig7_section(res: dict[str, Any], out: Path, rel: str) -> list[str]:
           f"alpha (the attention of the instruction tokens to each visual token, mean over heads and "
           f"instruction tokens) on {len(f7['samples'])} test samples of the short question types: the teacher "
           f"at l* = {f7['teacher']['layer']} and the first seed's students at the layer matching l* by depth, "
-          "without IVA (kd) and with it (iva). Each map's colours span its own minimum to maximum, so a nearly "
+          "without IVA (kd) and with it (iva, align_ti; those the study ran). Each map's colours span its own minimum to maximum, so a nearly "
           "uniform map shows strong colours too: read the numbers. Cosine similarity of each student's map to "
           "the teacher's (1: the same relative weights) and the attention mass on the image (sum of alpha):", "",
           "| student | " + " | ".join(f"sample {k + 1} ({x['type']})" for k, x in enumerate(f7["samples"]))
@@ -2047,6 +2092,7 @@ CLAIMS: list[tuple[str, str, str, str, bool]] = [
     ("TPA lowers held-out KL vs Vanilla KD", "tpa", "kd", "kl", False),
     ("TPA lowers %ExAccErr vs Vanilla KD", "tpa", "kd", "exaccerr_last", False),
     ("TPA lowers %ExAccErr vs SFT", "tpa", "sft", "exaccerr_last", False),
+    ("Align-TI lowers %ExAccErr vs Vanilla KD", "align_ti", "kd", "exaccerr_last", False),
     ("Align-TI > Vanilla KD given Align-TI's compute", "align_ti", "kd@budget", "overall", True),
     ("SFT term helps: Align-TI > KD+IVA+TPA (no SFT)", "align_ti", "mix@KIT", "overall", True),
     ("KD term helps: Align-TI > SFT+IVA+TPA", "align_ti", "mix@SIT", "overall", True),
