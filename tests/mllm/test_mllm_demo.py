@@ -83,6 +83,12 @@ def test_report_tables_and_plots(smoke, tmp_path: Path) -> None:
     assert "## Components (paper Table 5)" in md
     assert "## Exposure bias (paper Fig. 6)" in md
     assert "## Time and memory per training step" in md
+    rows = {r["label"]: r for r in res["timing"]}  # Table 4/13 as ratios to SFT and to Vanilla KD (the paper's)
+    ati, kd = rows["Align-TI (cached forward)"], rows["Vanilla KD (FKL)"]
+    line = next(x for x in md.splitlines() if x.startswith("| Align-TI (cached forward) |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3] == f"{ati['step_time_s'] / kd['step_time_s']:.2f}"
+    assert cells[6] == f"{ati['peak_mem_mib'] / kd['peak_mem_mib']:.2f}"
     assert "![IRS](out/fig4_irs.png)" in md
     assert "## Vanilla KD given Align-TI's compute (paper Table 18)" in md
     assert f"trains {res['table18']['kd_steps']} steps" in md
