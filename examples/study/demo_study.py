@@ -136,6 +136,10 @@ class DemoSettings:
         question_first: the question comes before the image in the user turn.
         train_turns: questions (of different types) about each training image, one multi-turn
             sample (every assistant turn supervised); the test split stays single-turn.
+        teacher_threads: torch threads of the teacher's SFT (0: ``threads``). The teacher trains alone,
+            before any worker starts a run, so it may use every core; part of the teacher's cache key
+            (its weights are bit-identical across counts only where that was checked: the trainer guide's
+            "Determinism on CPU").
     """
 
     name: str
@@ -182,6 +186,7 @@ class DemoSettings:
     grounded_answers: bool = False
     question_first: bool = False
     train_turns: int = 1
+    teacher_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -785,8 +790,9 @@ class Demo:
 
     def fit(self, model: nn.Module, data: Any, *, steps: int, lr: float, seed: int, method: str = "sft",
             teacher: nn.Module | None = None, overrides: dict[str, Any] | None = None, tag: str = "",
-            train_vision: bool = False, memory: bool = False) -> dict[str, Any]:
-        """Train ``model`` in place through the DistillationTrainer; returns timing and losses."""
+            train_vision: bool = False, memory: bool = False, threads: int | None = None) -> dict[str, Any]:
+        """Train ``model`` in place through the DistillationTrainer, with ``threads`` torch threads (default
+        the setting's ``threads``); returns timing and losses."""
         from transformers import TrainingArguments
         from transformers.utils import logging as hf_logging
 
@@ -815,12 +821,13 @@ class Demo:
 
             trainer.remove_callback(PrinterCallback)
         t0 = time.perf_counter()
-        with torch_threads(self.s.threads):  # the setting's count, whatever the caller's
+        threads = threads or self.s.threads
+        with torch_threads(threads):  # the setting's count, whatever the caller's
             trainer.train()
         wall = time.perf_counter() - t0
         hist = [h for h in trainer.state.log_history if "loss" in h]
         model.eval()
-        return {"wall_s": wall, **trainer.meter.summary(), "log": hist, "threads": self.s.threads}
+        return {"wall_s": wall, **trainer.meter.summary(), "log": hist, "threads": threads}
 
     # ------------------------------------------------------------- stages
     def vision_tower(self) -> dict[str, Tensor] | None:
@@ -879,12 +886,14 @@ class Demo:
                                       s.vision_lr, s.vision_hidden, s.vision_layers, s.patch_size, s.vision_position,
                                       s.data_seed]))
 
-    def _model_key(self, size: ModelSize, *, seed: int, steps: int, lr: float, source: Any) -> str:
-        """Cache key of a trained checkpoint: the data, the model, the recipe, the thread count, the
-        torch version and ``source`` (what it starts from / copies its vision tower from)."""
+    def _model_key(self, size: ModelSize, *, seed: int, steps: int, lr: float, source: Any,
+                   threads: int | None = None) -> str:
+        """Cache key of a trained checkpoint: the data, the model, the recipe, the thread count it trained
+        with (default ``threads``), the torch version and ``source`` (what it starts from / copies its
+        vision tower from)."""
         s = self.s
         return cache_key({"data": self.data_key, "size": dataclasses.asdict(size), "seed": seed, "steps": steps,
-                          "lr": lr, "batch": s.batch_size, "threads": s.threads, "max_length": s.max_length,
+                          "lr": lr, "batch": s.batch_size, "threads": threads or s.threads, "max_length": s.max_length,
                           "vision": [s.vision_hidden, s.vision_layers, s.image_size, s.patch_size],
                           "torch": torch.__version__, "source": source})
 
@@ -927,7 +936,8 @@ class Demo:
             if tower is not None:  # the pre-trained tower, frozen for teacher and students alike
                 t.model.vision_tower.load_state_dict(tower)
             meta = self.fit(t, self.train, steps=self.s.teacher_steps, lr=self.s.teacher_lr, seed=seed,
-                            tag=path.name, train_vision=self.s.teacher_trains_vision and tower is None)
+                            tag=path.name, train_vision=self.s.teacher_trains_vision and tower is None,
+                            threads=self.s.teacher_threads or self.s.threads)
             meta = self._save_checkpoint(t, path, meta, key)
         t.eval()
         t.requires_grad_(False)
@@ -938,10 +948,12 @@ class Demo:
     def teacher_key(self, seed: int | None = None) -> str:
         """The cache key of the SFT teacher of ``seed`` (default ``teacher_seed``)."""
         s = self.s
+        if isinstance(s.teacher_threads, bool) or not isinstance(s.teacher_threads, int) or s.teacher_threads < 0:
+            raise ValueError(f"teacher_threads must be an integer >= 0 (0: threads), got {s.teacher_threads!r}")
         vision = (["pretrained", self._vision_setting()] if s.vision_pretrain_steps
                   else ["trained by the teacher's SFT" if s.teacher_trains_vision else "random, frozen"])
         return self._model_key(s.teacher, seed=s.teacher_seed if seed is None else seed, steps=s.teacher_steps,
-                               lr=s.teacher_lr, source=vision)
+                               lr=s.teacher_lr, source=vision, threads=s.teacher_threads or s.threads)
 
     def stage1_student(self, teacher: nn.Module) -> Path:
         """The shared stage-1 student, cached in ``run_dir/student_stage1`` under a key of its setting

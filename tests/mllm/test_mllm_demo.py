@@ -429,7 +429,7 @@ def test_quick_is_the_main_comparison_on_digits_within_the_budget(capsys) -> Non
         import demo as demo_cli
     finally:
         sys.path.remove(str(ROOT / "examples"))
-    assert demo_cli.DEFAULT_TASKS["quick"] == ["digits"]
+    assert demo_cli.DEFAULT_TASKS["quick"] == demo_cli.DEFAULT_TASKS["smoke"] == ["digits"]
     q = dm.task_settings("digits", "quick")
     assert q.seeds == (0, 1, 2) and dm._student_keys(q, q.experiments) == ["sft", "kd", "align_ti"]
     assert [m for _, m, _ in dm.timing_runs(dm._study_methods(q, ["sft", "kd", "align_ti"]))] == ["sft", "kd", "align_ti"]
@@ -447,6 +447,24 @@ def test_quick_is_the_main_comparison_on_digits_within_the_budget(capsys) -> Non
     with pytest.raises(SystemExit):
         demo_cli.main(["--estimate", str(ROOT / "docs" / "results" / "costs-digits.json"), "--set", "nonsense=1"])
     assert "--set takes NAME=VALUE" in capsys.readouterr().err
+
+
+def test_teacher_threads_are_part_of_the_teachers_key(smoke) -> None:
+    """``teacher_threads``: the teacher's own thread count (0: ``threads``), in its cache key (and so in the
+    keys of everything trained from it), checked."""
+    run_dir, _ = smoke
+    keys = {}
+    for n in (0, 1, 2):
+        d = dm.Demo(dataclasses.replace(dm.PRESETS["smoke"], threads=1, teacher_threads=n), run_dir, progress=False,
+                    log=lambda *_: None)
+        d.prepare()
+        keys[n] = d.teacher_key()
+    assert keys[0] == keys[1] != keys[2]
+    assert keys[0] == json.loads((run_dir / "teacher" / "train_info.json").read_text())["cache_key"]  # as before
+    d = dm.Demo(dataclasses.replace(dm.PRESETS["smoke"], teacher_threads=-1), run_dir, progress=False)
+    d.prepare()
+    with pytest.raises(ValueError, match="teacher_threads must be an integer >= 0 \\(0: threads\\), got -1"):
+        d.teacher_key()
 
 
 def test_study_report_per_task(smoke, tmp_path: Path) -> None:
