@@ -1162,7 +1162,8 @@ def run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool = Tr
 
     ``workers`` > 1: once the teacher, the stage-1 student and the timing pass are done (the timing
     pass alone, since its rows are step times), the student runs not cached yet run in that many
-    spawned worker processes, each at ``settings.threads`` threads and loading the cached teacher
+    worker processes (forked from a fork server, :func:`_worker_context`), longest first, each at
+    ``settings.threads`` threads and loading the cached teacher
     and stage-1 checkpoints, so every result is the serial run's bit for bit; their records go
     through the same cache (a killed parallel study resumes too). A run that fails in a worker
     raises :class:`StudyUnitFailed` naming it, with the worker's traceback; the workers never
@@ -1447,11 +1448,44 @@ def _load_teacher(run_dir: Path, key: str) -> nn.Module:
     return teacher
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover (a process of another user holds the pid)
+        return True
+    return True
+
+
 def _exit_with_parent(parent: int) -> None:
-    """Watchdog thread of a worker: exit as soon as the parent is gone (a killed parent leaves no orphan)."""
-    while os.getppid() == parent:
+    """Watchdog thread of a worker: exit as soon as the study's process ``parent`` is gone (a killed parent
+    leaves no orphan): when the worker's own parent changes (the study, or the fork server, which exits with
+    the study) or ``parent`` no longer exists."""
+    own = os.getppid()
+    while os.getppid() == own and _pid_alive(parent):
         time.sleep(0.5)
     os._exit(1)
+
+
+#: what the fork server imports once, before it forks the workers: the heavy third-party imports only
+#: (resolved from site-packages as in the study's process; Python 3.11's fork server ignores the study's
+#: sys.path, so the study's own modules are imported by each worker, with the study's sys.path)
+_FORKSERVER_PRELOAD = ["torch", "transformers", "transformers.trainer"]
+
+
+def _worker_context() -> Any:
+    """The multiprocessing context of the workers: ``forkserver`` where there is one (each worker forks from
+    a clean server process that imported torch and transformers once, and ran nothing: a second pool in the
+    same process starts in about a second instead of an interpreter's start-up), else ``spawn``; never a
+    plain fork of the study's process (its threads, its torch state)."""
+    import multiprocessing as mp
+
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(_FORKSERVER_PRELOAD)
+        return ctx
+    return mp.get_context("spawn")  # pragma: no cover (Windows)
 
 
 def _worker_main(tasks: Any, results: Any, settings: DemoSettings, run_dir: Path, parent: int, wid: int) -> None:
@@ -1493,15 +1527,13 @@ def _worker_main(tasks: Any, results: Any, settings: DemoSettings, run_dir: Path
 
 
 class _WorkerPool:
-    """``n`` spawned worker processes for the student runs of one study (each at ``settings.threads``
+    """``n`` worker processes (:func:`_worker_context`) for the student runs of one study (each at ``settings.threads``
     threads, so each result is the serial run's, bit for bit). Started early, they warm up while the
     parent trains the teacher; :meth:`wait_ready` before anything timed (the timing pass runs alone),
     :meth:`run` for the runs. Closing terminates any worker still alive (error, stop, Ctrl-C)."""
 
     def __init__(self, n: int, settings: DemoSettings, run_dir: Path, log: Callable[[str], None]) -> None:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
+        ctx = _worker_context()
         self.n, self.log = n, log
         self.tasks, self.results = ctx.Queue(), ctx.Queue()
         self.procs = [ctx.Process(target=_worker_main, name=f"study-worker-{w}", daemon=True,

@@ -639,18 +639,23 @@ def test_a_killed_parent_leaves_no_worker(smoke, tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-u", "-c", script, str(ROOT / "examples" / "study"), str(part)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     workers: list[psutil.Process] = []
+    servers: list[psutil.Process] = []
     try:
         for line in proc.stdout:  # type: ignore[union-attr]
             if "(worker " in line:  # a worker started a student run
                 break
-        workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        # the workers: children of the study (spawn) or of its fork server (forkserver, where there is one)
+        kids = psutil.Process(proc.pid).children()
+        servers = [p for p in kids if "forkserver" in " ".join(p.cmdline())]
+        workers = [p for p in kids if "spawn_main" in " ".join(p.cmdline())] + [
+            w for srv in servers for w in srv.children()]
         assert len(workers) == 2
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-        _, alive = psutil.wait_procs(workers, timeout=20)
-        assert alive == [], f"workers still running 20 s after their parent was killed: {alive}"
+        _, alive = psutil.wait_procs(workers + servers, timeout=20)
+        assert alive == [], f"workers (or their fork server) still running 20 s after their parent was killed: {alive}"
     finally:
-        for p in workers:
+        for p in workers + servers:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
         if proc.poll() is None:
