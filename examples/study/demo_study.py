@@ -137,9 +137,9 @@ class DemoSettings:
         train_turns: questions (of different types) about each training image, one multi-turn
             sample (every assistant turn supervised); the test split stays single-turn.
         teacher_threads: torch threads of the teacher's SFT (0: ``threads``). The teacher trains alone,
-            before any worker starts a run, so it may use every core; part of the teacher's cache key
-            (its weights are bit-identical across counts only where that was checked: the trainer guide's
-            "Determinism on CPU").
+            before any worker starts a run, so it may use every core; part of the teacher's cache key.
+            Another count gives another teacher, frozen tower or not (``thread_check.py``; the trainer
+            guide's "Determinism on CPU"), so the presets leave it at 0: the calibrated teacher.
     """
 
     name: str
