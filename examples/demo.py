@@ -205,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     workers = a.workers if a.workers is not None else 1 if preset == "smoke" else default_workers()
     print(f"tokinteract demo ({preset}, tasks {' '.join(tasks)}, {workers} worker(s)): run dir {run_dir}", flush=True)
     try:
-        results = run_study(tasks, preset, run_dir, adjust=adjust, progress=not a.no_progress,
+        # the tasks' measured costs (docs/results/costs-<task>.json): expected times from the first progress line
+        costs = {t: json.loads(f.read_text()) for t in tasks
+                 if preset != "smoke" and (f := ROOT / "docs" / "results" / f"costs-{t}.json").exists()}
+        results = run_study(tasks, preset, run_dir, adjust=adjust, costs_by_task=costs, progress=not a.no_progress,
                             skip_missing=a.report_only, only_keys=a.only, stop_after=a.stop_after,
                             workers=workers)
     except StudyStopped as e:

@@ -70,6 +70,7 @@ __all__ = [
     "exposure_curve",
     "heldout_kl",
     "mean_std",
+    "progress_priors",
     "run_demo",
     "run_study",
     "teacher_irs",
@@ -504,8 +505,8 @@ class Progress:
     ``plan``: ordered ``(stage, units)``, each unit ``(label, weight)`` with ``weight`` its cost in
     training steps (a method's steps times its step time relative to SFT when the timing pass has
     measured it). A stage's rate (seconds per weight) is measured from its units trained so far;
-    a stage with none yet takes the rate of the last stage measured (``~``: a rougher estimate)
-    or ``priors[stage]``. Remaining time = the sum over units not done of weight x rate, divided by
+    a stage with none yet takes ``priors[stage]`` (seconds per weight measured before, e.g.
+    :func:`progress_priors`), else the rate of the last stage measured (``~``: a rougher estimate). Remaining time = the sum over units not done of weight x rate, divided by
     the stage's parallelism (:meth:`set_parallel`: its units run in that many workers at once, each
     measured by its own wall time) while at least that many units are left. Units reused from the
     cache count as done and are not measured. Not a TTY: one line per unit; a
@@ -542,9 +543,9 @@ class Progress:
         m = self.measured.get(stage)
         if m and m[1] > 0:
             return m[0] / m[1], True
-        if self.last_rate is not None:
-            return self.last_rate, False
-        return self.priors.get(stage), False
+        if stage in self.priors:
+            return self.priors[stage], False
+        return self.last_rate, False
 
     def remaining_s(self, stage: str | None = None) -> float | None:
         """Expected seconds left (for one stage, or all); None while nothing is measured or known."""
@@ -1142,7 +1143,8 @@ def machine_info() -> dict[str, Any]:
 def run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool = True,
              log: Callable[[str], None] = print, only_calibration: bool = False,
              skip_missing: bool = False, only_keys: Sequence[str] | None = None,
-             stop_after: int | None = None, progress_stream: Any = None, workers: int = 1) -> dict[str, Any]:
+             stop_after: int | None = None, progress_stream: Any = None, workers: int = 1,
+             costs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every experiment of ``settings`` under ``run_dir``; returns (and writes) ``results.json``.
 
     Every step runs with ``settings.threads`` torch CPU threads (restored on return).
@@ -1158,7 +1160,9 @@ def run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool = Tr
     run dir, each with its own keys, once the teacher and stage-1 checkpoints exist).
     ``stop_after``: raise :class:`StudyStopped` once that many student runs were trained by
     this call (a test hook for resuming). ``progress``: a line per stage unit with the expected
-    remaining time on ``progress_stream`` (default stderr; see :class:`Progress`).
+    remaining time on ``progress_stream`` (default stderr; see :class:`Progress`), from the start
+    when ``costs`` (measured costs of the task, as ``docs/results/costs-digits.json``) gives each
+    stage's expected rate (:func:`progress_priors`) until the stage measures its own.
 
     ``workers`` > 1: once the teacher, the stage-1 student and the timing pass are done (the timing
     pass alone, since its rows are step times), the student runs not cached yet run in that many
@@ -1177,7 +1181,7 @@ def run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool = Tr
     with torch_threads(settings.threads), contextlib.ExitStack() as closing:  # closing: the worker pool's
         return _run_demo(settings, run_dir, progress=progress, log=log, only_calibration=only_calibration,
                          skip_missing=skip_missing, only_keys=only_keys, stop_after=stop_after,
-                         progress_stream=progress_stream, workers=workers, closing=closing)
+                         progress_stream=progress_stream, workers=workers, closing=closing, costs=costs)
 
 
 def _student_keys(settings: DemoSettings, exps: Sequence[str]) -> list[str]:
@@ -1201,6 +1205,29 @@ def _study_methods(settings: DemoSettings, keys: Sequence[str]) -> list[str]:
     return sorted({"kd" if k == "kd@budget" else specs[k].method for k in keys})
 
 
+def progress_priors(settings: DemoSettings, costs: dict[str, Any]) -> dict[str, float]:
+    """Each :class:`Progress` stage's expected seconds per unit of weight (a training step; a student run's
+    steps times its method's ratio once the timing pass measured them) from measured ``costs`` (``vision_s``,
+    ``teacher_step_s``, ``student_step_s``, as in ``docs/results/costs-digits.json``): the expected
+    remaining time from the study's first line, until each stage measures its own rate. A timing row's
+    weight is its steps; it trains SFT to Align-TI plus a slower memory run: 3 SFT steps per step (rough).
+
+    Raises:
+        ValueError: a cost is missing or not a finite number > 0.
+    """
+    def cost(name: str) -> float:
+        v = costs.get(name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"costs[{name!r}] must be a finite number > 0, got {v!r}")
+        return float(v)
+
+    st = cost("student_step_s")
+    out = {"teacher": cost("teacher_step_s"), "stage1": st, "timing": 3.0 * st, "students": st}
+    if settings.vision_pretrain_steps:
+        out["vision"] = cost("vision_s") / settings.vision_pretrain_steps
+    return out
+
+
 def _student_layer(l_star: int, teacher_layers: int, student_layers: int) -> int:
     """The student layer matching the teacher's ``l_star`` by depth (the trainer's rule for
     ``iva_weights="student"``)."""
@@ -1210,7 +1237,7 @@ def _student_layer(l_star: int, teacher_layers: int, student_layers: int) -> int
 def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, log: Callable[[str], None],
               only_calibration: bool, skip_missing: bool, only_keys: Sequence[str] | None,
               stop_after: int | None, progress_stream: Any, workers: int,
-              closing: contextlib.ExitStack) -> dict[str, Any]:
+              closing: contextlib.ExitStack, costs: dict[str, Any] | None = None) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -1237,7 +1264,8 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
         plan.append(("timing", [(label, settings.timing_steps + 3)
                                 for label, _, _ in timing_runs(methods)]))
     plan.append(("students", [(f"{k} seed {sd}", steps_of[k]) for k in keys for sd in settings.seeds]))
-    prog = Progress(plan, stream=stream, tty=tty, enabled=progress)
+    prog = Progress(plan, stream=stream, tty=tty, enabled=progress,
+                    priors=progress_priors(settings, costs) if costs else None)
 
     demo.prepare()
     log(f"task: {res['task']}")
@@ -1658,16 +1686,18 @@ def estimate_study_s(settings: DemoSettings, measured: dict[str, Any], workers: 
 
 
 def run_study(tasks: Sequence[str], preset: str, run_dir: str | Path, *, adjust: Callable[[DemoSettings], DemoSettings]
-              | None = None, **kw: Any) -> dict[str, dict[str, Any]]:
+              | None = None, costs_by_task: dict[str, dict[str, Any]] | None = None, **kw: Any) -> dict[str, dict[str, Any]]:
     """:func:`run_demo` on each task of ``tasks`` (``task_settings(task, preset)``, then ``adjust``),
-    each in ``run_dir/<task>`` when there are several (``run_dir`` itself for one); returns
+    each in ``run_dir/<task>`` when there are several (``run_dir`` itself for one), with the task's
+    measured costs from ``costs_by_task`` if any (the progress's expected times); returns
     ``{task: results}``. Keyword arguments go to :func:`run_demo`."""
     out: dict[str, dict[str, Any]] = {}
     for task in tasks:
         settings = task_settings(task, preset)
         if adjust is not None:
             settings = adjust(settings)
-        out[task] = run_demo(settings, Path(run_dir) / task if len(tasks) > 1 else Path(run_dir), **kw)
+        out[task] = run_demo(settings, Path(run_dir) / task if len(tasks) > 1 else Path(run_dir),
+                             costs=(costs_by_task or {}).get(task), **kw)
     return out
 
 

@@ -352,6 +352,23 @@ def test_progress_expected_remaining_time() -> None:
     assert par.remaining_s("s") == pytest.approx(10 * 0.5)  # one unit left: one worker busy
     with pytest.raises(ValueError, match="n \\(units running at once\\) must be an integer >= 1, got 0"):
         par.set_parallel("s", 0)
+    # a stage's prior (measured costs) comes before the last stage's rate; a stage without one takes that rate
+    mixed = dm.Progress([("a", [("a1", 10)]), ("b", [("b1", 10)]), ("c", [("c1", 10)])], stream=io.StringIO(),
+                        priors={"b": 2.0})
+    mixed.done("a", "a1", 5.0)  # 0.5 s per step
+    assert mixed.remaining_s("b") == pytest.approx(20.0) and mixed.remaining_s("c") == pytest.approx(5.0)
+
+
+def test_progress_priors_from_measured_costs() -> None:
+    q = dm.task_settings("digits", "quick")
+    costs = json.loads((ROOT / "docs" / "results" / "costs-digits.json").read_text())
+    pri = dm.progress_priors(q, costs)
+    assert pri == {"vision": pytest.approx(costs["vision_s"] / q.vision_pretrain_steps),
+                   "teacher": costs["teacher_step_s"], "stage1": costs["student_step_s"],
+                   "timing": pytest.approx(3 * costs["student_step_s"]), "students": costs["student_step_s"]}
+    assert "vision" not in dm.progress_priors(dm.PRESETS["smoke"], costs)  # no tower to pre-train
+    with pytest.raises(ValueError, match="costs\\['teacher_step_s'\\] must be a finite number > 0, got nan"):
+        dm.progress_priors(q, {**costs, "teacher_step_s": float("nan")})
 
 
 def test_table14_combinations_are_the_trainer_weights() -> None:
@@ -484,9 +501,11 @@ def test_run_study_and_the_cli_on_several_tasks(smoke, tmp_path: Path, monkeypat
     """examples/demo.py --task scenes digits: one run dir per task, one settings per task, a study report
     (run_demo stubbed with the fixture's results: the smoke runs of the tasks are tested in test_study_*)."""
     calls: list[tuple[str, Path, tuple]] = []
+    costs: dict[str, object] = {}
 
     def fake_run_demo(settings, run_dir, **kw):
         calls.append((settings.task, Path(run_dir), settings.seeds))
+        costs[settings.task] = kw.get("costs")
         return smoke[1]
 
     monkeypatch.setattr(dm, "run_demo", fake_run_demo)
@@ -501,6 +520,8 @@ def test_run_study_and_the_cli_on_several_tasks(smoke, tmp_path: Path, monkeypat
         runpy.run_path(str(ROOT / "examples" / "demo.py"), run_name="__main__")
     assert ei.value.code == 0
     assert [c[0] for c in calls] == ["scenes", "digits"] and all(c[2] == dm.PRESETS["full"].seeds for c in calls)
+    # each task's measured costs, where recorded, give the progress its expected times from the start
+    assert costs == {"scenes": None, "digits": json.loads((ROOT / "docs/results/costs-digits.json").read_text())}
     assert "## Task digits" in (tmp_path / "docs" / "study-full.md").read_text()
     assert (tmp_path / "docs" / "study" / "full" / "scenes" / "results.json").exists()
     assert "total wall time" in capsys.readouterr().out
