@@ -65,13 +65,14 @@ def _measured_costs(path: Path) -> tuple[str, dict[str, Any]]:
         teacher, sft = cal["teachers"][0], cal["sft"][0]
         return cal["settings"]["task"], {
             "vision_s": float(cal.get("vision", {}).get("wall_s", 0.0)),
+            "vision_steps": cal["settings"].get("vision_pretrain_steps") or None,
             "teacher_step_s": float(teacher["train"]["step_time_s"]),
             "student_step_s": float(sft["train"]["step_time_s"]), "eval_s": float(teacher["eval_wall_s"])}
     need = ("task", "vision_s", "teacher_step_s", "student_step_s", "eval_s")
     if not all(k in cal for k in need):
         raise ValueError(f"--estimate takes a calibration JSON (with 'teachers') or a costs JSON with {list(need)}; "
                          f"{path} has keys {sorted(cal)}")
-    return cal["task"], {k: cal[k] for k in (*need[1:], "ratio") if k in cal}
+    return cal["task"], {k: cal[k] for k in (*need[1:], "ratio", "vision_steps") if k in cal}
 
 
 def _estimate(paths: list[Path], settings_by_task: dict, ratios: Path | None, workers: int = 1) -> str:

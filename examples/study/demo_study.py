@@ -1199,16 +1199,21 @@ def _view_keys(exps: Sequence[str], view: str, keys: Sequence[str]) -> set[str]:
     return set(EXPERIMENTS[view]) & set(keys) if view in exps else set()
 
 
-def _study_methods(settings: DemoSettings, keys: Sequence[str]) -> list[str]:
-    """The trainer methods of the run keys ``keys`` (Table 18's ``kd@budget`` is Vanilla KD)."""
+def _study_methods_list(settings: DemoSettings, keys: Sequence[str]) -> list[str]:
+    """The trainer method of each run key of ``keys`` (Table 18's ``kd@budget`` is Vanilla KD)."""
     specs = run_specs(settings, settings.teacher.layers - 1)  # methods do not depend on l*
-    return sorted({"kd" if k == "kd@budget" else specs[k].method for k in keys})
+    return ["kd" if k == "kd@budget" else specs[k].method for k in keys]
+
+
+def _study_methods(settings: DemoSettings, keys: Sequence[str]) -> list[str]:
+    """The trainer methods of the run keys ``keys``, each once, sorted."""
+    return sorted(set(_study_methods_list(settings, keys)))
 
 
 def progress_priors(settings: DemoSettings, costs: dict[str, Any]) -> dict[str, float]:
     """Each :class:`Progress` stage's expected seconds per unit of weight (a training step; a student run's
     steps times its method's ratio once the timing pass measured them) from measured ``costs`` (``vision_s``,
-    ``teacher_step_s``, ``student_step_s``, as in ``docs/results/costs-digits.json``): the expected
+    ``vision_steps``, ``teacher_step_s``, ``student_step_s``, as in ``docs/results/costs-digits.json``): the expected
     remaining time from the study's first line, until each stage measures its own rate. A timing row's
     weight is its steps; it trains SFT to Align-TI plus a slower memory run: 3 SFT steps per step (rough).
 
@@ -1223,8 +1228,8 @@ def progress_priors(settings: DemoSettings, costs: dict[str, Any]) -> dict[str, 
 
     st = cost("student_step_s")
     out = {"teacher": cost("teacher_step_s"), "stage1": st, "timing": 3.0 * st, "students": st}
-    if settings.vision_pretrain_steps:
-        out["vision"] = cost("vision_s") / settings.vision_pretrain_steps
+    if settings.vision_pretrain_steps:  # per pre-training step, probes included, at the measured step count
+        out["vision"] = cost("vision_s") / float(costs.get("vision_steps", settings.vision_pretrain_steps))
     return out
 
 
@@ -1263,9 +1268,18 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
     if timing_needed:
         plan.append(("timing", [(label, settings.timing_steps + 3)
                                 for label, _, _ in timing_runs(methods)]))
-    plan.append(("students", [(f"{k} seed {sd}", steps_of[k]) for k in keys for sd in settings.seeds]))
+    # a run's weight: its steps times its method's step time / SFT's (the costs' ratios until the timing pass)
+    ratio0, method_of = dict((costs or {}).get("ratio", {})), dict(zip(keys, _study_methods_list(settings, keys)))
+    plan.append(("students", [(f"{k} seed {sd}", steps_of[k] * float(ratio0.get(method_of[k], 1.0)))
+                              for k in keys for sd in settings.seeds]))
     prog = Progress(plan, stream=stream, tty=tty, enabled=progress,
                     priors=progress_priors(settings, costs) if costs else None)
+    if workers > 1 and len(keys) * len(settings.seeds) > 1:  # as the workers will run them (set again below)
+        prog.set_parallel("students", min(workers, len(keys) * len(settings.seeds)))
+    if progress and prog.remaining_s() is not None:  # every stage has a prior: the expected total, up front
+        stream.write(f"[study] expected: {prog._fmt(None)} (from the task's measured costs; cached stages "
+                     "count as work until reused)\n")
+        stream.flush()
 
     demo.prepare()
     log(f"task: {res['task']}")
@@ -1638,7 +1652,8 @@ def estimate_study_s(settings: DemoSettings, measured: dict[str, Any], workers: 
     """An estimate (not a measurement) of a study's wall time from measured step times, in seconds
     per stage and ``total``.
 
-    ``measured``: ``vision_s`` (the tower's pre-training, probes included), ``teacher_step_s``,
+    ``measured``: ``vision_s`` (the tower's pre-training, probes included, scaled from ``vision_steps``
+    steps when given), ``teacher_step_s``,
     ``student_step_s`` (SFT), ``eval_s`` (one model's evaluation, used for every student run and
     again for each exposure curve), and ``ratio``: step time of each method relative to SFT (a
     method without one counts as SFT). Each student run: steps x student step x ratio + eval;
@@ -1658,7 +1673,8 @@ def estimate_study_s(settings: DemoSettings, measured: dict[str, Any], workers: 
             raise ValueError(f"measured[{k!r}] must be a finite number >= 0, got {v!r}")
     ratio = dict(measured.get("ratio", {}))
     st, ev = float(measured["student_step_s"]), float(measured["eval_s"])
-    out = {"vision": float(measured.get("vision_s", 0.0)) if settings.vision_pretrain_steps else 0.0,
+    vision_steps = float(measured.get("vision_steps") or settings.vision_pretrain_steps or 1)  # what vision_s took
+    out = {"vision": float(measured.get("vision_s", 0.0)) * settings.vision_pretrain_steps / vision_steps,
            "teacher": settings.teacher_steps * float(measured["teacher_step_s"]) + ev,
            "stage1": settings.stage1_steps * st + ev}
     exps = settings.experiments

@@ -255,6 +255,28 @@ def test_report_only_collects_saved_runs(smoke, tmp_path: Path) -> None:
     assert not (part / "runs" / "tpa_seed0.json").exists()
 
 
+def test_measured_costs_give_the_expected_total_up_front(smoke, tmp_path: Path) -> None:
+    """With the task's measured costs the first progress line is the study's expected total: every stage's
+    steps times its prior, the student runs weighted by their methods' ratios and shared by the workers."""
+    import io
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(smoke[0], run_dir)
+    s = dm.PRESETS["smoke"]
+    costs = {"vision_s": 9.0, "teacher_step_s": 0.5, "student_step_s": 0.1, "eval_s": 1.0, "ratio": {"kd": 2.0}}
+    stream = io.StringIO()
+    dm.run_demo(s, run_dir, progress=True, progress_stream=stream, log=lambda *_: None, costs=costs,
+                skip_missing=True, only_keys=["sft", "kd"], workers=2)
+    first = stream.getvalue().splitlines()[0]
+    n_rows = len(dm.timing_runs(["sft", "kd", "iva", "tpa", "align_ti"]))  # the smoke study's methods
+    # teacher, stage 1, the study's timing rows (3 SFT steps per step), then the 2 runs only_keys keeps (kd
+    # weighted 2) on 2 workers
+    want = (s.teacher_steps * 0.5 + s.stage1_steps * 0.1 + n_rows * (s.timing_steps + 3) * 0.3
+            + s.student_steps * 0.1 * (1 + 2) / 2)
+    assert first == f"[study] expected: ~{want:.0f} s (from the task's measured costs; cached stages count as work until reused)"
+
+
 def test_only_keys_restricts_the_student_runs(smoke, tmp_path: Path) -> None:
     import shutil
 
@@ -363,10 +385,13 @@ def test_progress_priors_from_measured_costs() -> None:
     q = dm.task_settings("digits", "quick")
     costs = json.loads((ROOT / "docs" / "results" / "costs-digits.json").read_text())
     pri = dm.progress_priors(q, costs)
-    assert pri == {"vision": pytest.approx(costs["vision_s"] / q.vision_pretrain_steps),
+    assert pri == {"vision": pytest.approx(costs["vision_s"] / costs["vision_steps"]),  # per step, as measured
                    "teacher": costs["teacher_step_s"], "stage1": costs["student_step_s"],
                    "timing": pytest.approx(3 * costs["student_step_s"]), "students": costs["student_step_s"]}
     assert "vision" not in dm.progress_priors(dm.PRESETS["smoke"], costs)  # no tower to pre-train
+    half = dataclasses.replace(q, vision_pretrain_steps=costs["vision_steps"] // 2)
+    assert dm.progress_priors(half, costs)["vision"] == pri["vision"]
+    assert dm.estimate_study_s(half, costs)["vision"] == pytest.approx(costs["vision_s"] / 2)  # scaled by the steps
     with pytest.raises(ValueError, match="costs\\['teacher_step_s'\\] must be a finite number > 0, got nan"):
         dm.progress_priors(q, {**costs, "teacher_step_s": float("nan")})
 
