@@ -883,9 +883,12 @@ class Demo:
         images = {k: v for k, v in dataclasses.asdict(self.task_obj).items()  # what the images depend on
                   if k not in ("question_types", "question_weights", "caption_type", "compact_positions",
                                "grounded_answers", "question_first")}
+        # the thread count it trains with (its convolution's and LayerNorms' weight gradients split their sums by
+        # thread): appended only when it is not 1, so the towers cached by 1-thread runs keep their keys
+        threads = [] if s.threads == 1 else [{"threads": s.threads}]
         return json.loads(json.dumps([images, s.vision_pretrain_steps, s.vision_images,
                                       s.vision_lr, s.vision_hidden, s.vision_layers, s.patch_size, s.vision_position,
-                                      s.data_seed]))
+                                      s.data_seed, *threads]))
 
     def _model_key(self, size: ModelSize, *, seed: int, steps: int, lr: float, source: Any,
                    threads: int | None = None) -> str:
