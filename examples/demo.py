@@ -5,14 +5,16 @@ data (seeded task, LLaVA JSON + PNG) -> vision tower pre-training (frozen for ev
 with the same budget) -> evaluation (exact match per question type, POPE-style yes/no, held-out
 KL, %ExAccErr, attention heat maps) -> Markdown pages, PNG plots and a JSON of every number.
 
-    python examples/demo.py            # --quick (default): the scenes task; Tables 5/6/4, Fig. 4/6/7; 3 seeds
+    python examples/demo.py            # --quick (default): the digits task (its teacher is calibrated); the
+                                       #   main comparison SFT / Vanilla KD / Align-TI (the runs Tables 3
+                                       #   and 5 share), Table 4, Fig. 4/6/7 on those runs; 3 seeds
     python examples/demo.py --full     # scenes and digits, every experiment (Tables 3-8, 14, 18,
                                        #   Fig. 4-7, the end-of-turn TPA row), 5 seeds
-    python examples/demo.py --smoke    # tiny everything (CI)
+    python examples/demo.py --smoke    # tiny everything (CI), on digits
     python examples/demo.py --task shapes           # the earlier study (shapes task, no pre-trained tower)
-    python examples/demo.py --estimate docs/results/calibration-scenes.json
+    python examples/demo.py --estimate docs/results/costs-digits.json [--set student_steps=1400]
                                        # print the expected time from measured step times; train nothing
-                                       #   (--full: also docs/results/calibration-digits.json)
+                                       #   (--full: also docs/results/calibration-scenes.json)
 
 Resumable per experiment: the vision tower, the teacher, the stage-1 student, every timing row
 and every student run (configuration, seed) are cached in ``--run-dir`` (default
@@ -45,45 +47,61 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["shapes", "scenes", "digits"]
 #: the tasks each preset runs by default
-DEFAULT_TASKS = {"smoke": ["scenes"], "quick": ["scenes"], "full": ["scenes", "digits"]}
+DEFAULT_TASKS = {"smoke": ["digits"], "quick": ["digits"], "full": ["scenes", "digits"]}
+
+
+def _measured_costs(path: Path) -> tuple[str, dict[str, Any]]:
+    """(task, measured costs) of one ``--estimate`` file: a calibration JSON (``calibrate.py``'s; its
+    ``settings.task`` names the task; step times of ``training_step`` only), or a costs JSON (``task``,
+    ``vision_s``, ``teacher_step_s``, ``student_step_s``, ``eval_s``, optionally ``ratio``: each method's
+    step time / SFT's; e.g. ``docs/results/costs-digits.json``, each number with its source)."""
+    cal = json.loads(path.read_text())
+    if "teachers" in cal:
+        teacher, sft = cal["teachers"][0], cal["sft"][0]
+        return cal["settings"]["task"], {
+            "vision_s": float(cal.get("vision", {}).get("wall_s", 0.0)),
+            "vision_steps": cal["settings"].get("vision_pretrain_steps") or None,
+            "teacher_step_s": float(teacher["train"]["step_time_s"]),
+            "student_step_s": float(sft["train"]["step_time_s"]), "eval_s": float(teacher["eval_wall_s"])}
+    need = ("task", "vision_s", "teacher_step_s", "student_step_s", "eval_s")
+    if not all(k in cal for k in need):
+        raise ValueError(f"--estimate takes a calibration JSON (with 'teachers') or a costs JSON with {list(need)}; "
+                         f"{path} has keys {sorted(cal)}")
+    return cal["task"], {k: cal[k] for k in (*need[1:], "ratio", "vision_steps") if k in cal}
 
 
 def _estimate(paths: list[Path], settings_by_task: dict, ratios: Path | None, workers: int = 1) -> str:
-    """The expected wall time of the study from the step times measured by each task's calibration
-    (``calibrate.py``'s JSON; its ``settings.task`` names the task), the student runs in ``workers``
-    worker processes."""
+    """The expected wall time of the study from the step times measured for each task (``--estimate``
+    files: :func:`_measured_costs`), the student runs in ``workers`` worker processes."""
     from demo_study import estimate_study_s
 
     measured_by_task = {}
     for path in paths:
-        cal = json.loads(path.read_text())
-        teacher, sft = cal["teachers"][0], cal["sft"][0]
-        measured_by_task[cal["settings"]["task"]] = (path, {
-            "vision_s": float(cal.get("vision", {}).get("wall_s", 0.0)),
-            "teacher_step_s": float(teacher["train"]["step_time_s"]),
-            "student_step_s": float(sft["train"]["step_time_s"]), "eval_s": float(teacher["eval_wall_s"])})
+        task, measured = _measured_costs(path)
+        measured_by_task[task] = (path, measured)
     missing = [t for t in settings_by_task if t not in measured_by_task]
     if missing:
-        raise ValueError(f"--estimate needs a calibration JSON of every task; none for {missing} "
+        raise ValueError(f"--estimate needs a calibration or costs JSON of every task; none for {missing} "
                          f"(got {sorted(measured_by_task)})")
     ratio: dict[str, float] = {}
     if ratios is not None:
         timing = json.loads(ratios.read_text())["timing"]
         base = next(r["step_time_s"] for r in timing if r["method"] == "sft")
         ratio = {r["method"]: r["step_time_s"] / base for r in timing if not r.get("overrides", {}).get("tpa_forward")}
-    lines = ["ESTIMATE (not a measurement): each task's steps times the step times its calibration measured, "
-             + (f"each method's step time / SFT's from the timing pass of {ratios}" if ratios
-                else "every method timed as SFT")
-             + f"; the student runs in {workers} worker(s), each on a free core; trainer and worker start-up "
-               "and the IRS pass not counted"]
+    lines = ["ESTIMATE (not a measurement): each task's steps times the step times measured for it, "
+             + (f"each method's step time / SFT's from its costs file or else the timing pass of {ratios}" if ratios
+                else "each method's step time / SFT's from its costs file or else as SFT")
+             + f"; the student runs in {workers} worker(s), each on a free core; trainer and worker start-up, "
+               "writing the data and the IRS pass not counted"]
     total = 0.0
     for task, s in settings_by_task.items():
         path, measured = measured_by_task[task]
-        est = estimate_study_s(s, {**measured, "ratio": ratio}, workers=workers)
+        est = estimate_study_s(s, {**measured, "ratio": measured.get("ratio", ratio)}, workers=workers)
         total += est["total"]
         lines.append(f"  {task} ({path}: teacher step {measured['teacher_step_s']:.3f} s, student step "
                      f"{measured['student_step_s']:.3f} s, one evaluation {measured['eval_s']:.0f} s): "
@@ -95,7 +113,7 @@ def _estimate(paths: list[Path], settings_by_task: dict, ratios: Path | None, wo
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="the default: the scenes task, main comparisons, 3 seeds")
+    g.add_argument("--quick", action="store_true", help="the default: the digits task, main comparison, 3 seeds")
     g.add_argument("--full", action="store_true", help="scenes and digits, every experiment, 5 seeds")
     g.add_argument("--smoke", action="store_true", help="tiny everything, seconds (CI)")
     p.add_argument("--run-dir", type=Path, default=None, help="default: runs/demo/<preset>[-<tasks>]")
@@ -107,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
                         "fig4 fig5 fig6 fig7 table4 eot)")
     p.add_argument("--task", nargs="+", default=None, choices=TASKS,
                    help="scenes / digits (examples/study/tasks.py) or shapes (the earlier study); "
-                        "default: scenes (quick, smoke), scenes digits (full)")
+                        "default: digits (quick, smoke), scenes digits (full)")
+    p.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
+                   help="override scalar fields of the task's settings (as calibrate.py --set), e.g. "
+                        "--set student_steps=1400; part of every cache key they affect")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the preset's, 1); results repeat bit for bit only at the same count")
     p.add_argument("--workers", type=int, default=None,
@@ -120,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="train nothing new: report the runs already saved in the run dir (a partial run)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N newly trained student runs (then run the same command again to resume)")
-    p.add_argument("--estimate", type=Path, nargs="+", default=None, metavar="CALIBRATION_JSON",
-                   help="print the expected wall time from the step times of each task's calibration JSON "
-                        "(docs/results/calibration-<task>.json); train nothing")
+    p.add_argument("--estimate", type=Path, nargs="+", default=None, metavar="COSTS_JSON",
+                   help="print the expected wall time from the step times measured for each task: a calibration "
+                        "JSON (docs/results/calibration-<task>.json) or a costs JSON (docs/results/costs-digits.json); "
+                        "train nothing")
     p.add_argument("--ratios", type=Path, default=ROOT / "docs" / "results" / "quick" / "results.json",
                    help="with --estimate: a results.json whose timing pass gives each method's step time / SFT's")
     a = p.parse_args(argv)
@@ -152,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.stop_after is not None and a.stop_after < 1:
         p.error(f"--stop-after must be >= 1, got {a.stop_after}")
 
+    from calibrate import _parse_set
+
     def adjust(settings):
+        settings = dataclasses.replace(settings, **_parse_set(a.set, settings))
         if a.seeds:
             settings = dataclasses.replace(settings, seeds=tuple(a.seeds))
         if a.experiments:
@@ -161,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             settings = dataclasses.replace(settings, threads=a.threads)
         return settings
 
+    try:
+        adjust(task_settings(tasks[0], preset))  # a bad --set fails here, before anything runs
+    except ValueError as e:
+        p.error(str(e))
     if a.estimate is not None:
         try:
             print(_estimate(a.estimate, {t: adjust(task_settings(t, preset)) for t in tasks}, a.ratios,
@@ -177,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     workers = a.workers if a.workers is not None else 1 if preset == "smoke" else default_workers()
     print(f"tokinteract demo ({preset}, tasks {' '.join(tasks)}, {workers} worker(s)): run dir {run_dir}", flush=True)
     try:
-        results = run_study(tasks, preset, run_dir, adjust=adjust, progress=not a.no_progress,
+        # the tasks' measured costs (docs/results/costs-<task>.json): expected times from the first progress line
+        costs = {t: json.loads(f.read_text()) for t in tasks
+                 if preset != "smoke" and (f := ROOT / "docs" / "results" / f"costs-{t}.json").exists()}
+        results = run_study(tasks, preset, run_dir, adjust=adjust, costs_by_task=costs, progress=not a.no_progress,
                             skip_missing=a.report_only, only_keys=a.only, stop_after=a.stop_after,
                             workers=workers)
     except StudyStopped as e:

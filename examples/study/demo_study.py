@@ -70,6 +70,7 @@ __all__ = [
     "exposure_curve",
     "heldout_kl",
     "mean_std",
+    "progress_priors",
     "run_demo",
     "run_study",
     "schedule_args",
@@ -142,6 +143,10 @@ class DemoSettings:
             (:func:`schedule_args`): 0, a cosine decay right after the 5 % warm-up; > 0, the peak
             rate held for this fraction of the steps after the warm-up, then the cosine decay
             (warm-up-stable-decay). Stage 1 and the teacher keep the cosine schedule.
+        teacher_threads: torch threads of the teacher's SFT (0: ``threads``). The teacher trains alone,
+            before any worker starts a run, so it may use every core; part of the teacher's cache key.
+            Another count gives another teacher, frozen tower or not (``thread_check.py``; the trainer
+            guide's "Determinism on CPU"), so the presets leave it at 0: the calibrated teacher.
     """
 
     name: str
@@ -189,6 +194,7 @@ class DemoSettings:
     question_first: bool = False
     train_turns: int = 1
     student_stable: float = 0.0
+    teacher_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -215,21 +221,27 @@ TERM_COMBINATIONS: dict[str, str] = {
 _TERM_NAMES = {"S": "SFT", "K": "KD", "I": "IVA", "T": "TPA"}
 
 
-#: experiments -> the student runs they need (keys are shared between experiments).
+#: experiments -> the student runs they need (keys are shared between experiments: one cached run per
+#: configuration and seed, whichever tables show it). ``fig6`` and ``fig7`` (:data:`VIEWS`) bring no run of
+#: their own: they add %ExAccErr curves / attention maps to those of their keys that the other experiments run.
 EXPERIMENTS: dict[str, list[str]] = {
+    # the runs Tables 3 and 5 share, with SFT: the quick study's main comparison (Align-TI > Vanilla KD > SFT)
+    "main": ["sft", "kd", "align_ti"],
     "table5": ["sft", "kd", "iva", "tpa", "align_ti"],
     "table3": ["kd", "rkl", "jsd", "gkd", "align_ti"],
     "table6": ["uniform_va", "iva"],
     "table7": ["iva@first", "iva@middle", "iva", "iva@last"],
     "table8": ["iva", "iva@student"],
     "fig5": ["tpa@d1", "tpa@d2", "tpa", "tpa@d8", "tpa@greedy"],
-    "fig6": ["sft", "kd", "tpa"],
+    "fig6": ["sft", "kd", "tpa", "align_ti"],
     "eot": ["kd", "tpa", "tpa@skip_eot"],  # beyond the paper: DistillationConfig.tpa_skip_token_ids
     "table14": list(TERM_COMBINATIONS.values()),
     # Vanilla KD trained for as many steps as fit in Align-TI's time (from the timing pass: table4 runs first)
     "table18": ["kd", "align_ti", "kd@budget"],
-    "fig7": ["kd", "iva"],  # heat maps of the first seed's students, without and with IVA
+    "fig7": ["kd", "iva", "align_ti"],  # heat maps of the first seed's students, without and with IVA
 }
+#: experiments that measure the runs of the others (exposure curves, attention maps) instead of adding runs
+VIEWS: frozenset[str] = frozenset({"fig6", "fig7"})
 
 #: Table 4/13 timing: (label, method, overrides) measured for ``timing_steps`` steps each.
 TIMING_RUNS: list[tuple[str, str, dict[str, Any]]] = [
@@ -244,6 +256,15 @@ TIMING_RUNS: list[tuple[str, str, dict[str, Any]]] = [
     ("SFT+KD+TPA (packed forward, Algorithm 1)", "tpa", {"tpa_forward": "packed"}),
     ("Align-TI (cached forward)", "align_ti", {}),
 ]
+
+
+def timing_runs(methods: Sequence[str] | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+    """The rows of :data:`TIMING_RUNS` whose method is in ``methods`` (the methods the study trains),
+    always with SFT and Vanilla KD, the bases of the ratios; ``None``: every row."""
+    if methods is None:
+        return list(TIMING_RUNS)
+    keep = {"sft", "kd", *methods}
+    return [row for row in TIMING_RUNS if row[1] in keep]
 
 
 def run_specs(settings: DemoSettings, l_star: int) -> dict[str, RunSpec]:
@@ -330,6 +351,13 @@ _TASK_SMOKE: dict[str, Any] = dict(vision_pretrain_steps=3, vision_images=16, vi
                                    stage1_steps=PRESETS["smoke"].stage1_steps,
                                    student_steps=PRESETS["smoke"].student_steps, student_lr=PRESETS["smoke"].student_lr)
 
+#: quick scale of the new tasks (``make demo``: <= 15 min from a fresh clone on 2 idle cores, 3 seeds): the
+#: main comparison only, i.e. the runs Tables 3 and 5 share (SFT, Vanilla KD = FKL, Align-TI), with what
+#: measures them at no extra run: the IRS curve (Fig. 4), %ExAccErr (Fig. 6) and the heat maps (Fig. 7) on
+#: those runs, the step time and memory of their methods (Table 4/13). Everything else is --full
+#: (docs/results/study.md, "Time").
+_TASK_QUICK: dict[str, Any] = dict(experiments=("main", "fig4", "fig6", "fig7", "table4"))
+
 
 def task_settings(task: str, preset: str) -> DemoSettings:
     """``PRESETS[preset]`` on ``task``: ``"shapes"`` (the earlier study, unchanged), ``"scenes"`` or ``"digits"``."""
@@ -339,7 +367,7 @@ def task_settings(task: str, preset: str) -> DemoSettings:
         return PRESETS[preset]
     if task not in TASK_SETTINGS:
         raise ValueError(f"task must be one of {['shapes', *sorted(TASK_SETTINGS)]}, got {task!r}")
-    extra = _TASK_SMOKE if preset == "smoke" else {}
+    extra = {"smoke": _TASK_SMOKE, "quick": _TASK_QUICK}.get(preset, {})
     return dataclasses.replace(PRESETS[preset], name=f"{preset}-{task}", **{**TASK_SETTINGS[task], **extra})
 
 
@@ -494,8 +522,8 @@ class Progress:
     ``plan``: ordered ``(stage, units)``, each unit ``(label, weight)`` with ``weight`` its cost in
     training steps (a method's steps times its step time relative to SFT when the timing pass has
     measured it). A stage's rate (seconds per weight) is measured from its units trained so far;
-    a stage with none yet takes the rate of the last stage measured (``~``: a rougher estimate)
-    or ``priors[stage]``. Remaining time = the sum over units not done of weight x rate, divided by
+    a stage with none yet takes ``priors[stage]`` (seconds per weight measured before, e.g.
+    :func:`progress_priors`), else the rate of the last stage measured (``~``: a rougher estimate). Remaining time = the sum over units not done of weight x rate, divided by
     the stage's parallelism (:meth:`set_parallel`: its units run in that many workers at once, each
     measured by its own wall time) while at least that many units are left. Units reused from the
     cache count as done and are not measured. Not a TTY: one line per unit; a
@@ -532,9 +560,9 @@ class Progress:
         m = self.measured.get(stage)
         if m and m[1] > 0:
             return m[0] / m[1], True
-        if self.last_rate is not None:
-            return self.last_rate, False
-        return self.priors.get(stage), False
+        if stage in self.priors:
+            return self.priors[stage], False
+        return self.last_rate, False
 
     def remaining_s(self, stage: str | None = None) -> float | None:
         """Expected seconds left (for one stage, or all); None while nothing is measured or known."""
@@ -811,9 +839,11 @@ class Demo:
 
     def fit(self, model: nn.Module, data: Any, *, steps: int, lr: float, seed: int, method: str = "sft",
             teacher: nn.Module | None = None, overrides: dict[str, Any] | None = None, tag: str = "",
-            train_vision: bool = False, memory: bool = False, stable: float = 0.0) -> dict[str, Any]:
-        """Train ``model`` in place through the DistillationTrainer; returns timing and losses.
-        ``stable``: the learning-rate schedule (:func:`schedule_args`; 0: warm-up then cosine)."""
+            train_vision: bool = False, memory: bool = False, stable: float = 0.0,
+            threads: int | None = None) -> dict[str, Any]:
+        """Train ``model`` in place through the DistillationTrainer, with ``threads`` torch threads (default
+        the setting's ``threads``); returns timing and losses. ``stable``: the learning-rate schedule
+        (:func:`schedule_args`; 0: warm-up then cosine)."""
         from transformers import TrainingArguments
         from transformers.utils import logging as hf_logging
 
@@ -842,12 +872,13 @@ class Demo:
 
             trainer.remove_callback(PrinterCallback)
         t0 = time.perf_counter()
-        with torch_threads(self.s.threads):  # the setting's count, whatever the caller's
+        threads = threads or self.s.threads
+        with torch_threads(threads):  # the setting's count, whatever the caller's
             trainer.train()
         wall = time.perf_counter() - t0
         hist = [h for h in trainer.state.log_history if "loss" in h]
         model.eval()
-        return {"wall_s": wall, **trainer.meter.summary(), "log": hist, "threads": self.s.threads}
+        return {"wall_s": wall, **trainer.meter.summary(), "log": hist, "threads": threads}
 
     # ------------------------------------------------------------- stages
     def vision_tower(self) -> dict[str, Tensor] | None:
@@ -902,16 +933,21 @@ class Demo:
         images = {k: v for k, v in dataclasses.asdict(self.task_obj).items()  # what the images depend on
                   if k not in ("question_types", "question_weights", "caption_type", "compact_positions",
                                "grounded_answers", "question_first")}
+        # the thread count it trains with (its convolution's and LayerNorms' weight gradients split their sums by
+        # thread): appended only when it is not 1, so the towers cached by 1-thread runs keep their keys
+        threads = [] if s.threads == 1 else [{"threads": s.threads}]
         return json.loads(json.dumps([images, s.vision_pretrain_steps, s.vision_images,
                                       s.vision_lr, s.vision_hidden, s.vision_layers, s.patch_size, s.vision_position,
-                                      s.data_seed]))
+                                      s.data_seed, *threads]))
 
-    def _model_key(self, size: ModelSize, *, seed: int, steps: int, lr: float, source: Any) -> str:
-        """Cache key of a trained checkpoint: the data, the model, the recipe, the thread count, the
-        torch version and ``source`` (what it starts from / copies its vision tower from)."""
+    def _model_key(self, size: ModelSize, *, seed: int, steps: int, lr: float, source: Any,
+                   threads: int | None = None) -> str:
+        """Cache key of a trained checkpoint: the data, the model, the recipe, the thread count it trained
+        with (default ``threads``), the torch version and ``source`` (what it starts from / copies its
+        vision tower from)."""
         s = self.s
         return cache_key({"data": self.data_key, "size": dataclasses.asdict(size), "seed": seed, "steps": steps,
-                          "lr": lr, "batch": s.batch_size, "threads": s.threads, "max_length": s.max_length,
+                          "lr": lr, "batch": s.batch_size, "threads": threads or s.threads, "max_length": s.max_length,
                           "vision": [s.vision_hidden, s.vision_layers, s.image_size, s.patch_size],
                           "torch": torch.__version__, "source": source})
 
@@ -954,7 +990,8 @@ class Demo:
             if tower is not None:  # the pre-trained tower, frozen for teacher and students alike
                 t.model.vision_tower.load_state_dict(tower)
             meta = self.fit(t, self.train, steps=self.s.teacher_steps, lr=self.s.teacher_lr, seed=seed,
-                            tag=path.name, train_vision=self.s.teacher_trains_vision and tower is None)
+                            tag=path.name, train_vision=self.s.teacher_trains_vision and tower is None,
+                            threads=self.s.teacher_threads or self.s.threads)
             meta = self._save_checkpoint(t, path, meta, key)
         t.eval()
         t.requires_grad_(False)
@@ -965,10 +1002,12 @@ class Demo:
     def teacher_key(self, seed: int | None = None) -> str:
         """The cache key of the SFT teacher of ``seed`` (default ``teacher_seed``)."""
         s = self.s
+        if isinstance(s.teacher_threads, bool) or not isinstance(s.teacher_threads, int) or s.teacher_threads < 0:
+            raise ValueError(f"teacher_threads must be an integer >= 0 (0: threads), got {s.teacher_threads!r}")
         vision = (["pretrained", self._vision_setting()] if s.vision_pretrain_steps
                   else ["trained by the teacher's SFT" if s.teacher_trains_vision else "random, frozen"])
         return self._model_key(s.teacher, seed=s.teacher_seed if seed is None else seed, steps=s.teacher_steps,
-                               lr=s.teacher_lr, source=vision)
+                               lr=s.teacher_lr, source=vision, threads=s.teacher_threads or s.threads)
 
     def stage1_student(self, teacher: nn.Module) -> Path:
         """The shared stage-1 student, cached in ``run_dir/student_stage1`` under a key of its setting
@@ -1050,15 +1089,15 @@ class Demo:
 
 
 def measure_step_costs(demo: Demo, teacher: nn.Module, l_star: int, progress: Progress | None = None,
-                       skip_missing: bool = False) -> list[dict[str, Any]]:
-    """Table 4/13: median step time (wall and CPU) and peak memory of every method, ``timing_steps``
-    steps each from the stage-1 checkpoint (same batch, same teacher, GKD with its default lambda 0.5).
-    Each row is cached in ``run_dir/timing/`` under a key of its setting; ``skip_missing``: only
-    the cached rows."""
+                       skip_missing: bool = False, methods: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Table 4/13: median step time (wall and CPU) and peak memory of every method (``methods``: only the
+    rows of :func:`timing_runs` for these), ``timing_steps`` steps each from the stage-1 checkpoint (same
+    batch, same teacher, GKD with its default lambda 0.5). Each row is cached in ``run_dir/timing/`` under a
+    key of its setting; ``skip_missing``: only the cached rows."""
     out = []
     tdir = demo.dir / "timing"
     tdir.mkdir(exist_ok=True)
-    for label, method, ov in TIMING_RUNS:
+    for label, method, ov in timing_runs(methods):
         ov = dict(ov)
         if method in ("iva", "align_ti", "uniform_va"):
             ov.setdefault("iva_layer", l_star)
@@ -1157,7 +1196,8 @@ def machine_info() -> dict[str, Any]:
 def run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool = True,
              log: Callable[[str], None] = print, only_calibration: bool = False,
              skip_missing: bool = False, only_keys: Sequence[str] | None = None,
-             stop_after: int | None = None, progress_stream: Any = None, workers: int = 1) -> dict[str, Any]:
+             stop_after: int | None = None, progress_stream: Any = None, workers: int = 1,
+             costs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every experiment of ``settings`` under ``run_dir``; returns (and writes) ``results.json``.
 
     Every step runs with ``settings.threads`` torch CPU threads (restored on return).
@@ -1173,11 +1213,14 @@ def run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool = Tr
     run dir, each with its own keys, once the teacher and stage-1 checkpoints exist).
     ``stop_after``: raise :class:`StudyStopped` once that many student runs were trained by
     this call (a test hook for resuming). ``progress``: a line per stage unit with the expected
-    remaining time on ``progress_stream`` (default stderr; see :class:`Progress`).
+    remaining time on ``progress_stream`` (default stderr; see :class:`Progress`), from the start
+    when ``costs`` (measured costs of the task, as ``docs/results/costs-digits.json``) gives each
+    stage's expected rate (:func:`progress_priors`) until the stage measures its own.
 
     ``workers`` > 1: once the teacher, the stage-1 student and the timing pass are done (the timing
     pass alone, since its rows are step times), the student runs not cached yet run in that many
-    spawned worker processes, each at ``settings.threads`` threads and loading the cached teacher
+    worker processes (forked from a fork server, :func:`_worker_context`), longest first, each at
+    ``settings.threads`` threads and loading the cached teacher
     and stage-1 checkpoints, so every result is the serial run's bit for bit; their records go
     through the same cache (a killed parallel study resumes too). A run that fails in a worker
     raises :class:`StudyUnitFailed` naming it, with the worker's traceback; the workers never
@@ -1191,16 +1234,56 @@ def run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool = Tr
     with torch_threads(settings.threads), contextlib.ExitStack() as closing:  # closing: the worker pool's
         return _run_demo(settings, run_dir, progress=progress, log=log, only_calibration=only_calibration,
                          skip_missing=skip_missing, only_keys=only_keys, stop_after=stop_after,
-                         progress_stream=progress_stream, workers=workers, closing=closing)
+                         progress_stream=progress_stream, workers=workers, closing=closing, costs=costs)
 
 
 def _student_keys(settings: DemoSettings, exps: Sequence[str]) -> list[str]:
+    """The student configurations the experiments ``exps`` run, each once, in order (views add none)."""
     keys: list[str] = []
     for e in exps:
-        for k in EXPERIMENTS.get(e, []):
+        for k in [] if e in VIEWS else EXPERIMENTS.get(e, []):
             if k not in keys:
                 keys.append(k)
     return keys
+
+
+def _view_keys(exps: Sequence[str], view: str, keys: Sequence[str]) -> set[str]:
+    """The run keys among ``keys`` that the view ``view`` (fig6, fig7) measures, if ``exps`` holds it."""
+    return set(EXPERIMENTS[view]) & set(keys) if view in exps else set()
+
+
+def _study_methods_list(settings: DemoSettings, keys: Sequence[str]) -> list[str]:
+    """The trainer method of each run key of ``keys`` (Table 18's ``kd@budget`` is Vanilla KD)."""
+    specs = run_specs(settings, settings.teacher.layers - 1)  # methods do not depend on l*
+    return ["kd" if k == "kd@budget" else specs[k].method for k in keys]
+
+
+def _study_methods(settings: DemoSettings, keys: Sequence[str]) -> list[str]:
+    """The trainer methods of the run keys ``keys``, each once, sorted."""
+    return sorted(set(_study_methods_list(settings, keys)))
+
+
+def progress_priors(settings: DemoSettings, costs: dict[str, Any]) -> dict[str, float]:
+    """Each :class:`Progress` stage's expected seconds per unit of weight (a training step; a student run's
+    steps times its method's ratio once the timing pass measured them) from measured ``costs`` (``vision_s``,
+    ``vision_steps``, ``teacher_step_s``, ``student_step_s``, as in ``docs/results/costs-digits.json``): the expected
+    remaining time from the study's first line, until each stage measures its own rate. A timing row's
+    weight is its steps; it trains SFT to Align-TI plus a slower memory run: 3 SFT steps per step (rough).
+
+    Raises:
+        ValueError: a cost is missing or not a finite number > 0.
+    """
+    def cost(name: str) -> float:
+        v = costs.get(name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"costs[{name!r}] must be a finite number > 0, got {v!r}")
+        return float(v)
+
+    st = cost("student_step_s")
+    out = {"teacher": cost("teacher_step_s"), "stage1": st, "timing": 3.0 * st, "students": st}
+    if settings.vision_pretrain_steps:  # per pre-training step, probes included, at the measured step count
+        out["vision"] = cost("vision_s") / float(costs.get("vision_steps", settings.vision_pretrain_steps))
+    return out
 
 
 def _student_layer(l_star: int, teacher_layers: int, student_layers: int) -> int:
@@ -1212,7 +1295,7 @@ def _student_layer(l_star: int, teacher_layers: int, student_layers: int) -> int
 def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, log: Callable[[str], None],
               only_calibration: bool, skip_missing: bool, only_keys: Sequence[str] | None,
               stop_after: int | None, progress_stream: Any, workers: int,
-              closing: contextlib.ExitStack) -> dict[str, Any]:
+              closing: contextlib.ExitStack, costs: dict[str, Any] | None = None) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -1226,6 +1309,7 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
     res["machine_start"] = machine_info()
     exps = ("table5",) if only_calibration else settings.experiments
     keys = ["sft"] if only_calibration else _student_keys(settings, exps)
+    methods = _study_methods(settings, keys)  # of the whole study (the timing rows), whatever only_keys keeps
     if only_keys is not None:
         keys = [k for k in keys if k in set(only_keys)]
     timing_needed = not only_calibration and ("table4" in exps or "table18" in exps)
@@ -1235,9 +1319,20 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
         plan.append(("vision", [("vision tower", settings.vision_pretrain_steps)]))
     plan += [("teacher", [("teacher", settings.teacher_steps)]), ("stage1", [("stage 1", settings.stage1_steps)])]
     if timing_needed:
-        plan.append(("timing", [(label, settings.timing_steps + 3) for label, _, _ in TIMING_RUNS]))
-    plan.append(("students", [(f"{k} seed {sd}", steps_of[k]) for k in keys for sd in settings.seeds]))
-    prog = Progress(plan, stream=stream, tty=tty, enabled=progress)
+        plan.append(("timing", [(label, settings.timing_steps + 3)
+                                for label, _, _ in timing_runs(methods)]))
+    # a run's weight: its steps times its method's step time / SFT's (the costs' ratios until the timing pass)
+    ratio0, method_of = dict((costs or {}).get("ratio", {})), dict(zip(keys, _study_methods_list(settings, keys)))
+    plan.append(("students", [(f"{k} seed {sd}", steps_of[k] * float(ratio0.get(method_of[k], 1.0)))
+                              for k in keys for sd in settings.seeds]))
+    prog = Progress(plan, stream=stream, tty=tty, enabled=progress,
+                    priors=progress_priors(settings, costs) if costs else None)
+    if workers > 1 and len(keys) * len(settings.seeds) > 1:  # as the workers will run them (set again below)
+        prog.set_parallel("students", min(workers, len(keys) * len(settings.seeds)))
+    if progress and prog.remaining_s() is not None:  # every stage has a prior: the expected total, up front
+        stream.write(f"[study] expected: {prog._fmt(None)} (from the task's measured costs; cached stages "
+                     "count as work until reused)\n")
+        stream.flush()
 
     demo.prepare()
     log(f"task: {res['task']}")
@@ -1292,7 +1387,8 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
     if timing_needed:
         if pool is not None:
             pool.wait_ready()  # the timing pass runs alone: its rows are step times
-        res["timing"] = measure_step_costs(demo, teacher, l_star, prog, skip_missing=skip_missing)
+        res["timing"] = measure_step_costs(demo, teacher, l_star, prog, skip_missing=skip_missing,
+                                           methods=methods)
         base = next((r["step_time_s"] for r in res["timing"] if r["method"] == "sft"), None)
         by_method = {r["method"]: r["step_time_s"] for r in res["timing"] if not r["overrides"].get("tpa_forward")}
         for k in keys:  # the students' weights now follow their methods' measured step times
@@ -1312,8 +1408,7 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
             factor = b["wall_ratio"] * (by_method["kd"] / base if base and "kd" in by_method else 1.0)
             for sd in settings.seeds:
                 prog.set_weight("students", f"kd@budget seed {sd}", settings.student_steps * factor)
-    exposure_keys = set(EXPERIMENTS["fig6"]) if "fig6" in exps else set()
-    fig7_keys = set(EXPERIMENTS["fig7"]) if "fig7" in exps else set()
+    exposure_keys, fig7_keys = _view_keys(exps, "fig6", keys), _view_keys(exps, "fig7", keys)
     s_layer = _student_layer(l_star, settings.teacher.layers, settings.student.layers)
     runs_dir = demo.dir / "runs"
     runs_dir.mkdir(exist_ok=True)
@@ -1356,7 +1451,13 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
         pool = pool or start_pool()
         prog.set_parallel("students", min(workers, len(pending)))
         log(f"{len(pending)} student runs in {workers} worker processes")
-        pool.run([{**u, "teacher_key": tkey} for u in pending], finished, stop_after=stop_after)
+        # longest first (the timing pass's step times; else the steps): the last runs to finish are short ones,
+        # so the workers end close together; the order changes no result (each run is its own process state)
+        def cost(u: dict[str, Any]) -> float:
+            return u["steps"] * (by_method.get(u["spec"].method, base) / base if base else 1.0)
+
+        pool.run([{**u, "teacher_key": tkey} for u in sorted(pending, key=cost, reverse=True)], finished,
+                 stop_after=stop_after)
         closing.close()  # the workers have exited
     else:
         closing.close()  # workers started for nothing to do (every run cached, or one left)
@@ -1443,11 +1544,44 @@ def _load_teacher(run_dir: Path, key: str) -> nn.Module:
     return teacher
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover (a process of another user holds the pid)
+        return True
+    return True
+
+
 def _exit_with_parent(parent: int) -> None:
-    """Watchdog thread of a worker: exit as soon as the parent is gone (a killed parent leaves no orphan)."""
-    while os.getppid() == parent:
+    """Watchdog thread of a worker: exit as soon as the study's process ``parent`` is gone (a killed parent
+    leaves no orphan): when the worker's own parent changes (the study, or the fork server, which exits with
+    the study) or ``parent`` no longer exists."""
+    own = os.getppid()
+    while os.getppid() == own and _pid_alive(parent):
         time.sleep(0.5)
     os._exit(1)
+
+
+#: what the fork server imports once, before it forks the workers: the heavy third-party imports only
+#: (resolved from site-packages as in the study's process; Python 3.11's fork server ignores the study's
+#: sys.path, so the study's own modules are imported by each worker, with the study's sys.path)
+_FORKSERVER_PRELOAD = ["torch", "transformers", "transformers.trainer"]
+
+
+def _worker_context() -> Any:
+    """The multiprocessing context of the workers: ``forkserver`` where there is one (each worker forks from
+    a clean server process that imported torch and transformers once, and ran nothing: a second pool in the
+    same process starts in about a second instead of an interpreter's start-up), else ``spawn``; never a
+    plain fork of the study's process (its threads, its torch state)."""
+    import multiprocessing as mp
+
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(_FORKSERVER_PRELOAD)
+        return ctx
+    return mp.get_context("spawn")  # pragma: no cover (Windows)
 
 
 def _worker_main(tasks: Any, results: Any, settings: DemoSettings, run_dir: Path, parent: int, wid: int) -> None:
@@ -1489,15 +1623,13 @@ def _worker_main(tasks: Any, results: Any, settings: DemoSettings, run_dir: Path
 
 
 class _WorkerPool:
-    """``n`` spawned worker processes for the student runs of one study (each at ``settings.threads``
+    """``n`` worker processes (:func:`_worker_context`) for the student runs of one study (each at ``settings.threads``
     threads, so each result is the serial run's, bit for bit). Started early, they warm up while the
     parent trains the teacher; :meth:`wait_ready` before anything timed (the timing pass runs alone),
     :meth:`run` for the runs. Closing terminates any worker still alive (error, stop, Ctrl-C)."""
 
     def __init__(self, n: int, settings: DemoSettings, run_dir: Path, log: Callable[[str], None]) -> None:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
+        ctx = _worker_context()
         self.n, self.log = n, log
         self.tasks, self.results = ctx.Queue(), ctx.Queue()
         self.procs = [ctx.Process(target=_worker_main, name=f"study-worker-{w}", daemon=True,
@@ -1574,13 +1706,14 @@ def estimate_study_s(settings: DemoSettings, measured: dict[str, Any], workers: 
     """An estimate (not a measurement) of a study's wall time from measured step times, in seconds
     per stage and ``total``.
 
-    ``measured``: ``vision_s`` (the tower's pre-training, probes included), ``teacher_step_s``,
+    ``measured``: ``vision_s`` (the tower's pre-training, probes included, scaled from ``vision_steps``
+    steps when given), ``teacher_step_s``,
     ``student_step_s`` (SFT), ``eval_s`` (one model's evaluation, used for every student run and
     again for each exposure curve), and ``ratio``: step time of each method relative to SFT (a
     method without one counts as SFT). Each student run: steps x student step x ratio + eval;
-    the timing pass: ``timing_steps + 3`` steps per row. ``workers``: the student runs go, in the
-    study's order, each to the first free one of that many workers (the stage's wall time is the
-    last worker's end), assuming a free core per worker; every other stage runs alone. Trainer
+    the timing pass: ``timing_steps + 3`` steps per row. ``workers``: the student runs go, longest
+    first (as :func:`run_demo` hands them to its workers), each to the first free one of that many
+    workers (the stage's wall time is the last worker's end), assuming a free core per worker; every other stage runs alone. Trainer
     and worker start-up and the IRS pass are not counted.
 
     Raises:
@@ -1594,15 +1727,17 @@ def estimate_study_s(settings: DemoSettings, measured: dict[str, Any], workers: 
             raise ValueError(f"measured[{k!r}] must be a finite number >= 0, got {v!r}")
     ratio = dict(measured.get("ratio", {}))
     st, ev = float(measured["student_step_s"]), float(measured["eval_s"])
-    out = {"vision": float(measured.get("vision_s", 0.0)) if settings.vision_pretrain_steps else 0.0,
+    vision_steps = float(measured.get("vision_steps") or settings.vision_pretrain_steps or 1)  # what vision_s took
+    out = {"vision": float(measured.get("vision_s", 0.0)) * settings.vision_pretrain_steps / vision_steps,
            "teacher": settings.teacher_steps * float(measured["teacher_step_s"]) + ev,
            "stage1": settings.stage1_steps * st + ev}
     exps = settings.experiments
-    if "table4" in exps or "table18" in exps:
-        out["timing"] = sum((settings.timing_steps + 3) * st * ratio.get(m, 1.0) for _, m, _ in TIMING_RUNS)
     specs = run_specs(settings, settings.teacher.layers - 1)
     keys = _student_keys(settings, exps)
-    exposure = set(EXPERIMENTS["fig6"]) if "fig6" in exps else set()
+    if "table4" in exps or "table18" in exps:
+        out["timing"] = sum((settings.timing_steps + 3) * st * ratio.get(m, 1.0)
+                            for _, m, _ in timing_runs(_study_methods(settings, keys)))
+    exposure = _view_keys(exps, "fig6", keys)
     budget = ratio.get("align_ti", 1.0) / ratio.get("kd", 1.0)
     runs: list[float] = []  # one per configuration; each seed takes as long
     for k in keys:
@@ -1612,26 +1747,27 @@ def estimate_study_s(settings: DemoSettings, measured: dict[str, Any], workers: 
         steps = settings.student_steps * (budget if k == "kd@budget" else 1.0)
         runs.append(steps * st * ratio.get(method, 1.0) + ev * (2 if k in exposure else 1))
     free = [0.0] * workers  # when each worker is free again
-    for r in runs:
-        for _ in settings.seeds:
-            w = free.index(min(free))
-            free[w] += r
+    for r in sorted((r for r in runs for _ in settings.seeds), reverse=True):  # longest first, as run_demo
+        w = free.index(min(free))
+        free[w] += r
     out["students"] = max(free)
     out["total"] = sum(out.values())
     return out
 
 
 def run_study(tasks: Sequence[str], preset: str, run_dir: str | Path, *, adjust: Callable[[DemoSettings], DemoSettings]
-              | None = None, **kw: Any) -> dict[str, dict[str, Any]]:
+              | None = None, costs_by_task: dict[str, dict[str, Any]] | None = None, **kw: Any) -> dict[str, dict[str, Any]]:
     """:func:`run_demo` on each task of ``tasks`` (``task_settings(task, preset)``, then ``adjust``),
-    each in ``run_dir/<task>`` when there are several (``run_dir`` itself for one); returns
+    each in ``run_dir/<task>`` when there are several (``run_dir`` itself for one), with the task's
+    measured costs from ``costs_by_task`` if any (the progress's expected times); returns
     ``{task: results}``. Keyword arguments go to :func:`run_demo`."""
     out: dict[str, dict[str, Any]] = {}
     for task in tasks:
         settings = task_settings(task, preset)
         if adjust is not None:
             settings = adjust(settings)
-        out[task] = run_demo(settings, Path(run_dir) / task if len(tasks) > 1 else Path(run_dir), **kw)
+        out[task] = run_demo(settings, Path(run_dir) / task if len(tasks) > 1 else Path(run_dir),
+                             costs=(costs_by_task or {}).get(task), **kw)
     return out
 
 
@@ -1645,6 +1781,9 @@ def _types_of(res: dict[str, Any]) -> tuple[str, ...]:
 
 #: experiment -> (title, paper reference, run keys in row order)
 _TABLES: dict[str, tuple[str, str, list[str]]] = {
+    "main": ("Main comparison (the runs paper Tables 3 and 5 share)",
+             "Align-TI > Vanilla KD (FKL) > SFT; the other rows of Tables 3 and 5 are in --full",
+             ["sft", "kd", "align_ti"]),
     "table5": ("Components (paper Table 5)", "SFT < +IVA, +TPA < Align-TI; TPA gains more than IVA",
                ["sft", "kd", "iva", "tpa", "align_ti"]),
     "table3": ("Divergences and baselines (paper Table 3)", "Align-TI beats FKL, RKL, JSD and GKD",
@@ -1868,7 +2007,7 @@ def _fig7_section(res: dict[str, Any], out: Path, rel: str) -> list[str]:
           f"alpha (the attention of the instruction tokens to each visual token, mean over heads and "
           f"instruction tokens) on {len(f7['samples'])} test samples of the short question types: the teacher "
           f"at l* = {f7['teacher']['layer']} and the first seed's students at the layer matching l* by depth, "
-          "without IVA (kd) and with it (iva). Each map's colours span its own minimum to maximum, so a nearly "
+          "without IVA (kd) and with it (iva, align_ti; those the study ran). Each map's colours span its own minimum to maximum, so a nearly "
           "uniform map shows strong colours too: read the numbers. Cosine similarity of each student's map to "
           "the teacher's (1: the same relative weights) and the attention mass on the image (sum of alpha):", "",
           "| student | " + " | ".join(f"sample {k + 1} ({x['type']})" for k, x in enumerate(f7["samples"]))
@@ -2003,12 +2142,19 @@ def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page
                   "the peak of the bytes held by tensors the step created (activations, saved tensors, gradients, "
                   "teacher outputs; parameters excluded), tracked op by op with a TorchDispatchMode: the CPU "
                   "analogue of the CUDA peak allocation. Times on a shared CPU are noisy: compare ratios."),
-               "", "| method | step time (ms) | × SFT | peak step memory (MiB) | × SFT |", "|---|---|---|---|---|"]
-        base = next((r["step_time_s"] for r in res["timing"] if r["method"] == "sft"), float("nan"))
-        mbase = next((r["peak_mem_mib"] for r in res["timing"] if r["method"] == "sft"), float("nan"))
+               "", "| method | step time (ms) | × SFT | × Vanilla KD | peak step memory (MiB) | × SFT | × Vanilla KD |",
+               "|---|---|---|---|---|---|---|"]
+
+        def of(method: str, field: str) -> float:  # the method's row (its cached forward for TPA), else nan
+            return next((float(r[field]) for r in res["timing"] if r["method"] == method
+                         and not r.get("overrides", {}).get("tpa_forward")), float("nan"))
+
+        base, mbase = of("sft", "step_time_s"), of("sft", "peak_mem_mib")
+        kd, mkd = of("kd", "step_time_s"), of("kd", "peak_mem_mib")
         for r in res["timing"]:
-            md.append(f"| {r['label']} | {1e3 * r['step_time_s']:.0f} | {r['step_time_s'] / base:.1f} | "
-                      f"{r['peak_mem_mib']:.1f} | {r['peak_mem_mib'] / mbase:.1f} |")
+            t, mem = float(r["step_time_s"]), float(r["peak_mem_mib"])
+            md.append(f"| {r['label']} | {1e3 * t:.0f} | {t / base:.1f} | {t / kd:.2f} | "
+                      f"{mem:.1f} | {mem / mbase:.1f} | {mem / mkd:.2f} |")
         md.append("")
     page_path.parent.mkdir(parents=True, exist_ok=True)
     page_path.write_text("\n".join(md) + "\n")
@@ -2105,6 +2251,7 @@ CLAIMS: list[tuple[str, str, str, str, bool]] = [
     ("TPA lowers held-out KL vs Vanilla KD", "tpa", "kd", "kl", False),
     ("TPA lowers %ExAccErr vs Vanilla KD", "tpa", "kd", "exaccerr_last", False),
     ("TPA lowers %ExAccErr vs SFT", "tpa", "sft", "exaccerr_last", False),
+    ("Align-TI lowers %ExAccErr vs Vanilla KD", "align_ti", "kd", "exaccerr_last", False),
     ("Align-TI > Vanilla KD given Align-TI's compute", "align_ti", "kd@budget", "overall", True),
     ("SFT term helps: Align-TI > KD+IVA+TPA (no SFT)", "align_ti", "mix@KIT", "overall", True),
     ("KD term helps: Align-TI > SFT+IVA+TPA", "align_ti", "mix@SIT", "overall", True),

@@ -49,7 +49,10 @@ def test_smoke_pipeline_writes_results(smoke) -> None:
         assert all(e >= 0 for e in ex["e"]) and all(r >= 0 for r in ex["r"])
     assert len(saved["irs"]["scores"]) == dm.PRESETS["smoke"].teacher.layers
     assert 0 <= saved["irs"]["best_layer"] < dm.PRESETS["smoke"].teacher.layers
-    assert {t["method"] for t in saved["timing"]} == {m for _, m, _ in dm.TIMING_RUNS}
+    # Table 4/13: the rows of the methods the study trains (both TPA forwards), none of the others
+    study_methods = {"sft", "kd", "iva", "tpa", "align_ti"}
+    assert [t["label"] for t in saved["timing"]] == [lab for lab, m, _ in dm.TIMING_RUNS if m in study_methods]
+    assert len(saved["timing"]) == 6
     assert all(t["step_cpu_s"] > 0 for t in saved["timing"])
     # the cached teacher and stage-1 student are reused by a second call, under their settings' keys
     for path in ("teacher", "student_stage1"):
@@ -66,7 +69,7 @@ def test_smoke_pipeline_writes_results(smoke) -> None:
     assert 1 <= n <= dm.PRESETS["smoke"].n_fig7
     assert all(s["type"] in ("color", "position", "count", "exist") for s in f7["samples"])
     side = dm.PRESETS["smoke"].image_size // dm.PRESETS["smoke"].patch_size
-    for maps in [f7["teacher"]["maps"]] + [saved["runs"][k]["seeds"][0]["attention_maps"]["maps"] for k in ("kd", "iva")]:
+    for maps in [f7["teacher"]["maps"]] + [saved["runs"][k]["seeds"][0]["attention_maps"]["maps"] for k in ("kd", "iva", "align_ti")]:
         assert torch.tensor(maps).shape == (n, side, side)
         assert all(0.0 < float(torch.tensor(m).sum()) <= 1.0 + 1e-5 for m in maps)  # attention mass on the image
     assert "attention_maps" not in saved["runs"]["sft"]["seeds"][0]
@@ -80,6 +83,12 @@ def test_report_tables_and_plots(smoke, tmp_path: Path) -> None:
     assert "## Components (paper Table 5)" in md
     assert "## Exposure bias (paper Fig. 6)" in md
     assert "## Time and memory per training step" in md
+    rows = {r["label"]: r for r in res["timing"]}  # Table 4/13 as ratios to SFT and to Vanilla KD (the paper's)
+    ati, kd = rows["Align-TI (cached forward)"], rows["Vanilla KD (FKL)"]
+    line = next(x for x in md.splitlines() if x.startswith("| Align-TI (cached forward) |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3] == f"{ati['step_time_s'] / kd['step_time_s']:.2f}"
+    assert cells[6] == f"{ati['peak_mem_mib'] / kd['peak_mem_mib']:.2f}"
     assert "![IRS](out/fig4_irs.png)" in md
     assert "## Vanilla KD given Align-TI's compute (paper Table 18)" in md
     assert f"trains {res['table18']['kd_steps']} steps" in md
@@ -246,6 +255,28 @@ def test_report_only_collects_saved_runs(smoke, tmp_path: Path) -> None:
     assert not (part / "runs" / "tpa_seed0.json").exists()
 
 
+def test_measured_costs_give_the_expected_total_up_front(smoke, tmp_path: Path) -> None:
+    """With the task's measured costs the first progress line is the study's expected total: every stage's
+    steps times its prior, the student runs weighted by their methods' ratios and shared by the workers."""
+    import io
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(smoke[0], run_dir)
+    s = dm.PRESETS["smoke"]
+    costs = {"vision_s": 9.0, "teacher_step_s": 0.5, "student_step_s": 0.1, "eval_s": 1.0, "ratio": {"kd": 2.0}}
+    stream = io.StringIO()
+    dm.run_demo(s, run_dir, progress=True, progress_stream=stream, log=lambda *_: None, costs=costs,
+                skip_missing=True, only_keys=["sft", "kd"], workers=2)
+    first = stream.getvalue().splitlines()[0]
+    n_rows = len(dm.timing_runs(["sft", "kd", "iva", "tpa", "align_ti"]))  # the smoke study's methods
+    # teacher, stage 1, the study's timing rows (3 SFT steps per step), then the 2 runs only_keys keeps (kd
+    # weighted 2) on 2 workers
+    want = (s.teacher_steps * 0.5 + s.stage1_steps * 0.1 + n_rows * (s.timing_steps + 3) * 0.3
+            + s.student_steps * 0.1 * (1 + 2) / 2)
+    assert first == f"[study] expected: ~{want:.0f} s (from the task's measured costs; cached stages count as work until reused)"
+
+
 def test_only_keys_restricts_the_student_runs(smoke, tmp_path: Path) -> None:
     import shutil
 
@@ -296,7 +327,7 @@ def test_a_stopped_study_resumes_without_retraining(smoke, tmp_path: Path) -> No
     assert len(students) == n_students
     assert sum("reused" in line for line in students) == 2
     assert all("| left: stage " in line for line in students) and students[-1].endswith("study 0 s")
-    assert len([line for line in lines if line.startswith("[timing ")]) == len(dm.TIMING_RUNS)
+    assert len([line for line in lines if line.startswith("[timing ")]) == len(res["timing"]) == 6
 
 
 def test_a_changed_setting_does_not_reuse_cached_runs(smoke, tmp_path: Path) -> None:
@@ -347,6 +378,26 @@ def test_progress_expected_remaining_time() -> None:
     assert par.remaining_s("s") == pytest.approx(10 * 0.5)  # one unit left: one worker busy
     with pytest.raises(ValueError, match="n \\(units running at once\\) must be an integer >= 1, got 0"):
         par.set_parallel("s", 0)
+    # a stage's prior (measured costs) comes before the last stage's rate; a stage without one takes that rate
+    mixed = dm.Progress([("a", [("a1", 10)]), ("b", [("b1", 10)]), ("c", [("c1", 10)])], stream=io.StringIO(),
+                        priors={"b": 2.0})
+    mixed.done("a", "a1", 5.0)  # 0.5 s per step
+    assert mixed.remaining_s("b") == pytest.approx(20.0) and mixed.remaining_s("c") == pytest.approx(5.0)
+
+
+def test_progress_priors_from_measured_costs() -> None:
+    q = dm.task_settings("digits", "quick")
+    costs = json.loads((ROOT / "docs" / "results" / "costs-digits.json").read_text())
+    pri = dm.progress_priors(q, costs)
+    assert pri == {"vision": pytest.approx(costs["vision_s"] / costs["vision_steps"]),  # per step, as measured
+                   "teacher": costs["teacher_step_s"], "stage1": costs["student_step_s"],
+                   "timing": pytest.approx(3 * costs["student_step_s"]), "students": costs["student_step_s"]}
+    assert "vision" not in dm.progress_priors(dm.PRESETS["smoke"], costs)  # no tower to pre-train
+    half = dataclasses.replace(q, vision_pretrain_steps=costs["vision_steps"] // 2)
+    assert dm.progress_priors(half, costs)["vision"] == pri["vision"]
+    assert dm.estimate_study_s(half, costs)["vision"] == pytest.approx(costs["vision_s"] / 2)  # scaled by the steps
+    with pytest.raises(ValueError, match="costs\\['teacher_step_s'\\] must be a finite number > 0, got nan"):
+        dm.progress_priors(q, {**costs, "teacher_step_s": float("nan")})
 
 
 def test_table14_combinations_are_the_trainer_weights() -> None:
@@ -370,7 +421,7 @@ def test_table14_mixes_train(smoke, tmp_path: Path) -> None:
 
     run_dir = tmp_path / "copy"
     shutil.copytree(smoke[0], run_dir)
-    s = dataclasses.replace(dm.PRESETS["smoke"], experiments=("table14",))
+    s = dataclasses.replace(dm.PRESETS["smoke"], experiments=("table14", "fig6", "fig7"))  # align_ti as the fixture's
     got = dm.run_demo(s, run_dir, progress=False, log=lambda *_: None, only_keys=["mix@T", "mix@KIT", "align_ti"])
     assert set(got["runs"]) == {"mix@T", "mix@KIT", "align_ti"}
     for key in ("mix@T", "mix@KIT"):
@@ -405,13 +456,61 @@ def test_compute_budget_and_estimate() -> None:
     assert est["total"] == pytest.approx(est["teacher"] + est["stage1"] + est["students"] + est["vision"])
     with pytest.raises(ValueError, match="measured\\['eval_s'\\] must be a finite number >= 0"):
         dm.estimate_study_s(s, {**m, "eval_s": float("nan")})
-    # workers: each run (sft 5.2 s, kd and iva 5.4 s, tpa 5.2 s, align_ti 5.8 s; 2 seeds each, in that
-    # order) goes to the first free worker
+    # workers: each run (sft 5.2 s, kd and iva 5.4 s, tpa 5.2 s, align_ti 5.8 s; 2 seeds each), longest
+    # first, goes to the first free worker: with 3, worker 3 takes 5.4, 5.4, 5.2, 5.2 (21.2) and the others
+    # 5.8, 5.4, 5.2 (16.4); in the study's order (sft first) the last worker would end at 21.6
     assert dm.estimate_study_s(s, m, workers=2)["students"] == pytest.approx(27.0)
-    assert dm.estimate_study_s(s, m, workers=3)["students"] == pytest.approx(21.6)
+    assert dm.estimate_study_s(s, m, workers=3)["students"] == pytest.approx(21.2)
     assert dm.estimate_study_s(s, m, workers=2)["teacher"] == est["teacher"]  # only the students run in workers
     with pytest.raises(ValueError, match="workers must be an integer >= 1, got 0"):
         dm.estimate_study_s(s, m, workers=0)
+
+
+def test_quick_is_the_main_comparison_on_digits_within_the_budget(capsys) -> None:
+    """``make demo`` (quick): the digits task, the runs Tables 3 and 5 share (SFT, Vanilla KD, Align-TI) with
+    3 seeds, Fig. 4/6/7 and Table 4 measured on them; its estimate from the digits costs fits 15 minutes
+    minus the venv's install at the frozen student budget (docs/results/study.md, "Time")."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import demo as demo_cli
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    assert demo_cli.DEFAULT_TASKS["quick"] == demo_cli.DEFAULT_TASKS["smoke"] == ["digits"]
+    q = dm.task_settings("digits", "quick")
+    assert q.seeds == (0, 1, 2) and dm._student_keys(q, q.experiments) == ["sft", "kd", "align_ti"]
+    assert [m for _, m, _ in dm.timing_runs(dm._study_methods(q, ["sft", "kd", "align_ti"]))] == ["sft", "kd", "align_ti"]
+    assert dm._view_keys(q.experiments, "fig6", ["sft", "kd", "align_ti"]) == {"sft", "kd", "align_ti"}
+    assert dm._view_keys(q.experiments, "fig7", ["sft", "kd", "align_ti"]) == {"kd", "align_ti"}
+    assert dm._student_keys(q, ("fig6", "fig7")) == []  # views add no run
+    assert set(dm.task_settings("digits", "full").experiments) == set(dm.PRESETS["full"].experiments)  # --full: all
+    costs = json.loads((ROOT / "docs" / "results" / "costs-digits.json").read_text())
+    est = dm.estimate_study_s(q, costs, workers=2)
+    assert est["total"] <= 13 * 60, est
+    assert demo_cli.main(["--estimate", str(ROOT / "docs" / "results" / "costs-digits.json"),
+                          "--set", "student_steps=1400"]) == 0
+    out = capsys.readouterr().out
+    assert "digits (" in out and f"total {dm.estimate_study_s(dataclasses.replace(q, student_steps=1400), costs, workers=2)['total'] / 60:.1f} min" in out
+    with pytest.raises(SystemExit):
+        demo_cli.main(["--estimate", str(ROOT / "docs" / "results" / "costs-digits.json"), "--set", "nonsense=1"])
+    assert "--set takes NAME=VALUE" in capsys.readouterr().err
+
+
+def test_teacher_threads_are_part_of_the_teachers_key(smoke) -> None:
+    """``teacher_threads``: the teacher's own thread count (0: ``threads``), in its cache key (and so in the
+    keys of everything trained from it), checked."""
+    run_dir, _ = smoke
+    keys = {}
+    for n in (0, 1, 2):
+        d = dm.Demo(dataclasses.replace(dm.PRESETS["smoke"], threads=1, teacher_threads=n), run_dir, progress=False,
+                    log=lambda *_: None)
+        d.prepare()
+        keys[n] = d.teacher_key()
+    assert keys[0] == keys[1] != keys[2]
+    assert keys[0] == json.loads((run_dir / "teacher" / "train_info.json").read_text())["cache_key"]  # as before
+    d = dm.Demo(dataclasses.replace(dm.PRESETS["smoke"], teacher_threads=-1), run_dir, progress=False)
+    d.prepare()
+    with pytest.raises(ValueError, match="teacher_threads must be an integer >= 0 \\(0: threads\\), got -1"):
+        d.teacher_key()
 
 
 def test_study_report_per_task(smoke, tmp_path: Path) -> None:
@@ -431,9 +530,11 @@ def test_run_study_and_the_cli_on_several_tasks(smoke, tmp_path: Path, monkeypat
     """examples/demo.py --task scenes digits: one run dir per task, one settings per task, a study report
     (run_demo stubbed with the fixture's results: the smoke runs of the tasks are tested in test_study_*)."""
     calls: list[tuple[str, Path, tuple]] = []
+    costs: dict[str, object] = {}
 
     def fake_run_demo(settings, run_dir, **kw):
         calls.append((settings.task, Path(run_dir), settings.seeds))
+        costs[settings.task] = kw.get("costs")
         return smoke[1]
 
     monkeypatch.setattr(dm, "run_demo", fake_run_demo)
@@ -448,6 +549,8 @@ def test_run_study_and_the_cli_on_several_tasks(smoke, tmp_path: Path, monkeypat
         runpy.run_path(str(ROOT / "examples" / "demo.py"), run_name="__main__")
     assert ei.value.code == 0
     assert [c[0] for c in calls] == ["scenes", "digits"] and all(c[2] == dm.PRESETS["full"].seeds for c in calls)
+    # each task's measured costs, where recorded, give the progress its expected times from the start
+    assert costs == {"scenes": None, "digits": json.loads((ROOT / "docs/results/costs-digits.json").read_text())}
     assert "## Task digits" in (tmp_path / "docs" / "study-full.md").read_text()
     assert (tmp_path / "docs" / "study" / "full" / "scenes" / "results.json").exists()
     assert "total wall time" in capsys.readouterr().out
@@ -462,8 +565,8 @@ def test_cli_estimate_trains_nothing(tmp_path: Path, capsys) -> None:
         import demo as demo_cli
     finally:
         sys.path.remove(str(ROOT / "examples"))
-    assert demo_cli.main(["--estimate", str(tmp_path / "cal.json"), "--ratios", str(ROOT / "docs/results/quick/results.json"),
-                          "--run-dir", str(tmp_path / "run")]) == 0
+    assert demo_cli.main(["--task", "scenes", "--estimate", str(tmp_path / "cal.json"), "--ratios",
+                          str(ROOT / "docs/results/quick/results.json"), "--run-dir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("ESTIMATE (not a measurement)") and "one evaluation 10 s): vision 1.0 min, teacher" in out
     assert not (tmp_path / "run").exists()  # --estimate trains nothing
@@ -586,18 +689,23 @@ def test_a_killed_parent_leaves_no_worker(smoke, tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-u", "-c", script, str(ROOT / "examples" / "study"), str(part)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     workers: list[psutil.Process] = []
+    servers: list[psutil.Process] = []
     try:
         for line in proc.stdout:  # type: ignore[union-attr]
             if "(worker " in line:  # a worker started a student run
                 break
-        workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        # the workers: children of the study (spawn) or of its fork server (forkserver, where there is one)
+        kids = psutil.Process(proc.pid).children()
+        servers = [p for p in kids if "forkserver" in " ".join(p.cmdline())]
+        workers = [p for p in kids if "spawn_main" in " ".join(p.cmdline())] + [
+            w for srv in servers for w in srv.children()]
         assert len(workers) == 2
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-        _, alive = psutil.wait_procs(workers, timeout=20)
-        assert alive == [], f"workers still running 20 s after their parent was killed: {alive}"
+        _, alive = psutil.wait_procs(workers + servers, timeout=20)
+        assert alive == [], f"workers (or their fork server) still running 20 s after their parent was killed: {alive}"
     finally:
-        for p in workers:
+        for p in workers + servers:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
         if proc.poll() is None:

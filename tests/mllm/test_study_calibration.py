@@ -45,6 +45,21 @@ def test_task_settings() -> None:
         dm.task_settings("scenes", "huge")
 
 
+def test_the_vision_towers_key_holds_its_thread_count(tmp_path: Path) -> None:
+    """The tower trains at the setting's thread count, so a tower of another count is not reused (the key of
+    a 1-thread tower is the one it had before the count was part of it: cached towers stay valid)."""
+    import dataclasses
+
+    s = dm.task_settings("digits", "smoke")
+    keys = {}
+    for n in (1, 2):
+        d = dm.Demo(dataclasses.replace(s, threads=n), tmp_path, progress=False)
+        d.task_obj = d.task()
+        keys[n] = d._vision_setting()
+    assert keys[1] != keys[2] and keys[2][:-1] == keys[1] and keys[2][-1] == {"threads": 2}
+    assert len(keys[1]) == 9  # images, steps, images count, lr, hidden, layers, patch, position head, data seed
+
+
 def test_answer_format_settings_reach_the_task(tmp_path: Path) -> None:
     s = dm.task_settings("scenes", "smoke")
     for grounded, first in ((True, False), (False, True)):
