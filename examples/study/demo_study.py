@@ -134,6 +134,10 @@ class DemoSettings:
             students with and without IVA).
         grounded_answers: short answers restate their key first (``tasks.SceneTask``: ``"r2c3 red"``).
         question_first: the question comes before the image in the user turn.
+        aligned_questions: ``scenes`` only: the shape question takes the colour question's layout
+            (``tasks.SceneTask.aligned_questions``).
+        object_tokens: ``scenes`` only: position and existence questions name the object with one
+            token ``"red_circle"`` (``tasks.SceneTask.object_tokens``).
         train_turns: questions (of different types) about each training image, one multi-turn
             sample (every assistant turn supervised); the test split stays single-turn.
     """
@@ -182,6 +186,8 @@ class DemoSettings:
     grounded_answers: bool = False
     question_first: bool = False
     train_turns: int = 1
+    aligned_questions: bool = False
+    object_tokens: bool = False
 
 
 @dataclass(frozen=True)
@@ -680,7 +686,12 @@ class Demo:
             kw["question_types"] = tuple(self.s.question_types)
         if self.s.task == "scenes":
             return tasks.SceneTask(image_size=self.s.image_size, grid=self.s.grid, min_objects=self.s.min_objects,
-                                   max_objects=self.s.max_objects, **kw)
+                                   max_objects=self.s.max_objects, aligned_questions=self.s.aligned_questions,
+                                   object_tokens=self.s.object_tokens, **kw)
+        if self.s.aligned_questions or self.s.object_tokens:
+            raise ValueError(f"aligned_questions and object_tokens are settings of the scenes task, got task "
+                             f"{self.s.task!r} with aligned_questions={self.s.aligned_questions!r}, "
+                             f"object_tokens={self.s.object_tokens!r}")
         return tasks.make_task(self.s.task, image_size=self.s.image_size, grid=self.s.grid, **kw)
 
     def prepare(self) -> None:
@@ -697,8 +708,9 @@ class Demo:
             key = json.dumps([s.n_train, s.n_test, s.n_captions, s.data_seed, dataclasses.asdict(cfg)])
             irs_json = data_dir / "irs" / "train.json"
         else:
-            key = json.dumps([s.task, s.n_train, s.n_test, s.n_captions, s.n_irs, s.data_seed, dataclasses.asdict(task),
-                              s.train_turns])
+            fields = {k: v for k, v in dataclasses.asdict(task).items()  # options added later count only when set,
+                      if v or k not in ("aligned_questions", "object_tokens")}  # so earlier caches stay valid
+            key = json.dumps([s.task, s.n_train, s.n_test, s.n_captions, s.n_irs, s.data_seed, fields, s.train_turns])
             irs_json = data_dir / "irs.json"
         if not (stamp.exists() and stamp.read_text() == key):
             self.log(f"writing the {s.task} task to {data_dir} ...")
@@ -852,7 +864,7 @@ class Demo:
         s = self.s
         images = {k: v for k, v in dataclasses.asdict(self.task_obj).items()  # what the images depend on
                   if k not in ("question_types", "question_weights", "caption_type", "compact_positions",
-                               "grounded_answers", "question_first")}
+                               "grounded_answers", "question_first", "aligned_questions", "object_tokens")}
         return json.loads(json.dumps([images, s.vision_pretrain_steps, s.vision_images,
                                       s.vision_lr, s.vision_hidden, s.vision_layers, s.patch_size, s.vision_position,
                                       s.data_seed]))
