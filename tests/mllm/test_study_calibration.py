@@ -50,6 +50,35 @@ def test_answer_format_settings_reach_the_task(tmp_path: Path) -> None:
         task = dm.Demo(dataclasses.replace(s, grounded_answers=grounded, question_first=first), tmp_path,
                        progress=False).task()
         assert (task.grounded_answers, task.question_first) == (grounded, first)
+    for aligned, objects in ((True, False), (False, True)):
+        task = dm.Demo(dataclasses.replace(s, aligned_questions=aligned, object_tokens=objects), tmp_path,
+                       progress=False).task()
+        assert (task.aligned_questions, task.object_tokens) == (aligned, objects)
+    d = dm.task_settings("digits", "smoke")
+    with pytest.raises(ValueError, match="object_tokens"):  # scenes options: refused on another task, not ignored
+        dm.Demo(dataclasses.replace(d, object_tokens=True), tmp_path / "d", progress=False).task()
+
+
+def test_new_format_options_keep_earlier_cache_keys_and_name_themselves_on_the_page(tmp_path: Path) -> None:
+    import dataclasses
+
+    s = dm.task_settings("scenes", "smoke")
+    demo = dm.Demo(s, tmp_path / "a", progress=False)
+    demo.task_obj = demo.task()
+    plain = demo._vision_setting()
+    demo.task_obj = dm.Demo(dataclasses.replace(s, aligned_questions=True, object_tokens=True), tmp_path / "b",
+                            progress=False).task()
+    assert demo._vision_setting() == plain  # the images do not change: the pre-trained tower is reused
+    assert "aligned_questions" not in json.dumps(plain) and "object_tokens" not in json.dumps(plain)
+    demo.prepare()  # the data key names an option only when it is set: earlier run dirs keep their data
+    key = (tmp_path / "a" / "data" / "settings.json").read_text()
+    assert '"grounded_answers"' in key and "aligned_questions" not in key and "object_tokens" not in key
+    other = dm.Demo(dataclasses.replace(s, object_tokens=True), tmp_path / "c", progress=False)
+    other.prepare()
+    assert '"object_tokens": true' in (tmp_path / "c" / "data" / "settings.json").read_text()
+    assert other.data_key != demo.data_key and other.tok.convert_tokens_to_ids("red_circle") != other.tok.unk_token_id
+    flags = dict(cal._FORMAT_FLAGS)
+    assert set(flags) == {"grounded_answers", "aligned_questions", "object_tokens", "question_first"}
 
 
 def test_set_parses_tuple_fields_and_refuses_unknown_ones() -> None:
