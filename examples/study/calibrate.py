@@ -243,8 +243,10 @@ def calibration_markdown(res: dict[str, Any], *, command: str) -> str:
           + "; training question weights "
           + (", ".join(f"{t} {w:g}" for t, w in zip(types, s["question_weights"])) if s.get("question_weights")
              else "uniform") + " (test split uniform).",
-          f"* Teacher: hidden {s['teacher']['hidden']}, {s['teacher']['layers']} layers; SFT {s['teacher_steps']} steps, "
-          f"batch {s['batch_size']}, lr {s['teacher_lr']}.",
+          f"* Teacher: hidden {s['teacher']['hidden']}, {s['teacher']['layers']} layers; "
+          + (f"first {s['teacher_first_steps']} steps on the {', '.join(s['teacher_first_types'])} samples only, "
+             "then " if s.get("teacher_first_steps") else "")
+          + f"SFT {s['teacher_steps']} steps, batch {s['batch_size']}, lr {s['teacher_lr']}.",
           f"* Student: hidden {s['student']['hidden']}, {s['student']['layers']} layers; stage 1 {s['stage1_steps']} "
           f"steps on captions; SFT {s['student_steps']} steps, lr {s['student_lr']}.", ""]
     v = res.get("vision")

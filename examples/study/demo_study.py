@@ -138,6 +138,11 @@ class DemoSettings:
             (``tasks.SceneTask.aligned_questions``).
         object_tokens: ``scenes`` only: position and existence questions name the object with one
             token ``"red_circle"`` (``tasks.SceneTask.object_tokens``).
+        teacher_first_types, teacher_first_steps: a curriculum for the teacher: before its
+            ``teacher_steps`` on every training sample, ``teacher_first_steps`` steps (their own
+            warm-up and cosine schedule) on the training samples of these question types only
+            (0 steps: no first stage). Why: lookups sharing one layout (colour and shape) are learnt
+            together alone, and a lookup learnt first is kept in the mix (calibration-log.md).
         train_turns: questions (of different types) about each training image, one multi-turn
             sample (every assistant turn supervised); the test split stays single-turn.
     """
@@ -188,6 +193,8 @@ class DemoSettings:
     train_turns: int = 1
     aligned_questions: bool = False
     object_tokens: bool = False
+    teacher_first_types: tuple[str, ...] = ()
+    teacher_first_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -372,6 +379,13 @@ class CachedDataset(torch.utils.data.Dataset):
         self.items = [ds[i] for i in range(n)]
         self.num_image_tokens = ds.num_image_tokens
         self.skipped: list[Any] = []
+
+    @classmethod
+    def of(cls, items: list[dict[str, Any]], num_image_tokens: int) -> CachedDataset:
+        """A dataset of already decoded ``items`` (a subset of another one)."""
+        out = cls.__new__(cls)
+        out.items, out.num_image_tokens, out.skipped = list(items), num_image_tokens, []
+        return out
 
     def __len__(self) -> int:
         return len(self.items)
@@ -916,8 +930,18 @@ class Demo:
             tower = self.vision_tower()
             if tower is not None:  # the pre-trained tower, frozen for teacher and students alike
                 t.model.vision_tower.load_state_dict(tower)
+            first = None
+            if self.s.teacher_first_steps:  # curriculum: the first stage on some question types only
+                sub = self.train_subset(self.s.teacher_first_types)
+                self.log(f"stage 0a: teacher on {len(sub)} samples of {', '.join(self.s.teacher_first_types)} "
+                         f"for {self.s.teacher_first_steps} steps")
+                first = self.fit(t, sub, steps=self.s.teacher_first_steps, lr=self.s.teacher_lr, seed=seed,
+                                 tag=path.name + "-first", train_vision=self.s.teacher_trains_vision and tower is None)
             meta = self.fit(t, self.train, steps=self.s.teacher_steps, lr=self.s.teacher_lr, seed=seed,
                             tag=path.name, train_vision=self.s.teacher_trains_vision and tower is None)
+            if first is not None:
+                meta["first_stage"] = {"types": list(self.s.teacher_first_types), "steps": self.s.teacher_first_steps,
+                                       "samples": len(sub), **first}
             meta = self._save_checkpoint(t, path, meta, key)
         t.eval()
         t.requires_grad_(False)
@@ -925,11 +949,23 @@ class Demo:
         self.results["teacher_train"] = _jsonable(meta)
         return t
 
+    def train_subset(self, types: Sequence[str]) -> CachedDataset:
+        """The training samples whose question type is in ``types`` (same items, same order)."""
+        metas = _meta(self.dir / "data" / "train.json")
+        known = {m.get("type") for m in metas}
+        if isinstance(types, str) or not types or any(t not in known for t in types):
+            raise ValueError(f"teacher_first_types must be a non-empty tuple of the training split's question types "
+                             f"{sorted(known)}, got {types!r}")
+        return CachedDataset.of([it for it, m in zip(self.train.items, metas) if m.get("type") in types],
+                                self.train.num_image_tokens)
+
     def teacher_key(self, seed: int | None = None) -> str:
         """The cache key of the SFT teacher of ``seed`` (default ``teacher_seed``)."""
         s = self.s
         vision = (["pretrained", self._vision_setting()] if s.vision_pretrain_steps
                   else ["trained by the teacher's SFT" if s.teacher_trains_vision else "random, frozen"])
+        if s.teacher_first_steps:  # a curriculum's first stage (absent otherwise: earlier keys unchanged)
+            vision = [*vision, ["first stage", list(s.teacher_first_types), s.teacher_first_steps]]
         return self._model_key(s.teacher, seed=s.teacher_seed if seed is None else seed, steps=s.teacher_steps,
                                lr=s.teacher_lr, source=vision)
 

@@ -182,3 +182,30 @@ def test_demo_smoke_on_the_scenes_task(tmp_path: Path) -> None:
     page = dm.write_report(res, tmp_path / "out", command="smoke", page=tmp_path / "page.md")
     text = page.read_text()
     assert "| list_color % |" in text and "'describe' prompts" in text and "3..8 objects" in text
+
+
+def test_teacher_curriculum_trains_a_first_stage_on_the_named_types(tmp_path: Path) -> None:
+    import dataclasses
+
+    torch.set_num_threads(1)
+    s = dataclasses.replace(dm.task_settings("scenes", "smoke"), n_train=40, teacher_steps=2)
+    staged = dataclasses.replace(s, teacher_first_types=("color", "shape"), teacher_first_steps=3)
+    demo = dm.Demo(staged, tmp_path, progress=False)
+    demo.prepare()
+    sub = demo.train_subset(("color", "shape"))
+    types = [m["type"] for m in dm._meta(tmp_path / "data" / "train.json")]
+    assert len(sub) == sum(t in ("color", "shape") for t in types) > 0
+    assert all(any(it is x for x in demo.train.items) for it in sub.items)  # the same decoded items, no copies
+    for bad in (("colour",), (), "color"):
+        with pytest.raises(ValueError, match="teacher_first_types"):
+            demo.train_subset(bad)
+    plain = dm.Demo(s, tmp_path, progress=False)
+    plain.prepare()
+    plain.task_obj = demo.task_obj
+    assert demo.teacher_key() != plain.teacher_key()  # the curriculum is part of the teacher's cache key
+    demo.teacher_model()
+    info = json.loads((tmp_path / "teacher" / "train_info.json").read_text())
+    first = info["first_stage"]
+    assert (first["types"], first["steps"], first["samples"]) == (["color", "shape"], 3, len(sub))
+    assert len(first["log"]) == 3 and all(x["loss"] > 0 for x in first["log"])  # one logged loss per first-stage step
+    assert info["cache_key"] == demo.teacher_key()
