@@ -310,13 +310,14 @@ PRESETS: dict[str, DemoSettings] = {
 #: Calibration (teacher and SFT student only) decides these; see docs/results/calibration-tasks.md.
 TASK_SETTINGS: dict[str, dict[str, Any]] = {
     # scenes: 4x4 grid, one 12 px patch per cell (16 visual tokens), one-token positions, a position-aware
-    # tower, training weighted towards the lookup types, short answers that restate their key first
-    # (docs/results/calibration-log.md; the best measured setting, short types still below the 85 % target)
+    # tower, training weighted towards the lookup types, short answers that restate their key first, the
+    # shape question in the colour question's layout, a 6,000-step teacher (docs/results/calibration-log.md,
+    # session 4; the best measured setting: short types 61.2 / 65.0 %, still below the 85 % target)
     "scenes": dict(task="scenes", grid=4, image_size=48, patch_size=12, min_objects=3, max_objects=8,
                    vision_pretrain_steps=400, vision_images=3000, teacher_trains_vision=False, n_irs=64,
-                   exposure_steps=48, teacher_steps=3000, n_train=10000, compact_positions=True,
+                   exposure_steps=48, teacher_steps=6000, n_train=10000, compact_positions=True,
                    vision_position=True, question_weights=(3.0, 3.0, 3.0, 2.0, 2.0, 1.0, 1.0, 1.0),
-                   grounded_answers=True),
+                   grounded_answers=True, aligned_questions=True),
     # digits: as scenes (one patch per cell, one-token positions, position-aware tower, grounded answers):
     # calibrated in docs/results/calibration-digits-grounded.md (teacher 85.5 % on the short types); the
     # student's budget is the best measured (docs/results/calibration-log.md, session 3: 800 steps at lr 3e-3,

@@ -24,6 +24,8 @@ def test_task_settings() -> None:
     assert (s.task, s.grid, s.image_size, s.patch_size) == ("scenes", 4, 48, 12)  # one patch per cell
     assert s.compact_positions and s.vision_position and len(s.question_weights) == 8
     assert s.grounded_answers and not s.question_first and s.train_turns == 1  # calibration-log.md, session 2
+    # session 4: the shape question in the colour question's layout, 6,000 teacher steps, no curriculum
+    assert s.aligned_questions and not s.object_tokens and s.teacher_steps == 6000 and not s.teacher_first_steps
     d = dm.task_settings("digits", "quick")  # calibration-digits-grounded.md
     assert d.grounded_answers and d.compact_positions and d.vision_position and d.teacher_steps == 2000
     # the student's best measured budget (calibration-log.md, session 3): 48-d x 2, stage 1 150, SFT 800 at 3e-3
@@ -62,7 +64,7 @@ def test_answer_format_settings_reach_the_task(tmp_path: Path) -> None:
 def test_new_format_options_keep_earlier_cache_keys_and_name_themselves_on_the_page(tmp_path: Path) -> None:
     import dataclasses
 
-    s = dm.task_settings("scenes", "smoke")
+    s = dataclasses.replace(dm.task_settings("scenes", "smoke"), aligned_questions=False, object_tokens=False)
     demo = dm.Demo(s, tmp_path / "a", progress=False)
     demo.task_obj = demo.task()
     plain = demo._vision_setting()
