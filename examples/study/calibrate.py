@@ -217,6 +217,15 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+#: answer / question format options of the task, as the calibration page names them when set
+_FORMAT_FLAGS = (
+    ("grounded_answers", "short answers restate their key first ('r2c3 red')"),
+    ("aligned_questions", "shape questions in the colour question's layout ('what shape is the object at r2c3 ?')"),
+    ("object_tokens", "position and existence questions name the object with one token ('red_circle')"),
+    ("question_first", "the question before the image"),
+)
+
+
 def calibration_markdown(res: dict[str, Any], *, command: str) -> str:
     """The calibration page: setting, vision tower, teachers, SFT students, targets."""
     s, task = res["settings"], res["task"]
@@ -233,11 +242,14 @@ def calibration_markdown(res: dict[str, Any], *, command: str) -> str:
           f"{', '.join(task['short_types'])}); answers {task['answer_tokens_mean']:.1f} tokens on average, "
           f"'{task['long_type']}' {task['describe_tokens_mean']:.1f}, max {task['answer_tokens_max']}; positions "
           + ("one token ('r2c3')" if s.get("compact_positions") else "in words ('row two column three')")
+          + "".join(f"; {text}" for flag, text in _FORMAT_FLAGS if s.get(flag))
           + "; training question weights "
           + (", ".join(f"{t} {w:g}" for t, w in zip(types, s["question_weights"])) if s.get("question_weights")
              else "uniform") + " (test split uniform).",
-          f"* Teacher: hidden {s['teacher']['hidden']}, {s['teacher']['layers']} layers; SFT {s['teacher_steps']} steps, "
-          f"batch {s['batch_size']}, lr {s['teacher_lr']}.",
+          f"* Teacher: hidden {s['teacher']['hidden']}, {s['teacher']['layers']} layers; "
+          + (f"first {s['teacher_first_steps']} steps on the {', '.join(s['teacher_first_types'])} samples only, "
+             "then " if s.get("teacher_first_steps") else "")
+          + f"SFT {s['teacher_steps']} steps, batch {s['batch_size']}, lr {s['teacher_lr']}.",
           f"* Student: hidden {s['student']['hidden']}, {s['student']['layers']} layers; stage 1 {s['stage1_steps']} "
           f"steps on captions; SFT {s['student_steps']} steps, lr {s['student_lr']}, "
           f"{dm._schedule_words(s.get('student_stable', 0.0))}.", ""]

@@ -137,6 +137,15 @@ class DemoSettings:
             students with and without IVA).
         grounded_answers: short answers restate their key first (``tasks.SceneTask``: ``"r2c3 red"``).
         question_first: the question comes before the image in the user turn.
+        aligned_questions: ``scenes`` only: the shape question takes the colour question's layout
+            (``tasks.SceneTask.aligned_questions``).
+        object_tokens: ``scenes`` only: position and existence questions name the object with one
+            token ``"red_circle"`` (``tasks.SceneTask.object_tokens``).
+        teacher_first_types, teacher_first_steps: a curriculum for the teacher: before its
+            ``teacher_steps`` on every training sample, ``teacher_first_steps`` steps (their own
+            warm-up and cosine schedule) on the training samples of these question types only
+            (0 steps: no first stage). Why: lookups sharing one layout (colour and shape) are learnt
+            together alone, and a lookup learnt first is kept in the mix (calibration-log.md).
         train_turns: questions (of different types) about each training image, one multi-turn
             sample (every assistant turn supervised); the test split stays single-turn.
         student_stable: the stage-2 learning-rate schedule of every student method
@@ -195,6 +204,10 @@ class DemoSettings:
     train_turns: int = 1
     student_stable: float = 0.0
     teacher_threads: int = 0
+    aligned_questions: bool = False
+    object_tokens: bool = False
+    teacher_first_types: tuple[str, ...] = ()
+    teacher_first_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -325,13 +338,14 @@ PRESETS: dict[str, DemoSettings] = {
 #: Calibration (teacher and SFT student only) decides these; see docs/results/calibration-tasks.md.
 TASK_SETTINGS: dict[str, dict[str, Any]] = {
     # scenes: 4x4 grid, one 12 px patch per cell (16 visual tokens), one-token positions, a position-aware
-    # tower, training weighted towards the lookup types, short answers that restate their key first
-    # (docs/results/calibration-log.md; the best measured setting, short types still below the 85 % target)
+    # tower, training weighted towards the lookup types, short answers that restate their key first, the
+    # shape question in the colour question's layout, a 6,000-step teacher (docs/results/calibration-log.md,
+    # session 4; the best measured setting: short types 61.2 / 65.0 %, still below the 85 % target)
     "scenes": dict(task="scenes", grid=4, image_size=48, patch_size=12, min_objects=3, max_objects=8,
                    vision_pretrain_steps=400, vision_images=3000, teacher_trains_vision=False, n_irs=64,
-                   exposure_steps=48, teacher_steps=3000, n_train=10000, compact_positions=True,
+                   exposure_steps=48, teacher_steps=6000, n_train=10000, compact_positions=True,
                    vision_position=True, question_weights=(3.0, 3.0, 3.0, 2.0, 2.0, 1.0, 1.0, 1.0),
-                   grounded_answers=True),
+                   grounded_answers=True, aligned_questions=True),
     # digits: as scenes (one patch per cell, one-token positions, position-aware tower, grounded answers):
     # calibrated in docs/results/calibration-digits-grounded.md (teacher 85.5 % on the short types). The
     # student is the best measured recipe (docs/results/calibration-log.md, session 4), not one that meets
@@ -404,6 +418,13 @@ class CachedDataset(torch.utils.data.Dataset):
         self.items = [ds[i] for i in range(n)]
         self.num_image_tokens = ds.num_image_tokens
         self.skipped: list[Any] = []
+
+    @classmethod
+    def of(cls, items: list[dict[str, Any]], num_image_tokens: int) -> CachedDataset:
+        """A dataset of already decoded ``items`` (a subset of another one)."""
+        out = cls.__new__(cls)
+        out.items, out.num_image_tokens, out.skipped = list(items), num_image_tokens, []
+        return out
 
     def __len__(self) -> int:
         return len(self.items)
@@ -756,7 +777,12 @@ class Demo:
             kw["question_types"] = tuple(self.s.question_types)
         if self.s.task == "scenes":
             return tasks.SceneTask(image_size=self.s.image_size, grid=self.s.grid, min_objects=self.s.min_objects,
-                                   max_objects=self.s.max_objects, **kw)
+                                   max_objects=self.s.max_objects, aligned_questions=self.s.aligned_questions,
+                                   object_tokens=self.s.object_tokens, **kw)
+        if self.s.aligned_questions or self.s.object_tokens:
+            raise ValueError(f"aligned_questions and object_tokens are settings of the scenes task, got task "
+                             f"{self.s.task!r} with aligned_questions={self.s.aligned_questions!r}, "
+                             f"object_tokens={self.s.object_tokens!r}")
         return tasks.make_task(self.s.task, image_size=self.s.image_size, grid=self.s.grid, **kw)
 
     def prepare(self) -> None:
@@ -773,8 +799,9 @@ class Demo:
             key = json.dumps([s.n_train, s.n_test, s.n_captions, s.data_seed, dataclasses.asdict(cfg)])
             irs_json = data_dir / "irs" / "train.json"
         else:
-            key = json.dumps([s.task, s.n_train, s.n_test, s.n_captions, s.n_irs, s.data_seed, dataclasses.asdict(task),
-                              s.train_turns])
+            fields = {k: v for k, v in dataclasses.asdict(task).items()  # options added later count only when set,
+                      if v or k not in ("aligned_questions", "object_tokens")}  # so earlier caches stay valid
+            key = json.dumps([s.task, s.n_train, s.n_test, s.n_captions, s.n_irs, s.data_seed, fields, s.train_turns])
             irs_json = data_dir / "irs.json"
         if not (stamp.exists() and stamp.read_text() == key):
             self.log(f"writing the {s.task} task to {data_dir} ...")
@@ -932,7 +959,7 @@ class Demo:
         s = self.s
         images = {k: v for k, v in dataclasses.asdict(self.task_obj).items()  # what the images depend on
                   if k not in ("question_types", "question_weights", "caption_type", "compact_positions",
-                               "grounded_answers", "question_first")}
+                               "grounded_answers", "question_first", "aligned_questions", "object_tokens")}
         # the thread count it trains with (its convolution's and LayerNorms' weight gradients split their sums by
         # thread): appended only when it is not 1, so the towers cached by 1-thread runs keep their keys
         threads = [] if s.threads == 1 else [{"threads": s.threads}]
@@ -989,15 +1016,36 @@ class Demo:
             tower = self.vision_tower()
             if tower is not None:  # the pre-trained tower, frozen for teacher and students alike
                 t.model.vision_tower.load_state_dict(tower)
+            first = None
+            if self.s.teacher_first_steps:  # curriculum: the first stage on some question types only
+                sub = self.train_subset(self.s.teacher_first_types)
+                self.log(f"stage 0a: teacher on {len(sub)} samples of {', '.join(self.s.teacher_first_types)} "
+                         f"for {self.s.teacher_first_steps} steps")
+                first = self.fit(t, sub, steps=self.s.teacher_first_steps, lr=self.s.teacher_lr, seed=seed,
+                                 tag=path.name + "-first", train_vision=self.s.teacher_trains_vision and tower is None,
+                                 threads=self.s.teacher_threads or self.s.threads)
             meta = self.fit(t, self.train, steps=self.s.teacher_steps, lr=self.s.teacher_lr, seed=seed,
                             tag=path.name, train_vision=self.s.teacher_trains_vision and tower is None,
                             threads=self.s.teacher_threads or self.s.threads)
+            if first is not None:
+                meta["first_stage"] = {"types": list(self.s.teacher_first_types), "steps": self.s.teacher_first_steps,
+                                       "samples": len(sub), **first}
             meta = self._save_checkpoint(t, path, meta, key)
         t.eval()
         t.requires_grad_(False)
         t.study_cache_key = key  # what the students' and evaluations' keys build on
         self.results["teacher_train"] = _jsonable(meta)
         return t
+
+    def train_subset(self, types: Sequence[str]) -> CachedDataset:
+        """The training samples whose question type is in ``types`` (same items, same order)."""
+        metas = _meta(self.dir / "data" / "train.json")
+        known = {m.get("type") for m in metas}
+        if isinstance(types, str) or not types or any(t not in known for t in types):
+            raise ValueError(f"teacher_first_types must be a non-empty tuple of the training split's question types "
+                             f"{sorted(known)}, got {types!r}")
+        return CachedDataset.of([it for it, m in zip(self.train.items, metas) if m.get("type") in types],
+                                self.train.num_image_tokens)
 
     def teacher_key(self, seed: int | None = None) -> str:
         """The cache key of the SFT teacher of ``seed`` (default ``teacher_seed``)."""
@@ -1006,6 +1054,8 @@ class Demo:
             raise ValueError(f"teacher_threads must be an integer >= 0 (0: threads), got {s.teacher_threads!r}")
         vision = (["pretrained", self._vision_setting()] if s.vision_pretrain_steps
                   else ["trained by the teacher's SFT" if s.teacher_trains_vision else "random, frozen"])
+        if s.teacher_first_steps:  # a curriculum's first stage (absent otherwise: earlier keys unchanged)
+            vision = [*vision, ["first stage", list(s.teacher_first_types), s.teacher_first_steps]]
         return self._model_key(s.teacher, seed=s.teacher_seed if seed is None else seed, steps=s.teacher_steps,
                                lr=s.teacher_lr, source=vision, threads=s.teacher_threads or s.threads)
 

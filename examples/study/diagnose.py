@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="curriculum stage after --first-*, in order: STEPS steps drawing only the comma-separated "
                         "TYPES (e.g. shape:300 or color,shape:200); the remaining steps draw from every sample")
     p.add_argument("--irs", action="store_true", help="also the IRS curve at the end")
+    p.add_argument("--show", type=int, default=0, metavar="N",
+                   help="at the end, print up to N wrong greedy answers per question type (question, reference, answer)")
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "diagnose.jsonl")
     a = p.parse_args(argv)
@@ -143,7 +145,29 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rec), flush=True)
             with a.out.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
+    if a.show:
+        show_wrong(model, test, meta, demo, a.show)
     return 0
+
+
+@torch.no_grad()
+def show_wrong(model: torch.nn.Module, items: list, metas: list, demo: dm.Demo, n: int) -> None:
+    """Print up to ``n`` wrong greedy answers per question type: what the model says instead."""
+    from tokinteract.mllm.eval import _left_pad, _prompt_and_answer, _strip, greedy_generate
+
+    shown: dict[str, int] = {}
+    for i in range(0, len(items), 32):
+        chunk = items[i:i + 32]
+        pa = [_prompt_and_answer(it) for it in chunk]
+        ids, att = _left_pad([p for p, _ in pa], demo.pad)
+        out = greedy_generate(model, ids, att, torch.cat([it["pixel_values"] for it in chunk], 0),
+                              max_new_tokens=max(len(x) for _, x in pa) + 2, eos=demo.eos)
+        for b, (p, ref) in enumerate(pa):
+            pred, t = _strip(out[b].tolist(), demo.eos), metas[i + b].get("type")
+            if pred != ref.tolist() and shown.get(t, 0) < n:
+                shown[t] = shown.get(t, 0) + 1
+                q = demo.tok.decode([x for x in p.tolist() if x != demo.image_token_id][-12:])
+                print(f"{t}: {q!r} ref {demo.tok.decode(ref.tolist())!r} got {demo.tok.decode(pred)!r}", flush=True)
 
 
 if __name__ == "__main__":

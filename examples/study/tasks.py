@@ -91,6 +91,8 @@ def _cell_words(grid: int) -> list[str]:
 _POS = r"row \w+ column \w+|r\d+c\d+"
 _POS_RE = re.compile(r"row (\w+) column (\w+)")
 _CELL_RE = re.compile(r"r(\d+)c(\d+)")
+#: an object's name in a question: ``"red circle"``, or one token ``"red_circle"`` (``SceneTask.object_tokens``)
+_OBJ = r"[a-z]+[ _][a-z]+"
 
 
 def _parse_pos(text: str) -> tuple[int, int]:
@@ -142,10 +144,10 @@ def _split_key(qtype: str, question: str, answer: str) -> tuple[str | None, str]
         m = re.search(rf"at ({_POS}) \?$", question)
         want = m.group(1) if m else None
     elif qtype == "position":
-        m = re.fullmatch(r"where is the (\w+ \w+) \?", question)
+        m = re.fullmatch(rf"where is the ({_OBJ}) \?", question)
         want = m.group(1) if m else None
     elif qtype == "exist":
-        m = re.fullmatch(r"is there a (\w+ \w+) in the image \?", question)
+        m = re.fullmatch(rf"is there a ({_OBJ}) in the image \?", question)
         want = m.group(1) if m else None
     else:  # count
         m = re.fullmatch(r"how many (?:(\w+) )?objects are there \?", question)
@@ -196,6 +198,17 @@ class SceneTask:
             then look it up). Exact match scores the whole answer, the key included.
         question_first: the question comes before the image in the user turn (``"q\n<image>"``),
             so that visual tokens can attend to it (causal attention); default: image first, as LLaVA.
+        aligned_questions: the shape question takes the colour question's layout, ``"what shape is the
+            object at r2c3 ?"`` (default ``"what shape is at r2c3 ?"``): both lookups then sit at the
+            same distance from every visual token, differing only in the attribute word. Why: a lookup
+            that a model learns as "attend at this relative offset" (RoPE) serves both types only if
+            their layouts agree.
+        object_tokens: position and existence questions name the object with one token
+            ``"red_circle"`` (question and grounded key: ``"where is the red_circle ?"`` ->
+            ``"red_circle r2c3"``; ``"is there a red_circle in the image ?"`` -> ``"red_circle no"``).
+            Why: the token that predicts the cell (or yes/no) then holds colour *and* shape itself, so one
+            attention hop matches both, where ``"red circle"`` needs the colour carried over from the
+            previous token first. The long answers keep ``"a red circle at r2c3"``.
     """
 
     image_size: int = 48
@@ -209,6 +222,8 @@ class SceneTask:
     compact_positions: bool = False
     grounded_answers: bool = False
     question_first: bool = False
+    aligned_questions: bool = False
+    object_tokens: bool = False
 
     name = "scenes"
     ALL_TYPES = ("color", "shape", "position", "count", "exist", "describe", "list_color", "count_colors")
@@ -228,7 +243,8 @@ class SceneTask:
         words = ("what color is the object at shape where how many objects are there in image describe a "
                  "list count of each none row column yes no ? . , :").split()
         cells = _cell_words(self.grid) if self.compact_positions else []
-        return list(dict.fromkeys(words + list(COLORS) + list(SHAPES) + list(NUMBERS) + cells))
+        names = [self._name(c, s) for c in COLORS for s in SHAPES] if self.object_tokens else []
+        return list(dict.fromkeys(words + list(COLORS) + list(SHAPES) + list(NUMBERS) + cells + names))
 
     def sample_world(self, rng: random.Random, split: str) -> Scene:  # noqa: ARG002 - one distribution for both splits
         n = rng.randint(self.min_objects, self.max_objects)
@@ -275,6 +291,11 @@ class SceneTask:
         return {"color": 1 + len(COLORS), "shape": 1 + len(SHAPES)}
 
     # ---------------------------------------------------------------- questions
+    def _name(self, colour: str, shape: str) -> str:
+        """How position and existence questions name an object: ``"red circle"``, or one token
+        ``"red_circle"`` with ``object_tokens``."""
+        return f"{colour}_{shape}" if self.object_tokens else f"{colour} {shape}"
+
     def _phrase(self, c: str, s: str, r: int, k: int) -> str:
         return f"a {c} {s} at {_pos(r, k, self.compact_positions)}"
 
@@ -285,12 +306,13 @@ class SceneTask:
             c, s, r, k = rng.choice(objs)
             where = _pos(r, k, cp)
             value = c if qtype == "color" else s
-            q = f"what color is the object at {where} ?" if qtype == "color" else f"what shape is at {where} ?"
+            q = (f"what color is the object at {where} ?" if qtype == "color" else
+                 f"what shape is the object at {where} ?" if self.aligned_questions else f"what shape is at {where} ?")
             return q, f"{where} {value}" if g else value, {"cell": [r, k]}
         if qtype == "position":
             c, s, r, k = rng.choice(objs)
-            where = _pos(r, k, cp)
-            return f"where is the {c} {s} ?", f"{c} {s} {where}" if g else where, {"object": f"{c} {s}"}
+            where, name = _pos(r, k, cp), self._name(c, s)
+            return f"where is the {name} ?", f"{name} {where}" if g else where, {"object": f"{c} {s}"}
         if qtype == "count":
             if rng.random() < 0.3:
                 return "how many objects are there ?", NUMBERS[len(objs)], {}
@@ -305,7 +327,8 @@ class SceneTask:
             else:
                 c, s = self._absent_probe(rng, scene, split)
                 answer = "no"
-            return (f"is there a {c} {s} in the image ?", f"{c} {s} {answer}" if g else answer,
+            name = self._name(c, s)
+            return (f"is there a {name} in the image ?", f"{name} {answer}" if g else answer,
                     {"probe": f"{c} {s}", "answer": answer, "pope": split})
         if qtype == "describe":
             return "describe the image .", " , ".join(self._phrase(*o) for o in objs) + " .", {}
@@ -368,7 +391,7 @@ class SceneTask:
             hit = scene.at(*_parse_pos(m.group(1))) if m else None
             return hit is not None and answer == hit[0 if t == "color" else 1]
         if t == "position":
-            c, s = re.fullmatch(r"where is the (\w+) (\w+) \?", question).groups()
+            c, s = re.fullmatch(r"where is the ([a-z]+)[ _]([a-z]+) \?", question).groups()
             try:
                 where = _parse_pos(answer)
             except ValueError:
@@ -379,7 +402,7 @@ class SceneTask:
             c = m.group(1)
             return answer == NUMBERS[sum(1 for o in objs if c is None or o[0] == c)]
         if t == "exist":
-            c, s = re.fullmatch(r"is there a (\w+) (\w+) in the image \?", question).groups()
+            c, s = re.fullmatch(r"is there a ([a-z]+)[ _]([a-z]+) in the image \?", question).groups()
             return answer == ("yes" if any((o[0], o[1]) == (c, s) for o in objs) else "no")
         if t == "describe":
             return self.parse_objects(answer) == objs  # every object, in reading order

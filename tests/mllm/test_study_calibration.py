@@ -25,6 +25,8 @@ def test_task_settings() -> None:
     assert (s.task, s.grid, s.image_size, s.patch_size) == ("scenes", 4, 48, 12)  # one patch per cell
     assert s.compact_positions and s.vision_position and len(s.question_weights) == 8
     assert s.grounded_answers and not s.question_first and s.train_turns == 1  # calibration-log.md, session 2
+    # session 4: the shape question in the colour question's layout, 6,000 teacher steps, no curriculum
+    assert s.aligned_questions and not s.object_tokens and s.teacher_steps == 6000 and not s.teacher_first_steps
     d = dm.task_settings("digits", "quick")  # calibration-digits-grounded.md
     assert d.grounded_answers and d.compact_positions and d.vision_position and d.teacher_steps == 2000
     # the student's best measured recipe (calibration-log.md, session 4): 48-d x 2, stage 1 150, SFT 1,000 at 3e-3,
@@ -66,6 +68,35 @@ def test_answer_format_settings_reach_the_task(tmp_path: Path) -> None:
         task = dm.Demo(dataclasses.replace(s, grounded_answers=grounded, question_first=first), tmp_path,
                        progress=False).task()
         assert (task.grounded_answers, task.question_first) == (grounded, first)
+    for aligned, objects in ((True, False), (False, True)):
+        task = dm.Demo(dataclasses.replace(s, aligned_questions=aligned, object_tokens=objects), tmp_path,
+                       progress=False).task()
+        assert (task.aligned_questions, task.object_tokens) == (aligned, objects)
+    d = dm.task_settings("digits", "smoke")
+    with pytest.raises(ValueError, match="object_tokens"):  # scenes options: refused on another task, not ignored
+        dm.Demo(dataclasses.replace(d, object_tokens=True), tmp_path / "d", progress=False).task()
+
+
+def test_new_format_options_keep_earlier_cache_keys_and_name_themselves_on_the_page(tmp_path: Path) -> None:
+    import dataclasses
+
+    s = dataclasses.replace(dm.task_settings("scenes", "smoke"), aligned_questions=False, object_tokens=False)
+    demo = dm.Demo(s, tmp_path / "a", progress=False)
+    demo.task_obj = demo.task()
+    plain = demo._vision_setting()
+    demo.task_obj = dm.Demo(dataclasses.replace(s, aligned_questions=True, object_tokens=True), tmp_path / "b",
+                            progress=False).task()
+    assert demo._vision_setting() == plain  # the images do not change: the pre-trained tower is reused
+    assert "aligned_questions" not in json.dumps(plain) and "object_tokens" not in json.dumps(plain)
+    demo.prepare()  # the data key names an option only when it is set: earlier run dirs keep their data
+    key = (tmp_path / "a" / "data" / "settings.json").read_text()
+    assert '"grounded_answers"' in key and "aligned_questions" not in key and "object_tokens" not in key
+    other = dm.Demo(dataclasses.replace(s, object_tokens=True), tmp_path / "c", progress=False)
+    other.prepare()
+    assert '"object_tokens": true' in (tmp_path / "c" / "data" / "settings.json").read_text()
+    assert other.data_key != demo.data_key and other.tok.convert_tokens_to_ids("red_circle") != other.tok.unk_token_id
+    flags = dict(cal._FORMAT_FLAGS)
+    assert set(flags) == {"grounded_answers", "aligned_questions", "object_tokens", "question_first"}
 
 
 def test_set_parses_tuple_fields_and_refuses_unknown_ones() -> None:
@@ -235,3 +266,30 @@ def test_demo_smoke_on_the_scenes_task(tmp_path: Path) -> None:
     page = dm.write_report(res, tmp_path / "out", command="smoke", page=tmp_path / "page.md")
     text = page.read_text()
     assert "| list_color % |" in text and "'describe' prompts" in text and "3..8 objects" in text
+
+
+def test_teacher_curriculum_trains_a_first_stage_on_the_named_types(tmp_path: Path) -> None:
+    import dataclasses
+
+    torch.set_num_threads(1)
+    s = dataclasses.replace(dm.task_settings("scenes", "smoke"), n_train=40, teacher_steps=2)
+    staged = dataclasses.replace(s, teacher_first_types=("color", "shape"), teacher_first_steps=3)
+    demo = dm.Demo(staged, tmp_path, progress=False)
+    demo.prepare()
+    sub = demo.train_subset(("color", "shape"))
+    types = [m["type"] for m in dm._meta(tmp_path / "data" / "train.json")]
+    assert len(sub) == sum(t in ("color", "shape") for t in types) > 0
+    assert all(any(it is x for x in demo.train.items) for it in sub.items)  # the same decoded items, no copies
+    for bad in (("colour",), (), "color"):
+        with pytest.raises(ValueError, match="teacher_first_types"):
+            demo.train_subset(bad)
+    plain = dm.Demo(s, tmp_path, progress=False)
+    plain.prepare()
+    plain.task_obj = demo.task_obj
+    assert demo.teacher_key() != plain.teacher_key()  # the curriculum is part of the teacher's cache key
+    demo.teacher_model()
+    info = json.loads((tmp_path / "teacher" / "train_info.json").read_text())
+    first = info["first_stage"]
+    assert (first["types"], first["steps"], first["samples"]) == (["color", "shape"], 3, len(sub))
+    assert len(first["log"]) == 3 and all(x["loss"] > 0 for x in first["log"])  # one logged loss per first-stage step
+    assert info["cache_key"] == demo.teacher_key()

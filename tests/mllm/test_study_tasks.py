@@ -319,3 +319,66 @@ def test_question_first_puts_the_image_after_the_question(name: str) -> None:
         assert task.check_answer(w, *_qa(s), s["meta"])
     default = T.make_samples(T.make_task(name), 20, seed=1)[0]
     assert all(s["conversations"][0]["value"].startswith("<image>\n") for s in default)
+
+
+def _digest(task: object, n: int = 40, seed: int = 5) -> str:
+    import hashlib
+
+    samples, _ = T.make_samples(task, n, seed=seed)
+    return hashlib.sha256(json.dumps(samples, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_generator_options_leave_the_earlier_outputs_unchanged() -> None:
+    # digests of the samples written before aligned_questions / object_tokens existed (commit 6213cc0):
+    # the digits task and the scenes task at their defaults and in the frozen (grounded, one-token) format
+    assert _digest(T.DigitTask()) == "ecad6d43980749f5"
+    assert _digest(T.DigitTask(compact_positions=True, grounded_answers=True)) == "13a8982165555370"
+    assert _digest(T.SceneTask()) == "13572ff9911cbc27"
+    assert _digest(T.SceneTask(grid=4, compact_positions=True, grounded_answers=True)) == "96b8a72110b902f5"
+
+
+def test_aligned_questions_give_the_shape_question_the_colour_layout() -> None:
+    import random
+
+    scene = T.Scene((("red", "circle", 0, 1), ("blue", "square", 1, 0)), 3)
+    task = T.SceneTask(grid=3, compact_positions=True, grounded_answers=True, aligned_questions=True)
+    default = T.SceneTask(grid=3, compact_positions=True, grounded_answers=True)
+    for seed in range(20):
+        cq, ca, _ = task.question(random.Random(seed), scene, "color")
+        sq, sa, meta = task.question(random.Random(seed), scene, "shape")
+        dq, da, _ = default.question(random.Random(seed), scene, "shape")
+        assert cq.split()[:2] == ["what", "color"] and sq.split()[:2] == ["what", "shape"]
+        assert cq.split()[2:] == sq.split()[2:]  # the same words after the attribute: one layout
+        assert sa == da and dq == sq.replace(" the object", "")  # only the question's wording changes
+        assert task.check_answer(scene, sq, sa, {"type": "shape", **meta})
+        wrong = sa.rpartition(" ")[0] + (" square" if sa.endswith("circle") else " circle")
+        assert not task.check_answer(scene, sq, wrong, {"type": "shape", **meta})
+
+
+def test_object_tokens_name_the_object_with_one_token_in_position_and_existence() -> None:
+    from tokinteract.mllm import build_word_tokenizer
+
+    task = T.SceneTask(grid=4, compact_positions=True, grounded_answers=True, object_tokens=True)
+    plain = T.SceneTask(grid=4, compact_positions=True, grounded_answers=True)
+    tok = build_word_tokenizer(task.vocabulary())
+    assert len(task.vocabulary()) == len(plain.vocabulary()) + len(T.COLORS) * len(T.SHAPES)
+    samples, worlds = T.make_samples(task, 300, seed=6)
+    ref, _ = T.make_samples(plain, 300, seed=6)  # the same draws: only the object's name differs
+    seen = Counter()
+    for s, w, r in zip(samples, worlds, ref):
+        q, a = _qa(s)
+        rq, ra = _qa(r)
+        t = s["meta"]["type"]
+        assert s["meta"] == r["meta"] and task.check_answer(w, q, a, s["meta"])
+        assert "<unk>" not in tok.tokenize(q + " " + a)
+        if t in ("position", "exist"):
+            seen[t] += 1
+            obj = s["meta"]["object"] if t == "position" else s["meta"]["probe"]
+            name = obj.replace(" ", "_")
+            assert (q, a) == (rq.replace(obj, name), ra.replace(obj, name)) and name in tok.tokenize(q)
+            assert a.startswith(name + " ") and not task.check_answer(w, q, ra, s["meta"])  # "red circle" key: wrong
+            other = next(f"{c}_{sh}" for c in T.COLORS for sh in T.SHAPES if f"{c}_{sh}" != name)
+            assert not task.check_answer(w, q, a.replace(name, other, 1), s["meta"])  # another object's key
+        else:  # every other question and the long answers keep their words
+            assert (q, a) == (rq, ra)
+    assert seen["position"] > 20 and seen["exist"] > 20
