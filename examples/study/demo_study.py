@@ -65,6 +65,7 @@ __all__ = [
     "StudyStopped",
     "StudyUnitFailed",
     "cache_key",
+    "busy_cores",
     "default_workers",
     "evaluate_generation",
     "exposure_curve",
@@ -1567,14 +1568,36 @@ class StudyUnitFailed(RuntimeError):
     carries the worker's traceback."""
 
 
-def default_workers(cap: int = 2) -> int:
-    """Worker processes for the student runs: the idle cores (CPU count minus the 1-minute load
-    average, rounded), at least 1 and at most ``cap``."""
+def busy_cores(interval: float = 1.0, stat: str = "/proc/stat") -> float:
+    """Cores busy right now: the share of non-idle CPU time over ``interval`` seconds (``/proc/stat``'s
+    ``cpu`` line, idle and iowait counted as idle) times the CPU count. Falls back to the 1-minute load
+    average where ``/proc/stat`` cannot be read. The load average lags by about a minute: after
+    ``make demo``'s venv install it still counts pip's work, so it alone would pick 1 worker on 2 idle
+    cores."""
+
+    def sample() -> tuple[int, int]:
+        with open(stat) as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        return sum(v), idle
+
     try:
-        load = os.getloadavg()[0]
-    except OSError:  # pragma: no cover (no load average on this platform)
-        load = 0.0
-    return max(1, min(cap, round((os.cpu_count() or 1) - load)))
+        t0, i0 = sample()
+        time.sleep(interval)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        try:
+            return float(os.getloadavg()[0])
+        except OSError:  # pragma: no cover (no load average on this platform)
+            return 0.0
+    total = t1 - t0
+    return 0.0 if total <= 0 else (os.cpu_count() or 1) * (total - (i1 - i0)) / total
+
+
+def default_workers(cap: int = 2) -> int:
+    """Worker processes for the student runs: the idle cores (CPU count minus :func:`busy_cores`,
+    rounded), at least 1 and at most ``cap``."""
+    return max(1, min(cap, round((os.cpu_count() or 1) - busy_cores())))
 
 
 def _load_teacher(run_dir: Path, key: str) -> nn.Module:

@@ -713,13 +713,26 @@ def test_a_killed_parent_leaves_no_worker(smoke, tmp_path: Path) -> None:
         proc.wait()
 
 
+def test_busy_cores_reads_proc_stat_or_falls_back_to_the_load_average(tmp_path, monkeypatch) -> None:
+    """``busy_cores``: the non-idle share of ``/proc/stat``'s CPU time over the interval (idle and iowait
+    idle) times the CPU count; the 1-minute load average where the file cannot be read."""
+    stat = tmp_path / "stat"
+    samples = iter(["cpu 100 0 100 700 100 0 0 0 0 0\n", "cpu 160 0 140 800 100 0 0 0 0 0\n"])
+    monkeypatch.setattr(dm.time, "sleep", lambda s: stat.write_text(next(samples)))
+    stat.write_text(next(samples))
+    monkeypatch.setattr(dm.os, "cpu_count", lambda: 2)
+    assert dm.busy_cores(0.0, str(stat)) == pytest.approx(2 * 100 / 200)  # 100 busy of 200 jiffies
+    monkeypatch.setattr(dm.os, "getloadavg", lambda: (1.7, 0.0, 0.0))
+    assert dm.busy_cores(0.0, str(tmp_path / "missing")) == 1.7
+
+
 def test_default_workers_are_the_idle_cores(monkeypatch, capsys) -> None:
     monkeypatch.setattr(dm.os, "cpu_count", lambda: 2)
     for load, want in ((0.0, 2), (0.6, 1), (0.4, 2), (5.0, 1)):
-        monkeypatch.setattr(dm.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        monkeypatch.setattr(dm, "busy_cores", lambda load=load: load)
         assert dm.default_workers() == want, load
     monkeypatch.setattr(dm.os, "cpu_count", lambda: 16)
-    monkeypatch.setattr(dm.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(dm, "busy_cores", lambda: 0.0)
     assert dm.default_workers() == 2 and dm.default_workers(cap=8) == 8
     sys.path.insert(0, str(ROOT / "examples"))
     try:
