@@ -553,39 +553,31 @@ def main() -> None:
     check("iva", "uniform_va", 1.03, "IVA attention capture (teacher weights vs uniform, same rows)")
     if "iva" in est and "kd" in est:
         check("iva_prev", "kd_prev", 1.03 * est["iva"] / est["kd"], "before the IVA change (iva_prev / kd_prev) vs the compute model x 1.03")
-    if "iva" in best and "kd" in best:
-        # the method-inclusive model: the plain model's ratio plus the measured
-        # seconds of the work IVA needs that the MAC count leaves out, over KD's measured step
-        n_vis_rows = int(batch["visual_mask"].sum())
-        softmax_s = softmax_work_seconds(n_vis_rows, vocab, a.rounds, clock, device)
-        plain = est["iva"] / est["kd"]
-        incl = plain + (capture["iva"] + softmax_s) / best["kd"]
-        r_ = best["iva"] / best["kd"]
-        verdicts += [
-            f"IVA work the compute model leaves out (measured in this run): attention capture at l* + "
-            f"instruction->vision weights {capture['iva']:.3f} s (in the best iva step); vocabulary-wide softmax "
-            f"work of the {n_vis_rows} visual rows (both log-softmaxes, the KL and its gradient) {softmax_s:.3f} s",
-            f"iva vs the method-inclusive model x 1.03: iva/kd = {r_:.3f} vs target <= {1.03 * incl:.3f}: "
-            f"{'MET' if r_ <= 1.03 * incl else 'MISSED'} (method-inclusive ratio {incl:.3f} = plain {plain:.3f} + "
-            f"({capture['iva']:.3f} + {softmax_s:.3f}) s / kd {best['kd']:.3f} s)",
-        ]
-    if "align_ti" in best and "kd" in best:
-        # the same for Align-TI: IVA's capture, TPA's candidate sampling (the student's head at the candidate
-        # rows, softmax, top-p selection, draws), and the softmax work of the visual and candidate rows
-        n_rows = int(batch["visual_mask"].sum()) + N
+    def inclusive(v: str, lim: float, n_rows: int, rows: str, parts: list[tuple[str, float]]) -> list[str]:
+        """The method-inclusive model of ``v``: the plain model's ratio plus the measured seconds of the work
+        ``v`` needs that the MAC count leaves out (``parts``, in the best ``v`` step, and the vocabulary-wide
+        softmax work of its ``n_rows`` extra loss rows), over KD's measured step; checked against ``lim`` x it."""
         softmax_s = softmax_work_seconds(n_rows, vocab, a.rounds, clock, device)
-        plain = est["align_ti"] / est["kd"]
-        extra_s = capture["align_ti"] + sampled["align_ti"] + softmax_s
-        incl = plain + extra_s / best["kd"]
-        r_ = best["align_ti"] / best["kd"]
-        verdicts += [
-            f"Align-TI work the compute model leaves out (measured in this run): attention capture + weights "
-            f"{capture['align_ti']:.3f} s and candidate sampling {sampled['align_ti']:.3f} s (in the best align_ti "
-            f"step); vocabulary-wide softmax work of the {n_rows} visual + candidate rows {softmax_s:.3f} s",
-            f"align_ti vs the method-inclusive model x 1.05: align_ti/kd = {r_:.3f} vs target <= {1.05 * incl:.3f}: "
-            f"{'MET' if r_ <= 1.05 * incl else 'MISSED'} (method-inclusive ratio {incl:.3f} = plain {plain:.3f} + "
-            f"{extra_s:.3f} s / kd {best['kd']:.3f} s)",
+        plain, extra = est[v] / est["kd"], sum(sec for _, sec in parts) + softmax_s
+        incl, r_ = plain + extra / best["kd"], best[v] / best["kd"]
+        return [
+            f"{v} work the compute model leaves out (measured in this run): "
+            + "; ".join(f"{label} {sec:.3f} s" for label, sec in parts)
+            + f" (in the best {v} step); vocabulary-wide softmax work of the {n_rows} {rows} rows (both "
+            f"log-softmaxes, the KL and its gradient) {softmax_s:.3f} s",
+            f"{v} vs the method-inclusive model x {lim:.2f}: {v}/kd = {r_:.3f} vs target <= {lim * incl:.3f}: "
+            f"{'MET' if r_ <= lim * incl else 'MISSED'} (method-inclusive ratio {incl:.3f} = plain {plain:.3f} + "
+            f"{extra:.3f} s / kd {best['kd']:.3f} s)",
         ]
+
+    n_vis_rows = int(batch["visual_mask"].sum())
+    if "iva" in best and "kd" in best:
+        verdicts += inclusive("iva", 1.03, n_vis_rows, "visual",
+                              [("attention capture at l* + instruction->vision weights", capture["iva"])])
+    if "align_ti" in best and "kd" in best:  # also TPA's candidate sampling (head, softmax, top-p, draws)
+        verdicts += inclusive("align_ti", 1.05, n_vis_rows + N, "visual + candidate",
+                              [("attention capture + weights", capture["align_ti"]),
+                               ("candidate sampling", sampled["align_ti"])])
     check("align_ti_logits", "kd_logits", 1.05 * token_ratio, "Align-TI, loss_impl=logits")
     check("iva_logits", "kd_logits", 1.03, "IVA, loss_impl=logits")
     verdicts += [
