@@ -901,7 +901,7 @@ class Demo:
             trainer.remove_callback(PrinterCallback)
         t0 = time.perf_counter()
         threads = threads or self.s.threads
-        with torch_threads(threads):  # the setting's count, whatever the caller's
+        with torch_threads(threads):  # this count, whatever the caller's
             trainer.train()
         wall = time.perf_counter() - t0
         hist = [h for h in trainer.state.log_history if "loss" in h]
@@ -1024,10 +1024,10 @@ class Demo:
                          f"for {self.s.teacher_first_steps} steps")
                 first = self.fit(t, sub, steps=self.s.teacher_first_steps, lr=self.s.teacher_lr, seed=seed,
                                  tag=path.name + "-first", train_vision=self.s.teacher_trains_vision and tower is None,
-                                 threads=self.s.teacher_threads or self.s.threads)
+                                 threads=self.teacher_threads)
             meta = self.fit(t, self.train, steps=self.s.teacher_steps, lr=self.s.teacher_lr, seed=seed,
                             tag=path.name, train_vision=self.s.teacher_trains_vision and tower is None,
-                            threads=self.s.teacher_threads or self.s.threads)
+                            threads=self.teacher_threads)
             if first is not None:
                 meta["first_stage"] = {"types": list(self.s.teacher_first_types), "steps": self.s.teacher_first_steps,
                                        "samples": len(sub), **first}
@@ -1048,6 +1048,11 @@ class Demo:
         return CachedDataset.of([it for it, m in zip(self.train.items, metas) if m.get("type") in types],
                                 self.train.num_image_tokens)
 
+    @property
+    def teacher_threads(self) -> int:
+        """The torch threads the teacher trains with: ``teacher_threads``, or ``threads`` when it is 0."""
+        return self.s.teacher_threads or self.s.threads
+
     def teacher_key(self, seed: int | None = None) -> str:
         """The cache key of the SFT teacher of ``seed`` (default ``teacher_seed``)."""
         s = self.s
@@ -1058,7 +1063,7 @@ class Demo:
         if s.teacher_first_steps:  # a curriculum's first stage (absent otherwise: earlier keys unchanged)
             vision = [*vision, ["first stage", list(s.teacher_first_types), s.teacher_first_steps]]
         return self._model_key(s.teacher, seed=s.teacher_seed if seed is None else seed, steps=s.teacher_steps,
-                               lr=s.teacher_lr, source=vision, threads=s.teacher_threads or s.threads)
+                               lr=s.teacher_lr, source=vision, threads=self.teacher_threads)
 
     def stage1_student(self, teacher: nn.Module) -> Path:
         """The shared stage-1 student, cached in ``run_dir/student_stage1`` under a key of its setting
