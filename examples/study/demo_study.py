@@ -126,6 +126,8 @@ class DemoSettings:
             and freeze it for teacher and students (``teacher_trains_vision`` is then
             ignored); 0: the earlier recipe.
         vision_hidden, vision_layers: size of the SigLIP tower.
+        vision_shift: > 0: every pre-training batch is shifted by a random ``(dy, dx)`` of up
+            to that many pixels (``vision_pretrain.py``): the tower reads unseen images better.
         teacher_seed: initialisation and data-order seed of the teacher (another seed: a
             replicate teacher, cached separately).
         question_types: the task's question types (empty: all of the task's).
@@ -193,6 +195,7 @@ class DemoSettings:
     vision_lr: float = 2e-3
     vision_hidden: int = 32
     vision_layers: int = 2
+    vision_shift: int = 0
     teacher_seed: int = 1000
     max_length: int = 256
     question_types: tuple[str, ...] = ()
@@ -941,12 +944,13 @@ class Demo:
                 "random_position_probe": vp.position_probe_accuracy(tower, train[0][:1000], test[0], **kw),
             }
             out = vp.pretrain_vision_tower(tower, *train, task.label_classes(), steps=s.vision_pretrain_steps,
-                                           lr=s.vision_lr, seed=3000, position=s.vision_position, **kw)
+                                           lr=s.vision_lr, seed=3000, position=s.vision_position,
+                                           shift=s.vision_shift, **kw)
             info.update({
                 "probe": vp.probe_accuracy(tower, train, test, task.label_classes(), **kw),
                 "signal_fraction": vp.image_signal_fraction(tower, test[0]),
                 "position_probe": vp.position_probe_accuracy(tower, train[0][:1000], test[0], **kw),
-                "position_head": s.vision_position, "loss_first": out["loss"][0], "loss_last": out["loss"][-1], "steps": s.vision_pretrain_steps,
+                "position_head": s.vision_position, "shift": s.vision_shift, "loss_first": out["loss"][0], "loss_last": out["loss"][-1], "steps": s.vision_pretrain_steps,
                 "images": s.vision_images, "probe_test_images": 500, "wall_s": time.perf_counter() - t0, "key": key,
             })
             path.mkdir(parents=True, exist_ok=True)
@@ -964,9 +968,10 @@ class Demo:
         # the thread count it trains with (its convolution's and LayerNorms' weight gradients split their sums by
         # thread): appended only when it is not 1, so the towers cached by 1-thread runs keep their keys
         threads = [] if s.threads == 1 else [{"threads": s.threads}]
+        shift = [{"shift": s.vision_shift}] if s.vision_shift else []  # likewise: unshifted towers keep their keys
         return json.loads(json.dumps([images, s.vision_pretrain_steps, s.vision_images,
                                       s.vision_lr, s.vision_hidden, s.vision_layers, s.patch_size, s.vision_position,
-                                      s.data_seed, *threads]))
+                                      s.data_seed, *threads, *shift]))
 
     def _model_key(self, size: ModelSize, *, seed: int, steps: int, lr: float, source: Any,
                    threads: int | None = None) -> str:

@@ -17,6 +17,11 @@ cell up by content ("row two column three" -> the tokens of that cell):
 
     loss += mean_patches CE(W_pos · h_p + b_pos, cell(p))
 
+With ``shift = s > 0`` every step's batch is shifted by a random ``(dy, dx)`` in
+``[-s, s]^2`` pixels (``torch.roll``; the task's cells keep a black margin, so an object stays in
+its patch and the labels stay the same): an augmentation that makes the tower read unseen
+handwriting better (docs/results/calibration-log.md, "The vision tower caps read").
+
 The heads are then dropped and the tower frozen for teacher and students.
 
 :func:`probe_accuracy` measures what the frozen features hold: a *fresh* linear probe of
@@ -105,13 +110,17 @@ def pretrain_vision_tower(
     seed: int = 0,
     layer: int = -1,
     position: bool = False,
+    shift: int = 0,
     progress: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``tower`` in place on per-cell classification, plus per-patch cell-index
-    classification with ``position`` (module docstring); returns ``{"loss": [per-step
-    losses], "steps": steps}``. AdamW, cosine decay, gradients clipped at 1."""
+    classification with ``position``, on batches shifted by up to ``shift`` pixels (module
+    docstring); returns ``{"loss": [per-step losses], "steps": steps}``. AdamW, cosine decay,
+    gradients clipped at 1."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
+        raise ValueError(f"shift must be an int >= 0, got {shift!r}")
     missing = set(classes) ^ set(labels)
     if missing:
         raise ValueError(f"labels and classes must name the same attributes, got labels {sorted(labels)}, "
@@ -133,7 +142,11 @@ def pretrain_vision_tower(
     n = pixel_values.shape[0]
     for step in range(steps):
         idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
-        h = _features(tower, pixel_values[idx], layer)
+        pv = pixel_values[idx]
+        if shift:  # drawn after idx only when shifting: shift=0 keeps the batches of earlier towers
+            dy, dx = (int(v) for v in torch.randint(-shift, shift + 1, (2,), generator=gen))
+            pv = torch.roll(pv, shifts=(dy, dx), dims=(-2, -1))
+        h = _features(tower, pv, layer)
         loss = _loss(heads, _pool_cells(h, cells, grid), {k: v[idx] for k, v in labels.items()})
         if pos_head is not None:
             loss = loss + nn.functional.cross_entropy(pos_head(h).flatten(0, 1), cells.repeat(h.shape[0]))

@@ -62,6 +62,22 @@ def test_the_vision_towers_key_holds_its_thread_count(tmp_path: Path) -> None:
     assert len(keys[1]) == 9  # images, steps, images count, lr, hidden, layers, patch, position head, data seed
 
 
+def test_the_vision_towers_key_holds_its_shift_only_when_set(tmp_path: Path) -> None:
+    """A shifted tower (``vision_shift``) is another tower; ``vision_shift=0`` keeps the key towers had
+    before the field existed, and the setting reaches the pre-training (recorded in its info)."""
+    s = dm.task_settings("digits", "smoke")
+    keys = {}
+    for n in (0, 1):
+        d = dm.Demo(dataclasses.replace(s, vision_shift=n), tmp_path / str(n), progress=False)
+        d.task_obj = d.task()
+        keys[n] = d._vision_setting()
+    assert len(keys[0]) == 9 and keys[1][:-1] == keys[0] and keys[1][-1] == {"shift": 1}
+    d = dm.Demo(dataclasses.replace(s, vision_shift=1), tmp_path / "run", progress=False)
+    d.prepare()
+    d.vision_tower()
+    assert d.results["vision"]["shift"] == 1
+
+
 def test_answer_format_settings_reach_the_task(tmp_path: Path) -> None:
     s = dm.task_settings("scenes", "smoke")
     for grounded, first in ((True, False), (False, True)):

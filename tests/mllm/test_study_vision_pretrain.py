@@ -109,3 +109,40 @@ def test_position_head_keeps_each_patch_cell_readable() -> None:
     out2 = vp.pretrain_vision_tower(tower2, *train, task.label_classes(), grid=task.grid, patch_size=12, steps=1,
                                     lr=3e-3, batch_size=32, seed=0)
     assert out2["loss"][0] < out["loss"][0]
+
+
+def test_shift_augments_the_batches_and_zero_keeps_the_unshifted_tower() -> None:
+    """``shift=0`` gives exactly the tower of a run without the argument (earlier cached towers stay
+    valid); ``shift=1`` trains on shifted pixels (another tower); a bad shift is refused."""
+    torch.set_num_threads(1)
+    states = {}
+    for name, kw in (("default", {}), ("zero", {"shift": 0}), ("one", {"shift": 1})):
+        task, tower, ip = _toy()
+        train = vp.labelled_images(task, 32, seed=0, split="train", image_processor=ip)
+        seen = []
+        orig = vp._features
+        vp._features = lambda t, pv, layer: (seen.append(pv.clone()), orig(t, pv, layer))[1]
+        try:
+            vp.pretrain_vision_tower(tower, *train, task.label_classes(), grid=task.grid, patch_size=12, steps=4,
+                                     batch_size=8, seed=3, **kw)
+        finally:
+            vp._features = orig
+        states[name] = (tower.state_dict(), seen, train[0])
+    for k in states["default"][0]:
+        assert torch.equal(states["default"][0][k], states["zero"][0][k]), k
+    assert any(not torch.equal(states["default"][0][k], v) for k, v in states["one"][0].items())
+    # every shifted batch is a roll of some training images by at most one pixel each way
+    pv_all = states["one"][2]
+    rolled = 0
+    for batch in states["one"][1]:
+        for img in batch:
+            match = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                     if any(torch.equal(img, torch.roll(p, (dy, dx), (-2, -1))) for p in pv_all)]
+            assert match, "a batch image is not a <= 1 px roll of a training image"
+            rolled += (0, 0) not in match
+    assert rolled > 0
+    task, tower, ip = _toy()
+    pv, labels = vp.labelled_images(task, 4, seed=0, split="train", image_processor=ip)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="shift must be an int >= 0"):
+            vp.pretrain_vision_tower(tower, pv, labels, task.label_classes(), grid=3, patch_size=12, steps=1, shift=bad)
