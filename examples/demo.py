@@ -8,8 +8,9 @@ KL, %ExAccErr, attention heat maps) -> Markdown pages, PNG plots and a JSON of e
     python examples/demo.py            # --quick (default): the digits task (its teacher is calibrated); the
                                        #   main comparison SFT / Vanilla KD / Align-TI (the runs Tables 3
                                        #   and 5 share), Table 4, Fig. 4/6/7 on those runs; 3 seeds
-    python examples/demo.py --full     # scenes and digits, every experiment (Tables 3-8, 14, 18,
-                                       #   Fig. 4-7, the end-of-turn TPA row), 5 seeds
+    python examples/demo.py --full     # scenes and digits, 5 seeds: every experiment (Tables 3-8, 14,
+                                       #   18, Fig. 4-7, the end-of-turn TPA row) on scenes, all but the
+                                       #   TPA sweeps (Table 14, Fig. 5, end-of-turn row) on digits
     python examples/demo.py --smoke    # tiny everything (CI), on digits
     python examples/demo.py --task shapes           # the earlier study (shapes task, no pre-trained tower)
     python examples/demo.py --estimate docs/results/costs-digits.json [--set student_steps=1400]
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="the default: the digits task, main comparison, 3 seeds")
-    g.add_argument("--full", action="store_true", help="scenes and digits, every experiment, 5 seeds")
+    g.add_argument("--full", action="store_true", help="scenes and digits, 5 seeds: every experiment on scenes, all but "
+                   "Table 14, Fig. 5 and the end-of-turn row on digits")
     g.add_argument("--smoke", action="store_true", help="tiny everything, seconds (CI)")
     p.add_argument("--run-dir", type=Path, default=None, help="default: runs/demo/<preset>[-<tasks>]")
     p.add_argument("--docs-dir", type=Path, default=ROOT / "docs" / "results", help="where tables/plots/JSON are copied")

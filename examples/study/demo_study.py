@@ -385,7 +385,7 @@ def task_settings(task: str, preset: str) -> DemoSettings:
         return PRESETS[preset]
     if task not in TASK_SETTINGS:
         raise ValueError(f"task must be one of {['shapes', *sorted(TASK_SETTINGS)]}, got {task!r}")
-    extra = {"smoke": _TASK_SMOKE, "quick": _TASK_QUICK}.get(preset, {})
+    extra = {"smoke": _TASK_SMOKE, "quick": _TASK_QUICK, "full": _TASK_FULL.get(task, {})}.get(preset, {})
     return dataclasses.replace(PRESETS[preset], name=f"{preset}-{task}", **{**TASK_SETTINGS[task], **extra})
 
 
@@ -394,6 +394,16 @@ PRESETS["full"] = dataclasses.replace(
     experiments=("table5", "fig4", "fig6", "table4", "table6", "table3", "table8", "table7", "fig5", "eot",
                  "table14", "table18", "fig7"),
 )
+
+#: full scale of the new tasks (``--full``: <= 150 min on 2 idle cores, 5 seeds, resumable): every experiment
+#: runs on one task at least, and every one but the three TPA sweeps on both. Table 14 (ten more loss mixes, seven
+#: with TPA), Fig. 5 (four more TPA runs) and the end-of-turn row run on ``scenes`` only: its student trains 300
+#: steps where the digits student trains 1,000, and a TPA run costs ~5.5x an SFT run, so on digits those 15
+#: configurations x 5 seeds would add ~95 min (the estimate: docs/results/study.md, "Time").
+_TPA_SWEEPS: tuple[str, ...] = ("table14", "fig5", "eot")
+_TASK_FULL: dict[str, dict[str, Any]] = {
+    "digits": dict(experiments=tuple(e for e in PRESETS["full"].experiments if e not in _TPA_SWEEPS)),
+}
 
 
 @contextlib.contextmanager

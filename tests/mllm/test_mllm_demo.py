@@ -482,7 +482,6 @@ def test_quick_is_the_main_comparison_on_digits_within_the_budget(capsys) -> Non
     assert dm._view_keys(q.experiments, "fig6", ["sft", "kd", "align_ti"]) == {"sft", "kd", "align_ti"}
     assert dm._view_keys(q.experiments, "fig7", ["sft", "kd", "align_ti"]) == {"kd", "align_ti"}
     assert dm._student_keys(q, ("fig6", "fig7")) == []  # views add no run
-    assert set(dm.task_settings("digits", "full").experiments) == set(dm.PRESETS["full"].experiments)  # --full: all
     costs = json.loads((ROOT / "docs" / "results" / "costs-digits.json").read_text())
     est = dm.estimate_study_s(q, costs, workers=2)
     assert est["total"] <= 13 * 60, est
@@ -493,6 +492,31 @@ def test_quick_is_the_main_comparison_on_digits_within_the_budget(capsys) -> Non
     with pytest.raises(SystemExit):
         demo_cli.main(["--estimate", str(ROOT / "docs" / "results" / "costs-digits.json"), "--set", "nonsense=1"])
     assert "--set takes NAME=VALUE" in capsys.readouterr().err
+
+
+def test_full_runs_every_experiment_on_a_task_within_the_budget(capsys) -> None:
+    """``--full``: scenes runs every experiment, digits every one but the three TPA sweeps (Table 14, Fig. 5,
+    the end-of-turn row), so every experiment runs on a task; its estimate from the measured costs of both
+    tasks leaves 10 % of the issue's 150 minutes for what it does not count (start-ups, data, IRS pass)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import demo as demo_cli
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    full = dm.PRESETS["full"].experiments
+    scenes, digits = (dm.task_settings(t, "full") for t in ("scenes", "digits"))
+    assert scenes.experiments == full and scenes.seeds == digits.seeds == (0, 1, 2, 3, 4)
+    assert set(digits.experiments) == set(full) - {"table14", "fig5", "eot"}
+    assert demo_cli.DEFAULT_TASKS["full"] == ["scenes", "digits"]
+    costs = [ROOT / "docs" / "results" / f for f in ("calibration-scenes.json", "costs-digits.json")]
+    assert demo_cli.main(["--full", "--workers", "2", "--estimate", *map(str, costs)]) == 0
+    out = capsys.readouterr().out
+    total = float(out.split("all tasks: ")[1].split(" min")[0])
+    assert 0 < total <= 135, out
+    # the split is what brings it under: every experiment on digits too would not fit
+    measured = demo_cli._measured_costs(costs[1])[1]
+    every = dm.estimate_study_s(dataclasses.replace(digits, experiments=full), measured, workers=2)["total"] / 60
+    assert total - dm.estimate_study_s(digits, measured, workers=2)["total"] / 60 + every > 150
 
 
 def test_teacher_threads_are_part_of_the_teachers_key(smoke) -> None:
