@@ -65,6 +65,7 @@ __all__ = [
     "StudyStopped",
     "StudyUnitFailed",
     "cache_key",
+    "weights_digest",
     "busy_cores",
     "default_workers",
     "evaluate_generation",
@@ -525,6 +526,19 @@ def cache_key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(_jsonable(obj), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def weights_digest(module: nn.Module) -> str:
+    """16 hex digits of the SHA-256 of ``module``'s state dict (every tensor's name, dtype, shape and
+    bytes, in name order): the identity of trained weights. Two runs of the same setting, seed and
+    thread count give the same digest (the study's determinism, stated in its report); one changed bit
+    of one weight changes it."""
+    h = hashlib.sha256()
+    for name, v in sorted(module.state_dict().items()):
+        v = v.detach().contiguous().cpu()
+        h.update(f"{name}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 def student_schedule_key(settings: DemoSettings) -> dict[str, Any]:
     """The stage-2 schedule's part of a student run's cache key: empty for the cosine schedule (so
     the runs cached before ``student_stable`` existed, all cosine, keep their keys), else
@@ -960,7 +974,8 @@ class Demo:
                 "probe": vp.probe_accuracy(tower, train, test, task.label_classes(), **kw),
                 "signal_fraction": vp.image_signal_fraction(tower, test[0]),
                 "position_probe": vp.position_probe_accuracy(tower, train[0][:1000], test[0], **kw),
-                "position_head": s.vision_position, "shift": s.vision_shift, "loss_first": out["loss"][0], "loss_last": out["loss"][-1], "steps": s.vision_pretrain_steps,
+                "position_head": s.vision_position, "shift": s.vision_shift, "weights": weights_digest(tower),
+                "loss_first": out["loss"][0], "loss_last": out["loss"][-1], "steps": s.vision_pretrain_steps,
                 "images": s.vision_images, "probe_test_images": 500, "wall_s": time.perf_counter() - t0, "key": key,
             })
             path.mkdir(parents=True, exist_ok=True)
@@ -1043,6 +1058,7 @@ class Demo:
             meta = self.fit(t, self.train, steps=self.s.teacher_steps, lr=self.s.teacher_lr, seed=seed,
                             tag=path.name, train_vision=self.s.teacher_trains_vision and tower is None,
                             threads=self.teacher_threads)
+            meta["weights"] = weights_digest(t)
             if first is not None:
                 meta["first_stage"] = {"types": list(self.s.teacher_first_types), "steps": self.s.teacher_first_steps,
                                        "samples": len(sub), **first}
@@ -1093,6 +1109,7 @@ class Demo:
             # share a pretrained SigLIP: here the one the teacher's SFT trained
             m.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
             meta = self.fit(m, self.captions, steps=self.s.stage1_steps, lr=self.s.student_lr, seed=2000, tag="stage1")
+            meta["weights"] = weights_digest(m)
             self._save_checkpoint(m, path, meta, self.stage1_key)
         return path
 
@@ -1574,7 +1591,7 @@ def _train_student(demo: Demo, teacher: nn.Module, u: dict[str, Any]) -> None:
                   teacher=None if spec.method == "sft" else teacher, overrides=spec.overrides,
                   tag=f"{u['key']}_{u['seed']}", stable=s.student_stable)
     rec = {"key": u["key"], "seed": u["seed"], "method": spec.method, "overrides": spec.overrides,
-           "steps": u["steps"], "train": tr, "eval": demo.evaluate(model, teacher)}
+           "steps": u["steps"], "train": tr, "weights": weights_digest(model), "eval": demo.evaluate(model, teacher)}
     if u["exposure"]:
         rec["exposure"] = demo.exposure(model, teacher)
     if u["maps"]:
@@ -2148,6 +2165,8 @@ def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page
         + ("; **one seed only: no standard deviation, differences below a few points are noise**" if len(s["seeds"]) == 1 else "; mean ± std over seeds")
         + f". Test set: {res['task']['test_eval']} held-out samples (scenes never seen in training).",
         "",
+        _determinism_line(res),
+        "",
         "## Setting (frozen before any distillation run)",
         "",
         f"* Task: {s.get('task', 'shapes')}, {s['grid']}x{s['grid']} grid, "
@@ -2292,6 +2311,24 @@ def write_study_report(results: dict[str, dict[str, Any]], out_dir: str | Path, 
     page_path.parent.mkdir(parents=True, exist_ok=True)
     page_path.write_text("\n".join(md) + "\n")
     return page_path
+
+
+def _determinism_line(res: dict[str, Any]) -> str:
+    """The report's statement on determinism (issue 15, item 4), with the weights' digests of this run."""
+    s = res["settings"]
+    threads = s.get("threads", 1)
+    teacher_threads = s.get("teacher_threads") or threads
+    digests = [(what, (res.get(k) or {}).get("weights")) for what, k in
+               (("vision tower", "vision"), ("teacher", "teacher_train"), ("stage-1 student", "stage1_train"))]
+    runs = sum(1 for run in res.get("runs", {}).values() for r in run.get("seeds", []) if r.get("weights"))
+    shown = ", ".join(f"{what} `{d}`" for what, d in digests if d) or "none recorded (a run dir of an earlier version)"
+    return (f"**Determinism.** Every model trains from its seed at {threads} torch thread(s) (the teacher at "
+            f"{teacher_threads}). On this stack the same setting, seed and thread count give bit-identical weights "
+            "whatever the number of worker processes and however often the study is stopped and resumed (tested: "
+            "`tests/mllm/test_mllm_demo.py`), so this command gives these weights again: SHA-256 of the state dict "
+            f"(16 hex digits): {shown}; one per student run in `results.json` ({runs} recorded). At another thread "
+            "count the weights differ (some weight-gradient reductions split their sums by thread: "
+            "`examples/study/thread_check.py`), so the thread count is part of the preset and of every cache key.")
 
 
 def _schedule_words(stable: float) -> str:

@@ -43,6 +43,7 @@ def test_smoke_pipeline_writes_results(smoke) -> None:
             assert math.isfinite(ev["kl"]) and ev["kl"] >= 0.0
             assert sum(ev["counts"].values()) == saved["task"]["test_eval"]
             assert r["train"]["steps_timed"] >= 1
+            assert len(r["weights"]) == 16 and int(r["weights"], 16) >= 0  # the trained student's digest
     for key in dm.EXPERIMENTS["fig6"]:
         ex = saved["runs"][key]["seeds"][0]["exposure"]
         assert len(ex["ex_acc_err"]) == dm.PRESETS["smoke"].exposure_steps
@@ -57,7 +58,11 @@ def test_smoke_pipeline_writes_results(smoke) -> None:
     # the cached teacher and stage-1 student are reused by a second call, under their settings' keys
     for path in ("teacher", "student_stage1"):
         assert (run_dir / path / "config.json").exists()
-        assert len(json.loads((run_dir / path / "train_info.json").read_text())["cache_key"]) == 16
+        info = json.loads((run_dir / path / "train_info.json").read_text())
+        assert len(info["cache_key"]) == 16 and len(info["weights"]) == 16
+    # each seed's student differs from the others (the digest names the weights, not the setting)
+    assert len({r["weights"] for r in saved["runs"]["sft"]["seeds"]} | {r["weights"] for r in saved["runs"]["kd"]["seeds"]}) \
+        == len(saved["runs"]["sft"]["seeds"]) + len(saved["runs"]["kd"]["seeds"])
     # Table 18: Vanilla KD for the steps that take Align-TI's time, from the timing pass
     b = saved["table18"]
     assert b == dm.compute_budget(saved["timing"], dm.PRESETS["smoke"].student_steps)
@@ -224,7 +229,10 @@ def test_example_script_smoke(smoke, monkeypatch, capsys) -> None:
     assert ei.value.code == 0
     out = capsys.readouterr().out
     assert f"| {res['runs']['align_ti']['label']} |" in out
-    assert "## Components (paper Table 5)" in (run_dir / "report" / "README.md").read_text()
+    page = (run_dir / "report" / "README.md").read_text()
+    assert "## Components (paper Table 5)" in page
+    teacher_digest = json.loads((run_dir / "teacher" / "train_info.json").read_text())["weights"]
+    assert "**Determinism.**" in page and f"teacher `{teacher_digest}`" in page  # item 4: the report states it
     assert "total wall time" in out
     assert json.loads((run_dir / "report" / "results.json").read_text())["runs"].keys() == res["runs"].keys()
 

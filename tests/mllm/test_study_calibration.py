@@ -309,3 +309,28 @@ def test_teacher_curriculum_trains_a_first_stage_on_the_named_types(tmp_path: Pa
     assert (first["types"], first["steps"], first["samples"]) == (["color", "shape"], 3, len(sub))
     assert len(first["log"]) == 3 and all(x["loss"] > 0 for x in first["log"])  # one logged loss per first-stage step
     assert info["cache_key"] == demo.teacher_key()
+
+
+def test_the_same_seed_gives_the_same_weights_in_another_run_dir(tmp_path: Path) -> None:
+    """Issue 15, item 4: the tower and the teacher trained twice, from scratch, in two run dirs (nothing cached)
+    have the same weights digest (and it is the digest of the saved checkpoint); another teacher seed gives
+    another teacher."""
+    from transformers import LlavaForConditionalGeneration
+
+    s = dataclasses.replace(dm.task_settings("digits", "smoke"), teacher_steps=3)
+    got = []
+    for name in ("a", "b"):
+        d = dm.Demo(s, tmp_path / name, progress=False, log=lambda *_: None)
+        d.prepare()
+        t = d.teacher_model()
+        got.append((d.results["vision"]["weights"], d.results["teacher_train"]["weights"], dm.weights_digest(t)))
+    assert got[0] == got[1] and got[0][1] == got[0][2]
+    saved = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a" / "teacher")
+    assert dm.weights_digest(saved) == got[0][1]
+    other = d.teacher_model(seed=s.teacher_seed + 1)
+    assert dm.weights_digest(other) != got[0][1]
+    # one bit of one weight changes the digest
+    with torch.no_grad():
+        p = next(iter(saved.parameters()))
+        p.view(-1)[0] = torch.nextafter(p.view(-1)[0], torch.tensor(float("inf")))
+    assert dm.weights_digest(saved) != got[0][1]
