@@ -259,6 +259,7 @@ def calibration_markdown(res: dict[str, Any], *, command: str) -> str:
                f"SigLIP {s['vision_hidden']}-d x {s['vision_layers']} layers, pre-trained {v['steps']} steps on "
                f"{v['images']} task images (per-cell attribute classification"
                + (", plus each patch's cell index" if v.get("position_head") else "")
+               + (f"; each batch shifted by a random offset of up to ±{v['shift']} px" if v.get("shift") else "")
                + f"), then frozen for teacher and students "
                f"(loss {v['loss_first']:.3f} -> {v['loss_last']:.3f}). Linear probe per cell on the frozen features, "
                f"{v['probe_test_images']} held-out images:", "",

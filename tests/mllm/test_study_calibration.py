@@ -55,7 +55,7 @@ def test_the_vision_towers_key_holds_its_thread_count(tmp_path: Path) -> None:
     s = dm.task_settings("digits", "smoke")
     keys = {}
     for n in (1, 2):
-        d = dm.Demo(dataclasses.replace(s, threads=n), tmp_path, progress=False)
+        d = dm.Demo(dataclasses.replace(s, threads=n, vision_shift=0), tmp_path, progress=False)
         d.task_obj = d.task()
         keys[n] = d._vision_setting()
     assert keys[1] != keys[2] and keys[2][:-1] == keys[1] and keys[2][-1] == {"threads": 2}
@@ -238,6 +238,10 @@ def test_calibration_smoke_shares_one_frozen_pretrained_tower(tmp_path: Path, ta
     res = json.loads((tmp_path / "run" / "calibration.json").read_text())
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [x["kind"] for x in lines] == ["sft_student", "kd_student"]
+    # the frozen digits tower is pre-trained on shifted batches (scenes' is not), and its page says so
+    shifted = dm.task_settings(task, "smoke").vision_shift
+    assert shifted == (1 if task == "digits" else 0) and res["vision"]["shift"] == shifted
+    assert ("shifted by a random offset of up to ±1 px" in text) == (task == "digits")
     for line, rec in zip(lines, res["sft"] + res["kd"]):
         assert line["overall"] == round(rec["eval"]["overall"], 3) and rec["train"]["log"][0]["loss"] > 0
     assert "loss_kd" in res["kd"][0]["train"]["log"][0] and "loss_kd" not in res["sft"][0]["train"]["log"][0]
