@@ -27,11 +27,13 @@ def test_task_settings() -> None:
     assert s.grounded_answers and not s.question_first and s.train_turns == 1  # calibration-log.md, session 2
     # session 4: the shape question in the colour question's layout, 6,000 teacher steps, no curriculum
     assert s.aligned_questions and not s.object_tokens and s.teacher_steps == 6000 and not s.teacher_first_steps
-    d = dm.task_settings("digits", "quick")  # calibration-digits-grounded.md
+    d = dm.task_settings("digits", "quick")  # calibration-digits-shift-40d.md
     assert d.grounded_answers and d.compact_positions and d.vision_position and d.teacher_steps == 2000
-    # the student's best measured recipe (calibration-log.md, session 4): 48-d x 2, stage 1 150, SFT 1,000 at 3e-3,
-    # cosine (every seed 0-4 past the transition)
-    assert (d.student, d.stage1_steps, d.student_steps, d.student_lr) == (dm.ModelSize(48, 2), 150, 1000, 3e-3)
+    # session 8: the tower pre-trained 3,000 steps on batches shifted by +-1 px
+    assert (d.vision_shift, d.vision_pretrain_steps, d.vision_images) == (1, 3000, 3000)
+    # the student (calibration-log.md, session 8): 40-d x 2, stage 1 150, SFT 1,000 at 3e-3, cosine (every seed 0-4
+    # past the transition on the shifted tower)
+    assert (d.student, d.stage1_steps, d.student_steps, d.student_lr) == (dm.ModelSize(40, 2), 150, 1000, 3e-3)
     assert d.student_stable == 0.0
     assert s.student_steps == dm.PRESETS["quick"].student_steps  # scenes: not calibrated yet
     assert s.vision_pretrain_steps > 0 and not s.teacher_trains_vision
