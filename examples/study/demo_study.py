@@ -139,11 +139,14 @@ class DemoSettings:
         n_fig7: test samples of the short question types drawn as Fig. 7 heat maps (teacher,
             students with and without IVA).
         grounded_answers: short answers restate their key first (``tasks.SceneTask``: ``"r2c3 red"``).
-        question_first: the question comes before the image in the user turn.
+        question_first: where the question sits around the image in the user turn: ``False`` after it,
+            ``True`` before it, ``"both"`` before and after it (``tasks.SceneTask.question_first``).
         aligned_questions: ``scenes`` only: the shape question takes the colour question's layout
             (``tasks.SceneTask.aligned_questions``).
         object_tokens: ``scenes`` only: position and existence questions name the object with one
             token ``"red_circle"`` (``tasks.SceneTask.object_tokens``).
+        exist_cells: ``scenes`` only: an existence answer names the probed object's cell or ``none``
+            before yes / no (``tasks.SceneTask.exist_cells``).
         teacher_first_types, teacher_first_steps: a curriculum for the teacher: before its
             ``teacher_steps`` on every training sample, ``teacher_first_steps`` steps (their own
             warm-up and cosine schedule) on the training samples of these question types only
@@ -204,12 +207,13 @@ class DemoSettings:
     compact_positions: bool = False
     n_fig7: int = 4
     grounded_answers: bool = False
-    question_first: bool = False
+    question_first: bool | str = False
     train_turns: int = 1
     student_stable: float = 0.0
     teacher_threads: int = 0
     aligned_questions: bool = False
     object_tokens: bool = False
+    exist_cells: bool = False
     teacher_first_types: tuple[str, ...] = ()
     teacher_first_steps: int = 0
 
@@ -338,6 +342,8 @@ PRESETS: dict[str, DemoSettings] = {
         experiments=("table5", "table6", "fig4", "fig6", "table4", "fig7"),
     ),
 }
+#: question / answer options of the scenes task added after its first calibration: in a data key only when set
+_SCENE_OPTIONS = ("aligned_questions", "object_tokens", "exist_cells")
 #: the tasks of examples/study/tasks.py (issue 15): what differs from the preset of the same scale.
 #: Calibration (teacher and SFT student only) decides these; see docs/results/calibration-tasks.md.
 TASK_SETTINGS: dict[str, dict[str, Any]] = {
@@ -782,11 +788,11 @@ class Demo:
         if self.s.task == "scenes":
             return tasks.SceneTask(image_size=self.s.image_size, grid=self.s.grid, min_objects=self.s.min_objects,
                                    max_objects=self.s.max_objects, aligned_questions=self.s.aligned_questions,
-                                   object_tokens=self.s.object_tokens, **kw)
-        if self.s.aligned_questions or self.s.object_tokens:
-            raise ValueError(f"aligned_questions and object_tokens are settings of the scenes task, got task "
-                             f"{self.s.task!r} with aligned_questions={self.s.aligned_questions!r}, "
-                             f"object_tokens={self.s.object_tokens!r}")
+                                   object_tokens=self.s.object_tokens, exist_cells=self.s.exist_cells, **kw)
+        scene_only = {k: getattr(self.s, k) for k in _SCENE_OPTIONS}
+        if any(scene_only.values()):
+            raise ValueError(f"{', '.join(_SCENE_OPTIONS)} are settings of the scenes task, got task "
+                             f"{self.s.task!r} with " + ", ".join(f"{k}={v!r}" for k, v in scene_only.items()))
         return tasks.make_task(self.s.task, image_size=self.s.image_size, grid=self.s.grid, **kw)
 
     def prepare(self) -> None:
@@ -804,7 +810,7 @@ class Demo:
             irs_json = data_dir / "irs" / "train.json"
         else:
             fields = {k: v for k, v in dataclasses.asdict(task).items()  # options added later count only when set,
-                      if v or k not in ("aligned_questions", "object_tokens")}  # so earlier caches stay valid
+                      if v or k not in _SCENE_OPTIONS}  # so earlier caches stay valid
             key = json.dumps([s.task, s.n_train, s.n_test, s.n_captions, s.n_irs, s.data_seed, fields, s.train_turns])
             irs_json = data_dir / "irs.json"
         if not (stamp.exists() and stamp.read_text() == key):
@@ -964,7 +970,7 @@ class Demo:
         s = self.s
         images = {k: v for k, v in dataclasses.asdict(self.task_obj).items()  # what the images depend on
                   if k not in ("question_types", "question_weights", "caption_type", "compact_positions",
-                               "grounded_answers", "question_first", "aligned_questions", "object_tokens")}
+                               "grounded_answers", "question_first", *_SCENE_OPTIONS)}
         # the thread count it trains with (its convolution's and LayerNorms' weight gradients split their sums by
         # thread): appended only when it is not 1, so the towers cached by 1-thread runs keep their keys
         threads = [] if s.threads == 1 else [{"threads": s.threads}]

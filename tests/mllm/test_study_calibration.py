@@ -80,17 +80,19 @@ def test_the_vision_towers_key_holds_its_shift_only_when_set(tmp_path: Path) -> 
 
 def test_answer_format_settings_reach_the_task(tmp_path: Path) -> None:
     s = dm.task_settings("scenes", "smoke")
-    for grounded, first in ((True, False), (False, True)):
+    for grounded, first in ((True, False), (False, True), (True, "both")):
         task = dm.Demo(dataclasses.replace(s, grounded_answers=grounded, question_first=first), tmp_path,
                        progress=False).task()
         assert (task.grounded_answers, task.question_first) == (grounded, first)
-    for aligned, objects in ((True, False), (False, True)):
-        task = dm.Demo(dataclasses.replace(s, aligned_questions=aligned, object_tokens=objects), tmp_path,
-                       progress=False).task()
-        assert (task.aligned_questions, task.object_tokens) == (aligned, objects)
+    for aligned, objects, cells in ((True, False, True), (False, True, False)):
+        task = dm.Demo(dataclasses.replace(s, aligned_questions=aligned, object_tokens=objects, exist_cells=cells),
+                       tmp_path, progress=False).task()
+        assert (task.aligned_questions, task.object_tokens, task.exist_cells) == (aligned, objects, cells)
     d = dm.task_settings("digits", "smoke")
     with pytest.raises(ValueError, match="object_tokens"):  # scenes options: refused on another task, not ignored
         dm.Demo(dataclasses.replace(d, object_tokens=True), tmp_path / "d", progress=False).task()
+    with pytest.raises(ValueError, match="exist_cells=True"):
+        dm.Demo(dataclasses.replace(d, exist_cells=True), tmp_path / "d", progress=False).task()
 
 
 def test_new_format_options_keep_earlier_cache_keys_and_name_themselves_on_the_page(tmp_path: Path) -> None:
@@ -103,16 +105,22 @@ def test_new_format_options_keep_earlier_cache_keys_and_name_themselves_on_the_p
     demo.task_obj = dm.Demo(dataclasses.replace(s, aligned_questions=True, object_tokens=True), tmp_path / "b",
                             progress=False).task()
     assert demo._vision_setting() == plain  # the images do not change: the pre-trained tower is reused
-    assert "aligned_questions" not in json.dumps(plain) and "object_tokens" not in json.dumps(plain)
+    assert not any(k in json.dumps(plain) for k in ("aligned_questions", "object_tokens", "exist_cells"))
     demo.prepare()  # the data key names an option only when it is set: earlier run dirs keep their data
     key = (tmp_path / "a" / "data" / "settings.json").read_text()
-    assert '"grounded_answers"' in key and "aligned_questions" not in key and "object_tokens" not in key
+    assert '"grounded_answers"' in key and not any(k in key for k in ("aligned_questions", "object_tokens", "exist_cells"))
     other = dm.Demo(dataclasses.replace(s, object_tokens=True), tmp_path / "c", progress=False)
     other.prepare()
     assert '"object_tokens": true' in (tmp_path / "c" / "data" / "settings.json").read_text()
+    both = dm.Demo(dataclasses.replace(s, question_first="both"), tmp_path / "q", progress=False)
+    both.task_obj = both.task()
+    assert both._vision_setting() == plain and '"question_first": false' in key  # False stays in the key as before
+    both.prepare()
+    assert '"question_first": "both"' in (tmp_path / "q" / "data" / "settings.json").read_text()
+    assert both.train.items[0]["input_ids"].numel() > demo.train.items[0]["input_ids"].numel()
     assert other.data_key != demo.data_key and other.tok.convert_tokens_to_ids("red_circle") != other.tok.unk_token_id
     flags = dict(cal._FORMAT_FLAGS)
-    assert set(flags) == {"grounded_answers", "aligned_questions", "object_tokens", "question_first"}
+    assert set(flags) == {"grounded_answers", "aligned_questions", "object_tokens", "question_first", "exist_cells"}
 
 
 def test_set_parses_tuple_fields_and_refuses_unknown_ones() -> None:
@@ -125,6 +133,12 @@ def test_set_parses_tuple_fields_and_refuses_unknown_ones() -> None:
         cal._parse_set(["teacher=3"], s)
     with pytest.raises(ValueError, match="--set takes NAME=VALUE"):
         cal._parse_set(["nonsense=1"], s)
+    assert cal._parse_set(["question_first=both", "grounded_answers=no"], s) == {
+        "question_first": "both", "grounded_answers": False}
+    assert cal._parse_set(["question_first=True"], s) == {"question_first": True}
+    for bad in ("grounded_answers=both", "question_first=before", "compact_positions=ture"):  # never a silent False
+        with pytest.raises(ValueError, match="takes one of"):
+            cal._parse_set([bad], s)
 
 
 def test_irs_ratio_and_targets_can_fail() -> None:
