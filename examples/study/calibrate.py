@@ -61,7 +61,7 @@ def _parse_set(items: list[str], settings: dm.DemoSettings) -> dict[str, Any]:
         if isinstance(old, tuple):  # comma-separated, typed by the field (question_types: str, weights: float)
             kind = float if name == "question_weights" else str
             out[name] = tuple(kind(x) for x in value.split(",") if x)
-        elif isinstance(old, bool):  # a yes/no word; question_first also takes "both" (tasks.QUESTION_FIRST)
+        elif isinstance(old, bool) or name == "question_first":  # a yes/no word; question_first also "both"
             word = value.lower()
             if word in _TRUE + _FALSE or (name == "question_first" and word == "both"):
                 out[name] = "both" if word == "both" else word in _TRUE

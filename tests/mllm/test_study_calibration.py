@@ -24,9 +24,10 @@ def test_task_settings() -> None:
     s = dm.task_settings("scenes", "quick")
     assert (s.task, s.grid, s.image_size, s.patch_size) == ("scenes", 4, 48, 12)  # one patch per cell
     assert s.compact_positions and s.vision_position and len(s.question_weights) == 8
-    assert s.grounded_answers and not s.question_first and s.train_turns == 1  # calibration-log.md, session 2
+    assert s.grounded_answers and s.train_turns == 1  # calibration-log.md, session 2
     # session 4: the shape question in the colour question's layout, 6,000 teacher steps, no curriculum
     assert s.aligned_questions and not s.object_tokens and s.teacher_steps == 6000 and not s.teacher_first_steps
+    assert s.question_first == "both" and not s.exist_cells  # session 5: the question before and after the image
     d = dm.task_settings("digits", "quick")  # calibration-digits-grounded.md
     assert d.grounded_answers and d.compact_positions and d.vision_position and d.teacher_steps == 2000
     # the student's best measured recipe (calibration-log.md, session 4): 48-d x 2, stage 1 150, SFT 1,000 at 3e-3,
@@ -98,7 +99,8 @@ def test_answer_format_settings_reach_the_task(tmp_path: Path) -> None:
 def test_new_format_options_keep_earlier_cache_keys_and_name_themselves_on_the_page(tmp_path: Path) -> None:
     import dataclasses
 
-    s = dataclasses.replace(dm.task_settings("scenes", "smoke"), aligned_questions=False, object_tokens=False)
+    s = dataclasses.replace(dm.task_settings("scenes", "smoke"), aligned_questions=False, object_tokens=False,
+                            question_first=False)
     demo = dm.Demo(s, tmp_path / "a", progress=False)
     demo.task_obj = demo.task()
     plain = demo._vision_setting()
@@ -135,7 +137,8 @@ def test_set_parses_tuple_fields_and_refuses_unknown_ones() -> None:
         cal._parse_set(["nonsense=1"], s)
     assert cal._parse_set(["question_first=both", "grounded_answers=no"], s) == {
         "question_first": "both", "grounded_answers": False}
-    assert cal._parse_set(["question_first=True"], s) == {"question_first": True}
+    assert cal._parse_set(["question_first=True"], s) == {"question_first": True}  # whatever the setting's value
+    assert cal._parse_set(["question_first=no"], dataclasses.replace(s, question_first=True)) == {"question_first": False}
     for bad in ("grounded_answers=both", "question_first=before", "compact_positions=ture"):  # never a silent False
         with pytest.raises(ValueError, match="takes one of"):
             cal._parse_set([bad], s)
