@@ -46,6 +46,9 @@ TARGET_GAP = 0.15
 TARGET_IRS_RATIO = 3.0
 
 
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
+
+
 def _parse_set(items: list[str], settings: dm.DemoSettings) -> dict[str, Any]:
     fields = {f.name: f for f in dataclasses.fields(settings)}
     out: dict[str, Any] = {}
@@ -58,8 +61,15 @@ def _parse_set(items: list[str], settings: dm.DemoSettings) -> dict[str, Any]:
         if isinstance(old, tuple):  # comma-separated, typed by the field (question_types: str, weights: float)
             kind = float if name == "question_weights" else str
             out[name] = tuple(kind(x) for x in value.split(",") if x)
+        elif isinstance(old, bool) or name == "question_first":  # a yes/no word; question_first also "both"
+            word = value.lower()
+            if word in _TRUE + _FALSE or (name == "question_first" and word == "both"):
+                out[name] = "both" if word == "both" else word in _TRUE
+            else:
+                raise ValueError(f"--set {name} takes one of {_TRUE + _FALSE}"
+                                 + (" or both" if name == "question_first" else "") + f", got {value!r}")
         else:
-            out[name] = (value.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(value)
+            out[name] = type(old)(value)
     return out
 
 
@@ -222,7 +232,8 @@ _FORMAT_FLAGS = (
     ("grounded_answers", "short answers restate their key first ('r2c3 red')"),
     ("aligned_questions", "shape questions in the colour question's layout ('what shape is the object at r2c3 ?')"),
     ("object_tokens", "position and existence questions name the object with one token ('red_circle')"),
-    ("question_first", "the question before the image"),
+    ("exist_cells", "existence answers name the object's cell or none first ('r2c3 yes', 'none no')"),
+    ("question_first", "the question before the image"),  # "both": "... and after it"
 )
 
 
@@ -242,7 +253,8 @@ def calibration_markdown(res: dict[str, Any], *, command: str) -> str:
           f"{', '.join(task['short_types'])}); answers {task['answer_tokens_mean']:.1f} tokens on average, "
           f"'{task['long_type']}' {task['describe_tokens_mean']:.1f}, max {task['answer_tokens_max']}; positions "
           + ("one token ('r2c3')" if s.get("compact_positions") else "in words ('row two column three')")
-          + "".join(f"; {text}" for flag, text in _FORMAT_FLAGS if s.get(flag))
+          + "".join(f"; {text}" + (" and after it" if s.get(flag) == "both" else "")
+                    for flag, text in _FORMAT_FLAGS if s.get(flag))
           + "; training question weights "
           + (", ".join(f"{t} {w:g}" for t, w in zip(types, s["question_weights"])) if s.get("question_weights")
              else "uniform") + " (test split uniform).",

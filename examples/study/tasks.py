@@ -35,6 +35,8 @@ Every position is "row R column C" with number words (row one = top, column one 
 one token ``r2c3`` with ``compact_positions``. With ``grounded_answers`` a short answer restates
 its key first (``"r2c3 red"``, ``"red circle r2c3"``; see :class:`SceneTask`): the token that
 predicts the value then holds the key, so one attention hop to the matching visual token answers.
+The question follows the image (as LLaVA), or with ``question_first`` precedes it (``True``) or both
+(``"both"``: ``"q\n<image>\nq"``).
 Everything is a pure function of ``seed`` (``random.Random``, deterministic PIL drawing);
 test worlds never repeat a training world. :meth:`check_answer` parses an answer text
 back and checks it against the world (independently of the generator's own formatting
@@ -60,10 +62,12 @@ __all__ = [
     "DIGIT_WORDS",
     "DigitTask",
     "NUMBERS",
+    "QUESTION_FIRST",
     "SHAPES",
     "SceneTask",
     "TASKS",
     "make_task",
+    "user_turn",
     "write_task",
 ]
 
@@ -136,6 +140,22 @@ def _check_weights(weights: Sequence[float], types: Sequence[str]) -> tuple[floa
     return tuple(float(w) for w in weights)
 
 
+#: the values of ``question_first`` (``SceneTask``): after the image, before it, before and after it
+QUESTION_FIRST = (False, True, "both")
+
+
+def _check_question_first(value: Any) -> None:
+    if not any(value is v if isinstance(v, bool) else value == v for v in QUESTION_FIRST):
+        raise ValueError(f"question_first must be one of {QUESTION_FIRST}, got {value!r}")
+
+
+def user_turn(question: str, question_first: bool | str) -> str:
+    """The first user turn: the question after ``<image>`` (``False``), before it (``True``) or both (``"both"``)."""
+    if question_first == "both":
+        return f"{question}\n<image>\n{question}"
+    return f"{question}\n<image>" if question_first else f"<image>\n{question}"
+
+
 def _split_key(qtype: str, question: str, answer: str) -> tuple[str | None, str]:
     """A grounded short answer (``SceneTask.grounded_answers``) split into ``(key, value)``; the
     key must be the one the question names (its cell, its object, its colour), else ``(None, answer)``.
@@ -196,8 +216,14 @@ class SceneTask:
             or the object) as its own input, so one attention hop from it to the matching visual
             token answers, where a bare answer needs two (read which key the question names,
             then look it up). Exact match scores the whole answer, the key included.
-        question_first: the question comes before the image in the user turn (``"q\n<image>"``),
-            so that visual tokens can attend to it (causal attention); default: image first, as LLaVA.
+        question_first: where the question sits around the image in the (first) user turn: ``False``
+            (default, as LLaVA) after it, ``"<image>\nq"``; ``True`` before it, ``"q\n<image>"``, so that
+            visual tokens can attend to it (causal attention); ``"both"`` before and after it,
+            ``"q\n<image>\nq"``: the visual tokens see the question, and the copy after the image keeps
+            instruction -> vision attention rows of today's kind (the copy before attends to no visual
+            token). Why ``"both"``: a visual token that sees the named object can mark itself in its
+            own residual stream, so finding it is a one-hop lookup of a flag instead of a conjunctive
+            search (position, existence).
         aligned_questions: the shape question takes the colour question's layout, ``"what shape is the
             object at r2c3 ?"`` (default ``"what shape is at r2c3 ?"``): both lookups then sit at the
             same distance from every visual token, differing only in the attribute word. Why: a lookup
@@ -209,6 +235,10 @@ class SceneTask:
             Why: the token that predicts the cell (or yes/no) then holds colour *and* shape itself, so one
             attention hop matches both, where ``"red circle"`` needs the colour carried over from the
             previous token first. The long answers keep ``"a red circle at r2c3"``.
+        exist_cells: an existence answer names the probed object's cell, or ``none``, before yes / no:
+            ``"r2c3 yes"`` / ``"none no"`` (with ``grounded_answers``: ``"red circle r2c3 yes"``). Why: the
+            cell is the position question's answer, so existence reuses its object -> cell search (16
+            cells and ``none`` as targets) instead of learning a bare yes / no from one bit per sample.
     """
 
     image_size: int = 48
@@ -221,9 +251,10 @@ class SceneTask:
     question_weights: tuple[float, ...] = ()
     compact_positions: bool = False
     grounded_answers: bool = False
-    question_first: bool = False
+    question_first: bool | str = False
     aligned_questions: bool = False
     object_tokens: bool = False
+    exist_cells: bool = False
 
     name = "scenes"
     ALL_TYPES = ("color", "shape", "position", "count", "exist", "describe", "list_color", "count_colors")
@@ -237,6 +268,7 @@ class SceneTask:
         object.__setattr__(self, "question_types", _check_types("question_types", self.question_types, self.ALL_TYPES))
         _check_types("caption_type", (self.caption_type,), self.ALL_TYPES)
         object.__setattr__(self, "question_weights", _check_weights(self.question_weights, self.question_types))
+        _check_question_first(self.question_first)
 
     # ---------------------------------------------------------------- vocabulary, world, image
     def vocabulary(self) -> list[str]:
@@ -328,8 +360,11 @@ class SceneTask:
                 c, s = self._absent_probe(rng, scene, split)
                 answer = "no"
             name = self._name(c, s)
+            if self.exist_cells:  # the cell the probe is at, or none: position's search
+                cell = next((_pos(r, k, cp) for oc, os, r, k in objs if (oc, os) == (c, s)), "none")
+                answer = f"{cell} {answer}"
             return (f"is there a {name} in the image ?", f"{name} {answer}" if g else answer,
-                    {"probe": f"{c} {s}", "answer": answer, "pope": split})
+                    {"probe": f"{c} {s}", "answer": answer.rpartition(" ")[2], "pope": split})
         if qtype == "describe":
             return "describe the image .", " , ".join(self._phrase(*o) for o in objs) + " .", {}
         if qtype == "list_color":
@@ -403,7 +438,15 @@ class SceneTask:
             return answer == NUMBERS[sum(1 for o in objs if c is None or o[0] == c)]
         if t == "exist":
             c, s = re.fullmatch(r"is there a ([a-z]+)[ _]([a-z]+) in the image \?", question).groups()
-            return answer == ("yes" if any((o[0], o[1]) == (c, s) for o in objs) else "no")
+            where = next(((o[2], o[3]) for o in objs if (o[0], o[1]) == (c, s)), None)
+            if self.exist_cells:  # "<cell> yes" at the object's cell, or "none no"
+                cell, _, answer = answer.rpartition(" ")
+                try:
+                    if (None if cell == "none" else _parse_pos(cell)) != where:
+                        return False
+                except ValueError:
+                    return False
+            return answer == ("yes" if where is not None else "no")
         if t == "describe":
             return self.parse_objects(answer) == objs  # every object, in reading order
         if t == "list_color":
@@ -456,7 +499,8 @@ class DigitTask:
         grounded_answers: a short answer reads every digit it uses next to its cell first:
             ``digit_at`` -> ``"r2c3 7"``, ``sum`` -> ``"r1c2 3 r4c1 4 7"``, ``compare`` ->
             ``"r1c2 3 r4c1 4 smaller"`` (one attention hop per lookup, as ``SceneTask``'s).
-        question_first: the question comes before the image in the user turn.
+        question_first: where the question sits around the image (``SceneTask.question_first``: ``False``
+            after it, ``True`` before it, ``"both"`` before and after it).
     """
 
     image_size: int = 48
@@ -467,7 +511,7 @@ class DigitTask:
     question_weights: tuple[float, ...] = ()
     compact_positions: bool = False
     grounded_answers: bool = False
-    question_first: bool = False
+    question_first: bool | str = False
 
     name = "digits"
     ALL_TYPES = ("read", "digit_at", "sum", "compare")
@@ -480,6 +524,7 @@ class DigitTask:
         object.__setattr__(self, "question_weights", _check_weights(self.question_weights, self.question_types))
         if not isinstance(self.test_fraction, float) or not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be a float in (0, 1), got {self.test_fraction!r}")
+        _check_question_first(self.question_first)
 
     def vocabulary(self) -> list[str]:
         words = ("read the digits what digit is at row column sum of and compare with "
@@ -632,8 +677,8 @@ def make_samples(
         for turn, qtype in enumerate(drawn):
             q, a, meta = task.question(rng, world, qtype)
             metas.append({"task": task.name, "type": qtype, **meta})
-            if turn == 0:  # the image opens the first user turn, or closes it with ``question_first``
-                q = f"{q}\n<image>" if task.question_first else f"<image>\n{q}"
+            if turn == 0:  # the image opens the first user turn, or follows the question (``question_first``)
+                q = user_turn(q, task.question_first)
             conv.append({"from": "human", "value": q})
             conv.append({"from": "gpt", "value": a})
         samples.append({

@@ -24,9 +24,10 @@ def test_task_settings() -> None:
     s = dm.task_settings("scenes", "quick")
     assert (s.task, s.grid, s.image_size, s.patch_size) == ("scenes", 4, 48, 12)  # one patch per cell
     assert s.compact_positions and s.vision_position and len(s.question_weights) == 8
-    assert s.grounded_answers and not s.question_first and s.train_turns == 1  # calibration-log.md, session 2
+    assert s.grounded_answers and s.train_turns == 1  # calibration-log.md, session 2
     # session 4: the shape question in the colour question's layout, 6,000 teacher steps, no curriculum
     assert s.aligned_questions and not s.object_tokens and s.teacher_steps == 6000 and not s.teacher_first_steps
+    assert s.question_first == "both" and not s.exist_cells  # session 5: the question before and after the image
     d = dm.task_settings("digits", "quick")  # calibration-digits-shift-40d.md
     assert d.grounded_answers and d.compact_positions and d.vision_position and d.teacher_steps == 2000
     # session 8: the tower pre-trained 3,000 steps on batches shifted by +-1 px
@@ -82,39 +83,48 @@ def test_the_vision_towers_key_holds_its_shift_only_when_set(tmp_path: Path) -> 
 
 def test_answer_format_settings_reach_the_task(tmp_path: Path) -> None:
     s = dm.task_settings("scenes", "smoke")
-    for grounded, first in ((True, False), (False, True)):
+    for grounded, first in ((True, False), (False, True), (True, "both")):
         task = dm.Demo(dataclasses.replace(s, grounded_answers=grounded, question_first=first), tmp_path,
                        progress=False).task()
         assert (task.grounded_answers, task.question_first) == (grounded, first)
-    for aligned, objects in ((True, False), (False, True)):
-        task = dm.Demo(dataclasses.replace(s, aligned_questions=aligned, object_tokens=objects), tmp_path,
-                       progress=False).task()
-        assert (task.aligned_questions, task.object_tokens) == (aligned, objects)
+    for aligned, objects, cells in ((True, False, True), (False, True, False)):
+        task = dm.Demo(dataclasses.replace(s, aligned_questions=aligned, object_tokens=objects, exist_cells=cells),
+                       tmp_path, progress=False).task()
+        assert (task.aligned_questions, task.object_tokens, task.exist_cells) == (aligned, objects, cells)
     d = dm.task_settings("digits", "smoke")
     with pytest.raises(ValueError, match="object_tokens"):  # scenes options: refused on another task, not ignored
         dm.Demo(dataclasses.replace(d, object_tokens=True), tmp_path / "d", progress=False).task()
+    with pytest.raises(ValueError, match="exist_cells=True"):
+        dm.Demo(dataclasses.replace(d, exist_cells=True), tmp_path / "d", progress=False).task()
 
 
 def test_new_format_options_keep_earlier_cache_keys_and_name_themselves_on_the_page(tmp_path: Path) -> None:
     import dataclasses
 
-    s = dataclasses.replace(dm.task_settings("scenes", "smoke"), aligned_questions=False, object_tokens=False)
+    s = dataclasses.replace(dm.task_settings("scenes", "smoke"), aligned_questions=False, object_tokens=False,
+                            question_first=False)
     demo = dm.Demo(s, tmp_path / "a", progress=False)
     demo.task_obj = demo.task()
     plain = demo._vision_setting()
     demo.task_obj = dm.Demo(dataclasses.replace(s, aligned_questions=True, object_tokens=True), tmp_path / "b",
                             progress=False).task()
     assert demo._vision_setting() == plain  # the images do not change: the pre-trained tower is reused
-    assert "aligned_questions" not in json.dumps(plain) and "object_tokens" not in json.dumps(plain)
+    assert not any(k in json.dumps(plain) for k in ("aligned_questions", "object_tokens", "exist_cells"))
     demo.prepare()  # the data key names an option only when it is set: earlier run dirs keep their data
     key = (tmp_path / "a" / "data" / "settings.json").read_text()
-    assert '"grounded_answers"' in key and "aligned_questions" not in key and "object_tokens" not in key
+    assert '"grounded_answers"' in key and not any(k in key for k in ("aligned_questions", "object_tokens", "exist_cells"))
     other = dm.Demo(dataclasses.replace(s, object_tokens=True), tmp_path / "c", progress=False)
     other.prepare()
     assert '"object_tokens": true' in (tmp_path / "c" / "data" / "settings.json").read_text()
+    both = dm.Demo(dataclasses.replace(s, question_first="both"), tmp_path / "q", progress=False)
+    both.task_obj = both.task()
+    assert both._vision_setting() == plain and '"question_first": false' in key  # False stays in the key as before
+    both.prepare()
+    assert '"question_first": "both"' in (tmp_path / "q" / "data" / "settings.json").read_text()
+    assert both.train.items[0]["input_ids"].numel() > demo.train.items[0]["input_ids"].numel()
     assert other.data_key != demo.data_key and other.tok.convert_tokens_to_ids("red_circle") != other.tok.unk_token_id
     flags = dict(cal._FORMAT_FLAGS)
-    assert set(flags) == {"grounded_answers", "aligned_questions", "object_tokens", "question_first"}
+    assert set(flags) == {"grounded_answers", "aligned_questions", "object_tokens", "question_first", "exist_cells"}
 
 
 def test_set_parses_tuple_fields_and_refuses_unknown_ones() -> None:
@@ -127,6 +137,13 @@ def test_set_parses_tuple_fields_and_refuses_unknown_ones() -> None:
         cal._parse_set(["teacher=3"], s)
     with pytest.raises(ValueError, match="--set takes NAME=VALUE"):
         cal._parse_set(["nonsense=1"], s)
+    assert cal._parse_set(["question_first=both", "grounded_answers=no"], s) == {
+        "question_first": "both", "grounded_answers": False}
+    assert cal._parse_set(["question_first=True"], s) == {"question_first": True}  # whatever the setting's value
+    assert cal._parse_set(["question_first=no"], dataclasses.replace(s, question_first=True)) == {"question_first": False}
+    for bad in ("grounded_answers=both", "question_first=before", "compact_positions=ture"):  # never a silent False
+        with pytest.raises(ValueError, match="takes one of"):
+            cal._parse_set([bad], s)
 
 
 def test_irs_ratio_and_targets_can_fail() -> None:

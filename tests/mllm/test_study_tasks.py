@@ -321,6 +321,26 @@ def test_question_first_puts_the_image_after_the_question(name: str) -> None:
     assert all(s["conversations"][0]["value"].startswith("<image>\n") for s in default)
 
 
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_question_first_both_puts_the_question_before_and_after_the_image(name: str) -> None:
+    task = T.make_task(name, question_first="both")
+    samples, worlds = T.make_samples(task, 20, seed=1)
+    plain = T.make_samples(T.make_task(name), 20, seed=1)[0]
+    for s, p, w in zip(samples, plain, worlds):
+        before, image, after = s["conversations"][0]["value"].split("\n")
+        assert image == "<image>" and before == after == _qa(p)[0]  # the same question as the default layout's
+        assert s["conversations"][1:] == p["conversations"][1:] and s["meta"] == p["meta"]
+        assert task.check_answer(w, after, s["conversations"][1]["value"], s["meta"])
+    assert [T.user_turn("q", v) for v in T.QUESTION_FIRST] == ["<image>\nq", "q\n<image>", "q\n<image>\nq"]
+
+
+@pytest.mark.parametrize("bad", [1, 0, "true", "after", None])
+def test_question_first_refuses_other_values(bad: object) -> None:
+    for name in TASK_NAMES:
+        with pytest.raises(ValueError, match="question_first must be one of"):
+            T.make_task(name, question_first=bad)
+
+
 def _digest(task: object, n: int = 40, seed: int = 5) -> str:
     import hashlib
 
@@ -382,3 +402,31 @@ def test_object_tokens_name_the_object_with_one_token_in_position_and_existence(
         else:  # every other question and the long answers keep their words
             assert (q, a) == (rq, ra)
     assert seen["position"] > 20 and seen["exist"] > 20
+
+
+@pytest.mark.parametrize("grounded", [True, False])
+def test_exist_cells_name_the_probed_objects_cell_or_none(grounded: bool) -> None:
+    task = T.SceneTask(grid=4, compact_positions=True, grounded_answers=grounded, exist_cells=True)
+    plain = T.SceneTask(grid=4, compact_positions=True, grounded_answers=grounded)
+    kinds = ("color", "position", "exist", "list_color")
+    samples, worlds = T.make_samples(task, 300, seed=6, question_types=kinds)
+    ref, _ = T.make_samples(plain, 300, seed=6, question_types=kinds)  # the same draws: only existence differs
+    answers = Counter()
+    for s, w, r in zip(samples, worlds, ref):
+        q, a = _qa(s)
+        rq, ra = _qa(r)
+        assert s["meta"] == r["meta"] and q == rq and task.check_answer(w, q, a, s["meta"])
+        if s["meta"]["type"] != "exist":
+            assert a == ra
+            continue
+        c, sh = s["meta"]["probe"].split()
+        where = [(o[2], o[3]) for o in w.objects if (o[0], o[1]) == (c, sh)]
+        cell = T._pos(*where[0], True) if where else "none"
+        answers[s["meta"]["answer"]] += 1
+        assert a == ra.replace(s["meta"]["answer"], f"{cell} {s['meta']['answer']}")  # "... r2c3 yes" / "... none no"
+        assert s["meta"]["answer"] == ("yes" if where else "no") and not task.check_answer(w, q, ra, s["meta"])
+        other = "r1c1" if cell != "r1c1" else "r4c4"
+        for wrong in (a.replace(cell, other), a.replace(cell, "none" if where else other),
+                      a.rpartition(" ")[0] + (" no" if where else " yes")):  # another cell, or the wrong verdict
+            assert not task.check_answer(w, q, wrong, s["meta"]), wrong
+    assert answers["yes"] > 20 and answers["no"] > 20
