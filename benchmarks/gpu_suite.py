@@ -124,6 +124,13 @@ def _child(argv: list[str], log_fd: int) -> None:
         os.chdir(ROOT)
         os.environ.update(_env())
         os.environ["TOKINTERACT_BENCH_FORK_WORKERS"] = "1"  # _common.run_worker: fork, not a fresh interpreter
+        # one intra-op thread: a step that runs torch ops and then forks a worker (_common._forked)
+        # deadlocks in the worker when the parent's OpenMP pool had threads (libgomp is not fork-safe;
+        # seen on a 2-core machine). Dry-run times mean nothing anyway.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
         sys.path.insert(0, str(ROOT / "src"))
         if argv[1:3] == ["-m", "pytest"]:
             import pytest

@@ -187,13 +187,15 @@ def ref_kd_loss(
 
 
 def ref_visual_importance(
-    attn: Tensor, instruction_mask: Tensor, visual_mask: Tensor, *, normalize: bool = False
+    attn: Tensor, instruction_mask: Tensor, visual_mask: Tensor, *, normalize: bool = False,
+    query_positions: Tensor | None = None,
 ) -> Tensor:
     """Eq. 4 weights: ``w[b,k] = (1/H) sum_h (1/N_i) sum_{u instr} A[b,h,u,k]`` at visual ``k``.
 
-    ``attn`` is ``[B, H, Q, K]`` or head-averaged ``[B, Q, K]``. ``w = 0`` at non-visual keys and
-    for rows without instruction tokens. ``normalize`` rescales each row to sum to 1 (rows
-    summing to 0 stay 0). Returns float64 ``[B, K]``.
+    ``attn`` is ``[B, H, Q, K]`` or head-averaged ``[B, Q, K]``. The rows ``u`` are the
+    instruction rows whose position (``query_positions[b, u]``, default ``u``) lies after the
+    sample's first visual token. ``w = 0`` at non-visual keys and for rows without such rows.
+    ``normalize`` rescales each row to sum to 1 (rows summing to 0 stay 0). Returns float64 ``[B, K]``.
     """
     a = attn.double()
     if a.ndim == 3:
@@ -201,7 +203,13 @@ def ref_visual_importance(
     B, H, Q, K = a.shape
     w = torch.zeros(B, K, dtype=torch.float64)
     for b in range(B):
-        rows = [u for u in range(Q) if bool(instruction_mask[b, u])]
+        visual = [k for k in range(K) if bool(visual_mask[b, k])]
+        first = visual[0] if visual else None
+        rows = []
+        for u in range(Q):
+            pos = u if query_positions is None else int(query_positions[b, u])
+            if bool(instruction_mask[b, u]) and first is not None and pos > first:
+                rows.append(u)
         if not rows:
             continue
         for k in range(K):

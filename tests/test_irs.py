@@ -71,8 +71,9 @@ def test_irs_from_visual_importance_pipeline():
     instr = torch.ones(B, Q, dtype=torch.bool)
     a1 = torch.softmax(torch.randn(B, Q, K, generator=g) * 3, -1)
     a2 = torch.softmax(torch.randn(B, Q, K, generator=g) * 3, -1)
-    w1 = ti.visual_importance(a1, instr, vis)[:, :4]
-    w2 = ti.visual_importance(a2, instr, vis)[:, :4]
+    pos = torch.arange(2, 6).expand(B, Q)  # the captured rows: positions 2..5, after the image's start
+    w1 = ti.visual_importance(a1, instr, vis, query_positions=pos)[:, :4]
+    w2 = ti.visual_importance(a2, instr, vis, query_positions=pos)[:, :4]
     moving = ti.irs_score(w1, w2)
     static = ti.irs_score(w1, w1 * 2)
     assert float(moving) > float(static) + 1e-3

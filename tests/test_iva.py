@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,15 +18,28 @@ def _attn(B, H, Q, K, seed):
     return torch.softmax(torch.randn(B, H, Q, K, generator=g) * 2, dim=-1)
 
 
-def _masks(B, Q, K, seed):
+def _masks(B, Q, K, seed, rows_subset):
+    """Disjoint instruction / visual masks; with ``rows_subset`` the ``Q`` rows sit at sorted
+    random positions (``query_positions``), else row ``u`` is position ``u``. The last position is
+    an instruction token (so most samples have a row after their image; ``K == 1`` has none)."""
     g = torch.Generator().manual_seed(seed)
-    instr = torch.rand(B, Q, generator=g) < 0.5
     vis = torch.rand(B, K, generator=g) < 0.5
-    instr[0, 0] = vis[0, 0] = True
-    return instr, vis
+    vis[0, 0] = True
+    if K > 1:
+        vis[:, -1] = False
+    pos = None
+    if rows_subset:
+        pos = torch.stack([torch.sort(torch.randperm(K, generator=g)[:Q]).values for _ in range(B)])
+        pos[:, -1] = K - 1
+        pos = torch.stack([torch.sort(torch.unique(p, sorted=True).repeat(2)[:Q]).values for p in pos])
+    at = torch.arange(Q).expand(B, Q) if pos is None else pos
+    instr = (torch.rand(B, Q, generator=g) < 0.5) & ~vis.gather(1, at)
+    if K > 1:
+        instr[:, -1] = True
+    return instr, vis, pos
 
 
-@settings(max_examples=20)
+@settings(max_examples=30)
 @given(
     seed=st.integers(0, 2**31 - 1),
     B=st.integers(1, 3),
@@ -36,20 +51,64 @@ def _masks(B, Q, K, seed):
 def test_visual_importance_matches_reference(seed, B, H, K, rows_subset, normalize):
     Q = max(1, K // 2) if rows_subset else K  # captured rows: a subset of queries
     a = _attn(B, H, Q, K, seed)
-    instr, vis = _masks(B, Q, K, seed + 1)
-    w = ti.visual_importance(a, instr, vis, normalize=normalize)
+    instr, vis, pos = _masks(B, Q, K, seed + 1, rows_subset)
+    rows = ti.instruction_rows(instr, vis, pos)
+    at = torch.arange(Q).expand(B, Q) if pos is None else pos
+    first = torch.where(vis.any(1), vis.float().argmax(1), K)
+    assert torch.equal(rows, instr & (at > first[:, None]))  # the rule, written out
+    missing = vis.any(1) & ~rows.any(1)
+    if bool(missing.any()):  # an image and no instruction after it: no Eq. 4 weights
+        with pytest.raises(ValueError, match=re.escape(f"samples {missing.nonzero().flatten().tolist()} ") + ".*no instruction token"):
+            ti.visual_importance(a, instr, vis, normalize=normalize, query_positions=pos)
+        return
+    w = ti.visual_importance(a, instr, vis, normalize=normalize, query_positions=pos)
     assert w.dtype == torch.float32 and w.shape == (B, K)
-    ref = ref_visual_importance(a, instr, vis, normalize=normalize)
+    ref = ref_visual_importance(a, instr, vis, normalize=normalize, query_positions=pos)
     torch.testing.assert_close(w.double(), ref, atol=1e-6, rtol=1e-5)
     # head-averaged 3D input gives the same weights
-    w3 = ti.visual_importance(a.mean(1), instr, vis, normalize=normalize)
+    w3 = ti.visual_importance(a.mean(1), instr, vis, normalize=normalize, query_positions=pos)
     torch.testing.assert_close(w3, w, atol=1e-6, rtol=1e-5)
     assert torch.equal(w[~vis], torch.zeros_like(w[~vis]))
-    no_instr = ~instr.any(1)
-    assert torch.equal(w[no_instr], torch.zeros_like(w[no_instr]))
     if normalize:
-        has = (instr.any(1) & vis.any(1))
+        has = vis.any(1)
         torch.testing.assert_close(w[has].sum(1), torch.ones(int(has.sum())), atol=1e-5, rtol=0)
+
+
+def test_instruction_rows_after_the_image_only():
+    """A question before and after the image: only the copy after it are IVA's rows; under causal
+    attention the rows before carry no attention to the image, so counting them would halve the
+    weights (the mean's denominator), and a question only before the image is refused."""
+    T = 8
+    vis = torch.zeros(1, T, dtype=torch.bool)
+    vis[0, 3:5] = True  # [q q sys | v v | q q answer]
+    before = torch.zeros(1, T, dtype=torch.bool)
+    before[0, 0:2] = True
+    after = torch.zeros(1, T, dtype=torch.bool)
+    after[0, 5:7] = True
+    assert torch.equal(ti.instruction_rows(before | after, vis), after)
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    g = torch.Generator().manual_seed(3)
+    a = torch.softmax((torch.randn(1, 2, T, T, generator=g)).masked_fill(~causal, float("-inf")), -1)
+    assert float(a[0, :, :2][..., vis[0]].abs().sum()) == 0.0  # rows before the image see no visual key
+    w_both = ti.visual_importance(a, before | after, vis)
+    w_after = ti.visual_importance(a, after, vis)
+    torch.testing.assert_close(w_both, w_after, atol=0, rtol=0)
+    by_hand = a[0].mean(0)[5:7, 3:5].mean(0)  # mean over heads and the two rows after the image
+    torch.testing.assert_close(w_after[0, 3:5], by_hand)
+    with pytest.raises(ValueError, match=r"samples \[0\] .*no instruction token after the first one"):
+        ti.visual_importance(a, before, vis)
+    # a text-only sample beside it: no visual token, no weights, no error
+    vis2 = torch.cat([vis, torch.zeros_like(vis)])
+    w2 = ti.visual_importance(a.expand(2, -1, -1, -1), torch.cat([after, before]), vis2)
+    torch.testing.assert_close(w2[0], w_after[0], atol=0, rtol=0)
+    assert torch.equal(w2[1], torch.zeros(T))
+    # captured rows: the same rule through query_positions; required when Q != K
+    pos = torch.tensor([[0, 1, 5, 6]])
+    rows_a = a[:, :, pos[0]]
+    w_cap = ti.visual_importance(rows_a, torch.ones(1, 4, dtype=torch.bool), vis, query_positions=pos)
+    torch.testing.assert_close(w_cap, w_after, atol=1e-7, rtol=0)
+    with pytest.raises(ValueError, match="query_positions"):
+        ti.visual_importance(rows_a, torch.ones(1, 4, dtype=torch.bool), vis)
 
 
 def test_visual_importance_by_hand():
@@ -65,7 +124,7 @@ def test_visual_importance_by_hand():
 
 def test_visual_importance_bf16_and_shape_errors():
     a = _attn(2, 2, 4, 4, 0)
-    instr, vis = _masks(2, 4, 4, 1)
+    instr, vis, _ = _masks(2, 4, 4, 1, False)
     w = ti.visual_importance(a.bfloat16(), instr, vis)
     assert w.dtype == torch.float32
     torch.testing.assert_close(w.double(), ref_visual_importance(a.bfloat16(), instr, vis), atol=1e-6, rtol=1e-5)
@@ -87,7 +146,7 @@ def test_iva_loss_matches_reference_with_gradients(kind):
     s = (torch.randn(B, T, V, generator=g) * 2).requires_grad_()
     t = torch.randn(B, T, V, generator=g) * 2
     a = _attn(B, 2, T, T, 3)
-    instr, vis = _masks(B, T, T, 4)
+    instr, vis, _ = _masks(B, T, T, 4, False)
     w = ti.visual_importance(a, instr, vis, normalize=True)
     loss = ti.iva_loss(s, t, w, kind=kind, beta=0.3, alpha=0.2)
     loss.backward()

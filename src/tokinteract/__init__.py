@@ -14,7 +14,7 @@ from tokinteract.divergence import DIVERGENCE_KINDS, TokenDivergence, token_dive
 from tokinteract.fused import FusedAlignTILoss
 from tokinteract.expansion import TPAExpansion, ribbon_mask, ribbon_mask_mod, tpa_expand
 from tokinteract.irs import irs_score, select_layer
-from tokinteract.iva import IVALoss, iva_loss, uniform_visual_weights, visual_importance
+from tokinteract.iva import IVALoss, instruction_rows, iva_loss, uniform_visual_weights, visual_importance
 from tokinteract.kd import KDLoss, SFTLoss, kd_loss, sft_loss, shift_labels
 from tokinteract.reduction import masked_reduce
 from tokinteract.ribbon import ribbon_dense, ribbon_mod, ribbon_rule
@@ -37,6 +37,7 @@ __all__ = [
     "TPAExpansion",
     "TPALoss",
     "TokenDivergence",
+    "instruction_rows",
     "iva_loss",
     "irs_score",
     "kd_loss",

@@ -72,7 +72,7 @@ def test_capture_equals_eager_output_attentions(tiny, kind, attn, padding, heads
     vm[:, 2:6] = True
     w = cap.visual_importance(vm)
     torch.testing.assert_close(w, visual_importance(full, qm, vm), atol=ATOL, rtol=0)
-    torch.testing.assert_close(visual_importance(cap.attn, cap.row_mask, vm), w, atol=0, rtol=0)
+    torch.testing.assert_close(visual_importance(cap.attn, cap.row_mask, vm, query_positions=cap.row_index), w, atol=0, rtol=0)
 
 
 @torch.no_grad()

@@ -298,3 +298,71 @@ def test_packed_inputs_are_what_packed_forward_runs(name):
     naive = model(input_ids=exp.input_ids, position_ids=exp.position_ids, attention_mask=exp.attention_mask, **fwd)
     am = batch.inputs["attention_mask"].bool()
     assert (naive.logits[:, : exp.seq_len][am] - got[:, : exp.seq_len][am]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", VLM)
+@torch.no_grad()
+def test_iva_rows_are_the_instruction_after_the_image(name, tmp_path):
+    """IVA's rows through each family's own data path (ProcessorDataset -> ProcessorCollator -> capture):
+    words before and after the image give the weights of the words after it alone, against eager
+    attention and the loop reference; words only before the image are refused, naming the sample."""
+    import json
+
+    from reference import ref_visual_importance
+    from tokinteract.hf import capture_attention
+    from tokinteract.mllm.processor_data import ProcessorCollator, ProcessorDataset
+
+    h, w = fx.family(name).image_sizes[0]
+    fx._rgb(h, w, seed=5).save(tmp_path / "a.png")
+    samples = [
+        {"image": "a.png", "conversations": [{"from": "human", "value": "see the red dog <image> what is this picture"},
+                                             {"from": "gpt", "value": "a cat"}]},
+        {"image": "a.png", "conversations": [{"from": "human", "value": "<image> what is this picture"},
+                                             {"from": "gpt", "value": "a cat"}]},
+        {"image": "a.png", "conversations": [{"from": "human", "value": "see the red dog <image>"},
+                                             {"from": "gpt", "value": "a cat"}]},
+    ]
+    (tmp_path / "d.json").write_text(json.dumps(samples))
+    proc = fx.make_processor(name)
+    ds = ProcessorDataset(tmp_path / "d.json", tmp_path, proc)
+    model = fx.make_model(name, "sdpa")
+    collate = ProcessorCollator(proc, list(fx.image_token_ids(name)), padding_side="left")
+    layer = 1
+
+    def run(indexes):
+        batch = collate([ds[i] for i in indexes])
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "visual_mask", "instruction_mask", "response_mask")}
+        with capture_attention(model, layer=layer, query_mask=batch["instruction_mask"], heads="mean") as cap:
+            model(**inputs)
+        return batch, inputs, cap
+
+    batch, inputs, cap = run([0, 1])
+    ids, qm, vm = batch["input_ids"], batch["instruction_mask"], batch["visual_mask"]
+    T = ids.shape[1]
+    first = vm.float().argmax(1)  # both samples have an image
+    after = qm & (torch.arange(T)[None] > first[:, None])
+
+    def words(row, b):
+        return proc.tokenizer.decode(ids[b][row]).split()
+
+    # the data path marks the user's words on both sides; the rows after the image are the question
+    assert words(qm[0], 0) == "see the red dog what is this picture".split()
+    assert words(after[0], 0) == words(after[1], 1) == words(qm[1], 1) == "what is this picture".split()
+    full = _eager_attentions(model, inputs, layer).mean(1)  # [B, T, T]
+    got = cap.visual_importance(vm)
+    want = ref_visual_importance(full, after, vm).float()
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    by_hand = full[0][after[0]][:, vm[0]].mean(0)  # mean over the question's rows after the image
+    torch.testing.assert_close(got[0][vm[0]], by_hand, atol=ATOL, rtol=0)
+    # the words before the image see no visual token (causal), so the old mean over every
+    # instruction row was diluted by them: 4 of 8 rows here
+    before = qm[0] & ~after[0]
+    assert int(before.sum()) == 4 and float(full[0][before][:, vm[0]].abs().sum()) == 0.0
+    diluted = full[0][qm[0]][:, vm[0]].mean(0)
+    torch.testing.assert_close(diluted * 2, by_hand, atol=ATOL, rtol=1e-5)
+    # an image with words only before it: no Eq. 4 weights, an error naming the batch row
+    batch, _, cap = run([1, 2])
+    words2 = proc.tokenizer.decode(batch["input_ids"][1][batch["instruction_mask"][1]]).split()
+    assert words2 == "see the red dog".split()
+    with pytest.raises(ValueError, match=r"samples \[1\] .*no instruction token after the first one"):
+        cap.visual_importance(batch["visual_mask"])

@@ -23,7 +23,7 @@ def test_qwen2_5_vl_ddp_two_processes_identical_weights_and_equal_to_one_process
     deterministic (only fp32 summation order differs)."""
     four = tmp_path / "data.json"
     four.write_text(json.dumps([*SAMPLES, {"image": "b.png", "conversations": [
-        {"from": "human", "value": "what is it <image>"}, {"from": "gpt", "value": "a red dog on the mat"}]}]))
+        {"from": "human", "value": "what is it <image> is it red"}, {"from": "gpt", "value": "a red dog on the mat"}]}]))
     for png in ("a.png", "b.png"):
         (tmp_path / png).write_bytes((data.parent / png).read_bytes())
     out = tmp_path / "ranks"

@@ -76,6 +76,29 @@ def test_preflight_reports_every_bad_sample_before_any_model_loads(tmp_path, syn
         assert why in line, line
 
 
+def test_preflight_with_iva_flags_images_without_an_instruction_after_them(tmp_path, synth, tok) -> None:
+    """IVA weighted by attention needs instruction rows after the image (tokinteract.instruction_rows):
+    a question only before the image is a bad sample for IVA, fine for KD; before and after is fine."""
+    s = _samples(synth)
+    question = s[0]["conversations"][0]["value"].replace("<image>", "").strip()
+    s[1]["conversations"] = [{"from": "human", "value": f"{question}\n<image>"},  # only before the image
+                             {"from": "gpt", "value": "no"}]
+    s[2]["conversations"] = [{"from": "human", "value": f"{question}\n<image>\n{question}"},  # before and after
+                             {"from": "gpt", "value": "no"}]
+    data = write_json(tmp_path / "order.json", s)
+    kw = dict(num_image_tokens=16, max_length=2048, workers=1, cache_dir=tmp_path / "cache")
+    iva = scan_dataset(str(data), str(synth.image_folder), tok, iva_rows=True, **kw)
+    assert set(iva.bad) == {1} and "IVA needs instruction tokens after the image" in iva.bad[1]
+    kd = scan_dataset(str(data), str(synth.image_folder), tok, **kw)  # a separate cache entry
+    assert kd.bad == {} and kd.chunks_scanned == 1
+    from tokinteract.mllm.preflight import _iva_needs_rows
+
+    assert _iva_needs_rows(DistillationConfig(method="align_ti"))
+    assert _iva_needs_rows(DistillationConfig(method="kd", iva_weight=0.5))
+    assert not _iva_needs_rows(DistillationConfig(method="kd"))
+    assert not _iva_needs_rows(DistillationConfig(method="uniform_va"))
+
+
 def test_preflight_paths_output_dir_and_disk(tmp_path, synth, tok, monkeypatch) -> None:
     _no_models(monkeypatch)
     cfg = tiny_config(tmp_path, synth, tiny=False, method="kd", student_checkpoint="./no/such/student",

@@ -91,7 +91,8 @@ class AttentionCapture:
         *,
         normalize: bool = False,
     ) -> Float[Tensor, "batch keys"]:
-        """:func:`tokinteract.visual_importance` of the captured rows (the instruction rows).
+        """:func:`tokinteract.visual_importance` of the captured rows: of those, the instruction
+        rows after the sample's first visual token (:func:`tokinteract.instruction_rows`).
 
         ``visual_mask`` ``[B, T]`` may be shorter than the captured key length (a packed pass
         over ``T2`` keys); it is padded with False. Returns ``[B, K]``.
@@ -105,7 +106,9 @@ class AttentionCapture:
         vm = visual_mask.to(a.device)
         if vm.shape[1] < K:
             vm = torch.cat([vm, vm.new_zeros(vm.shape[0], K - vm.shape[1])], dim=1)
-        return _visual_importance(a, self.row_mask.to(a.device), vm, normalize=normalize)
+        return _visual_importance(
+            a, self.row_mask.to(a.device), vm, normalize=normalize, query_positions=self.row_index.to(a.device)
+        )
 
 
 def _rows(query_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -185,7 +188,7 @@ def capture_attention(
         with capture_attention(teacher, layer=l_star, query_mask=instruction_mask) as cap:
             t_out = teacher(input_ids=ids, attention_mask=am, pixel_values=px)
         weights = cap.visual_importance(visual_mask)            # [B, T] for tokinteract.iva_loss
-        # or: tokinteract.visual_importance(cap.attn, cap.row_mask, visual_mask)
+        # or: tokinteract.visual_importance(cap.attn, cap.row_mask, visual_mask, query_positions=cap.row_index)
 
     Args:
         model: a Hugging Face causal LM or ``LlavaForConditionalGeneration`` whose text
@@ -193,7 +196,8 @@ def capture_attention(
         layer: a text-layer index (negative counts from the end), a sequence of them, or
             ``None`` for every layer (one forward captures all, rows only).
         query_mask: ``[B, Q]`` True at the query rows to keep (e.g. instruction tokens),
-            indexing the first ``Q`` query positions of the forward.
+            indexing the first ``Q`` query positions of the forward. For IVA, the user's words:
+            :meth:`AttentionCapture.visual_importance` keeps those after the image.
         heads: ``"all"`` keeps ``[B, H, R, K]``; ``"mean"`` keeps the head average ``[B, R, K]``.
         detach: store detached probabilities (default); ``False`` keeps the graph.
 

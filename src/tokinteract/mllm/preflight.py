@@ -21,7 +21,10 @@
   counted), and every image file present and identified by its header (``PIL.Image.open``,
   which reads the header only; a file that is corrupt past its header is caught when the
   sample is loaded, by the trainer's bad-sample policy); with ``image_token_policy: remap``
-  and a local teacher checkpoint, no tokenized sample may hold the teacher's image-token id.
+  and a local teacher checkpoint, no tokenized sample may hold the teacher's image-token id;
+  with IVA weighted by attention (``iva > 0``, ``iva_weights`` not ``uniform``), every sample
+  with an image has an instruction token after its first image (:func:`tokinteract.instruction_rows`:
+  Eq. 4's weights are undefined otherwise, and the step would stop with an error).
 
 The dataset scan runs in ``workers`` processes (fork, chunks of :data:`CHUNK` samples) and
 its per-chunk results are cached in ``cache_dir`` under a key made of the data file's
@@ -240,6 +243,14 @@ def _scan_chunk(args: tuple[int, list[Any]]) -> dict[str, Any]:
                 messages, w["tokenizer"], num_image_tokens=w["num_image_tokens"], image_token=w["image_token"],
                 max_length=w["max_length"], system_prompt=w["system_prompt"], where=f"{w['source']}: sample {i}",
             )
+            if w["iva_rows"] and bool(enc.visual_mask.any()):
+                from tokinteract.iva import instruction_rows
+
+                if not bool(instruction_rows(enc.instruction_mask[None], enc.visual_mask[None]).any()):
+                    raise DataError(
+                        "IVA needs instruction tokens after the image (its weights are the instruction rows' "
+                        "attention to the visual tokens, Eq. 4); this sample has none after its first image"
+                    )
             for t in w["forbidden"]:
                 if bool((enc.input_ids == t).any()):
                     raise DataError(f"its text holds token id {t}, {w['forbidden'][t]}")
@@ -276,6 +287,7 @@ def scan_dataset(
     workers: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
     forbidden_ids: dict[int, str] | None = None,
+    iva_rows: bool = False,
 ) -> PreflightReport:
     """Scan every sample of ``data_path`` (see the module docstring); never raises for bad samples.
 
@@ -285,6 +297,8 @@ def scan_dataset(
             ``""``: no cache).
         forbidden_ids: token ids no tokenized sample may hold, each with the reason (the
             teacher's image-token id under ``image_token_policy="remap"``).
+        iva_rows: a sample with an image and no instruction token after its first image is
+            bad (:func:`tokinteract.instruction_rows`; IVA with attention weights needs one).
 
     Raises:
         tokinteract.mllm.data.DataError: the file itself cannot be read or parsed.
@@ -297,7 +311,7 @@ def scan_dataset(
     settings = dict(
         folder=str(folder.resolve()), tokenizer=_tokenizer_fingerprint(tokenizer), num_image_tokens=num_image_tokens,
         max_length=max_length, system_prompt=system_prompt, image_token=image_token, chunk=CHUNK,
-        forbidden=sorted((forbidden_ids or {}).items()),
+        forbidden=sorted((forbidden_ids or {}).items()), iva_rows=bool(iva_rows),
     )
     cache_file = None
     cached: dict[str, Any] = {}
@@ -316,6 +330,7 @@ def scan_dataset(
     _WORKER.update(
         tokenizer=tokenizer, folder=folder, num_image_tokens=num_image_tokens, max_length=max_length,
         system_prompt=system_prompt, image_token=image_token, source=str(data_path), forbidden=forbidden_ids or {},
+        iva_rows=bool(iva_rows),
     )
     n = workers or min(os.cpu_count() or 1, 8)
     if n > 1 and len(todo) > 1:
@@ -392,6 +407,12 @@ def _remapped_image_id(margs: Any, dcfg: Any, tok: Any) -> dict[int, str]:
     return {int(t_img): "the teacher's image-token id (image_token_policy='remap' would make it an image token)"}
 
 
+def _iva_needs_rows(dcfg: Any) -> bool:
+    """Whether the run computes IVA weights from attention (then every image needs an instruction after it)."""
+    s = dcfg.resolved()
+    return s["iva"] > 0 and s["iva_weights"] != "uniform"
+
+
 def preflight(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, existing_run: bool = True) -> PreflightReport:
     """Run every check of the module docstring; log the report and return it.
 
@@ -459,6 +480,7 @@ def preflight(margs: Any, dargs: Any, dcfg: Any, targs: Any, *, existing_run: bo
                 dargs.data_path, dargs.image_folder, tok, num_image_tokens=n_vis, max_length=dargs.max_length,
                 system_prompt=dargs.system_prompt, workers=dargs.preflight_workers,
                 cache_dir=dargs.preflight_cache_dir, forbidden_ids=_remapped_image_id(margs, dcfg, tok),
+                iva_rows=_iva_needs_rows(dcfg),
             )
         except DataError as exc:
             errors.append(str(exc))
