@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="print the expected wall time from the step times measured for each task: a calibration "
                         "JSON (docs/results/calibration-<task>.json) or a costs JSON (docs/results/costs-digits.json); "
                         "train nothing")
-    p.add_argument("--ratios", type=Path, default=ROOT / "docs" / "results" / "quick" / "results.json",
+    p.add_argument("--ratios", type=Path, default=ROOT / "docs" / "results" / "study" / "full" / "scenes" / "results.json",
                    help="with --estimate: a results.json whose timing pass gives each method's step time / SFT's")
     a = p.parse_args(argv)
 

@@ -1585,6 +1585,7 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
     if exposure_keys:
         res["teacher_exposure_reference"] = "E(l): teacher prefixes; R(l): student prefixes"
     res["wall_s"] = time.perf_counter() - t_start
+    res["report_only"] = bool(skip_missing)  # nothing trained by this command: its wall time is not the study's
     res["machine_end"] = machine_info()
     _write_json(demo.dir / "results.json", res)
     return res
@@ -2162,14 +2163,18 @@ def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page
     md: list[str] = [f"# {title}", ""]
     ms, me = res.get("machine_start", {}), res.get("machine_end", {})
     md += [
-        f"Command: `{command}`. Wall time: **{res.get('wall_s', float('nan')) / 60:.1f} min** on "
-        f"{ms.get('cpu_count')} CPU(s) ({'GPU ' + ms['cuda'] if ms.get('cuda') else 'no GPU'}), torch "
+        f"Command: `{command}`. "
+        + ("Report only: nothing was trained by this command (every unit came from the run dir's cache, trained by "
+           f"earlier commands; their step times are below), which took {res.get('wall_s', float('nan')) / 60:.1f} min on "
+           if res.get("report_only") else f"Wall time: **{res.get('wall_s', float('nan')) / 60:.1f} min** on ")
+        + f"{ms.get('cpu_count')} CPU(s) ({'GPU ' + ms['cuda'] if ms.get('cuda') else 'no GPU'}), torch "
         f"{ms.get('torch')} with {ms.get('torch_threads')} thread(s), transformers {ms.get('transformers')}; "
         f"load average at start {_fmt_load(ms)} and at the end {_fmt_load(me)} (the machine was shared, "
         "so times are inflated). Every number below is in "
         f"[`results.json`]({rel}/results.json).",
         "",
         *([note, ""] if note else []),
+        *([floor, ""] if (floor := floor_note(res)) else []),
         f"Seeds: {len(s['seeds'])} ({', '.join(map(str, s['seeds']))})"
         + ("; **one seed only: no standard deviation, differences below a few points are noise**" if len(s["seeds"]) == 1 else "; mean ± std over seeds")
         + f". Test set: {res['task']['test_eval']} held-out samples (scenes never seen in training).",
@@ -2282,6 +2287,29 @@ def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page
     return page_path
 
 
+#: the SFT student's mean overall exact match below this share of the teacher's: the students did
+#: not learn the task, and its comparisons are between students near the floor
+FLOOR_SHARE = 1 / 3
+
+
+def floor_note(res: dict[str, Any]) -> str | None:
+    """The report's warning when the students did not learn the task (SFT's mean overall exact match
+    below :data:`FLOOR_SHARE` of the teacher's), else None. Its verdicts then say how far each
+    method gets a student early in training, not what it takes from the teacher."""
+    sft = summarize(res).get("sft")
+    teacher = res.get("teacher")
+    if not sft or not teacher or "overall" not in sft["mean_std"]:
+        return None
+    m = float(sft["mean_std"]["overall"][0])
+    if m >= FLOOR_SHARE * float(teacher["overall"]):
+        return None
+    return (f"**The students did not learn this task**: the SFT student reaches {100 * m:.1f} % overall exact match "
+            f"against the teacher's {100 * float(teacher['overall']):.1f} % (below a third of it). Every comparison on "
+            "this task is between students near the floor, so its verdicts say how far each method gets a student "
+            "that has not learnt the task, not what it takes from the teacher: they do not test the paper's claims. "
+            "The task's student recipe (size, steps, learning rate) is to be recalibrated.")
+
+
 def write_study_report(results: dict[str, dict[str, Any]], out_dir: str | Path, *, command: str,
                        page: str | Path | None = None, title: str = "Study results") -> Path:
     """The report of a study on one or several tasks: each task's full page (:func:`write_report`;
@@ -2295,6 +2323,7 @@ def write_study_report(results: dict[str, dict[str, Any]], out_dir: str | Path, 
     md = [f"# {title}", "", f"Command: `{command}`. Tasks: {', '.join(results)}. One page per task (every table, "
           "plot and the JSON of every number); below, per task, the main comparisons and the verdicts.", ""]
     verdicts: dict[str, dict[str, str]] = {}
+    floors: set[str] = set()
     for task, res in results.items():
         task_page = page_path.with_name(f"{page_path.stem}-{task}.md")
         write_report(res, out / task, command=command, page=task_page, title=f"{title}: {task}")
@@ -2303,6 +2332,10 @@ def write_study_report(results: dict[str, dict[str, Any]], out_dir: str | Path, 
                f"[results.json]({os.path.relpath(out / task, page_path.parent)}/results.json).", "",
                _metric_table(summary, [k for k in EXPERIMENTS["table5"] if k in summary], res.get("teacher"),
                              res.get("stage1"), _types_of(res)), ""]
+        floor = floor_note(res)
+        if floor:
+            md += [floor, ""]
+            floors.add(task)
         for r in claim_checks(summary):
             verdicts.setdefault(r["claim"], {})[task] = (
                 f"{r['verdict']} ({r['diff_as_claimed'] * (100 if r['metric'] == 'overall' else 1):+.2f}"
@@ -2313,7 +2346,8 @@ def write_study_report(results: dict[str, dict[str, Any]], out_dir: str | Path, 
         md += ["## Verdicts per task", "", "Difference of the seed means in the claimed direction ± twice its "
                "standard error (EM in points); 'supported' only when the difference exceeds twice its standard "
                "error, 'contradicted' when it does so the other way, else 'not resolved'.", "",
-               "| paper claim | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+               "| paper claim | " + " | ".join(f"{t} (students at the floor: see above)" if t in floors else t
+                                                for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
         for claim, row in verdicts.items():
             md.append(f"| {claim} | " + " | ".join(row.get(t, "not run") for t in tasks) + " |")
         md.append("")
@@ -2358,7 +2392,8 @@ def summary_markdown(res: dict[str, Any], keys: Sequence[str] = ("sft", "kd", "i
     lines = ["| student | overall EM % | POPE acc % | KL(T‖S) |", "|---|---|---|---|"]
     t = res.get("teacher")
     if t:
-        lines.append(f"| teacher | {100 * t['overall']:.1f} | {100 * t.get('pope', {}).get('accuracy', float('nan')):.1f} | — |")
+        pope = t.get("pope", {}).get("accuracy")
+        lines.append(f"| teacher | {100 * t['overall']:.1f} | {'n/a' if pope is None else f'{100 * pope:.1f}'} | — |")
     for k in keys:
         if k in summary:
             v = summary[k]["values"]

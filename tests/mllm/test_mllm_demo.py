@@ -598,7 +598,7 @@ def test_cli_estimate_trains_nothing(tmp_path: Path, capsys) -> None:
     finally:
         sys.path.remove(str(ROOT / "examples"))
     assert demo_cli.main(["--task", "scenes", "--estimate", str(tmp_path / "cal.json"), "--ratios",
-                          str(ROOT / "docs/results/quick/results.json"), "--run-dir", str(tmp_path / "run")]) == 0
+                          str(ROOT / "docs/results/study/full/scenes/results.json"), "--run-dir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("ESTIMATE (not a measurement)") and "one evaluation 10 s): vision 1.0 min, teacher" in out
     assert not (tmp_path / "run").exists()  # --estimate trains nothing
@@ -774,3 +774,34 @@ def test_default_workers_are_the_idle_cores(monkeypatch, capsys) -> None:
     with pytest.raises(SystemExit):
         demo_cli.main(["--smoke", "--workers", "0"])
     assert "--workers must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_students_at_the_floor_are_flagged_in_both_reports(tmp_path: Path) -> None:
+    """A task whose SFT student stays below a third of the teacher's exact match gets the warning on its
+    page, above the verdicts of the summary page and in the verdict table's header; a task whose students
+    learnt gets none; the teacher's missing POPE prints n/a, never nan."""
+    def res(sft_overall: float) -> dict:
+        seeds = [{"eval": {"overall": x, "exact_match": {"read": x}, "kl": 0.1},
+                  "train": {"step_time_s": 0.01, "peak_mem_mib": 1.0}} for x in (sft_overall, sft_overall + 0.01)]
+        runs = {"sft": {"label": "SFT", "seeds": seeds}, "kd": {"label": "Vanilla KD", "seeds": seeds}}
+        return {"runs": runs, "teacher": {"overall": 0.72, "exact_match": {}},
+                "task": {"question_types": ["read"]}}
+
+    low, ok = res(0.09), res(0.60)
+    assert "did not learn this task" in dm.floor_note(low) and "9.5 %" in dm.floor_note(low)
+    assert dm.floor_note(ok) is None
+    assert dm.floor_note(res(0.72 / 3 + 0.001)) is None and dm.floor_note(res(0.72 / 3 - 0.02)) is not None
+    table = dm.summary_markdown(low, keys=("sft",))
+    assert "| teacher | 72.0 | n/a | — |" in table and "nan" not in table
+    write = dm.write_report
+    calls = []
+    try:  # the per-task pages need every field of a real run: record what the summary page passes them
+        dm.write_report = lambda r, *a, **k: calls.append(r)
+        page = dm.write_study_report({"scenes": low, "digits": ok}, tmp_path, command="x")
+    finally:
+        dm.write_report = write
+    text = page.read_text()
+    assert text.count("did not learn this task") == 1
+    assert "| paper claim | scenes (students at the floor: see above) | digits |" in text
+    assert "| Vanilla KD > SFT | not resolved" in text
+    assert len(calls) == 2
