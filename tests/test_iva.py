@@ -109,6 +109,8 @@ def test_instruction_rows_after_the_image_only():
     torch.testing.assert_close(w_cap, w_after, atol=1e-7, rtol=0)
     with pytest.raises(ValueError, match="query_positions"):
         ti.visual_importance(rows_a, torch.ones(1, 4, dtype=torch.bool), vis)
+    with pytest.raises((IndexError, RuntimeError)):  # a position outside the keys is an error, never clamped
+        ti.instruction_rows(torch.ones(1, 4, dtype=torch.bool), vis, torch.tensor([[0, 1, 5, T]]))
 
 
 def test_visual_importance_by_hand():

@@ -2174,7 +2174,7 @@ def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page
         f"[`results.json`]({rel}/results.json).",
         "",
         *([note, ""] if note else []),
-        *([floor, ""] if (floor := floor_note(res)) else []),
+        *([floor, ""] if (floor := floor_note(summary, res.get("teacher"))) else []),
         f"Seeds: {len(s['seeds'])} ({', '.join(map(str, s['seeds']))})"
         + ("; **one seed only: no standard deviation, differences below a few points are noise**" if len(s["seeds"]) == 1 else "; mean ± std over seeds")
         + f". Test set: {res['task']['test_eval']} held-out samples (scenes never seen in training).",
@@ -2292,12 +2292,12 @@ def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page
 FLOOR_SHARE = 1 / 3
 
 
-def floor_note(res: dict[str, Any]) -> str | None:
+def floor_note(summary: dict[str, Any], teacher: dict[str, Any] | None) -> str | None:
     """The report's warning when the students did not learn the task (SFT's mean overall exact match
-    below :data:`FLOOR_SHARE` of the teacher's), else None. Its verdicts then say how far each
-    method gets a student early in training, not what it takes from the teacher."""
-    sft = summarize(res).get("sft")
-    teacher = res.get("teacher")
+    in :func:`summarize`'s ``summary`` below :data:`FLOOR_SHARE` of the ``teacher``'s evaluation), else
+    None. Its verdicts then say how far each method gets a student early in training, not what it
+    takes from the teacher."""
+    sft = summary.get("sft")
     if not sft or not teacher or "overall" not in sft["mean_std"]:
         return None
     m = float(sft["mean_std"]["overall"][0])
@@ -2332,7 +2332,7 @@ def write_study_report(results: dict[str, dict[str, Any]], out_dir: str | Path, 
                f"[results.json]({os.path.relpath(out / task, page_path.parent)}/results.json).", "",
                _metric_table(summary, [k for k in EXPERIMENTS["table5"] if k in summary], res.get("teacher"),
                              res.get("stage1"), _types_of(res)), ""]
-        floor = floor_note(res)
+        floor = floor_note(summary, res.get("teacher"))
         if floor:
             md += [floor, ""]
             floors.add(task)

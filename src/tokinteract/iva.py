@@ -82,7 +82,7 @@ def instruction_rows(
             raise ValueError(
                 f"query_positions must have shape {(B, Q)} (instruction_mask's), got {tuple(query_positions.shape)}"
             )
-        after = seen.gather(1, query_positions.to(seen.device).long().clamp(0, max(K - 1, 0)))
+        after = seen.gather(1, query_positions.to(seen.device).long())  # an index outside [0, K) raises
     return instruction_mask & after.to(instruction_mask.device)
 
 
@@ -137,9 +137,9 @@ def visual_importance(
             "e.g. AttentionCapture.row_index) so the instruction rows after the image can be chosen"
         )
     check_finite("attn", a)
-    rows_mask = instruction_rows(instruction_mask.to(a.device), visual_mask.to(a.device), query_positions)
-    has_rows = rows_mask.any(1)
-    missing = visual_mask.to(a.device).any(1) & ~has_rows
+    vm = visual_mask.to(a.device)
+    rows_mask = instruction_rows(instruction_mask.to(a.device), vm, query_positions)
+    missing = vm.any(1) & ~rows_mask.any(1)
     if bool(missing.any()):
         raise ValueError(
             f"samples {missing.nonzero().flatten().tolist()} of the batch hold visual tokens but no instruction token "
@@ -150,7 +150,7 @@ def visual_importance(
     rows = rows_mask.to(a.dtype)
     n_rows = rows.sum(1, keepdim=True).clamp(min=1.0)
     w = torch.einsum("bq,bqk->bk", rows, a) / n_rows
-    w = torch.where(visual_mask.to(a.device), w, w.new_zeros(()))
+    w = torch.where(vm, w, w.new_zeros(()))
     if normalize:
         total = w.sum(1, keepdim=True)
         w = torch.where(total > 0, w / total.clamp(min=torch.finfo(w.dtype).tiny), w.new_zeros(()))

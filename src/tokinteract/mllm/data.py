@@ -23,6 +23,8 @@ Per-token masks (all ``[T]`` bool, right-padded to ``[B, T]`` by :class:`LlavaCo
   message, minus image tokens and minus whitespace-only tokens (such as the newline after
   ``<image>``). Not the system prompt (its own or the template's default), not the role
   markers or other template tokens, not assistant text. All user turns count.
+  IVA's attention rows are those of them after the sample's first image token
+  (:func:`tokinteract.instruction_rows`: words before the image attend to no visual token).
 * ``response_mask``: tokens whose label is supervised (see ``labels``).
 * ``labels``: the input id at every token overlapping an assistant message's content and
   at the end-of-turn token that closes it (``eos_token`` or ``<|im_end|>``: the model must

@@ -31,6 +31,8 @@ Masks per token (``[B, T]`` bool, on the processor's padded layout):
 * ``instruction_mask``: the **instruction rule**, identical for every template: the user's
   own words, i.e. tokens of the user messages' text parts that are not whitespace-only, not
   visual, not the template's own tokens (role markers, image delimiters, the system prompt).
+  IVA's attention rows are those of them after the sample's first visual token
+  (:func:`tokinteract.instruction_rows`).
 * ``response_mask``: ``labels != -100``: the assistant messages' tokens and the end-of-turn
   token closing each (``eos_token``, ``<|im_end|>``, ``<end_of_turn>`` or ``<|eot_id|>``).
 

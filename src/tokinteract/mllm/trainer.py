@@ -206,7 +206,8 @@ class Batch:
         inputs: the student's model inputs.
         labels: ``[B, T]`` unshifted labels.
         visual_mask: bool ``[B, T]``, True on visual tokens.
-        instruction_mask: bool ``[B, T]``, True on instruction tokens (IVA's query rows).
+        instruction_mask: bool ``[B, T]``, True on instruction tokens (the user's words; IVA's
+            query rows are those after the image, ``tokinteract.instruction_rows``).
         on_policy: whether the batch holds student-generated responses.
         teacher: the teacher's own batch of the same samples (its ``teacher_*`` keys), None
             when the teacher reads the student's.
