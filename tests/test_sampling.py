@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import tokinteract as ti
@@ -238,6 +238,9 @@ def _rows(kind: str, R: int, V: int, g: torch.Generator) -> torch.Tensor:
     topk=st.sampled_from([1, 4, 16, 256]),
     fraction=st.sampled_from([1, 2, 8, 64]),
 )
+# found by this test (session 9): every row reaching the full sort over two rounds, permuted, was paired
+# with another row's sorted probabilities
+@example(seed=0, kind="medium", V=300, d=1, top_p=0.95, topk=1, fraction=64)
 def test_nucleus_draws_equal_the_sort_based_reference(seed, kind, V, d, top_p, topk, fraction):
     """Same ids, including the order of equal probabilities (stable), and the same generator state
     afterwards, for every path: top-k prefixes, a grown k, the full sort (thresholds varied)."""

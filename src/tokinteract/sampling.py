@@ -115,7 +115,9 @@ def _sorted_prefixes(probs: Tensor, top_p: float, full_width: bool) -> tuple[Ten
         if not bool(flat.all()):
             pending.append((rows[rest][~flat], int(need[~flat].max())))
     if to_sort:
-        rows = torch.cat(to_sort)
+        # in increasing order: rows from several rounds may hold every row, permuted, and the shortcut
+        # below (all R rows -> ``probs`` itself) needs them in row order
+        rows = torch.cat(to_sort).sort().values
         vals, idx = _sort_descending(probs if rows.numel() == R else probs[rows])
         pieces.append((rows, vals, idx, V))
     W = V if full_width else max(k_ for *_, k_ in pieces)
