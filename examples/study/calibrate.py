@@ -233,6 +233,7 @@ _FORMAT_FLAGS = (
     ("aligned_questions", "shape questions in the colour question's layout ('what shape is the object at r2c3 ?')"),
     ("object_tokens", "position and existence questions name the object with one token ('red_circle')"),
     ("exist_cells", "existence answers name the object's cell or none first ('r2c3 yes', 'none no')"),
+    ("describe_cells", "describe walks every cell ('r1c1 red circle , r1c2 none , ...')"),
     ("question_first", "the question before the image"),  # "both": "... and after it"
 )
 

@@ -103,6 +103,10 @@ class DemoSettings:
         teacher, student: language-model sizes.
         teacher_steps: SFT steps of the teacher (batch ``batch_size``).
         stage1_steps: SFT steps of the shared student stage-1 checkpoint on captions.
+        stage1_types: empty, stage 1 trains on the caption split (the long type); otherwise on the training
+            samples of these question types, e.g. the attribute readouts (``("color", "shape")``): a student
+            that starts stage 2 able to read the image, as the paper's students start from a pre-trained
+            model. Shared by every method; part of the stage-1 cache key.
         student_steps: stage-2 steps of every student method (same for all methods).
         seeds: student seeds (init of stage 2 is the shared stage-1 checkpoint; the seed
             sets the data order and the candidate sampling).
@@ -153,6 +157,8 @@ class DemoSettings:
             warm-up and cosine schedule) on the training samples of these question types only
             (0 steps: no first stage). Why: lookups sharing one layout (colour and shape) are learnt
             together alone, and a lookup learnt first is kept in the mix (calibration-log.md).
+        describe_cells: ``scenes`` only: ``describe`` walks every cell, ``"r1c1 red circle , r1c2 none , ..."``
+            (``tasks.SceneTask.describe_cells``).
         train_turns: questions (of different types) about each training image, one multi-turn
             sample (every assistant turn supervised); the test split stays single-turn.
         student_stable: the stage-2 learning-rate schedule of every student method
@@ -215,7 +221,9 @@ class DemoSettings:
     aligned_questions: bool = False
     object_tokens: bool = False
     exist_cells: bool = False
+    describe_cells: bool = False
     teacher_first_types: tuple[str, ...] = ()
+    stage1_types: tuple[str, ...] = ()
     teacher_first_steps: int = 0
 
 
@@ -344,7 +352,7 @@ PRESETS: dict[str, DemoSettings] = {
     ),
 }
 #: question / answer options of the scenes task added after its first calibration: in a data key only when set
-_SCENE_OPTIONS = ("aligned_questions", "object_tokens", "exist_cells")
+_SCENE_OPTIONS = ("aligned_questions", "object_tokens", "exist_cells", "describe_cells")
 #: the tasks of examples/study/tasks.py (issue 15): what differs from the preset of the same scale.
 #: Calibration (teacher and SFT student only) decides these; see docs/results/calibration-tasks.md.
 TASK_SETTINGS: dict[str, dict[str, Any]] = {
@@ -815,7 +823,8 @@ class Demo:
         if self.s.task == "scenes":
             return tasks.SceneTask(image_size=self.s.image_size, grid=self.s.grid, min_objects=self.s.min_objects,
                                    max_objects=self.s.max_objects, aligned_questions=self.s.aligned_questions,
-                                   object_tokens=self.s.object_tokens, exist_cells=self.s.exist_cells, **kw)
+                                   object_tokens=self.s.object_tokens, exist_cells=self.s.exist_cells,
+                                   describe_cells=self.s.describe_cells, **kw)
         scene_only = {k: getattr(self.s, k) for k in _SCENE_OPTIONS}
         if any(scene_only.values()):
             raise ValueError(f"{', '.join(_SCENE_OPTIONS)} are settings of the scenes task, got task "
@@ -1078,12 +1087,13 @@ class Demo:
         self.results["teacher_train"] = _jsonable(meta)
         return t
 
-    def train_subset(self, types: Sequence[str]) -> CachedDataset:
-        """The training samples whose question type is in ``types`` (same items, same order)."""
+    def train_subset(self, types: Sequence[str], name: str = "teacher_first_types") -> CachedDataset:
+        """The training samples whose question type is in ``types`` (same items, same order); ``name``: the
+        setting the types come from, for the error."""
         metas = _meta(self.dir / "data" / "train.json")
         known = {m.get("type") for m in metas}
         if isinstance(types, str) or not types or any(t not in known for t in types):
-            raise ValueError(f"teacher_first_types must be a non-empty tuple of the training split's question types "
+            raise ValueError(f"{name} must be a non-empty tuple of the training split's question types "
                              f"{sorted(known)}, got {types!r}")
         return CachedDataset.of([it for it, m in zip(self.train.items, metas) if m.get("type") in types],
                                 self.train.num_image_tokens)
@@ -1109,15 +1119,21 @@ class Demo:
         """The shared stage-1 student, cached in ``run_dir/student_stage1`` under a key of its setting
         and of ``teacher``'s (whose vision tower it copies)."""
         path = self.dir / "student_stage1"
+        types = tuple(self.s.stage1_types)
+        source: list[Any] = ["captions", getattr(teacher, "study_cache_key", None)]
+        if types:  # absent otherwise: earlier keys unchanged
+            source = [["training samples", list(types)], source[1]]
         self.stage1_key = self._model_key(self.s.student, seed=2000, steps=self.s.stage1_steps, lr=self.s.student_lr,
-                                          source=["captions", getattr(teacher, "study_cache_key", None)])
+                                          source=source)
         if self._reuse(path, self.stage1_key, "stage-1 student") is None:
-            self.log(f"stage 1: student {self.s.student} SFT on captions for {self.s.stage1_steps} steps")
+            data = self.train_subset(types, "stage1_types") if types else self.captions
+            what = f"{len(data)} training samples of {', '.join(types)}" if types else "captions"
+            self.log(f"stage 1: student {self.s.student} SFT on {what} for {self.s.stage1_steps} steps")
             m = self.build_model(self.s.student, seed=2000)
             # teacher and students share one (frozen) vision tower, as LLaVA-style students
             # share a pretrained SigLIP: here the one the teacher's SFT trained
             m.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
-            meta = self.fit(m, self.captions, steps=self.s.stage1_steps, lr=self.s.student_lr, seed=2000, tag="stage1")
+            meta = self.fit(m, data, steps=self.s.stage1_steps, lr=self.s.student_lr, seed=2000, tag="stage1")
             meta["weights"] = weights_digest(m)
             self._save_checkpoint(m, path, meta, self.stage1_key)
         return path

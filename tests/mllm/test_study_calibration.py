@@ -96,6 +96,9 @@ def test_answer_format_settings_reach_the_task(tmp_path: Path) -> None:
         dm.Demo(dataclasses.replace(d, object_tokens=True), tmp_path / "d", progress=False).task()
     with pytest.raises(ValueError, match="exist_cells=True"):
         dm.Demo(dataclasses.replace(d, exist_cells=True), tmp_path / "d", progress=False).task()
+    with pytest.raises(ValueError, match="describe_cells=True"):
+        dm.Demo(dataclasses.replace(d, describe_cells=True), tmp_path / "d", progress=False).task()
+    assert dm.Demo(dataclasses.replace(s, describe_cells=True), tmp_path, progress=False).task().describe_cells
 
 
 def test_new_format_options_keep_earlier_cache_keys_and_name_themselves_on_the_page(tmp_path: Path) -> None:
@@ -124,7 +127,8 @@ def test_new_format_options_keep_earlier_cache_keys_and_name_themselves_on_the_p
     assert both.train.items[0]["input_ids"].numel() > demo.train.items[0]["input_ids"].numel()
     assert other.data_key != demo.data_key and other.tok.convert_tokens_to_ids("red_circle") != other.tok.unk_token_id
     flags = dict(cal._FORMAT_FLAGS)
-    assert set(flags) == {"grounded_answers", "aligned_questions", "object_tokens", "question_first", "exist_cells"}
+    assert set(flags) == {"grounded_answers", "aligned_questions", "object_tokens", "question_first", "exist_cells",
+                          "describe_cells"}
 
 
 def test_set_parses_tuple_fields_and_refuses_unknown_ones() -> None:
@@ -332,6 +336,32 @@ def test_teacher_curriculum_trains_a_first_stage_on_the_named_types(tmp_path: Pa
     assert (first["types"], first["steps"], first["samples"]) == (["color", "shape"], 3, len(sub))
     assert len(first["log"]) == 3 and all(x["loss"] > 0 for x in first["log"])  # one logged loss per first-stage step
     assert info["cache_key"] == demo.teacher_key()
+
+
+def test_stage1_on_named_types_trains_on_those_training_samples(tmp_path: Path) -> None:
+    """``stage1_types``: the shared stage-1 student trains on the training samples of those types (not the
+    caption split), logs how many, and the choice is part of its cache key; a wrong type is refused by name."""
+    import dataclasses
+
+    torch.set_num_threads(1)
+    s = dataclasses.replace(dm.task_settings("scenes", "smoke"), n_train=40, teacher_steps=1)
+    demo = dm.Demo(dataclasses.replace(s, stage1_types=("color", "shape")), tmp_path, progress=False)
+    demo.prepare()
+    teacher = demo.teacher_model()
+    lines: list[str] = []
+    demo.log = lines.append
+    demo.stage1_student(teacher)
+    n = len(demo.train_subset(("color", "shape")))
+    assert any(f"{n} training samples of color, shape" in x for x in lines), lines
+    staged_key = demo.stage1_key
+    plain = dm.Demo(s, tmp_path, progress=False)
+    plain.prepare()
+    plain.stage1_student(teacher)  # the caption split: another key, so trained again
+    assert plain.stage1_key != staged_key
+    bad = dm.Demo(dataclasses.replace(s, stage1_types=("colour",)), tmp_path, progress=False)
+    bad.prepare()
+    with pytest.raises(ValueError, match="stage1_types"):
+        bad.stage1_student(teacher)
 
 
 def test_the_same_seed_gives_the_same_weights_in_another_run_dir(tmp_path: Path) -> None:

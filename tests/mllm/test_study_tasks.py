@@ -430,3 +430,33 @@ def test_exist_cells_name_the_probed_objects_cell_or_none(grounded: bool) -> Non
                       a.rpartition(" ")[0] + (" no" if where else " yes")):  # another cell, or the wrong verdict
             assert not task.check_answer(w, q, wrong, s["meta"]), wrong
     assert answers["yes"] > 20 and answers["no"] > 20
+
+
+def test_describe_cells_walks_every_cell_with_the_object_or_none() -> None:
+    task = T.SceneTask(grid=4, compact_positions=True, grounded_answers=True, describe_cells=True)
+    plain = T.SceneTask(grid=4, compact_positions=True, grounded_answers=True)
+    samples, worlds = T.make_samples(task, 120, seed=9, question_types=("describe", "color", "list_color"))
+    ref, _ = T.make_samples(plain, 120, seed=9, question_types=("describe", "color", "list_color"))
+    n = 0
+    for s, w, r in zip(samples, worlds, ref):
+        q, a = _qa(s)
+        rq, ra = _qa(r)
+        assert q == rq and task.check_answer(w, q, a, s["meta"])
+        if s["meta"]["type"] != "describe":
+            assert a == ra  # only describe changes
+            continue
+        n += 1
+        parts = a[:-2].split(" , ")
+        assert len(parts) == 16 and a.endswith(" .")
+        for i, part in enumerate(parts):
+            r_, k = divmod(i, 4)
+            hit = w.at(r_, k)
+            assert part == f"r{r_ + 1}c{k + 1} " + (f"{hit[0]} {hit[1]}" if hit else "none")
+        assert [p for p in parts if not p.endswith(" none")] == [f"r{o[2] + 1}c{o[3] + 1} {o[0]} {o[1]}"
+                                                                  for o in w.objects]  # every object, reading order
+        assert not task.check_answer(w, q, ra, s["meta"])  # the sparse list is not this task's answer
+        wrong = a.replace(" none", " red circle", 1) if " none" in a else a.replace("r1c1 ", "r1c1 x", 1)
+        assert not task.check_answer(w, q, wrong, s["meta"])
+    assert n > 20
+    with pytest.raises(ValueError, match="compact_positions"):
+        T.SceneTask(grid=4, describe_cells=True)
