@@ -164,14 +164,20 @@ def calibrate(settings: dm.DemoSettings, run_dir: Path, *, teacher_seeds: list[i
         teacher = demo.teacher_model(seed)
         train = res.pop("teacher_train")
         cached = demo.dir / f"teacher_eval_seed{seed}.json"
-        if cached.exists():
-            return teacher, json.loads(cached.read_text())
+        # reused only for this very teacher on this evaluation split (a teacher trained again, e.g. with other
+        # steps in a copied run dir, is evaluated again: its record names the checkpoint it measured)
+        key = dm.cache_key([teacher.study_cache_key, settings.n_eval, settings.n_irs])
+        rec = json.loads(cached.read_text()) if cached.exists() else None
+        if rec is not None and rec.get("cache_key") == key:
+            return teacher, rec
+        if rec is not None:
+            log(f"{cached} holds the evaluation of another teacher: evaluated again")
         t0 = time.perf_counter()
         ev = demo.evaluate(teacher, None)
         curve = demo.irs(teacher)
         rec = dm._jsonable({"seed": seed, "eval": ev, "train": train, "irs": {
             "scores": [float(x) for x in curve.scores.tolist()], "best_layer": int(curve.best_layer),
-            "num_pairs": curve.num_pairs}, "eval_wall_s": time.perf_counter() - t0})
+            "num_pairs": curve.num_pairs}, "eval_wall_s": time.perf_counter() - t0, "cache_key": key})
         cached.write_text(json.dumps(rec, indent=1))
         return teacher, rec
 

@@ -281,6 +281,14 @@ def test_calibration_smoke_shares_one_frozen_pretrained_tower(tmp_path: Path, ta
     assert len(lines) == 4 and lines[-1]["student_stable"] == 0.34 and lines[-2]["student_stable"] == 0.0
     assert [t["seed"] for t in res["teachers"]] == [5, 6]
     assert len(res["sft"]) == 1 and res["task"]["name"] == task
+    # a teacher trained again in the same run dir (other steps) is evaluated again, not read from the old record
+    old = json.loads((tmp_path / "run" / "teacher_eval_seed5.json").read_text())
+    t_steps = res["settings"]["teacher_steps"] + 1
+    base = ["--task", task, "--preset", "smoke", "--run-dir", str(tmp_path / "run"), "--page", str(page)]
+    assert cal.main([*base, "--teacher-seeds", "5", "--student-seeds", "0", "--set", f"teacher_steps={t_steps}"]) == 0
+    new = json.loads((tmp_path / "run" / "teacher_eval_seed5.json").read_text())
+    assert new["cache_key"] != old["cache_key"] and new["train"]["cache_key"] != old["train"]["cache_key"]
+    assert json.loads((tmp_path / "run" / "calibration.json").read_text())["teachers"][0] == new
     v = res["vision"]
     assert set(v["probe"]) == set(v["random_probe"]) and all(0.0 <= x <= 1.0 for x in v["probe"].values())
     tower = load_file(str(tmp_path / "run" / "vision_tower" / "tower.safetensors"))
