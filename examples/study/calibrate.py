@@ -270,7 +270,7 @@ def calibration_markdown(res: dict[str, Any], *, command: str) -> str:
              "then " if s.get("teacher_first_steps") else "")
           + f"SFT {s['teacher_steps']} steps, batch {s['batch_size']}, lr {s['teacher_lr']}.",
           f"* Student: hidden {s['student']['hidden']}, {s['student']['layers']} layers; stage 1 {s['stage1_steps']} "
-          f"steps on captions; SFT {s['student_steps']} steps, lr {s['student_lr']}, "
+          f"steps on {dm.stage1_words(s)}; SFT {s['student_steps']} steps, lr {s['student_lr']}, "
           f"{dm._schedule_words(s.get('student_stable', 0.0))}.", ""]
     v = res.get("vision")
     if v:

@@ -395,6 +395,12 @@ _TASK_SMOKE: dict[str, Any] = dict(vision_pretrain_steps=3, vision_images=16, vi
 _TASK_QUICK: dict[str, Any] = dict(experiments=("main", "fig4", "fig6", "fig7", "table4"))
 
 
+def stage1_words(settings: dict[str, Any]) -> str:
+    """What the shared stage-1 student trains on, in words, from a results JSON's ``settings``."""
+    types = settings.get("stage1_types") or ()
+    return f"the training samples of {', '.join(types)}" if types else "captions"
+
+
 def task_settings(task: str, preset: str) -> DemoSettings:
     """``PRESETS[preset]`` on ``task``: ``"shapes"`` (the earlier study, unchanged), ``"scenes"`` or ``"digits"``."""
     if preset not in PRESETS:
@@ -2214,8 +2220,8 @@ def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page
         f"max {res['task']['answer_tokens_max']}).",
         f"* Teacher: hidden {s['teacher']['hidden']}, {s['teacher']['layers']} layers; SFT {s['teacher_steps']} steps, "
         f"batch {s['batch_size']}, lr {s['teacher_lr']}.",
-        f"* Students: hidden {s['student']['hidden']}, {s['student']['layers']} layers; stage 1 = SFT on captions "
-        f"{s['stage1_steps']} steps (shared checkpoint); stage 2 = {s['student_steps']} steps of the method, batch "
+        f"* Students: hidden {s['student']['hidden']}, {s['student']['layers']} layers; stage 1 = SFT on "
+        f"{stage1_words(s)} {s['stage1_steps']} steps (shared checkpoint); stage 2 = {s['student_steps']} steps of the method, batch "
         f"{s['batch_size']}, lr {s['student_lr']}, {_schedule_words(s.get('student_stable', 0.0))}. "
         f"TPA d = {s['tpa_d']} (nucleus, top-p 0.95) unless stated.",
         "* Metrics: exact match of the greedy answer per question type; POPE-style accuracy/F1 on the yes/no "

@@ -371,6 +371,8 @@ def test_stage1_on_named_types_trains_on_those_training_samples(tmp_path: Path) 
     plain.prepare()
     plain.stage1_student(teacher)  # the caption split: another key, so trained again
     assert plain.stage1_key != staged_key
+    assert dm.stage1_words({"stage1_types": ["color", "shape"]}) == "the training samples of color, shape"
+    assert dm.stage1_words({"stage1_types": []}) == dm.stage1_words({}) == "captions"
     bad = dm.Demo(dataclasses.replace(s, stage1_types=("colour",)), tmp_path, progress=False)
     bad.prepare()
     with pytest.raises(ValueError, match="stage1_types"):
