@@ -1990,7 +1990,8 @@ def summarize(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 x = r["exposure"]["ex_acc_err"][-1]
                 m["exaccerr_last"].append(float(x) if not isinstance(x, str) else float("inf"))
         out[key] = {"label": run["label"], "n_seeds": len(seeds), "values": m,
-                    "mean_std": {k: list(mean_std(v)) for k, v in m.items() if v}}
+                    "mean_std": {k: list(mean_std(v)) for k, v in m.items() if v},
+                    "config": [run["method"], run.get("overrides")] if run.get("method") else None}
     return out
 
 
@@ -2366,8 +2367,8 @@ def write_study_report(results: dict[str, dict[str, Any]], out_dir: str | Path, 
         for r in claim_checks(summary):
             verdicts.setdefault(r["claim"], {})[task] = (
                 f"{r['verdict']} ({r['diff_as_claimed'] * (100 if r['metric'] == 'overall' else 1):+.2f}"
-                f" ± {2 * r['se'] * (100 if r['metric'] == 'overall' else 1):.2f})" if math.isfinite(r["se"])
-                else r["verdict"])
+                f" ± {2 * r['se'] * (100 if r['metric'] == 'overall' else 1):.2f})"
+                if math.isfinite(r["se"]) and not r["verdict"].startswith("n/a") else r["verdict"])
     if verdicts:
         tasks = list(results)
         md += ["## Verdicts per task", "", "Difference of the seed means in the claimed direction ± twice its "
@@ -2464,12 +2465,15 @@ def claim_checks(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
     ``verdict``: "supported" when the difference has the claimed sign and exceeds twice its
     standard error (sqrt(s1²/n1 + s2²/n2), seeds as samples), "contradicted" when it exceeds
-    it with the opposite sign, "not resolved" otherwise (always with a single seed).
+    it with the opposite sign, "not resolved" otherwise (always with a single seed). Two keys that
+    are one configuration (the IVA layer sweep's first or last layer when it is the teacher's l*)
+    compare a run with itself: "n/a (the same configuration)", never a verdict.
     """
     rows = []
     for claim, a, b, metric, higher in CLAIMS:
         if a not in summary or b not in summary:
             continue
+        same = summary[a].get("config") is not None and summary[a].get("config") == summary[b].get("config")
         va = [x for x in summary[a]["values"].get(metric, []) if math.isfinite(x)]
         vb = [x for x in summary[b]["values"].get(metric, []) if math.isfinite(x)]
         if not va or not vb:
@@ -2477,7 +2481,9 @@ def claim_checks(summary: dict[str, Any]) -> list[dict[str, Any]]:
         (ma, sa), (mb, sb) = mean_std(va), mean_std(vb)
         diff = (ma - mb) if higher else (mb - ma)  # > 0 means "as claimed"
         se = math.sqrt(sa**2 / len(va) + sb**2 / len(vb)) if len(va) > 1 and len(vb) > 1 else float("nan")
-        if not math.isfinite(se):
+        if same:
+            verdict = "n/a (the same configuration)"
+        elif not math.isfinite(se):
             verdict = "not resolved (1 seed)"
         elif diff > 2 * se:
             verdict = "supported"

@@ -808,3 +808,30 @@ def test_students_at_the_floor_are_flagged_in_both_reports(tmp_path: Path) -> No
     assert "| paper claim | scenes (students at the floor: see above) | digits |" in text
     assert "| Vanilla KD > SFT | not resolved" in text
     assert len(calls) == 2
+
+
+def test_a_claim_between_one_configuration_and_itself_gets_no_verdict(tmp_path: Path) -> None:
+    """The IVA layer sweep's last layer is the teacher's l* on a 4-layer teacher with l* = 3: the claim
+    'l* > last layer' would compare a run with itself. It is reported as n/a, never as a verdict, on the
+    summary page too; two configurations that differ keep their verdict."""
+    def seeds(x: float) -> list[dict]:
+        return [{"eval": {"overall": v, "exact_match": {"read": v}, "kl": 0.1},
+                 "train": {"step_time_s": 0.01, "peak_mem_mib": 1.0}} for v in (x, x + 0.02, x - 0.01)]
+
+    iva = {"method": "iva", "overrides": {"iva_layer": 3}}
+    runs = {"iva": {"label": "SFT+KD+IVA (teacher l*=3)", "seeds": seeds(0.7), **iva},
+            "iva@last": {"label": "IVA, teacher layer 3", "seeds": seeds(0.7), **iva},
+            "iva@first": {"label": "IVA, teacher layer 0", "seeds": seeds(0.5), "method": "iva",
+                          "overrides": {"iva_layer": 0}}}
+    res = {"runs": runs, "teacher": {"overall": 0.8, "exact_match": {}}, "task": {"question_types": ["read"]}}
+    rows = {r["claim"]: r for r in dm.claim_checks(dm.summarize(res))}
+    assert rows["IRS-max layer l* > last layer"]["verdict"] == "n/a (the same configuration)"
+    assert rows["IRS-max layer l* > layer 0"]["verdict"] == "supported"
+    write = dm.write_report
+    try:
+        dm.write_report = lambda *a, **k: None
+        text = dm.write_study_report({"digits": res}, tmp_path, command="x").read_text()
+    finally:
+        dm.write_report = write
+    assert "| IRS-max layer l* > last layer | n/a (the same configuration) |" in text
+    assert "| IRS-max layer l* > layer 0 | supported (+" in text
