@@ -208,7 +208,7 @@ def calibrate(settings: dm.DemoSettings, run_dir: Path, *, teacher_seeds: list[i
                 torch.manual_seed(seed)
                 tr = demo.fit(model, demo.train, steps=settings.student_steps, lr=settings.student_lr, seed=seed,
                               method=method, teacher=first if method == "kd" else None, tag=f"{method}_{seed}",
-                              stable=settings.student_stable)
+                              stable=settings.student_stable, batch=demo.student_batch)
                 rec = dm._jsonable({"key": method, "seed": seed, "method": method, "overrides": {}, "train": tr,
                                     "eval": demo.evaluate(model, first), "cache_key": key})
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -270,7 +270,8 @@ def calibration_markdown(res: dict[str, Any], *, command: str) -> str:
              "then " if s.get("teacher_first_steps") else "")
           + f"SFT {s['teacher_steps']} steps, batch {s['batch_size']}, lr {s['teacher_lr']}.",
           f"* Student: hidden {s['student']['hidden']}, {s['student']['layers']} layers; stage 1 {s['stage1_steps']} "
-          f"steps on {dm.stage1_words(s)}; SFT {s['student_steps']} steps, lr {s['student_lr']}, "
+          f"steps on {dm.stage1_words(s)}; SFT {s['student_steps']} steps, batch "
+          f"{s.get('student_batch') or s['batch_size']}, lr {s['student_lr']}, "
           f"{dm._schedule_words(s.get('student_stable', 0.0))}.", ""]
     v = res.get("vision")
     if v:

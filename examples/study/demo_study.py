@@ -103,6 +103,10 @@ class DemoSettings:
         teacher, student: language-model sizes.
         teacher_steps: SFT steps of the teacher (batch ``batch_size``).
         stage1_steps: SFT steps of the shared student stage-1 checkpoint on captions.
+        student_batch: the batch of every student (stage 1, stage 2, the timing pass); 0: ``batch_size``
+            (which the teacher always uses). In the student keys as the batch they train with, so 0 keeps
+            earlier keys. Why: at batch 16 a 40-d scenes student never finds the lookups in the mixture,
+            at 48 it does (calibration log, session 10).
         stage1_types: empty, stage 1 trains on the caption split (the long type); otherwise on the training
             samples of these question types, e.g. the attribute readouts (``("color", "shape")``): a student
             that starts stage 2 able to read the image, as the paper's students start from a pre-trained
@@ -185,6 +189,7 @@ class DemoSettings:
     stage1_steps: int = 100
     student_steps: int = 200
     batch_size: int = 16
+    student_batch: int = 0
     teacher_lr: float = 3e-3
     student_lr: float = 3e-3
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -393,6 +398,14 @@ _TASK_SMOKE: dict[str, Any] = dict(vision_pretrain_steps=3, vision_images=16, vi
 #: those runs, the step time and memory of their methods (Table 4/13). Everything else is --full
 #: (docs/results/study.md, "Time").
 _TASK_QUICK: dict[str, Any] = dict(experiments=("main", "fig4", "fig6", "fig7", "table4"))
+
+
+def student_batch(settings: DemoSettings) -> int:
+    """The batch every student trains with: ``student_batch``, or ``batch_size`` when it is 0."""
+    b = settings.student_batch
+    if isinstance(b, bool) or not isinstance(b, int) or b < 0:
+        raise ValueError(f"student_batch must be an integer >= 0 (0: batch_size), got {b!r}")
+    return b or settings.batch_size
 
 
 def stage1_words(settings: dict[str, Any]) -> str:
@@ -924,10 +937,10 @@ class Demo:
     def fit(self, model: nn.Module, data: Any, *, steps: int, lr: float, seed: int, method: str = "sft",
             teacher: nn.Module | None = None, overrides: dict[str, Any] | None = None, tag: str = "",
             train_vision: bool = False, memory: bool = False, stable: float = 0.0,
-            threads: int | None = None) -> dict[str, Any]:
+            threads: int | None = None, batch: int | None = None) -> dict[str, Any]:
         """Train ``model`` in place through the DistillationTrainer, with ``threads`` torch threads (default
-        the setting's ``threads``); returns timing and losses. ``stable``: the learning-rate schedule
-        (:func:`schedule_args`; 0: warm-up then cosine)."""
+        the setting's ``threads``) and batches of ``batch`` (default ``batch_size``); returns timing and
+        losses. ``stable``: the learning-rate schedule (:func:`schedule_args`; 0: warm-up then cosine)."""
         from transformers import TrainingArguments
         from transformers.utils import logging as hf_logging
 
@@ -940,7 +953,7 @@ class Demo:
             model.model.vision_tower.requires_grad_(True)
         args = TrainingArguments(
             output_dir=str(self.dir / "trainer" / (tag or method)), max_steps=steps,
-            per_device_train_batch_size=self.s.batch_size, learning_rate=lr, **schedule_args(steps, stable),
+            per_device_train_batch_size=batch or self.s.batch_size, learning_rate=lr, **schedule_args(steps, stable),
             weight_decay=0.0, logging_steps=max(1, steps // 5),
             save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(),
             disable_tqdm=not self.progress, dataloader_num_workers=0, max_grad_norm=1.0,
@@ -1028,13 +1041,13 @@ class Demo:
                                       s.data_seed, *threads, *shift]))
 
     def _model_key(self, size: ModelSize, *, seed: int, steps: int, lr: float, source: Any,
-                   threads: int | None = None) -> str:
+                   threads: int | None = None, batch: int | None = None) -> str:
         """Cache key of a trained checkpoint: the data, the model, the recipe, the thread count it trained
         with (default ``threads``), the torch version and ``source`` (what it starts from / copies its
         vision tower from)."""
         s = self.s
         return cache_key({"data": self.data_key, "size": dataclasses.asdict(size), "seed": seed, "steps": steps,
-                          "lr": lr, "batch": s.batch_size, "threads": threads or s.threads, "max_length": s.max_length,
+                          "lr": lr, "batch": batch or s.batch_size, "threads": threads or s.threads, "max_length": s.max_length,
                           "vision": [s.vision_hidden, s.vision_layers, s.image_size, s.patch_size],
                           "torch": torch.__version__, "source": source})
 
@@ -1110,6 +1123,11 @@ class Demo:
                                 self.train.num_image_tokens)
 
     @property
+    def student_batch(self) -> int:
+        """The batch every student trains with: ``student_batch``, or ``batch_size`` when it is 0."""
+        return student_batch(self.s)
+
+    @property
     def teacher_threads(self) -> int:
         """The torch threads the teacher trains with: ``teacher_threads``, or ``threads`` when it is 0."""
         return self.s.teacher_threads or self.s.threads
@@ -1135,7 +1153,7 @@ class Demo:
         if types:  # absent otherwise: earlier keys unchanged
             source = [["training samples", list(types)], source[1]]
         self.stage1_key = self._model_key(self.s.student, seed=2000, steps=self.s.stage1_steps, lr=self.s.student_lr,
-                                          source=source)
+                                          source=source, batch=self.student_batch)
         if self._reuse(path, self.stage1_key, "stage-1 student") is None:
             data = self.train_subset(types, "stage1_types") if types else self.captions
             what = f"{len(data)} training samples of {', '.join(types)}" if types else "captions"
@@ -1144,7 +1162,8 @@ class Demo:
             # teacher and students share one (frozen) vision tower, as LLaVA-style students
             # share a pretrained SigLIP: here the one the teacher's SFT trained
             m.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
-            meta = self.fit(m, data, steps=self.s.stage1_steps, lr=self.s.student_lr, seed=2000, tag="stage1")
+            meta = self.fit(m, data, steps=self.s.stage1_steps, lr=self.s.student_lr, seed=2000, tag="stage1",
+                            batch=self.student_batch)
             meta["weights"] = weights_digest(m)
             self._save_checkpoint(m, path, meta, self.stage1_key)
         return path
@@ -1228,7 +1247,7 @@ def measure_step_costs(demo: Demo, teacher: nn.Module, l_star: int, progress: Pr
         if method in ("tpa", "align_ti"):
             ov.setdefault("tpa_num_candidates", demo.s.tpa_d)
         key = cache_key({"stage1": demo.stage1_key, "teacher": teacher.study_cache_key, "method": method,
-                         "overrides": ov, "steps": demo.s.timing_steps, "batch": demo.s.batch_size,
+                         "overrides": ov, "steps": demo.s.timing_steps, "batch": demo.student_batch,
                          "threads": demo.s.threads})
         path = tdir / (cache_key(label) + ".json")
         row = _cached_record(path, key)
@@ -1243,11 +1262,11 @@ def measure_step_costs(demo: Demo, teacher: nn.Module, l_star: int, progress: Pr
         t0 = time.perf_counter()
         model = demo.load_stage1()
         tr = demo.fit(model, demo.train, steps=demo.s.timing_steps, lr=demo.s.student_lr, seed=0, method=method,
-                      teacher=teacher, overrides=ov, tag=f"timing_{method}")
+                      teacher=teacher, overrides=ov, tag=f"timing_{method}", batch=demo.student_batch)
         del model
         model = demo.load_stage1()  # memory in a separate run: tracking slows the steps down
         mem = demo.fit(model, demo.train, steps=3, lr=demo.s.student_lr, seed=0, method=method,
-                       teacher=teacher, overrides=ov, tag=f"memory_{method}", memory=True)
+                       teacher=teacher, overrides=ov, tag=f"memory_{method}", memory=True, batch=demo.student_batch)
         row = {"label": label, "method": method, "overrides": ov, "step_time_s": tr["step_time_s"],
                "step_cpu_s": tr["step_cpu_s"], "peak_mem_mib": float(max(mem["peak_steps_mib"])),
                "steps_timed": tr["steps_timed"], "cache_key": key}
@@ -1544,7 +1563,7 @@ def _run_demo(settings: DemoSettings, run_dir: str | Path, *, progress: bool, lo
             maps = key in fig7_keys and seed == settings.seeds[0]
             rkey = cache_key({"stage1": demo.stage1_key, "teacher": tkey, "method": spec.method,
                               "overrides": spec.overrides, "steps": steps, "lr": settings.student_lr,
-                              "batch": settings.batch_size, "seed": seed, "threads": settings.threads,
+                              "batch": student_batch(settings), "seed": seed, "threads": settings.threads,
                               "n_eval": settings.n_eval, "exposure": [settings.n_exposure, settings.exposure_steps]
                               if key in exposure_keys else None, "fig7": [settings.n_fig7, s_layer] if maps else None,
                               **student_schedule_key(settings)})
@@ -1626,7 +1645,7 @@ def _train_student(demo: Demo, teacher: nn.Module, u: dict[str, Any]) -> None:
     torch.manual_seed(u["seed"])
     tr = demo.fit(model, demo.train, steps=u["steps"], lr=s.student_lr, seed=u["seed"], method=spec.method,
                   teacher=None if spec.method == "sft" else teacher, overrides=spec.overrides,
-                  tag=f"{u['key']}_{u['seed']}", stable=s.student_stable)
+                  tag=f"{u['key']}_{u['seed']}", stable=s.student_stable, batch=demo.student_batch)
     rec = {"key": u["key"], "seed": u["seed"], "method": spec.method, "overrides": spec.overrides,
            "steps": u["steps"], "train": tr, "weights": weights_digest(model), "eval": demo.evaluate(model, teacher)}
     if u["exposure"]:
@@ -2223,7 +2242,7 @@ def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page
         f"batch {s['batch_size']}, lr {s['teacher_lr']}.",
         f"* Students: hidden {s['student']['hidden']}, {s['student']['layers']} layers; stage 1 = SFT on "
         f"{stage1_words(s)} {s['stage1_steps']} steps (shared checkpoint); stage 2 = {s['student_steps']} steps of the method, batch "
-        f"{s['batch_size']}, lr {s['student_lr']}, {_schedule_words(s.get('student_stable', 0.0))}. "
+        f"{s.get('student_batch') or s['batch_size']}, lr {s['student_lr']}, {_schedule_words(s.get('student_stable', 0.0))}. "
         f"TPA d = {s['tpa_d']} (nucleus, top-p 0.95) unless stated.",
         "* Metrics: exact match of the greedy answer per question type; POPE-style accuracy/F1 on the yes/no "
         "existence probes (half about absent objects); KL(P_T‖P_S) per answer token, teacher-forced on the test "
@@ -2290,7 +2309,7 @@ def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page
     if "table4" in exps and res.get("timing"):
         md += ["## Time and memory per training step (paper Tables 4/13)", "",
                f"Each method trained {s['timing_steps']} steps from the stage-1 checkpoint with the same batch "
-               f"size ({s['batch_size']}); median wall time of one optimizer step (student forward + backward, the "
+               f"size ({s.get('student_batch') or s['batch_size']}); median wall time of one optimizer step (student forward + backward, the "
                "teacher's passes, the loss), the first 2 steps excluded. Peak memory, in a separate 3-step run: "
                + ("CUDA peak allocation during the step minus the allocation before it." if ms.get("cuda") else
                   "the peak of the bytes held by tensors the step created (activations, saved tensors, gradients, "

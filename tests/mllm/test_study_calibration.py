@@ -402,3 +402,37 @@ def test_the_same_seed_gives_the_same_weights_in_another_run_dir(tmp_path: Path)
         p = next(iter(saved.parameters()))
         p.view(-1)[0] = torch.nextafter(p.view(-1)[0], torch.tensor(float("inf")))
     assert dm.weights_digest(saved) != got[0][1]
+
+
+def test_student_batch_trains_the_students_only_and_keys_them(tmp_path: Path, monkeypatch) -> None:
+    """``student_batch``: stage 1 (and every student) trains with it, the teacher with ``batch_size``; the
+    stage-1 key names the batch trained with, so 0 and an equal batch give the earlier key."""
+    import transformers
+
+    torch.set_num_threads(1)
+    seen: list[tuple[str, int]] = []
+    real = transformers.TrainingArguments
+
+    def spy(*a, **k):
+        seen.append((Path(k["output_dir"]).name, k["per_device_train_batch_size"]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(transformers, "TrainingArguments", spy)
+    s = dataclasses.replace(dm.task_settings("scenes", "smoke"), n_train=40, teacher_steps=1)
+    assert s.batch_size == 4
+    demo = dm.Demo(dataclasses.replace(s, student_batch=2), tmp_path, progress=False)
+    demo.prepare()
+    teacher = demo.teacher_model()
+    demo.stage1_student(teacher)
+    assert seen == [("teacher", 4), ("stage1", 2)] and demo.student_batch == 2
+    keys = {}
+    for b in (0, 4, 2):
+        d = dm.Demo(dataclasses.replace(s, student_batch=b), tmp_path, progress=False)
+        d.prepare()
+        d.stage1_student(teacher)
+        keys[b] = d.stage1_key
+    assert keys[0] == keys[4] != keys[2]
+    for bad in (-1, True, 2.0):
+        with pytest.raises(ValueError, match="student_batch must be an integer >= 0"):
+            dm.student_batch(dataclasses.replace(s, student_batch=bad))
+    assert cal._parse_set(["student_batch=48"], s) == {"student_batch": 48}
