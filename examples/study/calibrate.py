@@ -271,7 +271,7 @@ def calibration_markdown(res: dict[str, Any], *, command: str) -> str:
           + f"SFT {s['teacher_steps']} steps, batch {s['batch_size']}, lr {s['teacher_lr']}.",
           f"* Student: hidden {s['student']['hidden']}, {s['student']['layers']} layers; stage 1 {s['stage1_steps']} "
           f"steps on {dm.stage1_words(s)}; SFT {s['student_steps']} steps, batch "
-          f"{s.get('student_batch') or s['batch_size']}, lr {s['student_lr']}, "
+          f"{dm.student_batch(s)}, lr {s['student_lr']}, "
           f"{dm._schedule_words(s.get('student_stable', 0.0))}.", ""]
     v = res.get("vision")
     if v:

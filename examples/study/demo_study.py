@@ -105,8 +105,9 @@ class DemoSettings:
         stage1_steps: SFT steps of the shared student stage-1 checkpoint on captions.
         student_batch: the batch of every student (stage 1, stage 2, the timing pass); 0: ``batch_size``
             (which the teacher always uses). In the student keys as the batch they train with, so 0 keeps
-            earlier keys. Why: at batch 16 a 40-d scenes student never finds the lookups in the mixture,
-            at 48 it does (calibration log, session 10).
+            earlier keys. Why: at batch 16 a 40-d scenes student of ``diagnose.py`` never finds the colour
+            lookup in the mixture, at 48 it does; the real pipeline at 48 does not yet (calibration log,
+            session 10).
         stage1_types: empty, stage 1 trains on the caption split (the long type); otherwise on the training
             samples of these question types, e.g. the attribute readouts (``("color", "shape")``): a student
             that starts stage 2 able to read the image, as the paper's students start from a pre-trained
@@ -400,12 +401,16 @@ _TASK_SMOKE: dict[str, Any] = dict(vision_pretrain_steps=3, vision_images=16, vi
 _TASK_QUICK: dict[str, Any] = dict(experiments=("main", "fig4", "fig6", "fig7", "table4"))
 
 
-def student_batch(settings: DemoSettings) -> int:
-    """The batch every student trains with: ``student_batch``, or ``batch_size`` when it is 0."""
-    b = settings.student_batch
+def student_batch(settings: DemoSettings | dict[str, Any]) -> int:
+    """The batch every student trains with: ``student_batch``, or ``batch_size`` when it is 0 (from the
+    settings or from a results JSON's ``settings``, which older runs wrote without ``student_batch``)."""
+    if isinstance(settings, dict):
+        b, size = settings.get("student_batch", 0), settings["batch_size"]
+    else:
+        b, size = settings.student_batch, settings.batch_size
     if isinstance(b, bool) or not isinstance(b, int) or b < 0:
         raise ValueError(f"student_batch must be an integer >= 0 (0: batch_size), got {b!r}")
-    return b or settings.batch_size
+    return b or size
 
 
 def stage1_words(settings: dict[str, Any]) -> str:
@@ -1149,9 +1154,8 @@ class Demo:
         and of ``teacher``'s (whose vision tower it copies)."""
         path = self.dir / "student_stage1"
         types = tuple(self.s.stage1_types)
-        source: list[Any] = ["captions", getattr(teacher, "study_cache_key", None)]
-        if types:  # absent otherwise: earlier keys unchanged
-            source = [["training samples", list(types)], source[1]]
+        # "captions" as before when no types are named: earlier keys unchanged
+        source = [["training samples", list(types)] if types else "captions", getattr(teacher, "study_cache_key", None)]
         self.stage1_key = self._model_key(self.s.student, seed=2000, steps=self.s.stage1_steps, lr=self.s.student_lr,
                                           source=source, batch=self.student_batch)
         if self._reuse(path, self.stage1_key, "stage-1 student") is None:
@@ -2242,7 +2246,7 @@ def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page
         f"batch {s['batch_size']}, lr {s['teacher_lr']}.",
         f"* Students: hidden {s['student']['hidden']}, {s['student']['layers']} layers; stage 1 = SFT on "
         f"{stage1_words(s)} {s['stage1_steps']} steps (shared checkpoint); stage 2 = {s['student_steps']} steps of the method, batch "
-        f"{s.get('student_batch') or s['batch_size']}, lr {s['student_lr']}, {_schedule_words(s.get('student_stable', 0.0))}. "
+        f"{student_batch(s)}, lr {s['student_lr']}, {_schedule_words(s.get('student_stable', 0.0))}. "
         f"TPA d = {s['tpa_d']} (nucleus, top-p 0.95) unless stated.",
         "* Metrics: exact match of the greedy answer per question type; POPE-style accuracy/F1 on the yes/no "
         "existence probes (half about absent objects); KL(P_T‖P_S) per answer token, teacher-forced on the test "
@@ -2309,7 +2313,7 @@ def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page
     if "table4" in exps and res.get("timing"):
         md += ["## Time and memory per training step (paper Tables 4/13)", "",
                f"Each method trained {s['timing_steps']} steps from the stage-1 checkpoint with the same batch "
-               f"size ({s.get('student_batch') or s['batch_size']}); median wall time of one optimizer step (student forward + backward, the "
+               f"size ({student_batch(s)}); median wall time of one optimizer step (student forward + backward, the "
                "teacher's passes, the loss), the first 2 steps excluded. Peak memory, in a separate 3-step run: "
                + ("CUDA peak allocation during the step minus the allocation before it." if ms.get("cuda") else
                   "the peak of the bytes held by tensors the step created (activations, saved tensors, gradients, "

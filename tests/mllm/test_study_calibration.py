@@ -436,3 +436,4 @@ def test_student_batch_trains_the_students_only_and_keys_them(tmp_path: Path, mo
         with pytest.raises(ValueError, match="student_batch must be an integer >= 0"):
             dm.student_batch(dataclasses.replace(s, student_batch=bad))
     assert cal._parse_set(["student_batch=48"], s) == {"student_batch": 48}
+    assert dm.student_batch({"batch_size": 16}) == 16 and dm.student_batch({"batch_size": 16, "student_batch": 48}) == 48
