@@ -35,6 +35,8 @@ import demo_study as dm  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=sorted(dm.TASK_SETTINGS), required=True)
+    p.add_argument("--preset", default="quick", choices=sorted(dm.PRESETS),
+                   help="the data scale (default quick; smoke: tiny, for tests)")
     p.add_argument("--types", nargs="+", default=None, help="question types (default: the task's)")
     p.add_argument("--weights", type=float, nargs="+", default=None, help="their training frequencies")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a DemoSettings field")
@@ -56,11 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--irs", action="store_true", help="also the IRS curve at the end")
     p.add_argument("--show", type=int, default=0, metavar="N",
                    help="at the end, print up to N wrong greedy answers per question type (question, reference, answer)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this saved model (e.g. a calibration's student_stage1) instead of a fresh one; "
+                        "its vision tower is replaced by the run dir's pre-trained tower")
+    p.add_argument("--trainer", action="store_true",
+                   help="train through the study's DistillationTrainer (Demo.fit: epochs of the training set, "
+                        "warm-up then cosine) instead of the plain loop; evaluates once at the end")
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "diagnose.jsonl")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    s = dm.task_settings(a.task, "quick")
+    s = dm.task_settings(a.task, a.preset)
     s = dataclasses.replace(s, **cal._parse_set(a.set, s))
     if a.types:  # the setting's weights are for its own types: uniform unless --weights
         s = dataclasses.replace(s, question_types=tuple(a.types), question_weights=())
@@ -83,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.prepare()
     tower = demo.vision_tower()
     print("task", demo.results["task"], "\nvision", demo.results.get("vision"), flush=True)
-    model = demo.build_model(s.teacher, seed=a.seed)
+    if a.init is not None:
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(a.init, attn_implementation="sdpa")
+    else:
+        model = demo.build_model(s.teacher, seed=a.seed)
     if tower is not None:
         model.model.vision_tower.load_state_dict(tower)
     set_trainable(model, "finetune")
@@ -113,6 +126,20 @@ def main(argv: list[str] | None = None) -> int:
     test, meta = demo.test.items[: a.n_eval], demo.test_meta[: a.n_eval]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     t0, losses = time.perf_counter(), []
+    if a.trainer:
+        if stages:
+            raise ValueError("--trainer trains on every sample: no curriculum (--first-*, --stage) with it")
+        tr = demo.fit(model, demo.train, steps=a.steps, lr=a.lr, seed=a.seed, batch=a.batch, threads=1,
+                      tag="diagnose")
+        ev = dm.evaluate_generation(model, test, meta, eos=demo.eos, pad=demo.pad)
+        rec = {"command": command, "step": a.steps, "train_s": round(tr["wall_s"], 1),
+               "loss": round(tr["log"][-1]["loss"], 4) if tr["log"] else None,
+               "em": {k: round(v, 3) for k, v in ev["exact_match"].items()}, "overall": round(ev["overall"], 3),
+               "wall_s": round(time.perf_counter() - t0, 1)}
+        print(json.dumps(rec), flush=True)
+        with a.out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        a.steps = 0  # the plain loop below does nothing
     for step in range(1, a.steps + 1):
         model.train()
         model.model.vision_tower.eval()

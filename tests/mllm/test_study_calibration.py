@@ -371,8 +371,9 @@ def test_stage1_on_named_types_trains_on_those_training_samples(tmp_path: Path) 
     plain.prepare()
     plain.stage1_student(teacher)  # the caption split: another key, so trained again
     assert plain.stage1_key != staged_key
-    assert dm.stage1_words({"stage1_types": ["color", "shape"]}) == "the training samples of color, shape"
-    assert dm.stage1_words({"stage1_types": []}) == dm.stage1_words({}) == "captions"
+    base = {"batch_size": 16, "student_lr": 1e-3}  # a results JSON's settings always hold these
+    assert dm.stage1_words({"stage1_types": ["color", "shape"], **base}) == "the training samples of color, shape"
+    assert dm.stage1_words({"stage1_types": [], **base}) == dm.stage1_words(base) == "captions"
     bad = dm.Demo(dataclasses.replace(s, stage1_types=("colour",)), tmp_path, progress=False)
     bad.prepare()
     with pytest.raises(ValueError, match="stage1_types"):
@@ -404,36 +405,81 @@ def test_the_same_seed_gives_the_same_weights_in_another_run_dir(tmp_path: Path)
     assert dm.weights_digest(saved) != got[0][1]
 
 
-def test_student_batch_trains_the_students_only_and_keys_them(tmp_path: Path, monkeypatch) -> None:
-    """``student_batch``: stage 1 (and every student) trains with it, the teacher with ``batch_size``; the
-    stage-1 key names the batch trained with, so 0 and an equal batch give the earlier key."""
+def _spy_training_args(monkeypatch) -> list[tuple[str, int, float]]:
+    """Record (output dir name, batch, learning rate) of every TrainingArguments the study builds."""
     import transformers
 
     torch.set_num_threads(1)
-    seen: list[tuple[str, int]] = []
+    seen: list[tuple[str, int, float]] = []
     real = transformers.TrainingArguments
 
     def spy(*a, **k):
-        seen.append((Path(k["output_dir"]).name, k["per_device_train_batch_size"]))
+        seen.append((Path(k["output_dir"]).name, k["per_device_train_batch_size"], k["learning_rate"]))
         return real(*a, **k)
 
     monkeypatch.setattr(transformers, "TrainingArguments", spy)
+    return seen
+
+
+def _stage1_key(settings: dm.DemoSettings, run_dir: Path, teacher: torch.nn.Module) -> str:
+    """The stage-1 key of ``settings`` in ``run_dir``, after training (or reusing) that stage-1 student."""
+    d = dm.Demo(settings, run_dir, progress=False)
+    d.prepare()
+    d.stage1_student(teacher)
+    return d.stage1_key
+
+
+def test_student_batch_trains_the_students_only_and_keys_them(tmp_path: Path, monkeypatch) -> None:
+    """``student_batch``: stage 1 (and every student) trains with it, the teacher with ``batch_size``; the
+    stage-1 key names the batch trained with, so 0 and an equal batch give the earlier key."""
+    calls = _spy_training_args(monkeypatch)
     s = dataclasses.replace(dm.task_settings("scenes", "smoke"), n_train=40, teacher_steps=1)
     assert s.batch_size == 4
     demo = dm.Demo(dataclasses.replace(s, student_batch=2), tmp_path, progress=False)
     demo.prepare()
     teacher = demo.teacher_model()
     demo.stage1_student(teacher)
-    assert seen == [("teacher", 4), ("stage1", 2)] and demo.student_batch == 2
-    keys = {}
-    for b in (0, 4, 2):
-        d = dm.Demo(dataclasses.replace(s, student_batch=b), tmp_path, progress=False)
-        d.prepare()
-        d.stage1_student(teacher)
-        keys[b] = d.stage1_key
+    assert [c[:2] for c in calls] == [("teacher", 4), ("stage1", 2)] and demo.student_batch == 2
+    keys = {b: _stage1_key(dataclasses.replace(s, student_batch=b), tmp_path, teacher) for b in (0, 4, 2)}
     assert keys[0] == keys[4] != keys[2]
     for bad in (-1, True, 2.0):
         with pytest.raises(ValueError, match="student_batch must be an integer >= 0"):
             dm.student_batch(dataclasses.replace(s, student_batch=bad))
     assert cal._parse_set(["student_batch=48"], s) == {"student_batch": 48}
     assert dm.student_batch({"batch_size": 16}) == 16 and dm.student_batch({"batch_size": 16, "student_batch": 48}) == 48
+
+
+def test_stage1_batch_and_lr_train_stage1_only_and_key_it(tmp_path: Path, monkeypatch) -> None:
+    """``stage1_batch`` / ``stage1_lr``: the shared stage-1 student trains with them, stage 2 with the
+    students'; 0 falls back to the students' (so earlier stage-1 keys stay), another value is another key;
+    the page names them only when they differ."""
+    seen = _spy_training_args(monkeypatch)
+    s = dataclasses.replace(dm.task_settings("scenes", "smoke"), n_train=40, teacher_steps=1, student_batch=2,
+                            student_lr=1e-3)
+    demo = dm.Demo(dataclasses.replace(s, stage1_batch=3, stage1_lr=3e-3), tmp_path, progress=False)
+    demo.prepare()
+    teacher = demo.teacher_model()
+    demo.stage1_student(teacher)
+    assert seen[-1] == ("stage1", 3, 3e-3) and demo.student_batch == 2
+    keys = {b: _stage1_key(dataclasses.replace(s, stage1_batch=b), tmp_path, teacher) for b in (0, 2, 3)}
+    assert keys[0] == keys[2] != keys[3]
+    for lr in (0.0, 1e-3, 3e-3):
+        keys[lr] = _stage1_key(dataclasses.replace(s, stage1_batch=3, stage1_lr=lr), tmp_path, teacher)
+    assert keys[0.0] == keys[1e-3] == keys[3] != keys[3e-3]
+    n = len(seen)  # the run dir holds the last one, (3, 3e-3): the same setting again reuses it
+    assert _stage1_key(dataclasses.replace(s, stage1_batch=3, stage1_lr=3e-3), tmp_path, teacher) == keys[3e-3]
+    assert len(seen) == n
+    for bad in (-1, True, 2.0):
+        with pytest.raises(ValueError, match="stage1_batch must be an integer >= 0"):
+            dm.stage1_batch(dataclasses.replace(s, stage1_batch=bad))
+    for bad in (-1e-3, float("nan"), True, "3e-3"):
+        with pytest.raises(ValueError, match="stage1_lr must be a finite number >= 0"):
+            dm.stage1_lr(dataclasses.replace(s, stage1_lr=bad))
+    assert cal._parse_set(["stage1_batch=48"], s) == {"stage1_batch": 48}
+    assert dm.stage1_batch({"batch_size": 16}) == 16 and dm.stage1_batch({"batch_size": 16, "student_batch": 8}) == 8
+    assert dm.stage1_batch({"batch_size": 16, "stage1_batch": 48}) == 48
+    assert dm.stage1_lr({"student_lr": 1e-3}) == 1e-3 and dm.stage1_lr({"student_lr": 1e-3, "stage1_lr": 3e-3}) == 3e-3
+    lr = {"student_lr": 1e-3}
+    assert dm.stage1_words({"batch_size": 16, "stage1_batch": 48, **lr}) == "captions at batch 48"
+    assert dm.stage1_words({"batch_size": 16, "stage1_batch": 16, "stage1_lr": 1e-3, **lr}) == "captions"
+    assert dm.stage1_words({"batch_size": 16, "stage1_lr": 3e-3, **lr}) == "captions, lr 0.003"

@@ -254,6 +254,15 @@ def test_frozen_scene_setting_keeps_long_answers_long() -> None:
     assert sum(lens) / len(lens) >= 30 and max(lens) >= 45, (sum(lens) / len(lens), max(lens))
 
 
+def test_frozen_scene_stage1_trains_on_every_question_type() -> None:
+    # session 11: the scenes stage-1 student trains on every type of the task (none forgotten, none unknown)
+    import demo_study as dm
+
+    s = dm.task_settings("scenes", "full")
+    assert s.stage1_types == T.SceneTask.ALL_TYPES
+    assert (dm.stage1_batch(s), dm.stage1_lr(s), dm.student_batch(s)) == (48, 3e-3, 16)
+
+
 def test_irs_pairs_use_every_type_when_the_task_has_one(tmp_path: Path) -> None:
     task = T.SceneTask(question_types=("color",))
     paths = T.write_task(task, tmp_path, n_train=4, n_test=2, n_irs=10, seed=0)
