@@ -76,6 +76,7 @@ COLOR_WEIGHTS = (0.30, 0.25, 0.20, 0.15, 0.10)
 SHAPES = ("circle", "square", "triangle", "cross", "diamond", "ring")
 SHAPE_WEIGHTS = (0.25, 0.20, 0.18, 0.15, 0.12, 0.10)
 DIGIT_WORDS = tuple(str(i) for i in range(19))  # digits 0-9 and sums up to 18, one token each
+ROW_SUM_WORDS = tuple(str(i) for i in range(19, 37))  # the running sums of a 4-digit row beyond 18 (row_sum only)
 _BACKGROUND = (20, 20, 20)
 _GRIDS = (3, 4)
 
@@ -521,7 +522,9 @@ class DigitTask:
         test_fraction: the last fraction of ``load_digits`` (other writers) only the test split uses.
         compact_positions: a position is one token ``"r2c3"`` instead of ``"row two column three"``.
         grounded_answers: a short answer reads every digit it uses next to its cell first:
-            ``digit_at`` -> ``"r2c3 7"``, ``sum`` -> ``"r1c2 3 r4c1 4 7"``, ``compare`` ->
+            ``digit_at`` -> ``"r2c3 7"``, ``sum`` -> ``"r1c2 3 r4c1 4 7"``, ``row_sum`` -> each digit of the
+            row after its cell, then the running sum from the second on: ``"r2c1 3 r2c2 5 8 r2c3 0 8 r2c4 7 15"``
+            (without it: ``"15"``), ``compare`` ->
             ``"r1c2 3 r4c1 4 smaller"`` (one attention hop per lookup, as ``SceneTask``'s).
         question_first: where the question sits around the image (``SceneTask.question_first``: ``False``
             after it, ``True`` before it, ``"both"`` before and after it).
@@ -538,7 +541,9 @@ class DigitTask:
     question_first: bool | str = False
 
     name = "digits"
-    ALL_TYPES = ("read", "digit_at", "sum", "compare")
+    #: ``row_sum`` (the sum of a named row: ``grid`` lookups and ``grid - 1`` additions, a reasoning type where
+    #: the language model's size matters) is opt-in: the default types, vocabulary and data are unchanged
+    ALL_TYPES = ("read", "digit_at", "sum", "compare", "row_sum")
     SHORT_TYPES = ("digit_at", "sum", "compare")
 
     def __post_init__(self) -> None:
@@ -554,7 +559,8 @@ class DigitTask:
         words = ("read the digits what digit is at row column sum of and compare with "
                  "larger smaller equal ? . , :").split()
         cells = _cell_words(self.grid) if self.compact_positions else []
-        return list(dict.fromkeys(words + list(NUMBERS) + list(DIGIT_WORDS) + cells))
+        extra = list(ROW_SUM_WORDS) if "row_sum" in self.question_types else []  # appended: earlier ids unchanged
+        return list(dict.fromkeys(words + list(NUMBERS) + list(DIGIT_WORDS) + cells + extra))
 
     def _pool(self, split: str) -> range:
         n = len(_digits()[1])
@@ -602,6 +608,9 @@ class DigitTask:
             where = _pos(r, c, cp)
             d = str(board.digit(r, c))
             return f"what digit is at {where} ?", f"{where} {d}" if self.grounded_answers else d, {"cell": [r, c]}
+        if qtype == "row_sum":
+            r = rng.randrange(g)
+            return f"what is the sum of row {NUMBERS[r + 1]} ?", self._row_sum_answer(board, r), {"row": r}
         a, b = rng.sample(range(g * g), 2)
         (ra, ca), (rb, cb) = divmod(a, g), divmod(b, g)
         da, db = board.digit(ra, ca), board.digit(rb, cb)
@@ -612,6 +621,18 @@ class DigitTask:
                     {"cells": [[ra, ca], [rb, cb]]})
         ans = "larger" if da > db else "smaller" if da < db else "equal"
         return (f"compare the digit at {pa} with the digit at {pb} .", reads + ans, {"cells": [[ra, ca], [rb, cb]]})
+
+    def _row_sum_answer(self, board: DigitBoard, r: int) -> str:
+        """The reference answer of ``row_sum`` on row ``r`` (see ``grounded_answers``)."""
+        digits = [board.digit(r, c) for c in range(self.grid)]
+        if not self.grounded_answers:
+            return str(sum(digits))
+        parts = []
+        for c, d in enumerate(digits):
+            parts.append(f"{_pos(r, c, self.compact_positions)} {d}")
+            if c:
+                parts.append(str(sum(digits[:c + 1])))
+        return " ".join(parts)
 
     def check_answer(self, board: DigitBoard, question: str, answer: str, meta: dict[str, Any]) -> bool:
         t = meta["type"]
@@ -625,6 +646,11 @@ class DigitTask:
                     return False
                 got += [int(x) for x in digits.split()]
             return got == list(board.labels)
+        if t == "row_sum":
+            m = re.search(r"sum of row (\w+) \?", question)
+            if m is None or m.group(1) not in NUMBERS[1:self.grid + 1]:
+                raise ValueError(f"not a row_sum question: {question!r}")
+            return answer == self._row_sum_answer(board, NUMBERS.index(m.group(1)) - 1)
         if self.grounded_answers:  # digit_at: its cell, then the digit; sum, compare: each cell and its digit first
             cells = [m.group(0) for m in re.finditer(_POS, question)]
             reads = (cells[0] if t == "digit_at" else

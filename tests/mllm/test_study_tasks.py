@@ -469,3 +469,34 @@ def test_describe_cells_walks_every_cell_with_the_object_or_none() -> None:
     assert n > 20
     with pytest.raises(ValueError, match="compact_positions"):
         T.SceneTask(grid=4, describe_cells=True)
+
+
+@pytest.mark.parametrize("grounded", [False, True])
+def test_row_sum_answers_parse_back_and_keep_the_default_vocabulary(grounded: bool) -> None:
+    """``row_sum`` (opt-in): the sum of a named row, grounded as each cell's digit then the running sum; every
+    reference answer checks against its board, a changed one does not, every word is in the vocabulary, and
+    the default task's vocabulary (so its tokenizer and data) is unchanged, the new sums appended after it."""
+    kw = dict(compact_positions=grounded, grounded_answers=grounded)
+    task = T.DigitTask(question_types=T.DigitTask.ALL_TYPES, **kw)
+    default = T.DigitTask(**kw)
+    assert "row_sum" not in default.question_types
+    assert task.vocabulary()[: len(default.vocabulary())] == default.vocabulary()
+    assert set(task.vocabulary()) - set(default.vocabulary()) == set(T.ROW_SUM_WORDS)
+    samples, boards = T.make_samples(task, 300, seed=5, question_types=("row_sum",))
+    vocab, sums = set(task.vocabulary()), set()
+    for sample, board in zip(samples, boards):
+        q, a = _qa(sample)
+        r = sample["meta"]["row"]
+        row = [board.digit(r, c) for c in range(task.grid)]
+        assert a.split()[-1] == str(sum(row)) and task.check_answer(board, q, a, sample["meta"])
+        if grounded:  # cell, digit, then the running sum from the second cell on
+            w = a.split()
+            assert w[:2] == [f"r{r + 1}c1", str(row[0])]
+            assert w[2:5] == [f"r{r + 1}c2", str(row[1]), str(row[0] + row[1])]
+        wrong = a.rsplit(" ", 1)[0] + f" {sum(row) + 1}" if " " in a else str(sum(row) + 1)
+        assert not task.check_answer(board, q, wrong, sample["meta"])
+        assert set(q.split()) | set(a.split()) <= vocab
+        sums.add(sum(row))
+    assert max(sums) > 18  # the appended words are used
+    with pytest.raises(ValueError, match="not a row_sum question"):
+        task.check_answer(boards[0], "what is the sum of row nine ?", "1", {"type": "row_sum"})
