@@ -1473,7 +1473,8 @@ def progress_priors(settings: DemoSettings, costs: dict[str, Any]) -> dict[str, 
         return float(v)
 
     st = cost("student_step_s")
-    out = {"teacher": cost("teacher_step_s"), "stage1": st, "timing": 3.0 * st, "students": st}
+    out = {"teacher": cost("teacher_step_s"), "stage1": st * stage1_batch(settings) / student_batch(settings),
+           "timing": 3.0 * st, "students": st}
     if settings.vision_pretrain_steps:  # per pre-training step, probes included, at the measured step count
         out["vision"] = cost("vision_s") / float(costs.get("vision_steps", settings.vision_pretrain_steps))
     return out
@@ -1924,7 +1925,8 @@ def estimate_study_s(settings: DemoSettings, measured: dict[str, Any], workers: 
 
     ``measured``: ``vision_s`` (the tower's pre-training, probes included, scaled from ``vision_steps``
     steps when given), ``teacher_step_s``,
-    ``student_step_s`` (SFT), ``eval_s`` (one model's evaluation, used for every student run and
+    ``student_step_s`` (SFT, at the students' batch; stage 1 scales it by ``stage1_batch`` over it),
+    ``eval_s`` (one model's evaluation, used for every student run and
     again for each exposure curve), and ``ratio``: step time of each method relative to SFT (a
     method without one counts as SFT). Each student run: steps x student step x ratio + eval;
     the timing pass: ``timing_steps + 3`` steps per row. ``workers``: the student runs go, longest
@@ -1946,7 +1948,8 @@ def estimate_study_s(settings: DemoSettings, measured: dict[str, Any], workers: 
     vision_steps = float(measured.get("vision_steps") or settings.vision_pretrain_steps or 1)  # what vision_s took
     out = {"vision": float(measured.get("vision_s", 0.0)) * settings.vision_pretrain_steps / vision_steps,
            "teacher": settings.teacher_steps * float(measured["teacher_step_s"]) + ev,
-           "stage1": settings.stage1_steps * st + ev}
+           # stage 1 at its own batch: the step time scaled by the batch ratio (linear: an upper bound at these sizes)
+           "stage1": settings.stage1_steps * st * stage1_batch(settings) / student_batch(settings) + ev}
     exps = settings.experiments
     specs = run_specs(settings, settings.teacher.layers - 1)
     keys = _student_keys(settings, exps)

@@ -404,6 +404,10 @@ def test_progress_priors_from_measured_costs() -> None:
     half = dataclasses.replace(q, vision_pretrain_steps=costs["vision_steps"] // 2)
     assert dm.progress_priors(half, costs)["vision"] == pri["vision"]
     assert dm.estimate_study_s(half, costs)["vision"] == pytest.approx(costs["vision_s"] / 2)  # scaled by the steps
+    big = dataclasses.replace(q, stage1_batch=3 * dm.student_batch(q))  # stage 1 at 3x the students' batch
+    assert dm.progress_priors(big, costs)["stage1"] == pytest.approx(3 * costs["student_step_s"])
+    assert dm.estimate_study_s(big, costs)["stage1"] - dm.estimate_study_s(q, costs)["stage1"] == pytest.approx(
+        2 * q.stage1_steps * costs["student_step_s"])
     with pytest.raises(ValueError, match="costs\\['teacher_step_s'\\] must be a finite number > 0, got nan"):
         dm.progress_priors(q, {**costs, "teacher_step_s": float("nan")})
 
