@@ -105,7 +105,7 @@ class DemoSettings:
         grid, max_objects, image_size, patch_size: the synthetic task and the vision tower.
         teacher, student: language-model sizes.
         teacher_steps: SFT steps of the teacher (batch ``batch_size``).
-        stage1_steps: SFT steps of the shared student stage-1 checkpoint on captions.
+        stage1_steps: SFT steps of the shared student stage-1 checkpoint (on captions, or ``stage1_types``).
         student_batch: the batch of every student (stage 1, stage 2, the timing pass); 0: ``batch_size``
             (which the teacher always uses). In the student keys as the batch they train with, so 0 keeps
             earlier keys. Why: at batch 16 a 40-d scenes student of ``diagnose.py`` never finds the colour
@@ -2294,7 +2294,7 @@ def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page
         f"* Teacher: hidden {s['teacher']['hidden']}, {s['teacher']['layers']} layers; SFT {s['teacher_steps']} steps, "
         f"batch {s['batch_size']}, lr {s['teacher_lr']}.",
         f"* Students: hidden {s['student']['hidden']}, {s['student']['layers']} layers; stage 1 = SFT on "
-        f"{stage1_words(s)} {s['stage1_steps']} steps (shared checkpoint); stage 2 = {s['student_steps']} steps of the method, batch "
+        f"{stage1_words(s)}: {s['stage1_steps']} steps (shared checkpoint); stage 2 = {s['student_steps']} steps of the method, batch "
         f"{student_batch(s)}, lr {s['student_lr']}, {_schedule_words(s.get('student_stable', 0.0))}. "
         f"TPA d = {s['tpa_d']} (nucleus, top-p 0.95) unless stated.",
         "* Metrics: exact match of the greedy answer per question type; POPE-style accuracy/F1 on the yes/no "
