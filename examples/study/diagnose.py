@@ -126,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     test, meta = demo.test.items[: a.n_eval], demo.test_meta[: a.n_eval]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     t0, losses = time.perf_counter(), []
+
+    def emit(rec: dict) -> None:  # one JSON line: printed and appended to --out
+        print(json.dumps(rec), flush=True)
+        with a.out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
     if a.trainer:
         if stages:
             raise ValueError("--trainer trains on every sample: no curriculum (--first-*, --stage) with it")
@@ -136,11 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                "loss": round(tr["log"][-1]["loss"], 4) if tr["log"] else None,
                "em": {k: round(v, 3) for k, v in ev["exact_match"].items()}, "overall": round(ev["overall"], 3),
                "wall_s": round(time.perf_counter() - t0, 1)}
-        print(json.dumps(rec), flush=True)
-        with a.out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        a.steps = 0  # the plain loop below does nothing
-    for step in range(1, a.steps + 1):
+        emit(rec)
+    for step in range(1, 0 if a.trainer else a.steps + 1):  # the plain loop, unless --trainer trained
         model.train()
         model.model.vision_tower.eval()
         stage = next((k for k, e in enumerate(ends) if step <= e), None)
@@ -169,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 rec["irs"] = [round(float(x), 4) for x in curve.scores.tolist()]
                 rec["irs_ratio"] = round(cal.irs_ratio(rec["irs"]), 2)
             rec["wall_s"] = round(time.perf_counter() - t0, 1)
-            print(json.dumps(rec), flush=True)
-            with a.out.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+            emit(rec)
     if a.show:
         show_wrong(model, test, meta, demo, a.show)
     return 0
