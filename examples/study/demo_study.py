@@ -494,8 +494,12 @@ _TASK_FULL: dict[str, dict[str, Any]] = {
     # type >= 85 % (sum 85.3 where 2,000 steps gave 79.4), overall 78.7 %, IRS max/min 33 / 23 with l* = 3 for both
     # seeds; 10,000 steps gave no more (77.7 %, calibration-digits-s10b.md). The quick preset keeps 2,000 steps: a
     # 6,000-step teacher alone is ~9 min of make demo's 15.
+    # Session 11 (docs/results/calibration-digits-s11*.md): the opt-in 'row_sum' type (four running sums, the
+    # longest answers) and a stage-1 student trained 500 steps on 'digit_at' alone: the teacher's short types
+    # pooled 93.3 / 92.7 %, overall 77.7 / 77.7 %, l* = 3 for both seeds; the SFT student 38.3 +- 4.3 % (gap 39.4).
     "digits": dict(experiments=tuple(e for e in PRESETS["full"].experiments if e not in _TPA_SWEEPS),
-                   teacher_steps=6000),
+                   teacher_steps=6000, question_types=("read", "digit_at", "sum", "compare", "row_sum"),
+                   stage1_types=("digit_at",), stage1_steps=500),
 }
 
 

@@ -42,9 +42,15 @@ def test_task_settings() -> None:
     full = dm.task_settings("digits", "full")
     assert full.seeds == dm.PRESETS["full"].seeds
     # session 10 (calibration-digits-s10a.md): --full's digits teacher trains 6,000 steps (every short type >= 85 %);
-    # make demo keeps 2,000 (its 15-minute budget); nothing else differs between the two teachers' settings
+    # make demo keeps 2,000 (its 15-minute budget)
     assert full.teacher_steps == 6000 and d.teacher_steps == 2000
-    assert dataclasses.replace(full, teacher_steps=2000, name=d.name, seeds=d.seeds, experiments=d.experiments) == d
+    # session 11 (calibration-digits-s11*.md): --full adds the long 'row_sum' answers (their teachers: short types
+    # 93.3 / 92.7 %, l* = 3 for both) and a stage 1 of 500 steps on 'digit_at' alone (SFT 38.3 %, gap 39.4 points);
+    # make demo keeps the default types and stage 1; nothing else differs between the two presets' settings
+    assert full.question_types == ("read", "digit_at", "sum", "compare", "row_sum") and not d.question_types
+    assert (full.stage1_types, full.stage1_steps) == (("digit_at",), 500) and (d.stage1_types, d.stage1_steps) == ((), 150)
+    assert dataclasses.replace(full, teacher_steps=2000, name=d.name, seeds=d.seeds, experiments=d.experiments,
+                               question_types=(), stage1_types=(), stage1_steps=150) == d
     for task in ("scenes", "digits"):  # the smoke budget stays tiny on every task
         smoke = dm.task_settings(task, "smoke")
         for f in ("teacher_steps", "stage1_steps", "student_steps", "student_lr", "student", "n_train", "n_eval"):
