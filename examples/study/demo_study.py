@@ -2180,6 +2180,52 @@ def _plot_fig5(summary: dict[str, Any], path: Path, d_default: int) -> None:
     plt.close(fig)
 
 
+def _bar_rows(summary: dict[str, Any], keys: Sequence[str]) -> list[tuple[str, float, float, list[float]]]:
+    """The bars of :func:`_plot_table_bars`: per run key of ``keys`` that has runs in ``summary``, in order,
+    (label, mean, std, per-seed values) of its overall exact match in percent (:func:`mean_std`)."""
+    out = []
+    for k in keys:
+        v = [100 * float(x) for x in summary.get(k, {}).get("values", {}).get("overall", [])]
+        if v:
+            out.append((summary[k]["label"], *mean_std(v), v))
+    return out
+
+
+def _plot_table_bars(summary: dict[str, Any], keys: Sequence[str], path: Path, title: str,
+                     teacher: dict[str, Any] | None = None, stage1: dict[str, Any] | None = None) -> bool:
+    """One table's runs as bars (issue 15, item 7): each run key of ``keys`` in ``summary`` as its mean
+    overall exact match over seeds, an error bar of one standard deviation, and every seed as a dot (the
+    spread the verdicts rest on); the teacher and the stage-1 student, when given, as dashed lines. Writes
+    ``path`` and returns True, or False (nothing written) when no key of ``keys`` has a run."""
+    rows = _bar_rows(summary, keys)
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 0.45 * len(rows) + 1.3))
+    ys = list(range(len(rows)))[::-1]  # the table's first row on top
+    ax.barh(ys, [m for _, m, _, _ in rows], xerr=[sd for _, _, sd, _ in rows], color="#8fb3d9", ecolor="black",
+            capsize=3, height=0.6)
+    for y, (_, _, _, v) in zip(ys, rows):
+        ax.plot(v, [y] * len(v), "o", color="#1f3b5c", markersize=3)
+    for ref, ev, style in (("teacher", teacher, "--"), ("stage-1 student", stage1, ":")):
+        if ev and "overall" in ev:
+            ax.axvline(100 * float(ev["overall"]), color="gray", linestyle=style, linewidth=1, label=ref)
+    ax.set_yticks(ys)
+    ax.set_yticklabels([label for label, _, _, _ in rows], fontsize=8)
+    ax.set_xlabel("overall exact match % (bar: mean, error bar: std over seeds, dots: seeds)", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def _fig7_students(res: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     """(key, label, {"layer", "maps"}) of the students with Fig. 7 maps (first seed)."""
     out = []
@@ -2317,6 +2363,9 @@ def write_report(res: dict[str, Any], out_dir: str | Path, *, command: str, page
         if e in _TABLES and any(k in summary for k in _TABLES[e][2]):
             t, claim, keys = _TABLES[e]
             md += [f"## {t}", "", f"Paper: {claim}.", "", _metric_table(summary, keys, types=_types_of(res)), ""]
+            if e != "fig5" and _plot_table_bars(summary, keys, out / f"bars_{e}.png", t, res.get("teacher"),
+                                                res.get("stage1")):
+                md += [f"![{t}]({rel}/bars_{e}.png)", ""]
             if e == "fig5":
                 _plot_fig5(summary, out / "fig5_tpa_candidates.png", int(s["tpa_d"]))
                 if (out / "fig5_tpa_candidates.png").exists():

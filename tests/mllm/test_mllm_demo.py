@@ -101,12 +101,32 @@ def test_report_tables_and_plots(smoke, tmp_path: Path) -> None:
     assert "![Fig. 7](out/fig7_attention.png)" in md
     for png in ("fig4_irs.png", "fig6_exaccerr.png", "fig7_attention.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000
+    # a bar plot per table (issue 15, item 7), linked under the table's section
+    for e in res["settings"]["experiments"]:
+        if e in dm._TABLES and e != "fig5" and any(k in res["runs"] for k in dm._TABLES[e][2]):
+            assert f"![{dm._TABLES[e][0]}](out/bars_{e}.png)" in md
+            assert (tmp_path / "out" / f"bars_{e}.png").stat().st_size > 1000
+    assert "![Components (paper Table 5)](out/bars_table5.png)" in md
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(data["summary"]) == set(res["runs"])
     # every student row of the Table 5 section
     for key in dm.EXPERIMENTS["table5"]:
         assert f"| {res['runs'][key]['label']} |" in md
     assert "| student | overall EM % |" in dm.summary_markdown(res)
+
+
+def test_bar_rows_hold_each_tables_runs_in_order() -> None:
+    """The bars of a table: its keys with runs, in the table's order, mean and std over seeds in percent with
+    every seed's value; a key without runs is left out, and no run at all writes no plot."""
+    summary = {"kd": {"label": "Vanilla KD", "values": {"overall": [0.5, 0.7, 0.6]}},
+               "sft": {"label": "SFT", "values": {"overall": [0.25]}},
+               "iva": {"label": "+IVA", "values": {"overall": []}}}
+    rows = dm._bar_rows(summary, ["sft", "iva", "tpa", "kd"])
+    assert [r[0] for r in rows] == ["SFT", "Vanilla KD"]
+    assert rows[0][1:] == (25.0, 0.0, [25.0])
+    label, m, sd, v = rows[1]
+    assert m == pytest.approx(60.0) and sd == pytest.approx(10.0) and v == pytest.approx([50.0, 70.0, 60.0])
+    assert not dm._plot_table_bars(summary, ["iva", "tpa"], Path("/nonexistent/never.png"), "t")
 
 
 def test_run_is_resumed_from_saved_runs(smoke) -> None:
