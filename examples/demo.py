@@ -56,12 +56,24 @@ TASKS = ["shapes", "scenes", "digits"]
 DEFAULT_TASKS = {"smoke": ["digits"], "quick": ["digits"], "full": ["scenes", "digits"]}
 
 
+#: one evaluation's seconds for an estimate from a study's results.json, which does not record it (the
+#: calibrations' teacher evaluations on 300 test samples: 2.8-4 s)
+_RESULTS_EVAL_S = 4.0
+
+
 def _measured_costs(path: Path) -> tuple[str, dict[str, Any]]:
-    """(task, measured costs) of one ``--estimate`` file: a calibration JSON (``calibrate.py``'s; its
+    """(task, measured costs) of one ``--estimate`` file: a study's ``results.json`` (step times of its
+    teacher, SFT runs and timing pass: :func:`demo_study.costs_from_results`, one evaluation taken as
+    :data:`_RESULTS_EVAL_S`), a calibration JSON (``calibrate.py``'s; its
     ``settings.task`` names the task; step times of ``training_step`` only), or a costs JSON (``task``,
     ``vision_s``, ``teacher_step_s``, ``student_step_s``, ``eval_s``, optionally ``ratio``: each method's
     step time / SFT's; e.g. ``docs/results/costs-digits.json``, each number with its source)."""
     cal = json.loads(path.read_text())
+    if "runs" in cal and "timing" in cal:  # a study's results.json: eval_s is not recorded there
+        from demo_study import costs_from_results
+
+        costs = costs_from_results(cal, eval_s=_RESULTS_EVAL_S)
+        return costs.pop("task"), costs
     if "teachers" in cal:
         teacher, sft = cal["teachers"][0], cal["sft"][0]
         return cal["settings"]["task"], {
@@ -144,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N newly trained student runs (then run the same command again to resume)")
     p.add_argument("--estimate", type=Path, nargs="+", default=None, metavar="COSTS_JSON",
-                   help="print the expected wall time from the step times measured for each task: a calibration "
-                        "JSON (docs/results/calibration-<task>.json) or a costs JSON (docs/results/costs-digits.json); "
+                   help="print the expected wall time from the step times measured for each task: a study's "
+                        "results.json (docs/results/study/full/<task>/results.json), a calibration JSON "
+                        "(docs/results/calibration-<task>.json) or a costs JSON (docs/results/costs-digits.json); "
                         "train nothing")
     p.add_argument("--ratios", type=Path, default=ROOT / "docs" / "results" / "study" / "full" / "scenes" / "results.json",
                    help="with --estimate: a results.json whose timing pass gives each method's step time / SFT's")

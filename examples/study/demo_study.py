@@ -1978,6 +1978,36 @@ def estimate_study_s(settings: DemoSettings, measured: dict[str, Any], workers: 
     return out
 
 
+def costs_from_results(res: dict[str, Any], eval_s: float) -> dict[str, Any]:
+    """The measured costs of a study's ``results.json`` (``res``) in the form :func:`estimate_study_s` and
+    :func:`progress_priors` take: the tower's pre-training (``vision_s`` over ``vision_steps``), the teacher's
+    step time, the SFT student's (mean over its seeds) and each method's step time / SFT's from the run's
+    own timing pass (``ratio``; TPA's cached forward, the one the runs use). ``eval_s``: one evaluation's
+    seconds, which the results do not record.
+
+    Raises:
+        ValueError: ``res`` lacks the teacher's training, the SFT runs or the timing pass, or ``eval_s`` is not
+            a finite number >= 0.
+    """
+    if isinstance(eval_s, bool) or not isinstance(eval_s, (int, float)) or not math.isfinite(eval_s) or eval_s < 0:
+        raise ValueError(f"eval_s must be a finite number >= 0, got {eval_s!r}")
+    sft = [float(r["train"]["step_time_s"]) for r in res.get("runs", {}).get("sft", {}).get("seeds", [])]
+    timing = {r["method"]: float(r["step_time_s"]) for r in res.get("timing") or []
+              if not r.get("overrides", {}).get("tpa_forward")}
+    if not res.get("teacher_train") or not sft or "sft" not in timing:
+        raise ValueError("res must be a study's results with the teacher's training ('teacher_train'), SFT runs "
+                         f"('runs.sft') and a timing pass with an SFT row ('timing'); got keys {sorted(res)}")
+    out: dict[str, Any] = {"task": res["settings"].get("task", "shapes"),
+                           "teacher_step_s": float(res["teacher_train"]["step_time_s"]),
+                           "student_step_s": statistics.fmean(sft), "eval_s": float(eval_s),
+                           "ratio": {m: t / timing["sft"] for m, t in timing.items()}}
+    if res.get("vision"):
+        out["vision_s"], out["vision_steps"] = float(res["vision"]["wall_s"]), int(res["vision"]["steps"])
+    else:
+        out["vision_s"] = 0.0
+    return out
+
+
 def run_study(tasks: Sequence[str], preset: str, run_dir: str | Path, *, adjust: Callable[[DemoSettings], DemoSettings]
               | None = None, costs_by_task: dict[str, dict[str, Any]] | None = None, **kw: Any) -> dict[str, dict[str, Any]]:
     """:func:`run_demo` on each task of ``tasks`` (``task_settings(task, preset)``, then ``adjust``),

@@ -305,6 +305,46 @@ def test_measured_costs_give_the_expected_total_up_front(smoke, tmp_path: Path) 
     assert first == f"[study] expected: ~{want:.0f} s (from the task's measured costs; cached stages count as work until reused)"
 
 
+def test_costs_from_a_study_results_json(smoke, tmp_path: Path, capsys) -> None:
+    """A study's results.json gives its measured costs: the tower's, the teacher's and the SFT runs' step times
+    and each method's step time / SFT's from the run's own timing pass (TPA's cached forward, not the packed
+    Algorithm-1 row); ``--estimate`` takes it as it takes a costs JSON, and a results.json without a timing pass
+    or SFT runs is refused with what it lacks."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import demo as demo_cli
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    run_dir, _ = smoke
+    saved = json.loads((run_dir / "results.json").read_text())
+    c = dm.costs_from_results(saved, eval_s=2.5)
+    assert c["task"] == saved["settings"]["task"] and c["eval_s"] == 2.5
+    assert c["teacher_step_s"] == saved["teacher_train"]["step_time_s"]
+    sft = [r["train"]["step_time_s"] for r in saved["runs"]["sft"]["seeds"]]
+    assert c["student_step_s"] == pytest.approx(sum(sft) / len(sft))
+    rows = {r["method"]: r["step_time_s"] for r in saved["timing"] if not r.get("overrides", {}).get("tpa_forward")}
+    assert c["ratio"] == pytest.approx({m: t / rows["sft"] for m, t in rows.items()}) and c["ratio"]["sft"] == 1.0
+    packed = [r for r in saved["timing"] if r.get("overrides", {}).get("tpa_forward")]
+    assert packed and c["ratio"]["tpa"] != pytest.approx(packed[0]["step_time_s"] / rows["sft"])
+    if saved.get("vision"):
+        assert (c["vision_s"], c["vision_steps"]) == (saved["vision"]["wall_s"], saved["vision"]["steps"])
+    else:  # a preset without a pre-trained tower
+        assert c["vision_s"] == 0.0 and "vision_steps" not in c
+    # --estimate reads it (one evaluation taken as _RESULTS_EVAL_S)
+    assert demo_cli._measured_costs(run_dir / "results.json") == (
+        c["task"], {k: v for k, v in dm.costs_from_results(saved, demo_cli._RESULTS_EVAL_S).items() if k != "task"})
+    assert demo_cli.main(["--smoke", "--task", c["task"], "--estimate", str(run_dir / "results.json")]) == 0
+    want = dm.estimate_study_s(dm.task_settings(c["task"], "smoke"), demo_cli._measured_costs(run_dir / "results.json")[1],
+                               workers=2)  # --estimate's default
+    assert f"total {want['total'] / 60:.1f} min" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="timing pass with an SFT row"):
+        dm.costs_from_results({**saved, "timing": []}, eval_s=1.0)
+    with pytest.raises(ValueError, match="SFT runs"):
+        dm.costs_from_results({**saved, "runs": {}}, eval_s=1.0)
+    with pytest.raises(ValueError, match="eval_s must be a finite number >= 0, got nan"):
+        dm.costs_from_results(saved, eval_s=float("nan"))
+
+
 def test_only_keys_restricts_the_student_runs(smoke, tmp_path: Path) -> None:
     import shutil
 
@@ -540,7 +580,8 @@ def test_full_runs_every_experiment_on_a_task_within_the_budget(capsys) -> None:
     assert scenes.experiments == full and scenes.seeds == digits.seeds == (0, 1, 2, 3, 4)
     assert set(digits.experiments) == set(full) - {"table14", "fig5", "eot"}
     assert demo_cli.DEFAULT_TASKS["full"] == ["scenes", "digits"]
-    costs = [ROOT / "docs" / "results" / f for f in ("calibration-scenes.json", "costs-digits.json")]
+    # scenes: the step times and ratios of its own full run (session 12: 41.4 min measured, 39.7 estimated)
+    costs = [ROOT / "docs" / "results" / f for f in ("study/full/scenes/results.json", "costs-digits.json")]
     assert demo_cli.main(["--full", "--workers", "2", "--estimate", *map(str, costs)]) == 0
     out = capsys.readouterr().out
     total = float(out.split("all tasks: ")[1].split(" min")[0])
