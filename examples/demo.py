@@ -91,7 +91,7 @@ def _measured_costs(path: Path) -> tuple[str, dict[str, Any]]:
 def _estimate(paths: list[Path], settings_by_task: dict, ratios: Path | None, workers: int = 1) -> str:
     """The expected wall time of the study from the step times measured for each task (``--estimate``
     files: :func:`_measured_costs`), the student runs in ``workers`` worker processes."""
-    from demo_study import estimate_study_s
+    from demo_study import estimate_study_s, timing_ratios
 
     measured_by_task = {}
     for path in paths:
@@ -104,8 +104,7 @@ def _estimate(paths: list[Path], settings_by_task: dict, ratios: Path | None, wo
     ratio: dict[str, float] = {}
     if ratios is not None:
         timing = json.loads(ratios.read_text())["timing"]
-        base = next(r["step_time_s"] for r in timing if r["method"] == "sft")
-        ratio = {r["method"]: r["step_time_s"] / base for r in timing if not r.get("overrides", {}).get("tpa_forward")}
+        ratio = timing_ratios(timing)
     lines = ["ESTIMATE (not a measurement): each task's steps times the step times measured for it, "
              + (f"each method's step time / SFT's from its costs file or else the timing pass of {ratios}" if ratios
                 else "each method's step time / SFT's from its costs file or else as SFT")

@@ -1978,6 +1978,19 @@ def estimate_study_s(settings: DemoSettings, measured: dict[str, Any], workers: 
     return out
 
 
+def timing_ratios(timing: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Each method's step time / SFT's from a timing pass's rows (TPA's cached forward, the one the runs use;
+    the packed Algorithm-1 row is left out).
+
+    Raises:
+        ValueError: no SFT row.
+    """
+    times = {r["method"]: float(r["step_time_s"]) for r in timing if not r.get("overrides", {}).get("tpa_forward")}
+    if "sft" not in times:
+        raise ValueError(f"the ratios need a timing pass with an SFT row ('timing'); its rows are of {sorted(times)}")
+    return {m: t / times["sft"] for m, t in times.items()}
+
+
 def costs_from_results(res: dict[str, Any], eval_s: float) -> dict[str, Any]:
     """The measured costs of a study's ``results.json`` (``res``) in the form :func:`estimate_study_s` and
     :func:`progress_priors` take: the tower's pre-training (``vision_s`` over ``vision_steps``), the teacher's
@@ -1992,15 +2005,13 @@ def costs_from_results(res: dict[str, Any], eval_s: float) -> dict[str, Any]:
     if isinstance(eval_s, bool) or not isinstance(eval_s, (int, float)) or not math.isfinite(eval_s) or eval_s < 0:
         raise ValueError(f"eval_s must be a finite number >= 0, got {eval_s!r}")
     sft = [float(r["train"]["step_time_s"]) for r in res.get("runs", {}).get("sft", {}).get("seeds", [])]
-    timing = {r["method"]: float(r["step_time_s"]) for r in res.get("timing") or []
-              if not r.get("overrides", {}).get("tpa_forward")}
-    if not res.get("teacher_train") or not sft or "sft" not in timing:
+    if not res.get("teacher_train") or not sft:
         raise ValueError("res must be a study's results with the teacher's training ('teacher_train'), SFT runs "
                          f"('runs.sft') and a timing pass with an SFT row ('timing'); got keys {sorted(res)}")
     out: dict[str, Any] = {"task": res["settings"].get("task", "shapes"),
                            "teacher_step_s": float(res["teacher_train"]["step_time_s"]),
                            "student_step_s": statistics.fmean(sft), "eval_s": float(eval_s),
-                           "ratio": {m: t / timing["sft"] for m, t in timing.items()}}
+                           "ratio": timing_ratios(res.get("timing") or [])}
     if res.get("vision"):
         out["vision_s"], out["vision_steps"] = float(res["vision"]["wall_s"]), int(res["vision"]["steps"])
     else:
