@@ -25,8 +25,10 @@ def test_task_settings() -> None:
     assert (s.task, s.grid, s.image_size, s.patch_size) == ("scenes", 4, 48, 12)  # one patch per cell
     assert s.compact_positions and s.vision_position and len(s.question_weights) == 8
     assert s.grounded_answers and s.train_turns == 1  # calibration-log.md, session 2
-    # session 4: the shape question in the colour question's layout, 6,000 teacher steps, no curriculum
-    assert s.aligned_questions and not s.object_tokens and s.teacher_steps == 6000 and not s.teacher_first_steps
+    # session 4: the shape question in the colour question's layout, no curriculum; session 14
+    # (calibration-scenes-s14a.md): 40,000 training samples and 20,000 teacher steps (the teacher at 100 %)
+    assert s.aligned_questions and not s.object_tokens and not s.teacher_first_steps
+    assert (s.teacher_steps, s.n_train) == (20000, 40000)
     assert s.question_first == "both" and not s.exist_cells  # session 5: the question before and after the image
     d = dm.task_settings("digits", "quick")  # calibration-digits-shift-40d.md
     assert d.grounded_answers and d.compact_positions and d.vision_position and d.teacher_steps == 2000

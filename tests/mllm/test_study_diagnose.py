@@ -45,3 +45,15 @@ def test_plain_loop_trainer_and_init_each_write_their_evaluations(tmp_path: Path
     assert init[0]["loss"] != plain[0]["loss"]  # another start (seed 5), not the fresh model of seed 1000
     with pytest.raises(ValueError, match="no curriculum"):
         _run(tmp_path, "--trainer", "--first-types", "color", "--first-steps", "1")
+
+
+def test_weight_decay_changes_the_second_step_and_is_checked(tmp_path: Path) -> None:
+    """``--wd``: AdamW's decoupled weight decay on the matrices. The first step's loss is computed before any
+    update (the same with or without it); the second sees the decayed weights. A negative value is refused."""
+    plain = _run(tmp_path)
+    decayed = _run(tmp_path, "--wd", "100")  # lr 1e-3 x 100: every matrix shrinks by 10 % in the first step
+    assert decayed[0]["loss"] == plain[0]["loss"]
+    assert decayed[1]["loss"] != plain[1]["loss"]
+    assert "--wd 100" in decayed[0]["command"]
+    with pytest.raises(ValueError, match="--wd must be a finite number >= 0, got -1.0"):
+        _run(tmp_path, "--wd", "-1")
