@@ -378,7 +378,7 @@ _SCENE_TYPES = ("color", "shape", "position", "count", "exist", "describe", "lis
 TASK_SETTINGS: dict[str, dict[str, Any]] = {
     # scenes: 4x4 grid, one 12 px patch per cell (16 visual tokens), one-token positions, a position-aware
     # tower, training weighted towards the lookup types, short answers that restate their key first, the
-    # shape question in the colour question's layout, a 6,000-step teacher (session 4), and the question
+    # shape question in the colour question's layout, and the question
     # before and after the image (session 5: visual tokens see the named object, so position is learnt).
     # Session 14 (docs/results/calibration-scenes-s14a.md): 40,000 training samples and a 20,000-step teacher.
     # Every readout of this task is learnt at a seed-dependent moment; with 10,000 images the teacher memorised

@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--wd", type=float, default=0.0,
-                   help="AdamW weight decay on the matrices (ndim >= 2; norms and biases never), as the "
-                        "study's Trainer (default 0: the frozen settings)")
+                   help="AdamW weight decay on the matrices (ndim >= 2; norms and biases never); default 0, "
+                        "as the study's teachers and students")
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--eval-every", type=int, default=100)
@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "diagnose.jsonl")
     a = p.parse_args(argv)
+    if a.wd < 0 or not math.isfinite(a.wd):  # before any data or model is made
+        raise ValueError(f"--wd must be a finite number >= 0, got {a.wd!r}")
     torch.set_num_threads(1)
     s = dm.task_settings(a.task, a.preset)
     s = dataclasses.replace(s, **cal._parse_set(a.set, s))
@@ -104,8 +106,6 @@ def main(argv: list[str] | None = None) -> int:
         model.model.vision_tower.load_state_dict(tower)
     set_trainable(model, "finetune")
     params = [q for q in model.parameters() if q.requires_grad]
-    if a.wd < 0 or not math.isfinite(a.wd):
-        raise ValueError(f"--wd must be a finite number >= 0, got {a.wd!r}")
     opt = torch.optim.AdamW([{"params": [q for q in params if q.ndim >= 2], "weight_decay": a.wd},
                              {"params": [q for q in params if q.ndim < 2], "weight_decay": 0.0}], lr=a.lr)
     warm = max(1, a.steps // 20)

@@ -56,4 +56,5 @@ def test_weight_decay_changes_the_second_step_and_is_checked(tmp_path: Path) -> 
     assert decayed[1]["loss"] != plain[1]["loss"]
     assert "--wd 100" in decayed[0]["command"]
     with pytest.raises(ValueError, match="--wd must be a finite number >= 0, got -1.0"):
-        _run(tmp_path, "--wd", "-1")
+        diagnose.main(["--task", "scenes", "--preset", "smoke", "--wd", "-1", "--run-dir", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()  # refused before any data or model was made
